@@ -1,0 +1,1 @@
+"""Backends: predictors (local models, python functions) and, later, batch services."""

@@ -1,0 +1,22 @@
+"""The predictor shape: a batch of inputs in, one answer per input out, or an exception.
+
+Local models, python functions and (next) real-time APIs are predictors. Provider batch APIs
+will be the second shape, a batch service (submit, poll, collect, cancel).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+
+class Predictor(Protocol):
+    # Batch sizes "auto" explores, smallest first, and the largest it may try.
+    auto_start: int
+    auto_max: int
+
+    def process(self, inputs: list[Any]) -> list[Any]:
+        """One answer per input, in order. Raise to fail the whole batch: the runner splits
+        it to find the poison input, and retries transient errors with backoff."""
+        ...
+
+    def close(self) -> None: ...

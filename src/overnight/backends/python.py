@@ -1,0 +1,53 @@
+"""backend = "python": a user function `module:function` over a list of records."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..errors import PermanentError, UsageError
+
+
+def load_function(ref: str, base_dir: Path) -> Callable[[list[Any]], list[Any]]:
+    """Import `module:function`, with the job file's folder importable."""
+    module_name, _, attr = ref.partition(":")
+    if str(base_dir) not in sys.path:
+        sys.path.insert(0, str(base_dir))
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise UsageError(
+            f"[model] function: cannot import module {module_name!r} ({type(exc).__name__}: {exc})"
+        ) from None
+    fn = module
+    for part in attr.split("."):
+        fn = getattr(fn, part, None)
+        if fn is None:
+            raise UsageError(f"[model] function: module {module_name!r} has no {attr!r}")
+    if not callable(fn):
+        raise UsageError(f"[model] function: {ref!r} is not callable")
+    return fn  # type: ignore[return-value]
+
+
+class PythonFunction:
+    auto_start = 64
+    auto_max = 2048
+
+    def __init__(self, fn: Callable[[list[Any]], list[Any]]) -> None:
+        self.fn = fn
+
+    def process(self, inputs: list[Any]) -> list[Any]:
+        outputs = self.fn(inputs)
+        if not isinstance(outputs, list | tuple) or len(outputs) != len(inputs):
+            got = len(outputs) if isinstance(outputs, list | tuple) else type(outputs).__name__
+            raise PermanentError(
+                f"function returned {got} outputs for {len(inputs)} records (expected a list of "
+                "the same length)"
+            )
+        return list(outputs)
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,46 @@
+"""backend = "local": embed and classify with the embedded sentence-transformers model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .classify_head import ClassifierHead
+from .local import LocalModel
+
+
+class LocalEmbed:
+    auto_start = 8
+    auto_max = 512
+
+    def __init__(self, model: LocalModel) -> None:
+        self.model = model
+
+    def process(self, inputs: list[str]) -> list[Any]:
+        return list(self.model.embed(inputs))
+
+    def close(self) -> None:
+        pass
+
+
+class LocalClassify(LocalEmbed):
+    """Embeds the text, then a head picks the label: zero-shot against label descriptions, or
+    a logistic regression fitted on the user's labelled examples."""
+
+    def __init__(self, model: LocalModel, head: ClassifierHead) -> None:
+        super().__init__(model)
+        self.head = head
+
+    def process(self, inputs: list[str]) -> list[Any]:
+        return self.head.predict(self.model.embed(inputs))
+
+
+def build_head(
+    model: LocalModel,
+    labels: dict[str, str],
+    example_texts: list[str] | None,
+    example_labels: list[str] | None,
+) -> ClassifierHead:
+    if not example_texts:
+        return ClassifierHead.zero_shot(model, labels)
+    embeddings = model.embed(example_texts, batch_size=32)
+    return ClassifierHead.fit(embeddings, example_labels or [], label_set=list(labels))

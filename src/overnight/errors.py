@@ -1,0 +1,62 @@
+"""The exception hierarchy users catch, and how the runner classifies failures."""
+
+from __future__ import annotations
+
+
+class OvernightError(Exception):
+    """Base class of every error overnight raises on purpose."""
+
+    exit_code = 1
+
+
+class UsageError(OvernightError):
+    """The job file, the input or the command line is wrong; nothing was processed (exit 2)."""
+
+    exit_code = 2
+
+
+class JobFileError(UsageError):
+    """A job file that cannot be read or does not validate; the message names file and key."""
+
+
+class InputChangedError(UsageError):
+    """The input (or the task/model) changed since the job was first run."""
+
+
+class TransientError(OvernightError):
+    """Raise from a backend or a python function to ask for a retry with backoff."""
+
+
+class PermanentError(OvernightError):
+    """Raise from a backend or a python function to fail the item(s) at once."""
+
+
+class InputError(PermanentError):
+    """A record that cannot be turned into a request (bad line, missing template field, ...)."""
+
+    error_class = "input_error"
+
+
+# Built-in exceptions that mean "try again later" rather than "this record is bad".
+_TRANSIENT_TYPES: tuple[type[BaseException], ...] = (
+    TransientError,
+    TimeoutError,
+    ConnectionError,
+    MemoryError,
+)
+# Matched by name so that torch (and later the HTTP SDKs) need not be imported to classify.
+_TRANSIENT_NAMES = {"OutOfMemoryError", "APITimeoutError", "APIConnectionError", "RateLimitError"}
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when a failure may go away on its own (timeouts, OOM, connection drops)."""
+    if isinstance(exc, PermanentError):
+        return False
+    if isinstance(exc, _TRANSIENT_TYPES):
+        return True
+    return any(cls.__name__ in _TRANSIENT_NAMES for cls in type(exc).__mro__)
+
+
+def error_class(exc: BaseException) -> str:
+    """The short name stored in the ledger: `input_error` or the exception's class name."""
+    return getattr(exc, "error_class", None) or type(exc).__name__

@@ -1,0 +1,434 @@
+"""The Python API: `Job.from_file(path)` or `Job(...)`, then `run()`, `status()`, `export()` …
+
+A job is validated whole (file, input, examples, schema, function, model name) before the
+ledger is touched, so a mistake costs nothing and ingests nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from . import sinks, sources
+from .backends.base import Predictor
+from .batching import BatchSizer
+from .errors import InputChangedError, UsageError
+from .retry import Backoff
+from .runner import Progress, Runner
+from .spec import JobSpec, load_job_file, parse_spec, semantic_hash, source_format
+from .store import Counts, Failure, Ledger, open_ledger
+from .tasks import Task, make_task
+
+
+@dataclass(frozen=True)
+class Report:
+    """What a run (or `status`) found: counts by state, where the files are, the exit code."""
+
+    job: str
+    counts: Counts
+    processed: int = 0  # items finished by this run
+    seconds: float = 0.0
+    output: Path | None = None
+    errors: Path | None = None
+    interrupted: bool = False
+    cancelled: bool = False
+    ingest_done: bool = True
+    batch_size: int | None = None
+    batch_trials: tuple[tuple[int, float], ...] = ()
+
+    @property
+    def items_per_second(self) -> float:
+        return self.processed / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def exit_code(self) -> int:
+        """0 all succeeded; 3 some failed, invalid or cancelled; 130 interrupted (resumable)."""
+        if self.interrupted:
+            return 130
+        c = self.counts
+        if c.failed or c["invalid"] or c["cancelled"] or c.open or not self.ingest_done:
+            return 3
+        return 0
+
+    def to_dict(self) -> dict[str, Any]:
+        c = self.counts
+        return {
+            "job": self.job,
+            "total": c.total,
+            "states": {**c.by_state, "rejected": c.rejected},
+            "succeeded": c["succeeded"],
+            "failed": c.failed,
+            "invalid": c["invalid"],
+            "open": c.open,
+            "ingest_done": self.ingest_done,
+            "processed": self.processed,
+            "seconds": round(self.seconds, 3),
+            "items_per_second": round(self.items_per_second, 1),
+            "output": str(self.output) if self.output else None,
+            "errors": str(self.errors) if self.errors else None,
+            "interrupted": self.interrupted,
+            "cancelled": self.cancelled,
+            "batch_size": self.batch_size,
+            "exit_code": self.exit_code,
+        }
+
+
+class Job:
+    def __init__(
+        self,
+        spec: JobSpec | dict[str, Any] | None = None,
+        *,
+        base_dir: str | Path | None = None,
+        state: str | Path | None = None,
+        name: str | None = None,
+        **sections: Any,
+    ) -> None:
+        if spec is None:
+            spec = dict(sections)
+        if isinstance(spec, dict):
+            spec = parse_spec(spec, origin="Job(...)")
+        self.spec = spec
+        self.base_dir = Path(base_dir or Path.cwd()).resolve()
+        self.name = spec.name or name or "job"
+        self.state_path = Path(state) if state else self.base_dir / ".overnight" / "ledger.db"
+
+    @classmethod
+    def from_file(cls, path: str | Path, state: str | Path | None = None) -> Job:
+        path = Path(path)
+        return cls(load_job_file(path), base_dir=path.resolve().parent, state=state, name=path.stem)
+
+    # -- paths --------------------------------------------------------------------------
+
+    def _path(self, value: str) -> Path:
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else self.base_dir / p
+
+    @property
+    def source_path(self) -> Path:
+        return self._path(self.spec.source.path)
+
+    @property
+    def output_path(self) -> Path:
+        return self._path(self.spec.output.path or f"{self.name}.out.jsonl")
+
+    @property
+    def errors_path(self) -> Path:
+        if self.spec.output.errors:
+            return self._path(self.spec.output.errors)
+        out = self.output_path
+        return out.with_name(f"{out.stem}.errors.jsonl")
+
+    @property
+    def id_name(self) -> str:
+        return self.spec.source.id or "custom_id"
+
+    # -- validation before anything is touched ------------------------------------------
+
+    def check(self) -> None:
+        """Everything that can be checked without the model: raises UsageError (exit 2)."""
+        src = self.source_path
+        if not src.is_file():
+            raise UsageError(f"[source] path: input file not found: {src}")
+        self.source_format  # noqa: B018 - validates the format
+        out = self.spec.output
+        bad = [c for c in out.include if c in sinks.RESERVED or c == self.id_name]
+        if bad:
+            raise UsageError(f"[output] include: {bad[0]!r} is a name the output row already uses")
+        if self.spec.output.path and self.output_path.suffix.lower() not in (
+            ".jsonl",
+            ".ndjson",
+            ".csv",
+            ".parquet",
+        ):
+            raise UsageError(
+                f"[output] path: {self.output_path.name}: use .jsonl, .csv or .parquet"
+            )
+        self.validator  # noqa: B018 - loads and checks the schema
+        if self.spec.task.examples:
+            self.examples  # noqa: B018 - reads and renders the labelled examples
+        model = self.spec.model
+        if model.backend == "python":
+            from .backends.python import load_function
+
+            load_function(model.function or "", self.base_dir)
+        elif model.backend == "local":
+            from .backends.local import KNOWN_MODELS
+
+            name = model.name or "all-MiniLM-L6-v2"
+            if name not in KNOWN_MODELS:
+                raise UsageError(
+                    f"[model] name: unknown local model {name!r}; known: {', '.join(KNOWN_MODELS)}"
+                )
+
+    @cached_property
+    def source_format(self) -> str:
+        return source_format(self.spec.source, self.source_path)
+
+    @cached_property
+    def task(self) -> Task:
+        t = self.spec.task
+        return make_task(t.kind, t.text, list(t.label_descriptions()))
+
+    @cached_property
+    def validator(self) -> Callable[[Any], str | None] | None:
+        schema = self.spec.output.schema_
+        if schema is None:
+            return None
+        import jsonschema
+
+        if isinstance(schema, str):
+            path = self._path(schema)
+            try:
+                schema = orjson.loads(path.read_bytes())
+            except FileNotFoundError:
+                raise UsageError(f"[output] schema: file not found: {path}") from None
+            except orjson.JSONDecodeError as exc:
+                raise UsageError(f"[output] schema: {path}: not valid JSON ({exc})") from None
+        cls = jsonschema.validators.validator_for(schema)
+        try:
+            cls.check_schema(schema)
+        except jsonschema.SchemaError as exc:
+            raise UsageError(f"[output] schema: not a valid JSON Schema: {exc.message}") from None
+        validator = cls(schema)
+
+        def validate(output: Any) -> str | None:
+            err = jsonschema.exceptions.best_match(validator.iter_errors(output))
+            if err is None:
+                return None
+            where = "/".join(str(p) for p in err.absolute_path) or "output"
+            return f"schema: {where}: {err.message}"
+
+        return validate
+
+    @cached_property
+    def examples(self) -> tuple[list[str], list[str]]:
+        """Labelled examples rendered with the task's own template: (texts, labels)."""
+        path = self._path(self.spec.task.examples or "")
+        if not path.is_file():
+            raise UsageError(f"[task] examples: file not found: {path}")
+        fmt = source_format(sources_spec_for(path), path)
+        try:
+            records = sources.read_all(path, fmt)
+        except ValueError as exc:
+            raise UsageError(f"[task] examples: {exc}") from None
+        labels = set(self.spec.task.label_descriptions())
+        texts, ys = [], []
+        for i, rec in enumerate(records, start=2 if fmt == "csv" else 1):
+            label = rec.get("label")
+            if label not in labels:
+                raise UsageError(
+                    f"[task] examples: {path.name} row {i}: label {label!r} is not one of the "
+                    f"task's labels ({', '.join(sorted(labels))})"
+                )
+            try:
+                texts.append(self.task.build(rec))  # type: ignore[arg-type]
+            except Exception as exc:
+                raise UsageError(f"[task] examples: {path.name} row {i}: {exc}") from None
+            ys.append(label)
+        if not texts:
+            raise UsageError(f"[task] examples: {path.name} has no rows")
+        return texts, ys
+
+    def _spec_hash(self) -> str:
+        extra = b""
+        if self.spec.task.examples:
+            extra = hashlib.blake2b(self._path(self.spec.task.examples).read_bytes()).digest()
+        return semantic_hash(self.spec, extra)
+
+    def _predictor(self) -> Predictor:
+        model = self.spec.model
+        if model.backend == "python":
+            from .backends.python import PythonFunction, load_function
+
+            return PythonFunction(load_function(model.function or "", self.base_dir))
+        from .backends.local import LocalModel
+        from .backends.sentence import LocalClassify, LocalEmbed, build_head
+
+        lm = LocalModel(model.name or "all-MiniLM-L6-v2", device=model.device)
+        if self.spec.task.kind == "embed":
+            return LocalEmbed(lm)
+        texts, labels = self.examples if self.spec.task.examples else (None, None)
+        return LocalClassify(lm, build_head(lm, self.spec.task.label_descriptions(), texts, labels))
+
+    def _sizer(self) -> BatchSizer:
+        run = self.spec.run
+        if isinstance(run.batch_size, int):
+            return BatchSizer.fixed(run.batch_size)
+        if self.spec.model.backend == "python":
+            from .backends.python import PythonFunction as cls
+        else:
+            from .backends.sentence import LocalEmbed as cls  # type: ignore[assignment]
+        return BatchSizer.automatic(cls.auto_start, cls.auto_max, run.memory_limit_mb)
+
+    # -- the ledger ---------------------------------------------------------------------
+
+    @contextmanager
+    def ledger(self) -> Iterator[Ledger]:
+        ledger = open_ledger(str(self.state_path))
+        try:
+            yield ledger
+        finally:
+            ledger.close()
+
+    def _job_info(self, ledger: Ledger):  # -> JobInfo
+        job = ledger.get_job(self.name)
+        if job is None:
+            raise UsageError(
+                f"job {self.name!r} has not been run yet (no ledger entry in {self.state_path})"
+            )
+        return job
+
+    # -- commands -----------------------------------------------------------------------
+
+    def run(
+        self,
+        *,
+        restart: bool = False,
+        on_progress: Callable[[Progress], None] | None = None,
+        stop: threading.Event | None = None,
+    ) -> Report:
+        """Ingest (once) and process; running again resumes. Exports when the run ends."""
+        self.check()
+        spec_hash = self._spec_hash()
+        with self.ledger() as ledger:
+            job = ledger.get_job(self.name)
+            if job is not None and restart:
+                ledger.delete_job(job.id)
+                job = None
+            if job is None:
+                job = ledger.create_job(self.name, spec_hash, sources.fingerprint(self.source_path))
+            else:
+                self._check_unchanged(ledger, job, spec_hash)
+                if ledger.is_cancelled(job.id):
+                    ledger.reopen(job.id)
+            before = ledger.counts(job.id)
+            progress = Progress(
+                succeeded=before["succeeded"],
+                failed=before.failed,
+                invalid=before["invalid"],
+                ingested=before.total,
+                ingest_done=job.ingest_done,
+            )
+            sizer = self._sizer()
+            fmt, src, id_field = self.source_format, self.source_path, self.spec.source.id
+            runner = Runner(
+                ledger,
+                job,
+                self.task,
+                self._predictor,
+                reader=lambda cursor: sources.read(fmt, src, id_field, cursor),
+                sizer=sizer,
+                backoff=Backoff(
+                    self.spec.run.max_attempts,
+                    self.spec.run.backoff_base,
+                    self.spec.run.backoff_max,
+                ),
+                lease_seconds=self.spec.run.lease_seconds,
+                validate=self.validator,
+                on_progress=on_progress,
+                stop=stop,
+                progress=progress,
+            )
+            interrupted = False
+            try:
+                runner.run()
+            except KeyboardInterrupt:  # leases were released by the runner; resumable
+                interrupted = True
+            interrupted = interrupted or (stop is not None and stop.is_set())
+            job = ledger.get_job(self.name)
+            assert job is not None
+            exported = None
+            if not interrupted:
+                exported = sinks.export(
+                    ledger,
+                    job.id,
+                    self.output_path,
+                    self.errors_path,
+                    self.id_name,
+                    self.spec.output.include,
+                )
+            return Report(
+                job=self.name,
+                counts=ledger.counts(job.id),
+                processed=progress.processed,
+                seconds=progress.elapsed,
+                output=exported.output if exported else None,
+                errors=exported.errors if exported else None,
+                interrupted=interrupted,
+                cancelled=runner.cancelled,
+                ingest_done=job.ingest_done,
+                batch_size=sizer.size,
+                batch_trials=tuple(sizer.trials),
+            )
+
+    def _check_unchanged(self, ledger: Ledger, job: Any, spec_hash: str) -> None:
+        fp = sources.fingerprint(self.source_path, known=job.fingerprint)
+        if fp.digest != job.fingerprint.digest:
+            raise InputChangedError(
+                f"{self.source_path} changed since job {self.name!r} started; its results would "
+                "mix two inputs. Restore the original file, or run with --restart to start over "
+                "(the job's results so far are discarded)."
+            )
+        if fp != job.fingerprint:  # touched, same content
+            ledger.set_fingerprint(job.id, fp)
+        if spec_hash != job.spec_hash:
+            raise InputChangedError(
+                f"the [task] or [model] of job {self.name!r} (or its examples) changed since it "
+                "started; results would mix two configurations. Undo the change, give the job a "
+                "new name, or run with --restart to start over."
+            )
+
+    def status(self) -> Report:
+        with self.ledger() as ledger:
+            job = self._job_info(ledger)
+            counts = ledger.counts(job.id)
+            seconds = (counts.last_finished or 0) - (counts.first_started or 0)
+            done = counts["succeeded"] + counts["failed"] + counts["invalid"]
+            return Report(
+                job=self.name,
+                counts=counts,
+                processed=done,
+                seconds=max(seconds, 0.0),
+                cancelled=ledger.is_cancelled(job.id),
+                ingest_done=job.ingest_done,
+            )
+
+    def failures(self) -> list[Failure]:
+        with self.ledger() as ledger:
+            return list(ledger.iter_failures(self._job_info(ledger).id))
+
+    def retry(self, invalid: bool = False) -> int:
+        """Move failed (and invalid) items back to pending; `run` then processes them."""
+        states = ("failed", "invalid") if invalid else ("failed",)
+        with self.ledger() as ledger:
+            return ledger.retry(self._job_info(ledger).id, states)
+
+    def export(self) -> sinks.Exported:
+        with self.ledger() as ledger:
+            job = self._job_info(ledger)
+            return sinks.export(
+                ledger,
+                job.id,
+                self.output_path,
+                self.errors_path,
+                self.id_name,
+                self.spec.output.include,
+            )
+
+    def cancel(self) -> int:
+        with self.ledger() as ledger:
+            return ledger.cancel(self._job_info(ledger).id)
+
+
+def sources_spec_for(path: Path):  # -> SourceSpec
+    from .spec import SourceSpec
+
+    return SourceSpec(path=str(path))

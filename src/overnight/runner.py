@@ -1,0 +1,336 @@
+"""The worker loop: lease a batch, build inputs, call the backend, parse, validate, commit.
+
+New records take a short cut. A batch read from the source is computed at once and inserted
+in its final state, with its result, in one transaction that also moves the ingest cursor past
+it: a record is parsed once and written once. A crash before that commit loses nothing (the
+cursor has not moved, so the batch is read and computed again) and a result is never written
+twice, exactly as with a lease. The commits run on a thread of their own, so SQLite (which
+releases the GIL) overlaps with parsing and computing the next batch.
+
+Everything else (items left pending by a crash or Ctrl-C, retries after backoff, `retry`) is
+leased from the ledger, batch by batch.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import psutil
+
+from .backends.base import Predictor
+from .batching import BatchSizer
+from .errors import InputError, error_class, is_transient
+from .retry import Backoff
+from .sources import Cursor, Row, cursor_after
+from .store import ConcurrentIngest, JobInfo, Lease, Ledger, Outcome
+from .tasks import Task
+
+Reader = Callable[[Cursor], Iterator[list[Row]]]
+Validator = Callable[[Any], str | None]  # output -> reason it is invalid, or None
+
+
+@dataclass
+class Progress:
+    succeeded: int = 0
+    failed: int = 0  # includes records refused at ingest
+    invalid: int = 0
+    retries: int = 0  # transient errors sent back for another attempt
+    ingested: int = 0  # records read so far (items + refused)
+    ingest_done: bool = False
+    processed: int = 0  # items finished by this run
+    started: float = field(default_factory=time.monotonic)
+    batch_size: int = 0
+
+    @property
+    def finished(self) -> int:
+        return self.succeeded + self.failed + self.invalid
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+
+@dataclass(slots=True)
+class Work:
+    seq: int
+    line: int
+    attempts: int
+    record: dict[str, Any] | None  # parsed already (fresh from the source) ...
+    payload: bytes | None  # ... or still as stored in the ledger
+
+
+def lease_owner() -> str:
+    """host:pid:start-time. The start time tells a dead runner from a new one with its pid."""
+    pid = os.getpid()
+    return f"{socket.gethostname()}:{pid}:{int(psutil.Process(pid).create_time())}"
+
+
+def owner_alive(owner: str) -> bool | None:
+    """True/False for an owner on this host, None when it lives on another host."""
+    host, _, rest = owner.partition(":")
+    if host != socket.gethostname():
+        return None
+    pid_s, _, started = rest.partition(":")
+    try:
+        return int(psutil.Process(int(pid_s)).create_time()) == int(started)
+    except (psutil.NoSuchProcess, ValueError):
+        return False
+
+
+class _Committer:
+    """Runs commits on its own thread, in order; a failure surfaces at the next put or close."""
+
+    def __init__(self, commit: Callable[..., None], depth: int = 4) -> None:
+        self._commit = commit
+        self._queue: queue.Queue[tuple[Any, ...] | None] = queue.Queue(depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="overnight-commit", daemon=True)
+        self._thread.start()
+
+    def put(self, *args: Any) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put(args)
+
+    def _loop(self) -> None:
+        while (args := self._queue.get()) is not None:
+            if self._error is None:  # after a failure, drain without committing
+                try:
+                    self._commit(*args)
+                except BaseException as exc:
+                    self._error = exc
+
+    def close(self) -> None:
+        """Commit everything queued (what was computed is kept), then stop the thread."""
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
+class Runner:
+    def __init__(
+        self,
+        ledger: Ledger,
+        job: JobInfo,
+        task: Task,
+        predictor: Callable[[], Predictor],
+        *,
+        reader: Reader,
+        sizer: BatchSizer,
+        backoff: Backoff,
+        lease_seconds: float,
+        validate: Validator | None = None,
+        on_progress: Callable[[Progress], None] | None = None,
+        stop: threading.Event | None = None,
+        progress: Progress | None = None,
+    ) -> None:
+        self.ledger, self.job, self.task = ledger, job, task
+        self._make_predictor, self._predictor = predictor, None
+        self.reader, self.sizer, self.backoff = reader, sizer, backoff
+        self.lease_seconds, self.validate = lease_seconds, validate
+        self.on_progress = on_progress or (lambda p: None)
+        self.stop = stop or threading.Event()
+        self.progress = progress or Progress()
+        self.owner = lease_owner()
+        self.cancelled = False
+        self._cancel_checked = 0.0
+        self._renewed = time.time()
+
+    # -- the loop -----------------------------------------------------------------------
+
+    def run(self) -> None:
+        self._reclaim()
+        try:
+            if not self.job.ingest_done:
+                self._ingest()
+            if not self._stopping():
+                self._drain()
+        finally:
+            # Whatever this runner still holds (Ctrl-C, an error) goes back to pending.
+            self.ledger.release(self.job.id, self.owner)
+            if self._predictor is not None:
+                self._predictor.close()
+
+    def _ingest(self) -> None:
+        seq = self.job.cursor.records
+        committer = _Committer(self._commit_fresh)
+        finished = False
+        try:
+            for rows in self.reader(self.job.cursor):
+                i = 0
+                while i < len(rows):
+                    if self._stopping():
+                        return
+                    window = rows[i : i + self.sizer.size]
+                    i += len(window)
+                    t0 = time.perf_counter()
+                    works = [
+                        Work(seq + k, r.line, 0, r.record, None)
+                        for k, r in enumerate(window)
+                        if r.error is None
+                    ]
+                    committer.put(seq, window, self._attempt(works) if works else [])
+                    seq += len(window)
+                    self.sizer.observe(len(window), time.perf_counter() - t0)
+            finished = True
+        finally:
+            try:
+                committer.close()
+            except ConcurrentIngest:
+                finished = False  # another runner reads the input; drain alongside it
+        if finished:
+            self.ledger.finish_ingest(self.job.id)
+            self.progress.ingest_done = True
+            self.on_progress(self.progress)
+
+    def _commit_fresh(self, seq: int, window: list[Row], outcomes: list[Outcome]) -> None:
+        """On the commit thread: insert a computed batch and move the cursor past it."""
+        cursor = cursor_after(window[-1], seq + len(window))
+        accepted = self.ledger.add_items(self.job.id, seq, window, cursor, outcomes)
+        self.progress.ingested += len(window)
+        if not all(accepted):
+            refused = {seq + k for k, ok in enumerate(accepted) if not ok}
+            self.progress.failed += len(refused)
+            outcomes = [o for o in outcomes if o.seq not in refused]
+        self._count(outcomes)
+        self._check_cancel()
+
+    def _drain(self) -> None:
+        while not self._stopping():
+            items = self.ledger.lease(self.job.id, self.sizer.size, self._lease())
+            if items:
+                self._process(
+                    [Work(it.seq, it.line, it.attempts, None, it.payload) for it in items]
+                )
+                continue
+            due = self.ledger.next_due(self.job.id)
+            if due is None:
+                if not self.ledger.lease_owners(self.job.id):
+                    return  # nothing pending, nothing held by anyone: done
+                # Another runner holds items: wait for it to finish or its lease to expire.
+                self.ledger.reclaim_expired(self.job.id, time.time())
+                due = time.time() + 1.0
+            self.stop.wait(min(max(0.0, due - time.time()), 5.0))
+
+    def _process(self, works: list[Work]) -> None:
+        i = 0
+        while i < len(works):
+            if self._stopping():
+                return
+            batch = works[i : i + self.sizer.size]
+            i += len(batch)
+            t0 = time.perf_counter()
+            outcomes = self._attempt(batch)
+            self.sizer.observe(len(batch), time.perf_counter() - t0)
+            self.ledger.complete(self.job.id, self.owner, outcomes, time.time())
+            self._count(outcomes)
+            self._renew()
+            self._check_cancel()
+
+    # -- one batch ----------------------------------------------------------------------
+
+    def _attempt(self, batch: list[Work]) -> list[Outcome]:
+        outcomes: list[Outcome] = []
+        built: list[tuple[Work, Any]] = []
+        for w in batch:
+            try:
+                record = w.record if w.record is not None else orjson.loads(w.payload)  # type: ignore[arg-type]
+                built.append((w, self.task.build(record)))
+            except InputError as exc:
+                outcomes.append(Outcome(w.seq, "failed", None, "input_error", str(exc)))
+        if built:
+            outcomes += self._predict(built)
+        return outcomes
+
+    def _predict(self, built: list[tuple[Work, Any]]) -> list[Outcome]:
+        if self._predictor is None:
+            self._predictor = self._make_predictor()  # the model loads only if there is work
+        try:
+            answers = self._predictor.process([inp for _, inp in built])
+        except Exception as exc:
+            if len(built) == 1:
+                return [self._error(built[0][0], exc)]
+            # One bad input must not sink its batch: split until the poison is alone.
+            mid = len(built) // 2
+            return self._predict(built[:mid]) + self._predict(built[mid:])
+        return [self._finish(w, answer) for (w, _), answer in zip(built, answers, strict=True)]
+
+    def _finish(self, w: Work, answer: Any) -> Outcome:
+        try:
+            fields = self.task.parse(answer)
+            result = orjson.dumps(fields, option=orjson.OPT_SERIALIZE_NUMPY)
+        except orjson.JSONEncodeError as exc:
+            return Outcome(w.seq, "invalid", None, "unserialisable_output", str(exc))
+        except Exception as exc:
+            return self._error(w, exc)
+        if self.validate is not None:
+            reason = self.validate(orjson.loads(result)["output"])
+            if reason is not None:
+                return Outcome(w.seq, "invalid", None, "schema_error", reason)
+        return Outcome(w.seq, "succeeded", result)
+
+    def _error(self, w: Work, exc: Exception) -> Outcome:
+        attempts = w.attempts + 1
+        cls, msg = error_class(exc), str(exc) or error_class(exc)
+        if is_transient(exc):
+            if self.backoff.can_retry(attempts):
+                due = time.time() + self.backoff.delay(attempts)
+                return Outcome(w.seq, "pending", None, cls, msg, not_before=due)
+            msg = f"{msg} (gave up after {attempts} attempts)"
+        return Outcome(w.seq, "failed", None, cls, msg)
+
+    # -- bookkeeping --------------------------------------------------------------------
+
+    def _lease(self) -> Lease:
+        now = time.time()
+        return Lease(self.owner, now + self.lease_seconds, now)
+
+    def _renew(self) -> None:
+        now = time.time()
+        if now - self._renewed > self.lease_seconds / 3:
+            self.ledger.renew(self.job.id, self.owner, now + self.lease_seconds)
+            self._renewed = now
+
+    def _reclaim(self) -> None:
+        """Items held by a runner that died (kill -9, crash) go back to pending at once;
+        those of a runner on another host wait for their lease to expire."""
+        for owner in self.ledger.lease_owners(self.job.id):
+            if owner != self.owner and owner_alive(owner) is False:
+                self.ledger.release(self.job.id, owner)
+        self.ledger.reclaim_expired(self.job.id, time.time())
+
+    def _stopping(self) -> bool:
+        return self.stop.is_set() or self.cancelled
+
+    def _check_cancel(self) -> None:
+        """`overnight cancel` sets a flag in the ledger; look at it about once a second, from
+        whichever thread is using the ledger at the time."""
+        now = time.monotonic()
+        if now - self._cancel_checked >= 1.0:
+            self._cancel_checked = now
+            self.cancelled = self.ledger.is_cancelled(self.job.id)
+
+    def _count(self, outcomes: list[Outcome]) -> None:
+        p = self.progress
+        for o in outcomes:
+            if o.state == "succeeded":
+                p.succeeded += 1
+            elif o.state == "failed":
+                p.failed += 1
+            elif o.state == "invalid":
+                p.invalid += 1
+            else:
+                p.retries += 1
+                continue
+            p.processed += 1
+        p.batch_size = self.sizer.size
+        self.on_progress(p)

@@ -1,0 +1,185 @@
+"""Export: results in input order (JSONL, CSV, Parquet) and the errors file, from the ledger.
+
+Every file is written to a temporary name beside the target and renamed into place, so a
+reader (or a kill -9) never sees half a file.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+
+from .store import Ledger
+
+RESERVED = ("output", "scores", "usage")
+
+
+@dataclass(frozen=True)
+class Exported:
+    output: Path
+    errors: Path
+    rows: int
+    errors_rows: int
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary path beside `path`, renamed onto it when the block succeeds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by an earlier killed export
+        stale.unlink(missing_ok=True)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_write(path: Path, mode: str = "wb") -> Iterator[IO[Any]]:
+    with atomic_path(path) as tmp, open(tmp, mode, **({} if "b" in mode else {"newline": ""})) as f:
+        yield f
+
+
+def _rows(
+    ledger: Ledger, job_id: int, id_name: str, include: list[str]
+) -> Iterator[dict[str, Any]]:
+    for custom_id, result, payload in ledger.iter_results(job_id, with_payload=bool(include)):
+        row = {id_name: custom_id, **orjson.loads(result)}
+        if include:
+            record = orjson.loads(payload)
+            for name in include:
+                row[name] = record.get(name)
+        yield row
+
+
+def _write_jsonl(
+    f: IO[bytes], ledger: Ledger, job_id: int, id_name: str, include: list[str]
+) -> int:
+    n = 0
+    if include:
+        for row in _rows(ledger, job_id, id_name, include):
+            f.write(orjson.dumps(row, option=orjson.OPT_APPEND_NEWLINE))
+            n += 1
+        return n
+    # Fast path: the stored result is already a JSON object; splice the id in front of it
+    # rather than parse and re-serialise a million rows.
+    head = b"{" + orjson.dumps(id_name) + b":"
+    dumps, buf = orjson.dumps, []
+    for custom_id, result, _ in ledger.iter_results(job_id):
+        buf.append(head + dumps(custom_id) + b"," + result[1:] + b"\n")
+        if len(buf) >= 5000:
+            f.write(b"".join(buf))
+            n += len(buf)
+            buf = []
+    f.write(b"".join(buf))
+    return n + len(buf)
+
+
+def _cell(value: Any) -> Any:
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY).decode()
+
+
+def _write_csv(f: IO[str], ledger: Ledger, job_id: int, id_name: str, include: list[str]) -> int:
+    writer: csv.DictWriter | None = None
+    n = 0
+    for row in _rows(ledger, job_id, id_name, include):
+        if writer is None:
+            writer = csv.DictWriter(f, fieldnames=list(row), extrasaction="ignore")
+            writer.writeheader()
+        writer.writerow({k: _cell(v) for k, v in row.items()})
+        n += 1
+    if writer is None:  # no rows: still a valid CSV with its header
+        csv.writer(f).writerow([id_name, "output", *include])
+    return n
+
+
+def _write_parquet(
+    path: Path, ledger: Ledger, job_id: int, id_name: str, include: list[str]
+) -> int:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    writer: pq.ParquetWriter | None = None
+    n = 0
+    chunk: list[dict[str, Any]] = []
+
+    def flush() -> None:
+        nonlocal writer
+        if not chunk:
+            return
+        table = pa.Table.from_pylist(chunk)
+        if writer is None:
+            writer = pq.ParquetWriter(path, table.schema)
+        elif table.schema != writer.schema:
+            try:
+                table = table.cast(writer.schema)
+            except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as exc:
+                raise ValueError(
+                    f"{path}: output rows do not share one type ({exc}); export to .jsonl instead"
+                ) from None
+        writer.write_table(table)
+        chunk.clear()
+
+    try:
+        for row in _rows(ledger, job_id, id_name, include):
+            chunk.append(row)
+            n += 1
+            if len(chunk) >= 10000:
+                flush()
+        flush()
+        if writer is None:
+            pq.write_table(pa.table({id_name: pa.array([], pa.string())}), path)
+    finally:
+        if writer is not None:
+            writer.close()
+    return n
+
+
+def write_errors(path: Path, ledger: Ledger, job_id: int) -> int:
+    n = 0
+    with atomic_write(path) as f:
+        for fail in ledger.iter_failures(job_id):
+            f.write(
+                orjson.dumps(
+                    {
+                        "id": fail.custom_id,
+                        "line": fail.line,
+                        "state": fail.state,
+                        "error_class": fail.error_class,
+                        "message": fail.message,
+                        "attempts": fail.attempts,
+                    },
+                    option=orjson.OPT_APPEND_NEWLINE,
+                )
+            )
+            n += 1
+    return n
+
+
+def export(
+    ledger: Ledger, job_id: int, output: Path, errors: Path, id_name: str, include: list[str]
+) -> Exported:
+    fmt = output.suffix.lower()
+    if fmt == ".csv":
+        with atomic_write(output, "w") as f:
+            rows = _write_csv(f, ledger, job_id, id_name, include)
+    elif fmt == ".parquet":
+        with atomic_path(output) as tmp:
+            rows = _write_parquet(tmp, ledger, job_id, id_name, include)
+    else:
+        with atomic_write(output) as f:
+            rows = _write_jsonl(f, ledger, job_id, id_name, include)
+    return Exported(output, errors, rows, write_errors(errors, ledger, job_id))

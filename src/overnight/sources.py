@@ -1,0 +1,208 @@
+"""Read records lazily from JSONL, CSV and Parquet, with their line (or row) numbers.
+
+A reader yields chunks of `Row`s, starting at a `Cursor` (records consumed, next line, byte
+offset), so that an interrupted ingest resumes after the last committed record instead of
+starting over. A record that cannot be read becomes a `Row` with an `error`: it never stops
+the reader.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import orjson
+
+CHUNK = 2000
+
+
+class Row(NamedTuple):
+    """One input record. Tuples, not dataclasses: a million of them are built per benchmark run."""
+
+    line: int  # 1-based line (JSONL, CSV: where the record starts) or row number (Parquet)
+    custom_id: str | None
+    payload: bytes | None  # the record as a JSON object, stored in the ledger
+    record: dict[str, Any] | None  # the parsed record, handed straight to the task (no re-parse)
+    error: str | None  # why this record could not be read (an input error)
+    end: int = 0  # JSONL: byte offset just past this record, where reading resumes
+
+
+def cursor_after(row: Row, records: int) -> Cursor:
+    """Where to resume once `row`, the `records`-th record, is committed."""
+    return Cursor(records, row.line + 1, row.end)
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """Where reading resumes: records consumed so far, the next line, and a byte offset (JSONL)."""
+
+    records: int = 0
+    line: int = 1
+    offset: int = 0
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    size: int
+    mtime_ns: int
+    digest: str
+
+
+def fingerprint(path: Path, known: Fingerprint | None = None) -> Fingerprint:
+    """Content hash of the input. Skips re-hashing when size and mtime match what was stored."""
+    st = path.stat()
+    if known and known.size == st.st_size and known.mtime_ns == st.st_mtime_ns:
+        return known
+    h = hashlib.blake2b(digest_size=16)
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return Fingerprint(st.st_size, st.st_mtime_ns, h.hexdigest())
+
+
+def content_id(payload: bytes) -> str:
+    return hashlib.blake2b(payload, digest_size=12).hexdigest()
+
+
+def _row(line: int, record: Any, payload: bytes, id_field: str | None, end: int = 0) -> Row:
+    if not isinstance(record, dict):
+        return Row(line, None, payload, None, f"line {line}: not a JSON object", end)
+    if id_field is None:
+        return Row(line, content_id(payload), payload, record, None, end)
+    value = record.get(id_field)
+    if value is None or value == "":
+        return Row(line, None, payload, None, f"line {line}: record has no {id_field!r}", end)
+    return Row(line, str(value), payload, record, None, end)
+
+
+def read_jsonl(
+    path: Path, id_field: str | None, start: Cursor = Cursor(), chunk: int = CHUNK
+) -> Iterator[list[Row]]:
+    loads = orjson.loads
+    with path.open("rb") as f:
+        f.seek(start.offset)
+        rows: list[Row] = []
+        line, offset = start.line, start.offset
+        for raw in f:
+            offset += len(raw)
+            payload = raw.strip()
+            if payload:
+                try:
+                    rows.append(_row(line, loads(payload), payload, id_field, offset))
+                except orjson.JSONDecodeError as exc:
+                    why = "not valid UTF-8" if "UTF-8" in str(exc) else f"malformed JSON ({exc})"
+                    rows.append(Row(line, None, payload, None, f"line {line}: {why}", offset))
+                if len(rows) >= chunk:
+                    yield rows
+                    rows = []
+            line += 1
+        if rows:
+            yield rows
+
+
+def read_csv(
+    path: Path, id_field: str | None, start: Cursor = Cursor(), chunk: int = CHUNK
+) -> Iterator[list[Row]]:
+    csv.field_size_limit(sys.maxsize)
+    dumps = orjson.dumps
+    # surrogateescape keeps a row with bad bytes readable, so it fails alone (below).
+    with path.open(encoding="utf-8", errors="surrogateescape", newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None:
+            return
+        header = [h.removeprefix("\ufeff") for h in header]
+        width = len(header)
+        rows: list[Row] = []
+        records = 0
+        prev_end = reader.line_num
+        for values in reader:
+            line = prev_end + 1
+            prev_end = reader.line_num
+            if not values:  # a blank line is not a record
+                continue
+            records += 1
+            if records <= start.records:
+                continue
+            if len(values) != width:
+                rows.append(
+                    Row(
+                        line,
+                        None,
+                        None,
+                        None,
+                        f"line {line}: {len(values)} fields, header has {width}",
+                    )
+                )
+            else:
+                record = dict(zip(header, values, strict=True))
+                try:
+                    payload = dumps(record)
+                except orjson.JSONEncodeError:
+                    rows.append(Row(line, None, None, None, f"line {line}: not valid UTF-8"))
+                else:
+                    rows.append(_row(line, record, payload, id_field))
+            if len(rows) >= chunk:
+                yield rows
+                rows = []
+        if rows:
+            yield rows
+
+
+def read_parquet(
+    path: Path, id_field: str | None, start: Cursor = Cursor(), chunk: int = CHUNK
+) -> Iterator[list[Row]]:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    # Skip whole row groups already ingested, then the rest of a partly ingested one.
+    skip, first_group, row_no = start.records, 0, 0
+    meta = pf.metadata
+    while (
+        first_group < meta.num_row_groups and row_no + meta.row_group(first_group).num_rows <= skip
+    ):
+        row_no += meta.row_group(first_group).num_rows
+        first_group += 1
+    groups = list(range(first_group, meta.num_row_groups))
+    if not groups:
+        return
+    for batch in pf.iter_batches(batch_size=chunk, row_groups=groups):
+        rows = []
+        for record in batch.to_pylist():
+            row_no += 1
+            if row_no <= skip:
+                continue
+            payload = orjson.dumps(record, default=str)
+            rows.append(_row(row_no, record, payload, id_field))
+        if rows:
+            yield rows
+
+
+READERS = {"jsonl": read_jsonl, "csv": read_csv, "parquet": read_parquet}
+
+
+def read(
+    fmt: str, path: Path, id_field: str | None, start: Cursor = Cursor(), chunk: int = CHUNK
+) -> Iterator[list[Row]]:
+    return READERS[fmt](path, id_field, start, chunk)
+
+
+def read_all(path: Path, fmt: str) -> list[dict[str, Any]]:
+    """A small file (labelled examples) read whole; any bad record is an error naming its line."""
+    out = []
+    for rows in read(fmt, path, None):
+        for row in rows:
+            if row.error:
+                raise ValueError(f"{path}: {row.error}")
+            out.append(row.record)
+    return out
+
+
+def file_size(path: Path) -> int:
+    return os.stat(path).st_size

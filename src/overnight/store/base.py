@@ -1,0 +1,141 @@
+"""The ledger interface. The SQLite implementation sits beside it; PostgreSQL will follow,
+and both must pass `tests/test_store_contract.py`.
+
+Only the runner and the job API call a ledger; backends never do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from ..sources import Cursor, Fingerprint, Row
+
+State = Literal["pending", "leased", "succeeded", "failed", "invalid", "cancelled", "submitted"]
+STATES: tuple[State, ...] = (
+    "pending",
+    "leased",
+    "submitted",
+    "succeeded",
+    "failed",
+    "invalid",
+    "cancelled",
+)
+
+
+class ConcurrentIngest(RuntimeError):
+    """Two runners read the same input at once; the second one stops ingesting."""
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    id: int
+    name: str
+    spec_hash: str
+    fingerprint: Fingerprint
+    cursor: Cursor  # where ingest resumes
+    ingest_done: bool
+    created_at: float
+
+
+@dataclass(frozen=True)
+class Lease:
+    owner: str  # "host:pid:process-start-time", so a restart can tell a dead owner from a live one
+    expires: float
+    now: float
+
+
+@dataclass(slots=True)
+class Item:
+    seq: int
+    custom_id: str
+    line: int
+    payload: bytes
+    attempts: int
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What the runner commits for one leased item, in one transaction with its state."""
+
+    seq: int
+    state: Literal["succeeded", "failed", "invalid", "pending"]
+    result: bytes | None = None  # JSON of the output row's fields, when succeeded
+    error_class: str | None = None
+    message: str | None = None
+    not_before: float = 0.0  # for "pending": the earliest time of the next attempt
+
+
+@dataclass(frozen=True)
+class Failure:
+    custom_id: str | None
+    line: int
+    state: str
+    error_class: str
+    message: str
+    attempts: int
+
+
+@dataclass
+class Counts:
+    by_state: dict[str, int] = field(default_factory=dict)
+    rejected: int = 0  # records refused at ingest (input errors): failed, not items
+    first_started: float | None = None
+    last_finished: float | None = None
+
+    def __getitem__(self, state: str) -> int:
+        return self.by_state.get(state, 0)
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_state.values()) + self.rejected
+
+    @property
+    def failed(self) -> int:
+        return self["failed"] + self.rejected
+
+    @property
+    def open(self) -> int:
+        """Items that still need work (pending, leased or inside a remote batch)."""
+        return self["pending"] + self["leased"] + self["submitted"]
+
+
+class Ledger(Protocol):
+    # jobs
+    def get_job(self, name: str) -> JobInfo | None: ...
+    def create_job(self, name: str, spec_hash: str, fingerprint: Fingerprint) -> JobInfo: ...
+    def delete_job(self, job_id: int) -> None: ...
+    def set_fingerprint(self, job_id: int, fingerprint: Fingerprint) -> None: ...
+
+    # ingest: rows in (pending, or already finished), refusals recorded, cursor saved, one txn
+    def add_items(
+        self,
+        job_id: int,
+        first_seq: int,
+        rows: list[Row],
+        cursor: Cursor,
+        outcomes: list[Outcome] | None = None,
+    ) -> list[bool]: ...
+    def finish_ingest(self, job_id: int) -> None: ...
+
+    # work
+    def lease(self, job_id: int, limit: int, lease: Lease) -> list[Item]: ...
+    def complete(self, job_id: int, owner: str, outcomes: list[Outcome], now: float) -> int: ...
+    def release(self, job_id: int, owner: str, seqs: list[int] | None = None) -> int: ...
+    def renew(self, job_id: int, owner: str, expires: float) -> int: ...
+    def reclaim_expired(self, job_id: int, now: float) -> int: ...
+    def lease_owners(self, job_id: int) -> list[str]: ...
+    def next_due(self, job_id: int) -> float | None: ...
+
+    # reading and state changes asked for by the user
+    def counts(self, job_id: int) -> Counts: ...
+    def iter_results(
+        self, job_id: int, with_payload: bool = False
+    ) -> Iterator[tuple[str, bytes, bytes | None]]: ...
+    def iter_failures(self, job_id: int) -> Iterator[Failure]: ...
+    def retry(self, job_id: int, states: tuple[str, ...]) -> int: ...
+    def cancel(self, job_id: int) -> int: ...
+    def is_cancelled(self, job_id: int) -> bool: ...
+    def reopen(self, job_id: int) -> int: ...
+    def close(self) -> None: ...

@@ -1,0 +1,471 @@
+"""The SQLite ledger (WAL). One file holds every job of a folder.
+
+Speed matters here: a million items must cost little more than reading and writing them. So
+an item's row id *is* its key, `job_id << 40 | seq` (seq is the record's position in the
+input), which makes "the items of a job in input order" a range scan of the table itself; all
+writes are bulk statements; and only pending items are indexed by state (a partial index),
+because most items go from ingest straight to a lease and never sit in the queue.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from ..sources import Cursor, Fingerprint, Row
+from .base import ConcurrentIngest, Counts, Failure, Item, JobInfo, Lease, Outcome
+
+SEQ_BITS = 40  # up to a trillion records per job
+_SEQ_MASK = (1 << SEQ_BITS) - 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id             INTEGER PRIMARY KEY,
+    name           TEXT NOT NULL UNIQUE,
+    spec_hash      TEXT NOT NULL,
+    fp_size        INTEGER NOT NULL,
+    fp_mtime_ns    INTEGER NOT NULL,
+    fp_digest      TEXT NOT NULL,
+    ingest_records INTEGER NOT NULL DEFAULT 0,
+    ingest_line    INTEGER NOT NULL DEFAULT 1,
+    ingest_offset  INTEGER NOT NULL DEFAULT 0,
+    ingest_done    INTEGER NOT NULL DEFAULT 0,
+    cancelled      INTEGER NOT NULL DEFAULT 0,
+    created_at     REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS items (
+    id            INTEGER PRIMARY KEY,          -- job_id << 40 | seq
+    job_id        INTEGER NOT NULL,
+    custom_id     TEXT NOT NULL,
+    line          INTEGER NOT NULL,
+    payload       BLOB NOT NULL,
+    state         TEXT NOT NULL,
+    attempts      INTEGER NOT NULL DEFAULT 0,
+    not_before    REAL NOT NULL DEFAULT 0,
+    lease_owner   TEXT,
+    lease_expires REAL,
+    error_class   TEXT,
+    message       TEXT,
+    result        BLOB,
+    started_at    REAL,
+    finished_at   REAL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS items_custom_id ON items (job_id, custom_id);
+CREATE INDEX IF NOT EXISTS items_pending ON items (id) WHERE state = 'pending';
+CREATE TABLE IF NOT EXISTS rejects (
+    job_id    INTEGER NOT NULL,
+    seq       INTEGER NOT NULL,
+    line      INTEGER NOT NULL,
+    custom_id TEXT,
+    message   TEXT NOT NULL,
+    PRIMARY KEY (job_id, seq)
+);
+"""
+
+
+def _range(job_id: int) -> tuple[int, int]:
+    return job_id << SEQ_BITS, ((job_id + 1) << SEQ_BITS) - 1
+
+
+class SQLiteLedger:
+    def __init__(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        # Autocommit mode: transactions are explicit (BEGIN IMMEDIATE) so that a lease is
+        # taken by exactly one process, and a result commits with its state change.
+        # check_same_thread=False: the runner hands the connection to its commit thread, and never
+        # uses it from two threads at once.
+        self._db = sqlite3.connect(
+            path, isolation_level=None, timeout=30.0, check_same_thread=False
+        )
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode survives a killed process; only an OS crash can lose the last
+        # commits, and those items are then simply computed again, never lost.
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA cache_size=-65536")
+        # Checkpoint the WAL every ~40 MB rather than every 4 MB: fewer, larger copies into
+        # the database file during bulk ingest; the file is truncated back afterwards.
+        self._db.execute("PRAGMA wal_autocheckpoint=10000")
+        self._db.execute("PRAGMA journal_size_limit=67108864")
+        self._db.execute("PRAGMA temp_store=MEMORY")
+        self._db.executescript(SCHEMA)
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # -- jobs ---------------------------------------------------------------------------
+
+    def get_job(self, name: str) -> JobInfo | None:
+        row = self._db.execute(
+            "SELECT id, name, spec_hash, fp_size, fp_mtime_ns, fp_digest, ingest_records,"
+            " ingest_line, ingest_offset, ingest_done, created_at FROM jobs WHERE name = ?",
+            (name,),
+        ).fetchone()
+        if row is None:
+            return None
+        return JobInfo(
+            id=row[0],
+            name=row[1],
+            spec_hash=row[2],
+            fingerprint=Fingerprint(row[3], row[4], row[5]),
+            cursor=Cursor(row[6], row[7], row[8]),
+            ingest_done=bool(row[9]),
+            created_at=row[10],
+        )
+
+    def create_job(self, name: str, spec_hash: str, fingerprint: Fingerprint) -> JobInfo:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO jobs (name, spec_hash, fp_size, fp_mtime_ns, fp_digest, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    name,
+                    spec_hash,
+                    fingerprint.size,
+                    fingerprint.mtime_ns,
+                    fingerprint.digest,
+                    time.time(),
+                ),
+            )
+        job = self.get_job(name)
+        assert job is not None
+        return job
+
+    def delete_job(self, job_id: int) -> None:
+        lo, hi = _range(job_id)
+        with self._tx() as db:
+            db.execute("DELETE FROM items WHERE id BETWEEN ? AND ?", (lo, hi))
+            db.execute("DELETE FROM rejects WHERE job_id = ?", (job_id,))
+            db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+
+    def set_fingerprint(self, job_id: int, fingerprint: Fingerprint) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE jobs SET fp_size = ?, fp_mtime_ns = ?, fp_digest = ? WHERE id = ?",
+                (fingerprint.size, fingerprint.mtime_ns, fingerprint.digest, job_id),
+            )
+
+    # -- ingest -------------------------------------------------------------------------
+
+    def add_items(
+        self,
+        job_id: int,
+        first_seq: int,
+        rows: list[Row],
+        cursor: Cursor,
+        outcomes: list[Outcome] | None = None,
+    ) -> list[bool]:
+        """Insert rows `first_seq...` and move the ingest cursor past them, in one transaction.
+
+        Without outcomes the items are pending. With outcomes (one per readable row, computed
+        before the insert: the runner's fast path), each item is inserted in its final state
+        with its result, so a fresh item costs one write, not three. Rows that cannot be read,
+        and repeated ids (the first one wins), go to `rejects`. Returns, per row, whether it
+        became an item. Raises ConcurrentIngest when another runner moved the cursor first.
+        """
+        base = job_id << SEQ_BITS
+        accepted = [r.error is None for r in rows]
+        if outcomes is None:
+            params = [
+                (
+                    base + first_seq + i,
+                    job_id,
+                    r.custom_id,
+                    r.line,
+                    r.payload,
+                    "pending",
+                    0,
+                    0.0,
+                    None,
+                    None,
+                    None,
+                    None,
+                    None,
+                )
+                for i, r in enumerate(rows)
+                if r.error is None
+            ]
+        else:
+            by_seq = {o.seq: o for o in outcomes}
+            now = time.time()
+            params = []
+            for i, r in enumerate(rows):
+                if r.error is None:
+                    o = by_seq[first_seq + i]
+                    done = o.state != "pending"
+                    params.append(
+                        (
+                            base + first_seq + i,
+                            job_id,
+                            r.custom_id,
+                            r.line,
+                            r.payload,
+                            o.state,
+                            1,
+                            o.not_before,
+                            o.error_class,
+                            o.message,
+                            o.result,
+                            now,
+                            now if done else None,
+                        )
+                    )
+        with self._tx() as db:
+            moved = db.execute(
+                "UPDATE jobs SET ingest_records = ?, ingest_line = ?, ingest_offset = ?"
+                " WHERE id = ? AND ingest_records = ?",
+                (cursor.records, cursor.line, cursor.offset, job_id, first_seq),
+            ).rowcount
+            if not moved:
+                raise ConcurrentIngest(f"job {job_id}: another runner is ingesting this job")
+            before = db.total_changes
+            db.executemany(
+                "INSERT OR IGNORE INTO items (id, job_id, custom_id, line, payload, state,"
+                " attempts, not_before, error_class, message, result, started_at, finished_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                params,
+            )
+            rejects = [
+                (job_id, first_seq + i, r.line, r.custom_id, r.error)
+                for i, r in enumerate(rows)
+                if r.error is not None
+            ]
+            if db.total_changes - before < len(params):
+                rejects += self._duplicates(db, job_id, first_seq, rows, accepted)
+            if rejects:
+                db.executemany(
+                    "INSERT OR IGNORE INTO rejects (job_id, seq, line, custom_id, message)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    rejects,
+                )
+        return accepted
+
+    @staticmethod
+    def _duplicates(
+        db: sqlite3.Connection, job_id: int, first_seq: int, rows: list[Row], accepted: list[bool]
+    ) -> list[tuple[int, int, int, str | None, str]]:
+        """Rows the INSERT OR IGNORE skipped: their id was taken by an earlier record."""
+        base = job_id << SEQ_BITS
+        out = []
+        for i, r in enumerate(rows):
+            if not accepted[i]:
+                continue
+            got = db.execute(
+                "SELECT id, line FROM items WHERE job_id = ? AND custom_id = ?",
+                (job_id, r.custom_id),
+            ).fetchone()
+            if got is not None and got[0] != base + first_seq + i:
+                accepted[i] = False
+                out.append(
+                    (
+                        job_id,
+                        first_seq + i,
+                        r.line,
+                        r.custom_id,
+                        f"line {r.line}: duplicate id {r.custom_id!r}"
+                        f" (first seen on line {got[1]})",
+                    )
+                )
+        return out
+
+    def finish_ingest(self, job_id: int) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET ingest_done = 1 WHERE id = ?", (job_id,))
+
+    # -- work ---------------------------------------------------------------------------
+
+    def lease(self, job_id: int, limit: int, lease: Lease) -> list[Item]:
+        lo, hi = _range(job_id)
+        with self._tx() as db:
+            rows = db.execute(
+                "UPDATE items SET state = 'leased', lease_owner = ?, lease_expires = ?,"
+                " started_at = ? WHERE id IN (SELECT id FROM items WHERE state = 'pending'"
+                " AND id BETWEEN ? AND ? AND not_before <= ? ORDER BY id LIMIT ?)"
+                " RETURNING id, custom_id, line, payload, attempts",
+                (lease.owner, lease.expires, lease.now, lo, hi, lease.now, limit),
+            ).fetchall()
+        items = [Item(r[0] & _SEQ_MASK, r[1], r[2], r[3], r[4]) for r in rows]
+        items.sort(key=lambda it: it.seq)  # RETURNING order is not guaranteed
+        return items
+
+    def complete(self, job_id: int, owner: str, outcomes: list[Outcome], now: float) -> int:
+        """Commit results and errors; only for items this owner still holds (no double write)."""
+        base = job_id << SEQ_BITS
+        done = [
+            (o.state, o.result, o.error_class, o.message, now, base + o.seq, owner)
+            for o in outcomes
+            if o.state != "pending"
+        ]
+        again = [
+            (o.error_class, o.message, o.not_before, base + o.seq, owner)
+            for o in outcomes
+            if o.state == "pending"
+        ]
+        with self._tx() as db:
+            before = db.total_changes
+            if done:
+                db.executemany(
+                    "UPDATE items SET state = ?, result = ?, error_class = ?, message = ?,"
+                    " finished_at = ?, attempts = attempts + 1, lease_owner = NULL,"
+                    " lease_expires = NULL WHERE id = ? AND state = 'leased' AND lease_owner = ?",
+                    done,
+                )
+            if again:
+                db.executemany(
+                    "UPDATE items SET state = 'pending', error_class = ?, message = ?,"
+                    " not_before = ?, attempts = attempts + 1, lease_owner = NULL,"
+                    " lease_expires = NULL WHERE id = ? AND state = 'leased' AND lease_owner = ?",
+                    again,
+                )
+            return db.total_changes - before
+
+    def release(self, job_id: int, owner: str, seqs: list[int] | None = None) -> int:
+        """Give leased items back untouched (attempts unchanged): Ctrl-C, or a dead owner."""
+        lo, hi = _range(job_id)
+        with self._tx() as db:
+            before = db.total_changes
+            if seqs is None:
+                db.execute(
+                    "UPDATE items SET state = 'pending', lease_owner = NULL, lease_expires = NULL"
+                    " WHERE id BETWEEN ? AND ? AND state = 'leased' AND lease_owner = ?",
+                    (lo, hi, owner),
+                )
+            else:
+                db.executemany(
+                    "UPDATE items SET state = 'pending', lease_owner = NULL, lease_expires = NULL"
+                    " WHERE id = ? AND state = 'leased' AND lease_owner = ?",
+                    [(lo + s, owner) for s in seqs],
+                )
+            return db.total_changes - before
+
+    def renew(self, job_id: int, owner: str, expires: float) -> int:
+        lo, hi = _range(job_id)
+        with self._tx() as db:
+            return db.execute(
+                "UPDATE items SET lease_expires = ? WHERE id BETWEEN ? AND ? AND state = 'leased'"
+                " AND lease_owner = ?",
+                (expires, lo, hi, owner),
+            ).rowcount
+
+    def reclaim_expired(self, job_id: int, now: float) -> int:
+        lo, hi = _range(job_id)
+        with self._tx() as db:
+            return db.execute(
+                "UPDATE items SET state = 'pending', lease_owner = NULL, lease_expires = NULL"
+                " WHERE id BETWEEN ? AND ? AND state = 'leased' AND lease_expires < ?",
+                (lo, hi, now),
+            ).rowcount
+
+    def lease_owners(self, job_id: int) -> list[str]:
+        lo, hi = _range(job_id)
+        rows = self._db.execute(
+            "SELECT DISTINCT lease_owner FROM items WHERE id BETWEEN ? AND ? AND state = 'leased'",
+            (lo, hi),
+        ).fetchall()
+        return [r[0] for r in rows if r[0]]
+
+    def next_due(self, job_id: int) -> float | None:
+        lo, hi = _range(job_id)
+        row = self._db.execute(
+            "SELECT min(not_before) FROM items WHERE state = 'pending' AND id BETWEEN ? AND ?",
+            (lo, hi),
+        ).fetchone()
+        return row[0]
+
+    # -- reading ------------------------------------------------------------------------
+
+    def counts(self, job_id: int) -> Counts:
+        lo, hi = _range(job_id)
+        by_state = dict(
+            self._db.execute(
+                "SELECT state, count(*) FROM items WHERE id BETWEEN ? AND ? GROUP BY state",
+                (lo, hi),
+            ).fetchall()
+        )
+        rejected = self._db.execute(
+            "SELECT count(*) FROM rejects WHERE job_id = ?", (job_id,)
+        ).fetchone()[0]
+        first, last = self._db.execute(
+            "SELECT min(started_at), max(finished_at) FROM items WHERE id BETWEEN ? AND ?",
+            (lo, hi),
+        ).fetchone()
+        return Counts(by_state, rejected, first, last)
+
+    def iter_results(
+        self, job_id: int, with_payload: bool = False
+    ) -> Iterator[tuple[str, bytes, bytes | None]]:
+        lo, hi = _range(job_id)
+        cols = "custom_id, result, payload" if with_payload else "custom_id, result, NULL"
+        cur = self._db.execute(
+            f"SELECT {cols} FROM items WHERE id BETWEEN ? AND ? AND state = 'succeeded'"
+            " ORDER BY id",
+            (lo, hi),
+        )
+        while batch := cur.fetchmany(5000):
+            yield from batch
+
+    def iter_failures(self, job_id: int) -> Iterator[Failure]:
+        lo, hi = _range(job_id)
+        # Items and ingest rejects, merged in input order.
+        cur = self._db.execute(
+            "SELECT seq, custom_id, line, state, error_class, message, attempts FROM ("
+            " SELECT id - ? AS seq, custom_id, line, state, error_class, message, attempts"
+            " FROM items WHERE id BETWEEN ? AND ? AND state IN ('failed', 'invalid')"
+            " UNION ALL SELECT seq, custom_id, line, 'failed', 'input_error', message, 0"
+            " FROM rejects WHERE job_id = ?) ORDER BY seq",
+            (lo, lo, hi, job_id),
+        )
+        while batch := cur.fetchmany(1000):
+            for _, cid, line, state, ecls, msg, attempts in batch:
+                yield Failure(cid, line, state, ecls or "unknown", msg or "", attempts)
+
+    def retry(self, job_id: int, states: tuple[str, ...]) -> int:
+        lo, hi = _range(job_id)
+        marks = ", ".join("?" * len(states))
+        with self._tx() as db:
+            return db.execute(
+                "UPDATE items SET state = 'pending', attempts = 0, not_before = 0,"
+                " error_class = NULL, message = NULL, result = NULL"
+                f" WHERE id BETWEEN ? AND ? AND state IN ({marks})",
+                (lo, hi, *states),
+            ).rowcount
+
+    def cancel(self, job_id: int) -> int:
+        """Stop the job: open items become cancelled; a running runner sees the flag and stops."""
+        lo, hi = _range(job_id)
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET cancelled = 1 WHERE id = ?", (job_id,))
+            return db.execute(
+                "UPDATE items SET state = 'cancelled', lease_owner = NULL, lease_expires = NULL"
+                " WHERE id BETWEEN ? AND ? AND state IN ('pending', 'leased')",
+                (lo, hi),
+            ).rowcount
+
+    def is_cancelled(self, job_id: int) -> bool:
+        row = self._db.execute("SELECT cancelled FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return bool(row and row[0])
+
+    def reopen(self, job_id: int) -> int:
+        """Undo a cancel: running a cancelled job again resumes it."""
+        lo, hi = _range(job_id)
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET cancelled = 0 WHERE id = ?", (job_id,))
+            return db.execute(
+                "UPDATE items SET state = 'pending'"
+                " WHERE id BETWEEN ? AND ? AND state = 'cancelled'",
+                (lo, hi),
+            ).rowcount
+
+    def close(self) -> None:
+        self._db.close()
