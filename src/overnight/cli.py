@@ -105,7 +105,8 @@ class _Reporter:
 
     def __call__(self, p: RunProgress) -> None:
         now = time.monotonic()
-        rate = p.processed / p.elapsed if p.elapsed > 0 else 0.0
+        busy = p.elapsed - p.setup_seconds
+        rate = p.processed / busy if busy > 0 else 0.0
         bad = p.failed + p.invalid
         if self._bar is not None:
             self._bar.update(

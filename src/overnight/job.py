@@ -35,7 +35,8 @@ class Report:
     job: str
     counts: Counts
     processed: int = 0  # items finished by this run
-    seconds: float = 0.0
+    seconds: float = 0.0  # processing time of this run, without setup
+    setup_seconds: float = 0.0  # loading the model
     output: Path | None = None
     errors: Path | None = None
     interrupted: bool = False
@@ -71,6 +72,7 @@ class Report:
             "ingest_done": self.ingest_done,
             "processed": self.processed,
             "seconds": round(self.seconds, 3),
+            "setup_seconds": round(self.setup_seconds, 3),
             "items_per_second": round(self.items_per_second, 1),
             "output": str(self.output) if self.output else None,
             "errors": str(self.errors) if self.errors else None,
@@ -319,12 +321,13 @@ class Job:
             )
             sizer = self._sizer()
             fmt, src, id_field = self.source_format, self.source_path, self.spec.source.id
+            chunk = max(sources.CHUNK, sizer.maximum, sizer.size)  # a batch never spans chunks
             runner = Runner(
                 ledger,
                 job,
                 self.task,
                 self._predictor,
-                reader=lambda cursor: sources.read(fmt, src, id_field, cursor),
+                reader=lambda cursor: sources.read(fmt, src, id_field, cursor, chunk),
                 sizer=sizer,
                 backoff=Backoff(
                     self.spec.run.max_attempts,
@@ -359,7 +362,8 @@ class Job:
                 job=self.name,
                 counts=ledger.counts(job.id),
                 processed=progress.processed,
-                seconds=progress.elapsed,
+                seconds=progress.elapsed - progress.setup_seconds,
+                setup_seconds=progress.setup_seconds,
                 output=exported.output if exported else None,
                 errors=exported.errors if exported else None,
                 interrupted=interrupted,

@@ -70,15 +70,20 @@ def content_id(payload: bytes) -> str:
     return hashlib.blake2b(payload, digest_size=12).hexdigest()
 
 
+_new = tuple.__new__  # builds a Row without the Python-level __new__: ~3x cheaper per record
+
+
 def _row(line: int, record: Any, payload: bytes, id_field: str | None, end: int = 0) -> Row:
     if not isinstance(record, dict):
         return Row(line, None, payload, None, f"line {line}: not a JSON object", end)
     if id_field is None:
-        return Row(line, content_id(payload), payload, record, None, end)
+        return _new(Row, (line, content_id(payload), payload, record, None, end))
     value = record.get(id_field)
     if value is None or value == "":
         return Row(line, None, payload, None, f"line {line}: record has no {id_field!r}", end)
-    return Row(line, str(value), payload, record, None, end)
+    return _new(
+        Row, (line, value if type(value) is str else str(value), payload, record, None, end)
+    )
 
 
 def read_jsonl(

@@ -33,8 +33,9 @@ def load_function(ref: str, base_dir: Path) -> Callable[[list[Any]], list[Any]]:
 
 
 class PythonFunction:
-    auto_start = 64
-    auto_max = 2048
+    # A python function is usually cheap per record: batches mostly amortise overhead.
+    auto_start = 128
+    auto_max = 4096
 
     def __init__(self, fn: Callable[[list[Any]], list[Any]]) -> None:
         self.fn = fn

@@ -197,13 +197,13 @@ class SQLiteLedger:
                 if r.error is None
             ]
         else:
-            by_seq = {o.seq: o for o in outcomes}
+            # One outcome per readable row, in row order.
+            it = iter(outcomes)
             now = time.time()
             params = []
             for i, r in enumerate(rows):
                 if r.error is None:
-                    o = by_seq[first_seq + i]
-                    done = o.state != "pending"
+                    o = next(it)
                     params.append(
                         (
                             base + first_seq + i,
@@ -218,7 +218,7 @@ class SQLiteLedger:
                             o.message,
                             o.result,
                             now,
-                            now if done else None,
+                            None if o.state == "pending" else now,
                         )
                     )
         with self._tx() as db:

@@ -1,0 +1,120 @@
+"""Ledger cost: N records through a python identity function, JSONL in, JSONL out, end to end
+(ingest, process, export), against plain streaming loops with no ledger, in the same run.
+
+    python benchmarks/bench_ledger.py [--records 1000000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import time
+from pathlib import Path
+
+import orjson
+from common import OUT, overnight_cmd, run_timed
+
+JOB = """\
+name = "ledger-bench"
+[source]
+path = "in.jsonl"
+id = "id"
+[model]
+backend = "python"
+function = "identity:identity"
+[output]
+path = "out.jsonl"
+"""
+
+
+def make_input(path: Path, n: int) -> None:
+    rng = random.Random(1)
+    words = [
+        "lorem",
+        "ipsum",
+        "dolor",
+        "sit",
+        "amet",
+        "consectetur",
+        "adipiscing",
+        "elit",
+        "sed",
+        "do",
+        "eiusmod",
+    ]
+    with path.open("wb") as f:
+        buf = []
+        for i in range(n):
+            text = " ".join(rng.choices(words, k=rng.randint(5, 15)))
+            buf.append(orjson.dumps({"id": f"r{i}", "text": text, "n": i}) + b"\n")
+            if len(buf) >= 10000:
+                f.write(b"".join(buf))
+                buf = []
+        f.write(b"".join(buf))
+
+
+def identity(records: list) -> list:
+    return records
+
+
+def plain_loop(src: Path, dst: Path, loads, dumps) -> float:
+    """The no-ledger baseline: read JSONL, call the function per 1,000, write JSONL."""
+    t0 = time.perf_counter()
+    with src.open("rb") as f, dst.open("wb") as out:
+        batch = []
+        for line in f:
+            batch.append(loads(line))
+            if len(batch) == 1000:
+                out.write(b"".join(dumps(r) for r in identity(batch)))
+                batch = []
+        out.write(b"".join(dumps(r) for r in identity(batch)))
+    return time.perf_counter() - t0
+
+
+def main(n: int) -> dict:
+    work = OUT / "ledger"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    make_input(work / "in.jsonl", n)
+    (work / "identity.py").write_text("def identity(records):\n    return records\n")
+    (work / "job.toml").write_text(JOB)
+
+    # overnight first: ru_maxrss of children is a running maximum (see common.run_timed).
+    ours = run_timed([*overnight_cmd(), "run", "job.toml", "--json"], cwd=work)
+    report = json.loads(ours.stdout)
+    assert report["succeeded"] == n, report
+    lines = sum(1 for _ in (work / "out.jsonl").open("rb"))
+    assert lines == n, lines
+    export = run_timed([*overnight_cmd(), "export", "job.toml"], cwd=work)
+
+    plain_orjson = plain_loop(
+        work / "in.jsonl",
+        work / "plain.jsonl",
+        orjson.loads,
+        lambda r: orjson.dumps(r, option=orjson.OPT_APPEND_NEWLINE),
+    )
+    plain_json = plain_loop(
+        work / "in.jsonl",
+        work / "plain.jsonl",
+        json.loads,
+        lambda r: (json.dumps(r) + "\n").encode(),
+    )
+    return {
+        "records": n,
+        "overnight_seconds": ours.seconds,
+        "overnight_items_per_s": n / ours.seconds,
+        "overnight_peak_rss_mb": ours.peak_rss_mb,
+        "run_processing_seconds": report["seconds"],
+        "export_alone_seconds": export.seconds,
+        "plain_orjson_items_per_s": n / plain_orjson,
+        "plain_json_items_per_s": n / plain_json,
+        "batch_size": report["batch_size"],
+    }
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--records", type=int, default=1_000_000)
+    print(json.dumps(main(ap.parse_args().records), indent=2))
