@@ -72,18 +72,12 @@ def _write_jsonl(
             f.write(orjson.dumps(row, option=orjson.OPT_APPEND_NEWLINE))
             n += 1
         return n
-    # Fast path: the stored result is already a JSON object; splice the id in front of it
-    # rather than parse and re-serialise a million rows.
-    head = b"{" + orjson.dumps(id_name) + b":"
-    dumps, buf = orjson.dumps, []
-    for custom_id, result, _ in ledger.iter_results(job_id):
-        buf.append(head + dumps(custom_id) + b"," + result[1:] + b"\n")
-        if len(buf) >= 5000:
-            f.write(b"".join(buf))
-            n += len(buf)
-            buf = []
-    f.write(b"".join(buf))
-    return n + len(buf)
+    # Fast path: the stored result is already a JSON object; the ledger splices the id in
+    # front of it rather than have a million rows parsed and re-serialised here.
+    for lines in ledger.iter_result_lines(job_id, id_name):
+        f.write(b"".join(lines))
+        n += len(lines)
+    return n
 
 
 def _cell(value: Any) -> Any:
