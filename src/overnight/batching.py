@@ -30,7 +30,9 @@ class BatchSizer:
         return cls(size=size)
 
     @classmethod
-    def automatic(cls, start: int, maximum: int, memory_limit_mb: int) -> BatchSizer:
+    def automatic(
+        cls, start: int, maximum: int, memory_limit_mb: int, min_batches: int = 2
+    ) -> BatchSizer:
         return cls(
             size=start,
             auto=True,
@@ -38,6 +40,7 @@ class BatchSizer:
             memory_limit_mb=memory_limit_mb,
             settled=False,
             best=start,
+            min_batches=min_batches,
         )
 
     def observe(self, items: int, seconds: float) -> None:
@@ -45,6 +48,7 @@ class BatchSizer:
             return
         if items < self.size:  # a short tail batch says little about this size
             return
+        # (A call may hold several batches of `size`: the rate per item is what counts.)
         self._items += items
         self._seconds += seconds
         self._batches += 1

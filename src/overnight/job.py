@@ -260,15 +260,23 @@ class Job:
         texts, labels = self.examples if self.spec.task.examples else (None, None)
         return LocalClassify(lm, build_head(lm, self.spec.task.label_descriptions(), texts, labels))
 
+    def _predictor_class(self) -> type:
+        """The predictor's class, for its batching hints, without loading any model."""
+        if self.spec.model.backend == "python":
+            from .backends.python import PythonFunction
+
+            return PythonFunction
+        from .backends.sentence import LocalEmbed
+
+        return LocalEmbed
+
     def _sizer(self) -> BatchSizer:
         run = self.spec.run
         if isinstance(run.batch_size, int):
             return BatchSizer.fixed(run.batch_size)
-        if self.spec.model.backend == "python":
-            from .backends.python import PythonFunction as cls
-        else:
-            from .backends.sentence import LocalEmbed as cls  # type: ignore[assignment]
-        return BatchSizer.automatic(cls.auto_start, cls.auto_max, run.memory_limit_mb)
+        cls = self._predictor_class()
+        calls = 1 if cls.window > 1 else 2  # a windowed call already spans several batches
+        return BatchSizer.automatic(cls.auto_start, cls.auto_max, run.memory_limit_mb, calls)
 
     # -- the ledger ---------------------------------------------------------------------
 
@@ -321,7 +329,8 @@ class Job:
             )
             sizer = self._sizer()
             fmt, src, id_field = self.source_format, self.source_path, self.spec.source.id
-            chunk = max(sources.CHUNK, sizer.maximum, sizer.size)  # a batch never spans chunks
+            window = self._predictor_class().window
+            chunk = max(sources.CHUNK, sizer.maximum, sizer.size, window)
             runner = Runner(
                 ledger,
                 job,
@@ -329,6 +338,7 @@ class Job:
                 self._predictor,
                 reader=lambda cursor: sources.read(fmt, src, id_field, cursor, chunk),
                 sizer=sizer,
+                window=window,
                 backoff=Backoff(
                     self.spec.run.max_attempts,
                     self.spec.run.backoff_base,

@@ -134,6 +134,7 @@ class Runner:
         *,
         reader: Reader,
         sizer: BatchSizer,
+        window: int = 1,
         backoff: Backoff,
         lease_seconds: float,
         validate: Validator | None = None,
@@ -144,6 +145,7 @@ class Runner:
         self.ledger, self.job, self.task = ledger, job, task
         self._make_predictor, self._predictor = predictor, None
         self.reader, self.sizer, self.backoff = reader, sizer, backoff
+        self.window = window  # items per backend call at least (see Predictor.window)
         self.lease_seconds, self.validate = lease_seconds, validate
         self.on_progress = on_progress or (lambda p: None)
         self.stop = stop or threading.Event()
@@ -178,7 +180,7 @@ class Runner:
                 while i < len(rows):
                     if self._stopping():
                         return
-                    window = rows[i : i + self.sizer.size]
+                    window = rows[i : i + self._window_size()]
                     i += len(window)
                     t0 = time.perf_counter()
                     works = [
@@ -216,7 +218,7 @@ class Runner:
 
     def _drain(self) -> None:
         while not self._stopping():
-            items = self.ledger.lease(self.job.id, self.sizer.size, self._lease())
+            items = self.ledger.lease(self.job.id, self._window_size(), self._lease())
             if items:
                 self._process(
                     [Work(it.seq, it.line, it.attempts, None, it.payload) for it in items]
@@ -236,7 +238,7 @@ class Runner:
         while i < len(works):
             if self._stopping():
                 return
-            batch = works[i : i + self.sizer.size]
+            batch = works[i : i + self._window_size()]
             i += len(batch)
             t0 = time.perf_counter()
             outcomes = self._attempt(batch)
@@ -275,7 +277,7 @@ class Runner:
             self._predictor = self._make_predictor()
             self.progress.setup_seconds += time.monotonic() - t0
         try:
-            answers = self._predictor.process(inputs)
+            answers = self._predictor.process(inputs, self.sizer.size)
         except Exception as exc:
             if len(works) == 1:
                 return [self._error(works[0], exc)]
@@ -322,6 +324,12 @@ class Runner:
         return Outcome(w.seq, "failed", None, cls, msg)
 
     # -- bookkeeping --------------------------------------------------------------------
+
+    def _window_size(self) -> int:
+        # While "auto" compares batch sizes, calls stay short so that trying six sizes costs
+        # a few hundred items, not thousands; the comparison is fair (same window for all).
+        window = self.window if self.sizer.settled else min(self.window, 256)
+        return max(self.sizer.size, window)
 
     def _lease(self) -> Lease:
         now = time.time()

@@ -13,10 +13,14 @@ class Predictor(Protocol):
     # Batch sizes "auto" explores, smallest first, and the largest it may try.
     auto_start: int
     auto_max: int
+    # Inputs handed to one `process` call at least. A model gains from seeing more inputs
+    # than one batch: it can group them by length, so batches carry little padding.
+    window: int
 
-    def process(self, inputs: list[Any]) -> list[Any]:
-        """One answer per input, in order. Raise to fail the whole batch: the runner splits
-        it to find the poison input, and retries transient errors with backoff."""
+    def process(self, inputs: list[Any], batch_size: int) -> list[Any]:
+        """One answer per input, in order, computed in batches of `batch_size`. Raise to
+        fail the whole call: the runner splits it to find the poison input, and retries
+        transient errors with backoff."""
         ...
 
     def close(self) -> None: ...

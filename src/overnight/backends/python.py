@@ -36,11 +36,18 @@ class PythonFunction:
     # A python function is usually cheap per record: batches mostly amortise overhead.
     auto_start = 128
     auto_max = 4096
+    window = 1
 
     def __init__(self, fn: Callable[[list[Any]], list[Any]]) -> None:
         self.fn = fn
 
-    def process(self, inputs: list[Any]) -> list[Any]:
+    def process(self, inputs: list[Any], batch_size: int) -> list[Any]:
+        if len(inputs) > batch_size:
+            return [
+                out
+                for i in range(0, len(inputs), batch_size)
+                for out in self.process(inputs[i : i + batch_size], batch_size)
+            ]
         outputs = self.fn(inputs)
         if not isinstance(outputs, list | tuple) or len(outputs) != len(inputs):
             got = len(outputs) if isinstance(outputs, list | tuple) else type(outputs).__name__
