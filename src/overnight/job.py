@@ -23,8 +23,8 @@ from .batching import BatchSizer
 from .errors import InputChangedError, UsageError
 from .retry import Backoff
 from .runner import Progress, Runner
-from .spec import JobSpec, load_job_file, parse_spec, semantic_hash, source_format
-from .store import Counts, Failure, Ledger, open_ledger
+from .spec import JobSpec, SourceSpec, load_job_file, parse_spec, semantic_hash, source_format
+from .store import Counts, Failure, JobInfo, Ledger, open_ledger
 from .tasks import Task, make_task
 
 
@@ -216,7 +216,7 @@ class Job:
         path = self._path(self.spec.task.examples or "")
         if not path.is_file():
             raise UsageError(f"[task] examples: file not found: {path}")
-        fmt = source_format(sources_spec_for(path), path)
+        fmt = source_format(SourceSpec(path=str(path)), path)
         try:
             records = sources.read_all(path, fmt)
         except ValueError as exc:
@@ -288,7 +288,7 @@ class Job:
         finally:
             ledger.close()
 
-    def _job_info(self, ledger: Ledger):  # -> JobInfo
+    def _job_info(self, ledger: Ledger) -> JobInfo:
         job = ledger.get_job(self.name)
         if job is None:
             raise UsageError(
@@ -383,7 +383,7 @@ class Job:
                 batch_trials=tuple(sizer.trials),
             )
 
-    def _check_unchanged(self, ledger: Ledger, job: Any, spec_hash: str) -> None:
+    def _check_unchanged(self, ledger: Ledger, job: JobInfo, spec_hash: str) -> None:
         fp = sources.fingerprint(self.source_path, known=job.fingerprint)
         if fp.digest != job.fingerprint.digest:
             raise InputChangedError(
@@ -440,9 +440,3 @@ class Job:
     def cancel(self) -> int:
         with self.ledger() as ledger:
             return ledger.cancel(self._job_info(ledger).id)
-
-
-def sources_spec_for(path: Path):  # -> SourceSpec
-    from .spec import SourceSpec
-
-    return SourceSpec(path=str(path))
