@@ -26,6 +26,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from .errors import OvernightError
 from .job import Job, Report
@@ -50,7 +51,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output."
 def _fail(exc: BaseException) -> typer.Exit:
     code = exc.exit_code if isinstance(exc, OvernightError) else 1
     msg = str(exc) if isinstance(exc, OvernightError) else f"{type(exc).__name__}: {exc}"
-    err.print(f"[red]error:[/] {msg}", highlight=False, soft_wrap=True)
+    # Text, not markup: "[task] colour" must print as written, not as a style tag.
+    err.print(Text.assemble(("error: ", "red"), msg), highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -120,9 +122,12 @@ class _Reporter:
             self._last = now
             total = f"/{p.ingested}" if p.ingest_done else " (still reading input)"
             err.print(
-                f"{self.name}: {p.finished}{total} done, {bad} failed or invalid, "
-                f"{rate:.1f} items/s, batch size {p.batch_size}",
+                Text(
+                    f"{self.name}: {p.finished}{total} done, {bad} failed or invalid, "
+                    f"{rate:.1f} items/s, batch size {p.batch_size}"
+                ),
                 highlight=False,
+                soft_wrap=True,  # one report, one line, however narrow the "terminal"
             )
 
 
@@ -147,7 +152,7 @@ def _graceful_stop() -> Iterator[threading.Event]:
 
 def _print_report(r: Report) -> None:
     c = r.counts
-    table = Table(title=f"job {r.job}", show_header=False, box=None)
+    table = Table(title=Text(f"job {r.job}"), show_header=False, box=None)
     table.add_row("items", str(c.total))
     table.add_row("succeeded", f"[green]{c['succeeded']}")
     if c.failed:
@@ -167,9 +172,9 @@ def _print_report(r: Report) -> None:
     if r.batch_size:
         table.add_row("batch size", str(r.batch_size))
     if r.output:
-        table.add_row("output", str(r.output))
+        table.add_row("output", Text(str(r.output)))  # paths may hold [brackets]
     if r.errors and (c.failed or c["invalid"]):
-        table.add_row("errors", str(r.errors))
+        table.add_row("errors", Text(str(r.errors)))
     out.print(table)
     if r.interrupted:
         out.print("[yellow]interrupted: run the same command again to resume.[/]")
@@ -230,9 +235,8 @@ def failures(
         return
     table = Table("id", "line", "state", "error class", "attempts", "message")
     for f in rows[: limit or None]:
-        table.add_row(
-            str(f.custom_id), str(f.line), f.state, f.error_class, str(f.attempts), f.message
-        )
+        cells = (str(f.custom_id), str(f.line), f.state, f.error_class, str(f.attempts), f.message)
+        table.add_row(*(Text(c) for c in cells))  # ids and messages are data, not markup
     out.print(table)
     if limit and len(rows) > limit:
         out.print(f"… and {len(rows) - limit} more (--limit 0 shows all)")
@@ -255,7 +259,10 @@ def export(job: JobArg, state: StateOpt = None) -> None:
     """(Re)write the output and errors files from the ledger."""
     with _errors():
         done = _load(job, state).export()
-    out.print(f"wrote {done.rows} rows to {done.output} and {done.errors_rows} to {done.errors}")
+    out.print(
+        Text(f"wrote {done.rows} rows to {done.output} and {done.errors_rows} to {done.errors}"),
+        soft_wrap=True,
+    )
 
 
 @app.command()

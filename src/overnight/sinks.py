@@ -16,9 +16,14 @@ from typing import IO, Any
 
 import orjson
 
+from .errors import OvernightError
 from .store import Ledger
 
 RESERVED = ("output", "scores", "usage")
+
+
+class ExportError(OvernightError, ValueError):
+    """The results cannot be written in the format asked for; they stay in the ledger."""
 
 
 @dataclass(frozen=True)
@@ -101,7 +106,7 @@ def _write_csv(f: IO[str], ledger: Ledger, job_id: int, id_name: str, include: l
 
 
 def _write_parquet(
-    path: Path, ledger: Ledger, job_id: int, id_name: str, include: list[str]
+    path: Path, final: Path, ledger: Ledger, job_id: int, id_name: str, include: list[str]
 ) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -114,16 +119,17 @@ def _write_parquet(
         nonlocal writer
         if not chunk:
             return
-        table = pa.Table.from_pylist(chunk)
-        if writer is None:
-            writer = pq.ParquetWriter(path, table.schema)
-        elif table.schema != writer.schema:
-            try:
+        try:
+            table = pa.Table.from_pylist(chunk)
+            if writer is None:
+                writer = pq.ParquetWriter(path, table.schema)
+            elif table.schema != writer.schema:
                 table = table.cast(writer.schema)
-            except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as exc:
-                raise ValueError(
-                    f"{path}: output rows do not share one type ({exc}); export to .jsonl instead"
-                ) from None
+        except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as exc:
+            raise ExportError(
+                f"{final}: output rows do not share one type ({exc}); Parquet needs one type "
+                "per column: export to .jsonl instead (the results are safe in the ledger)"
+            ) from None
         writer.write_table(table)
         chunk.clear()
 
@@ -172,7 +178,7 @@ def export(
             rows = _write_csv(f, ledger, job_id, id_name, include)
     elif fmt == ".parquet":
         with atomic_path(output) as tmp:
-            rows = _write_parquet(tmp, ledger, job_id, id_name, include)
+            rows = _write_parquet(tmp, output, ledger, job_id, id_name, include)
     else:
         with atomic_write(output) as f:
             rows = _write_jsonl(f, ledger, job_id, id_name, include)

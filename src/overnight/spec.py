@@ -113,11 +113,24 @@ class JobSpec(_Section):
         return self
 
 
+# Parts of a pydantic error location that name a union branch or a validator, not a key.
+_TYPE_TAGS = {"int", "str", "float", "bool", "list", "dict", "none"}
+
+
+def _is_key(part: object) -> bool:
+    if isinstance(part, int):
+        return True
+    text = str(part)
+    return not (
+        text in _TYPE_TAGS
+        or "[" in text
+        or text.startswith(("function-", "literal", "json-or-python", "lax-or-strict"))
+    )
+
+
 def _where(loc: tuple[Any, ...]) -> str:
     """`('task', 'labels', 0)` -> `[task] labels[0]`; top-level keys stay bare."""
-    parts = [
-        str(p) for p in loc if not str(p).startswith(("function-", "literal", "list[", "dict["))
-    ]
+    parts = [str(p) for p in loc if _is_key(p)]
     if not parts:
         return "(top level)"
     head, rest = parts[0], parts[1:]
@@ -129,19 +142,25 @@ def _where(loc: tuple[Any, ...]) -> str:
 
 
 def format_validation_error(origin: str, exc: ValidationError) -> str:
-    lines = []
+    """One line per key: the branches of a union ("a number or 'auto'") are joined."""
+    problems: dict[str, list[str]] = {}
+    got: dict[str, str] = {}
     for err in exc.errors():
         where = _where(err["loc"])
         if err["type"] == "extra_forbidden":
-            lines.append(f"{origin}: {where}: unknown key")
+            msg = "unknown key"
         elif err["type"] == "missing":
-            lines.append(f"{origin}: {where}: required key is missing")
+            msg = "required key is missing"
         else:
             msg = err["msg"].removeprefix("Value error, ")
-            got = "" if err["type"].startswith("value_error") else f" (got {err['input']!r})"
-            lines.append(f"{origin}: {where}: {msg}{got}")
-    # One problem per line, deduplicated (a union reports each of its branches).
-    return "\n".join(dict.fromkeys(lines))
+            if not err["type"].startswith("value_error"):
+                got[where] = f" (got {err['input']!r})"
+        if msg not in problems.setdefault(where, []):
+            problems[where].append(msg)
+    return "\n".join(
+        f"{origin}: {where}: {'; or '.join(msgs)}{got.get(where, '')}"
+        for where, msgs in problems.items()
+    )
 
 
 def parse_spec(data: dict[str, Any], origin: str = "job") -> JobSpec:

@@ -1,0 +1,628 @@
+"""The ledger contract. Written once against the `Ledger` interface (overnight.store.base), run
+for every implementation: add a param to `store` (and a branch in `_open`) for PostgreSQL.
+No SQL here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+import pytest
+
+from overnight.sources import Cursor, Fingerprint, Row
+from overnight.store import ConcurrentIngest, Lease, Ledger, Outcome, SQLiteLedger
+
+FP = Fingerprint(size=123, mtime_ns=456, digest="d" * 32)
+NOW = 1_000_000.0
+
+
+class Store:
+    """Opens connections to one store; several connections model several processes."""
+
+    def __init__(self, kind: str, tmp_path: Path) -> None:
+        self.kind, self.tmp_path = kind, tmp_path
+        self.opened: list[Ledger] = []
+
+    def open(self) -> Ledger:
+        if self.kind == "sqlite":
+            ledger = SQLiteLedger(self.tmp_path / "state" / "ledger.db")
+        else:  # pragma: no cover - future implementations
+            raise NotImplementedError(self.kind)
+        self.opened.append(ledger)
+        return ledger
+
+    def close(self) -> None:
+        for ledger in self.opened:
+            ledger.close()
+
+
+@pytest.fixture(params=["sqlite"])
+def store(request, tmp_path):
+    s = Store(request.param, tmp_path)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def ledger(store) -> Ledger:
+    return store.open()
+
+
+def row(line: int, cid: str | None, error: str | None = None, **record) -> Row:
+    rec = {"id": cid, **record}
+    payload = orjson.dumps(rec)
+    if error is not None:
+        return Row(line, None, payload, None, error)
+    return Row(line, cid, payload, rec, None)
+
+
+def rows_for(ids: list[str], first_line: int = 1) -> list[Row]:
+    return [row(first_line + i, cid, n=i) for i, cid in enumerate(ids)]
+
+
+def lease_at(owner: str = "owner-a", now: float = NOW, seconds: float = 60.0) -> Lease:
+    return Lease(owner, now + seconds, now)
+
+
+def new_job(ledger: Ledger, name: str = "job", ids: list[str] | None = None):
+    job = ledger.create_job(name, "spec-hash", FP)
+    if ids:
+        ok = ledger.add_items(job.id, 0, rows_for(ids), Cursor(len(ids), len(ids) + 1, 0))
+        assert ok == [True] * len(ids)
+    return job
+
+
+def result(value) -> bytes:
+    return orjson.dumps({"output": value})
+
+
+# -- jobs ------------------------------------------------------------------------------------
+
+
+def test_create_get_delete_job(ledger):
+    assert ledger.get_job("job") is None
+    job = ledger.create_job("job", "spec-hash", FP)
+    assert job.name == "job"
+    assert job.spec_hash == "spec-hash"
+    assert job.fingerprint == FP
+    assert job.cursor == Cursor(0, 1, 0)
+    assert job.ingest_done is False
+    assert isinstance(job.created_at, float)
+    assert ledger.get_job("job") == job
+
+    other = ledger.create_job("other", "h2", FP)
+    assert other.id != job.id
+    ledger.add_items(other.id, 0, rows_for(["x"]), Cursor(1, 2, 0))
+    ledger.add_items(job.id, 0, rows_for(["a", "b"]), Cursor(2, 3, 0))
+
+    ledger.delete_job(job.id)
+    assert ledger.get_job("job") is None
+    assert ledger.get_job("other") == ledger.get_job("other")
+    assert ledger.counts(other.id).by_state == {"pending": 1}
+    # the name can be used again, starting from nothing
+    again = ledger.create_job("job", "spec-hash-2", FP)
+    assert again.cursor == Cursor(0, 1, 0)
+    assert ledger.counts(again.id).by_state == {}
+    assert ledger.counts(again.id).rejected == 0
+
+
+def test_set_fingerprint(ledger):
+    job = new_job(ledger)
+    fp2 = Fingerprint(1, 2, "e" * 32)
+    ledger.set_fingerprint(job.id, fp2)
+    assert ledger.get_job("job").fingerprint == fp2
+
+
+def test_jobs_are_isolated(ledger):
+    a = new_job(ledger, "a", ["1", "2"])
+    b = new_job(ledger, "b", ["1", "2", "3"])  # the same ids in another job are fine
+    assert ledger.counts(a.id).by_state == {"pending": 2}
+    assert ledger.counts(b.id).by_state == {"pending": 3}
+    items = ledger.lease(b.id, 10, lease_at())
+    assert [it.custom_id for it in items] == ["1", "2", "3"]
+    assert ledger.counts(a.id).by_state == {"pending": 2}
+    ledger.cancel(b.id)
+    assert not ledger.is_cancelled(a.id)
+    assert ledger.counts(a.id).by_state == {"pending": 2}
+
+
+# -- lease -----------------------------------------------------------------------------------
+
+
+def test_lease_in_seq_order_and_marks_leased(ledger):
+    job = new_job(ledger, ids=["a", "b", "c", "d", "e"])
+    items = ledger.lease(job.id, 3, lease_at())
+    assert [(it.seq, it.custom_id, it.line, it.attempts) for it in items] == [
+        (0, "a", 1, 0),
+        (1, "b", 2, 0),
+        (2, "c", 3, 0),
+    ]
+    assert orjson.loads(items[1].payload) == {"id": "b", "n": 1}
+    assert ledger.counts(job.id).by_state == {"leased": 3, "pending": 2}
+    assert ledger.lease_owners(job.id) == ["owner-a"]
+
+
+def test_second_lease_skips_leased_items(ledger):
+    job = new_job(ledger, ids=["a", "b", "c", "d", "e"])
+    first = ledger.lease(job.id, 3, lease_at("owner-a"))
+    second = ledger.lease(job.id, 3, lease_at("owner-b"))
+    third = ledger.lease(job.id, 3, lease_at("owner-c"))
+    assert [it.seq for it in first] == [0, 1, 2]
+    assert [it.seq for it in second] == [3, 4]
+    assert third == []
+    assert sorted(ledger.lease_owners(job.id)) == ["owner-a", "owner-b"]
+
+
+def test_lease_from_a_second_connection_sees_the_same_queue(store, ledger):
+    job = new_job(ledger, ids=["a", "b", "c"])
+    other = store.open()
+    got = other.lease(job.id, 2, lease_at("owner-b"))
+    assert [it.seq for it in got] == [0, 1]
+    assert [it.seq for it in ledger.lease(job.id, 5, lease_at("owner-a"))] == [2]
+
+
+# -- complete --------------------------------------------------------------------------------
+
+
+def test_complete_by_owner_commits_results(ledger):
+    job = new_job(ledger, ids=["a", "b", "c", "d"])
+    ledger.lease(job.id, 4, lease_at())
+    n = ledger.complete(
+        job.id,
+        "owner-a",
+        [
+            Outcome(0, "succeeded", result("A")),
+            Outcome(1, "failed", None, "ValueError", "bad b"),
+            Outcome(2, "invalid", None, "schema_error", "schema: output: wrong"),
+        ],
+        NOW + 1,
+    )
+    assert n == 3
+    assert ledger.counts(job.id).by_state == {
+        "succeeded": 1,
+        "failed": 1,
+        "invalid": 1,
+        "leased": 1,
+    }
+    assert list(ledger.iter_results(job.id)) == [("a", result("A"), None)]
+    fails = list(ledger.iter_failures(job.id))
+    assert [
+        (f.custom_id, f.line, f.state, f.error_class, f.message, f.attempts) for f in fails
+    ] == [
+        ("b", 2, "failed", "ValueError", "bad b", 1),
+        ("c", 3, "invalid", "schema_error", "schema: output: wrong", 1),
+    ]
+
+
+def test_complete_by_non_owner_changes_nothing(store, ledger):
+    job = new_job(ledger, ids=["a", "b"])
+    ledger.lease(job.id, 2, lease_at("owner-a"))
+    intruder = store.open()
+    n = intruder.complete(job.id, "owner-b", [Outcome(0, "succeeded", result(1))], NOW)
+    assert n == 0
+    assert ledger.counts(job.id).by_state == {"leased": 2}
+    assert list(ledger.iter_results(job.id)) == []
+
+
+def test_complete_twice_writes_once(ledger):
+    job = new_job(ledger, ids=["a"])
+    ledger.lease(job.id, 1, lease_at())
+    assert ledger.complete(job.id, "owner-a", [Outcome(0, "succeeded", result(1))], NOW) == 1
+    assert ledger.complete(job.id, "owner-a", [Outcome(0, "succeeded", result(2))], NOW) == 0
+    assert list(ledger.iter_results(job.id)) == [("a", result(1), None)]
+
+
+def test_complete_of_an_unleased_item_changes_nothing(ledger):
+    job = new_job(ledger, ids=["a"])
+    assert ledger.complete(job.id, "owner-a", [Outcome(0, "succeeded", result(1))], NOW) == 0
+    assert ledger.counts(job.id).by_state == {"pending": 1}
+
+
+def test_pending_outcome_waits_for_not_before(ledger):
+    job = new_job(ledger, ids=["a", "b"])
+    ledger.lease(job.id, 2, lease_at())
+    n = ledger.complete(
+        job.id,
+        "owner-a",
+        [
+            Outcome(0, "pending", None, "TransientError", "try later", not_before=NOW + 100),
+            Outcome(1, "succeeded", result("B")),
+        ],
+        NOW,
+    )
+    assert n == 2
+    assert ledger.counts(job.id).by_state == {"pending": 1, "succeeded": 1}
+    assert ledger.next_due(job.id) == NOW + 100
+    assert ledger.lease(job.id, 10, lease_at(now=NOW + 50)) == []
+    items = ledger.lease(job.id, 10, lease_at(now=NOW + 100.5))
+    assert [(it.seq, it.attempts) for it in items] == [(0, 1)]
+    assert ledger.next_due(job.id) is None
+
+
+def test_next_due_of_fresh_items_is_not_in_the_future(ledger):
+    job = new_job(ledger, ids=["a"])
+    due = ledger.next_due(job.id)
+    assert due is not None and due <= NOW
+    ledger.lease(job.id, 1, lease_at())
+    assert ledger.next_due(job.id) is None
+
+
+# -- expiry, release, renew ------------------------------------------------------------------
+
+
+def test_reclaim_expired(ledger):
+    job = new_job(ledger, ids=["a", "b", "c"])
+    ledger.lease(job.id, 2, lease_at("owner-a", NOW, seconds=60))
+    assert ledger.reclaim_expired(job.id, NOW + 30) == 0
+    assert ledger.counts(job.id).by_state == {"leased": 2, "pending": 1}
+    assert ledger.reclaim_expired(job.id, NOW + 61) == 2
+    assert ledger.counts(job.id).by_state == {"pending": 3}
+    assert ledger.lease_owners(job.id) == []
+    items = ledger.lease(job.id, 10, lease_at("owner-b", NOW + 62))
+    assert [(it.seq, it.attempts) for it in items] == [(0, 0), (1, 0), (2, 0)]
+    # the old owner can no longer commit
+    assert ledger.complete(job.id, "owner-a", [Outcome(0, "succeeded", result(1))], NOW) == 0
+
+
+def test_release_all_of_an_owner(ledger):
+    job = new_job(ledger, ids=["a", "b", "c", "d"])
+    ledger.lease(job.id, 2, lease_at("owner-a"))
+    ledger.lease(job.id, 2, lease_at("owner-b"))
+    assert ledger.release(job.id, "owner-a") == 2
+    assert ledger.counts(job.id).by_state == {"pending": 2, "leased": 2}
+    assert ledger.lease_owners(job.id) == ["owner-b"]
+    assert ledger.release(job.id, "nobody") == 0
+    again = ledger.lease(job.id, 10, lease_at("owner-c"))
+    assert [(it.seq, it.attempts) for it in again] == [(0, 0), (1, 0)]
+
+
+def test_release_some_seqs(ledger):
+    job = new_job(ledger, ids=["a", "b", "c"])
+    ledger.lease(job.id, 3, lease_at("owner-a"))
+    assert ledger.release(job.id, "owner-b", [0]) == 0  # not the owner
+    assert ledger.release(job.id, "owner-a", [0, 2]) == 2
+    assert ledger.counts(job.id).by_state == {"pending": 2, "leased": 1}
+    assert [it.seq for it in ledger.lease(job.id, 10, lease_at("owner-b"))] == [0, 2]
+
+
+def test_renew(ledger):
+    job = new_job(ledger, ids=["a", "b"])
+    ledger.lease(job.id, 2, lease_at("owner-a", NOW, seconds=10))
+    assert ledger.renew(job.id, "owner-b", NOW + 1000) == 0
+    assert ledger.renew(job.id, "owner-a", NOW + 100) == 2
+    assert ledger.reclaim_expired(job.id, NOW + 50) == 0
+    assert ledger.counts(job.id).by_state == {"leased": 2}
+    assert ledger.reclaim_expired(job.id, NOW + 101) == 2
+
+
+# -- ingest ----------------------------------------------------------------------------------
+
+
+def test_add_items_with_outcomes_inserts_final_states(ledger):
+    job = ledger.create_job("job", "h", FP)
+    rows = rows_for(["a", "b", "c", "d"])
+    outcomes = [
+        Outcome(0, "succeeded", result("A")),
+        Outcome(1, "failed", None, "ValueError", "bad"),
+        Outcome(2, "invalid", None, "schema_error", "nope"),
+        Outcome(3, "pending", None, "TransientError", "later", not_before=NOW + 10),
+    ]
+    assert ledger.add_items(job.id, 0, rows, Cursor(4, 5, 0), outcomes) == [True] * 4
+    counts = ledger.counts(job.id)
+    assert counts.by_state == {"succeeded": 1, "failed": 1, "invalid": 1, "pending": 1}
+    assert list(ledger.iter_results(job.id, with_payload=True)) == [
+        ("a", result("A"), rows[0].payload)
+    ]
+    fails = [
+        (f.custom_id, f.state, f.error_class, f.message, f.attempts)
+        for f in ledger.iter_failures(job.id)
+    ]
+    assert fails == [
+        ("b", "failed", "ValueError", "bad", 1),
+        ("c", "invalid", "schema_error", "nope", 1),
+    ]
+    assert ledger.next_due(job.id) == NOW + 10
+    items = ledger.lease(job.id, 10, lease_at(now=NOW + 11))
+    assert [(it.seq, it.custom_id, it.attempts) for it in items] == [(3, "d", 1)]
+
+
+def test_add_items_all_succeeded(ledger):
+    job = ledger.create_job("job", "h", FP)
+    rows = rows_for(["a", "b"])
+    outcomes = [Outcome(0, "succeeded", result(1)), Outcome(1, "succeeded", result(2))]
+    assert ledger.add_items(job.id, 0, rows, Cursor(2, 3, 0), outcomes) == [True, True]
+    assert list(ledger.iter_results(job.id)) == [("a", result(1), None), ("b", result(2), None)]
+    assert ledger.lease(job.id, 10, lease_at()) == []
+
+
+def test_duplicates_are_rejected_first_wins(ledger):
+    job = ledger.create_job("job", "h", FP)
+    rows = [row(1, "a", t="first"), row(2, "b"), row(3, "a", t="second")]
+    assert ledger.add_items(job.id, 0, rows, Cursor(3, 4, 0)) == [True, True, False]
+    # across calls too
+    more = [row(4, "b", t="again"), row(5, "c")]
+    assert ledger.add_items(job.id, 3, more, Cursor(5, 6, 0)) == [False, True]
+    counts = ledger.counts(job.id)
+    assert counts.by_state == {"pending": 3}
+    assert counts.rejected == 2
+    items = ledger.lease(job.id, 10, lease_at())
+    assert [(it.seq, it.custom_id, it.line) for it in items] == [
+        (0, "a", 1),
+        (1, "b", 2),
+        (4, "c", 5),
+    ]
+    assert orjson.loads(items[0].payload)["t"] == "first"
+    fails = list(ledger.iter_failures(job.id))
+    assert [(f.custom_id, f.line, f.state, f.error_class, f.attempts) for f in fails] == [
+        ("a", 3, "failed", "input_error", 0),
+        ("b", 4, "failed", "input_error", 0),
+    ]
+    assert "duplicate id" in fails[0].message
+    assert "line 3" in fails[0].message and "line 1" in fails[0].message
+    assert "line 4" in fails[1].message and "line 2" in fails[1].message
+
+
+def test_duplicates_with_outcomes(ledger):
+    job = ledger.create_job("job", "h", FP)
+    rows = [row(1, "a"), row(2, "a")]
+    outcomes = [Outcome(0, "succeeded", result(1)), Outcome(1, "succeeded", result(2))]
+    assert ledger.add_items(job.id, 0, rows, Cursor(2, 3, 0), outcomes) == [True, False]
+    assert list(ledger.iter_results(job.id)) == [("a", result(1), None)]
+    assert ledger.counts(job.id).rejected == 1
+    assert [f.line for f in ledger.iter_failures(job.id)] == [2]
+
+
+def test_rows_with_errors_become_input_errors(ledger):
+    job = ledger.create_job("job", "h", FP)
+    rows = [row(1, "a"), row(2, None, "line 2: malformed JSON"), row(3, "c")]
+    assert ledger.add_items(job.id, 0, rows, Cursor(3, 4, 0)) == [True, False, True]
+    counts = ledger.counts(job.id)
+    assert counts.by_state == {"pending": 2}
+    assert counts.rejected == 1
+    assert counts.total == 3
+    assert counts.failed == 1
+    fails = list(ledger.iter_failures(job.id))
+    assert [
+        (f.custom_id, f.line, f.state, f.error_class, f.message, f.attempts) for f in fails
+    ] == [(None, 2, "failed", "input_error", "line 2: malformed JSON", 0)]
+    # seq numbers still follow input positions
+    assert [it.seq for it in ledger.lease(job.id, 10, lease_at())] == [0, 2]
+
+
+def test_rows_with_errors_and_outcomes(ledger):
+    job = ledger.create_job("job", "h", FP)
+    rows = [row(1, None, "line 1: not a JSON object"), row(2, "b")]
+    outcomes = [Outcome(1, "succeeded", result("B"))]  # one per readable row
+    assert ledger.add_items(job.id, 0, rows, Cursor(2, 3, 0), outcomes) == [False, True]
+    assert list(ledger.iter_results(job.id)) == [("b", result("B"), None)]
+    assert [(f.line, f.error_class) for f in ledger.iter_failures(job.id)] == [(1, "input_error")]
+
+
+def test_add_items_with_wrong_first_seq_raises_and_changes_nothing(store, ledger):
+    job = ledger.create_job("job", "h", FP)
+    ledger.add_items(job.id, 0, rows_for(["a", "b"]), Cursor(2, 3, 20))
+    with pytest.raises(ConcurrentIngest):
+        ledger.add_items(job.id, 0, rows_for(["x", "y"], 1), Cursor(2, 3, 20))
+    other = store.open()
+    with pytest.raises(ConcurrentIngest):
+        other.add_items(job.id, 5, rows_for(["z"], 6), Cursor(6, 7, 60))
+    with pytest.raises(ConcurrentIngest):
+        other.add_items(job.id, 1, [row(2, None, "line 2: bad")], Cursor(2, 3, 30), [])
+    assert ledger.get_job("job").cursor == Cursor(2, 3, 20)
+    counts = ledger.counts(job.id)
+    assert counts.by_state == {"pending": 2}
+    assert counts.rejected == 0
+    assert [it.custom_id for it in ledger.lease(job.id, 10, lease_at())] == ["a", "b"]
+
+
+def test_ingest_cursor_and_finish(store, ledger):
+    job = ledger.create_job("job", "h", FP)
+    ledger.add_items(job.id, 0, rows_for(["a", "b", "c"]), Cursor(3, 5, 42))
+    assert ledger.get_job("job").cursor == Cursor(3, 5, 42)
+    assert ledger.get_job("job").ingest_done is False
+    ledger.add_items(job.id, 3, rows_for(["d"], 6), Cursor(4, 7, 50))
+    ledger.finish_ingest(job.id)
+    seen = store.open().get_job("job")  # durable: another connection sees it
+    assert seen.cursor == Cursor(4, 7, 50)
+    assert seen.ingest_done is True
+
+
+def test_add_items_empty_chunk_moves_cursor(ledger):
+    job = ledger.create_job("job", "h", FP)
+    assert ledger.add_items(job.id, 0, [], Cursor(0, 4, 3)) == []
+    assert ledger.get_job("job").cursor == Cursor(0, 4, 3)
+
+
+# -- reading ---------------------------------------------------------------------------------
+
+
+def test_counts_by_state_and_rejected(ledger):
+    job = ledger.create_job("job", "h", FP)
+    rows = rows_for(["a", "b", "c", "d", "e", "f"]) + [row(7, None, "line 7: bad")]
+    ledger.add_items(job.id, 0, rows, Cursor(7, 8, 0))
+    ledger.lease(job.id, 4, lease_at())
+    ledger.complete(
+        job.id,
+        "owner-a",
+        [
+            Outcome(0, "succeeded", result(0)),
+            Outcome(1, "failed", None, "E", "m"),
+            Outcome(2, "invalid", None, "schema_error", "m"),
+        ],
+        NOW,
+    )
+    c = ledger.counts(job.id)
+    assert c.by_state == {"succeeded": 1, "failed": 1, "invalid": 1, "leased": 1, "pending": 2}
+    assert c.rejected == 1
+    assert c["succeeded"] == 1
+    assert c["cancelled"] == 0
+    assert c.total == 7
+    assert c.failed == 2
+    assert c.open == 3
+
+
+def test_iter_results_in_input_order(ledger):
+    job = new_job(ledger, ids=["a", "b", "c", "d"])
+    ledger.lease(job.id, 4, lease_at())
+    # committed out of order; d fails
+    ledger.complete(job.id, "owner-a", [Outcome(2, "succeeded", result("C"))], NOW)
+    ledger.complete(job.id, "owner-a", [Outcome(3, "failed", None, "E", "x")], NOW)
+    ledger.complete(
+        job.id,
+        "owner-a",
+        [Outcome(1, "succeeded", result("B")), Outcome(0, "succeeded", result("A"))],
+        NOW,
+    )
+    assert list(ledger.iter_results(job.id)) == [
+        ("a", result("A"), None),
+        ("b", result("B"), None),
+        ("c", result("C"), None),
+    ]
+    with_payload = list(ledger.iter_results(job.id, with_payload=True))
+    assert [(cid, orjson.loads(p)) for cid, _, p in with_payload] == [
+        ("a", {"id": "a", "n": 0}),
+        ("b", {"id": "b", "n": 1}),
+        ("c", {"id": "c", "n": 2}),
+    ]
+
+
+def test_iter_result_lines(ledger):
+    job = ledger.create_job("job", "h", FP)
+    ledger.add_items(
+        job.id,
+        0,
+        rows_for(["a", 'q"x']),
+        Cursor(2, 3, 0),
+        [Outcome(0, "succeeded", result(1)), Outcome(1, "succeeded", result([1, 2]))],
+    )
+    lines = [line for batch in ledger.iter_result_lines(job.id, "ticket") for line in batch]
+    assert [orjson.loads(x) for x in lines] == [
+        {"ticket": "a", "output": 1},
+        {"ticket": 'q"x', "output": [1, 2]},
+    ]
+    assert all(x.endswith(b"\n") for x in lines)
+
+
+def test_iter_failures_merges_items_and_rejects_in_input_order(ledger):
+    job = ledger.create_job("job", "h", FP)
+    rows = [
+        row(1, "a"),
+        row(2, None, "line 2: malformed JSON"),
+        row(3, "b"),
+        row(4, "a"),  # duplicate
+        row(5, "c"),
+    ]
+    ledger.add_items(job.id, 0, rows, Cursor(5, 6, 0))
+    ledger.lease(job.id, 10, lease_at())
+    ledger.complete(
+        job.id,
+        "owner-a",
+        [
+            Outcome(0, "failed", None, "ValueError", "no a"),
+            Outcome(2, "invalid", None, "schema_error", "b is wrong"),
+            Outcome(4, "succeeded", result("C")),
+        ],
+        NOW,
+    )
+    fails = list(ledger.iter_failures(job.id))
+    assert [(f.custom_id, f.line, f.state, f.error_class) for f in fails] == [
+        ("a", 1, "failed", "ValueError"),
+        (None, 2, "failed", "input_error"),
+        ("b", 3, "invalid", "schema_error"),
+        ("a", 4, "failed", "input_error"),
+    ]
+    assert [f.attempts for f in fails] == [1, 0, 1, 0]
+
+
+# -- user actions ----------------------------------------------------------------------------
+
+
+def _finish_mixed(ledger, job_id):
+    ledger.lease(job_id, 10, lease_at())
+    ledger.complete(
+        job_id,
+        "owner-a",
+        [
+            Outcome(0, "succeeded", result("A")),
+            Outcome(1, "failed", None, "E", "x"),
+            Outcome(2, "invalid", None, "schema_error", "y"),
+            Outcome(3, "failed", None, "E", "z"),
+        ],
+        NOW,
+    )
+
+
+def test_retry_failed_only(ledger):
+    job = new_job(ledger, ids=["a", "b", "c", "d"])
+    _finish_mixed(ledger, job.id)
+    assert ledger.retry(job.id, ("failed",)) == 2
+    assert ledger.counts(job.id).by_state == {"succeeded": 1, "pending": 2, "invalid": 1}
+    items = ledger.lease(job.id, 10, lease_at("owner-b", NOW + 1))
+    assert [(it.seq, it.attempts) for it in items] == [(1, 0), (3, 0)]
+    assert [f.custom_id for f in ledger.iter_failures(job.id)] == ["c"]
+
+
+def test_retry_failed_and_invalid(ledger):
+    job = new_job(ledger, ids=["a", "b", "c", "d"])
+    _finish_mixed(ledger, job.id)
+    assert ledger.retry(job.id, ("failed", "invalid")) == 3
+    assert ledger.counts(job.id).by_state == {"succeeded": 1, "pending": 3}
+    assert list(ledger.iter_failures(job.id)) == []
+    items = ledger.lease(job.id, 10, lease_at("owner-b", NOW + 1))
+    assert [(it.seq, it.attempts) for it in items] == [(1, 0), (2, 0), (3, 0)]
+    assert ledger.retry(job.id, ("failed", "invalid")) == 0
+
+
+def test_retry_does_not_touch_rejects(ledger):
+    job = ledger.create_job("job", "h", FP)
+    ledger.add_items(job.id, 0, [row(1, None, "line 1: bad")], Cursor(1, 2, 0))
+    assert ledger.retry(job.id, ("failed", "invalid")) == 0
+    assert ledger.counts(job.id).rejected == 1
+
+
+def test_retry_of_a_transient_backoff_resets_not_before(ledger):
+    job = new_job(ledger, ids=["a"])
+    ledger.lease(job.id, 1, lease_at())
+    ledger.complete(job.id, "owner-a", [Outcome(0, "failed", None, "E", "x")], NOW)
+    ledger.retry(job.id, ("failed",))
+    assert [it.seq for it in ledger.lease(job.id, 1, lease_at(now=NOW))] == [0]
+
+
+def test_cancel_and_reopen(store, ledger):
+    job = new_job(ledger, ids=["a", "b", "c", "d"])
+    ledger.lease(job.id, 2, lease_at("owner-a"))
+    ledger.complete(job.id, "owner-a", [Outcome(0, "succeeded", result("A"))], NOW)
+    assert not ledger.is_cancelled(job.id)
+
+    other = store.open()  # `overnight cancel` runs in another process
+    assert other.cancel(job.id) == 3  # b (leased), c, d (pending)
+    assert ledger.is_cancelled(job.id)
+    assert ledger.counts(job.id).by_state == {"succeeded": 1, "cancelled": 3}
+    assert ledger.counts(job.id).open == 0
+    assert ledger.lease(job.id, 10, lease_at()) == []
+    assert ledger.lease_owners(job.id) == []
+    # the runner that held b can no longer commit it
+    assert ledger.complete(job.id, "owner-a", [Outcome(1, "succeeded", result("B"))], NOW) == 0
+
+    assert ledger.reopen(job.id) == 3
+    assert not other.is_cancelled(job.id)
+    assert ledger.counts(job.id).by_state == {"succeeded": 1, "pending": 3}
+    items = ledger.lease(job.id, 10, lease_at("owner-b", NOW + 1))
+    assert [it.seq for it in items] == [1, 2, 3]
+    assert list(ledger.iter_results(job.id)) == [("a", result("A"), None)]
+
+
+def test_cancel_keeps_finished_items(ledger):
+    job = new_job(ledger, ids=["a", "b"])
+    _ = ledger.lease(job.id, 2, lease_at())
+    ledger.complete(
+        job.id,
+        "owner-a",
+        [Outcome(0, "succeeded", result(1)), Outcome(1, "failed", None, "E", "x")],
+        NOW,
+    )
+    assert ledger.cancel(job.id) == 0
+    assert ledger.is_cancelled(job.id)
+    assert ledger.counts(job.id).by_state == {"succeeded": 1, "failed": 1}
+    assert ledger.reopen(job.id) == 0
+    assert ledger.counts(job.id).by_state == {"succeeded": 1, "failed": 1}
