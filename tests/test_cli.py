@@ -11,7 +11,6 @@ import uuid
 from pathlib import Path
 
 import orjson
-import pytest
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
