@@ -276,3 +276,38 @@ def test_export_formats_with_include(tmp_path, suffix):
         assert [(r["id"], r["output"]["v"], r["name"]) for r in rows] == [
             (str(i), 2 * i, f"x{i}") for i in range(5)
         ]
+
+
+def test_a_second_concurrent_run_is_refused_and_the_first_completes(tmp_path):
+    n = 3000
+    write_jsonl(tmp_path / "in.jsonl", [{"id": i, "n": i} for i in range(n)])
+    fn = make_function(
+        tmp_path,
+        "import time\n"
+        "def fn(records):\n"
+        "    time.sleep(0.01)\n"
+        "    return [r['n'] for r in records]\n",
+    )
+    first = job(tmp_path, fn, run={"batch_size": 10})
+    result: dict = {}
+    runner = threading.Thread(target=lambda: result.setdefault("report", first.run()))
+    runner.start()
+    ledger = tmp_path / ".overnight" / "ledger.db"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # wait until the first run has committed something
+        if ledger.exists():
+            import sqlite3
+
+            with sqlite3.connect(ledger) as con:
+                try:
+                    if con.execute("SELECT ingest_records FROM jobs").fetchone()[0] > 0:
+                        break
+                except (sqlite3.OperationalError, TypeError):
+                    pass
+        time.sleep(0.01)
+    with pytest.raises(overnight.UsageError, match="another process"):
+        job(tmp_path, fn, run={"batch_size": 10}).run()
+    runner.join()
+    assert result["report"].exit_code == 0
+    rows = read_jsonl(tmp_path / "out.jsonl")
+    assert [r["output"] for r in rows] == list(range(n))

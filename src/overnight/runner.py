@@ -26,7 +26,7 @@ import psutil
 
 from .backends.base import Predictor
 from .batching import BatchSizer
-from .errors import InputError, error_class, is_transient
+from .errors import InputError, UsageError, error_class, is_transient
 from .retry import Backoff
 from .sources import Cursor, Row, cursor_after
 from .store import ConcurrentIngest, JobInfo, Lease, Ledger, Outcome
@@ -194,8 +194,11 @@ class Runner:
             pending.flush()
             completed = True
         except ConcurrentIngest:
-            pending.discard()
-            return  # another runner reads the input; drain alongside it
+            pending.discard()  # those records are another runner's now
+            raise UsageError(
+                f"job {self.job.name!r} is being run by another process right now (it moved "
+                "the input cursor first); let it finish, and see `overnight status`"
+            ) from None
         finally:
             if not completed:  # stopped or failed: what was computed is still kept
                 with contextlib.suppress(ConcurrentIngest):
