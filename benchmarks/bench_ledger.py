@@ -81,26 +81,36 @@ def main(n: int) -> dict:
     (work / "identity.py").write_text("def identity(records):\n    return records\n")
     (work / "job.toml").write_text(JOB)
 
-    # overnight first: ru_maxrss of children is a running maximum (see common.run_timed).
-    ours = run_timed([*overnight_cmd(), "run", "job.toml", "--json"], cwd=work)
-    report = json.loads(ours.stdout)
-    assert report["succeeded"] == n, report
-    lines = sum(1 for _ in (work / "out.jsonl").open("rb"))
-    assert lines == n, lines
+    # The machine is shared: alternate overnight and the plain loops three times and keep
+    # each one's best run. overnight goes first: ru_maxrss of children is a running maximum
+    # (see common.run_timed), and no other child is larger.
+    runs, orjson_runs, json_runs = [], [], []
+    for _ in range(3):
+        ours = run_timed([*overnight_cmd(), "run", "job.toml", "--json", "--restart"], cwd=work)
+        report = json.loads(ours.stdout)
+        assert report["succeeded"] == n, report
+        lines = sum(1 for _ in (work / "out.jsonl").open("rb"))
+        assert lines == n, lines
+        runs.append((ours.seconds, ours, report))
+        orjson_runs.append(
+            plain_loop(
+                work / "in.jsonl",
+                work / "plain.jsonl",
+                orjson.loads,
+                lambda r: orjson.dumps(r, option=orjson.OPT_APPEND_NEWLINE),
+            )
+        )
+        json_runs.append(
+            plain_loop(
+                work / "in.jsonl",
+                work / "plain.jsonl",
+                json.loads,
+                lambda r: (json.dumps(r) + "\n").encode(),
+            )
+        )
+    _, ours, report = min(runs, key=lambda r: r[0])
+    plain_orjson, plain_json = min(orjson_runs), min(json_runs)
     export = run_timed([*overnight_cmd(), "export", "job.toml"], cwd=work)
-
-    plain_orjson = plain_loop(
-        work / "in.jsonl",
-        work / "plain.jsonl",
-        orjson.loads,
-        lambda r: orjson.dumps(r, option=orjson.OPT_APPEND_NEWLINE),
-    )
-    plain_json = plain_loop(
-        work / "in.jsonl",
-        work / "plain.jsonl",
-        json.loads,
-        lambda r: (json.dumps(r) + "\n").encode(),
-    )
     return {
         "records": n,
         "overnight_seconds": ours.seconds,
@@ -111,6 +121,7 @@ def main(n: int) -> dict:
         "plain_orjson_items_per_s": n / plain_orjson,
         "plain_json_items_per_s": n / plain_json,
         "batch_size": report["batch_size"],
+        "overnight_runs_items_per_s": [round(n / r[0]) for r in runs],
     }
 
 

@@ -114,13 +114,13 @@ class _Reporter:
             self._bar.update(
                 self._task,
                 completed=p.finished,
-                total=p.ingested if p.ingest_done else None,
+                total=p.total or None,
                 rate=rate,
                 failed=bad,
             )
         elif now - self._last >= self.every:
             self._last = now
-            total = f"/{p.ingested}" if p.ingest_done else " (still reading input)"
+            total = f"/{p.total}" if p.ingest_done else f"/~{p.total}"
             err.print(
                 Text(
                     f"{self.name}: {p.finished}{total} done, {bad} failed or invalid, "

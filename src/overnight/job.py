@@ -326,6 +326,9 @@ class Job:
                 invalid=before["invalid"],
                 ingested=before.total,
                 ingest_done=job.ingest_done,
+                expected=0
+                if job.ingest_done
+                else sources.estimate_records(self.source_format, self.source_path),
             )
             sizer = self._sizer()
             fmt, src, id_field = self.source_format, self.source_path, self.spec.source.id

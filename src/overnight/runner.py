@@ -44,10 +44,16 @@ class Progress:
     retries: int = 0  # transient errors sent back for another attempt
     ingested: int = 0  # records read so far (items + refused)
     ingest_done: bool = False
+    expected: int = 0  # records in the input, estimated before ingest ends
     processed: int = 0  # items finished by this run
     started: float = field(default_factory=time.monotonic)
     batch_size: int = 0
     setup_seconds: float = 0.0  # loading the model (or importing the function), not processing
+
+    @property
+    def total(self) -> int:
+        """Records in the job: exact once ingest is done, else the best estimate so far."""
+        return self.ingested if self.ingest_done else max(self.expected, self.ingested)
 
     @property
     def finished(self) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import os
 import sys
 from collections.abc import Iterator
@@ -64,6 +65,31 @@ def fingerprint(path: Path, known: Fingerprint | None = None) -> Fingerprint:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return Fingerprint(st.st_size, st.st_mtime_ns, h.hexdigest())
+
+
+def estimate_records(fmt: str, path: Path) -> int:
+    """About how many records the input holds, for a progress bar's ETA before ingest ends.
+    Parquet: its row count. JSONL: its lines (~50 ms per 100 MB). CSV: records may span
+    lines, so the first MB is parsed and the rest extrapolated by size."""
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).metadata.num_rows
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        if fmt == "csv":
+            sample = f.read(1 << 20)
+            complete = sample if len(sample) == size else sample[: sample.rfind(b"\n") + 1]
+            text = complete.decode("utf-8", errors="replace")
+            records = sum(1 for row in csv.reader(io.StringIO(text, newline="")) if row) - 1
+            if not complete or records <= 0:
+                return max(records, 0)
+            return round(records * size / len(complete))
+        lines = 0
+        block = b""
+        for block in iter(lambda: f.read(1 << 20), b""):
+            lines += block.count(b"\n")
+        return lines + (1 if block and not block.endswith(b"\n") else 0)
 
 
 def content_id(payload: bytes) -> str:
