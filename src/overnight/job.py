@@ -91,6 +91,7 @@ class Job:
         base_dir: str | Path | None = None,
         state: str | Path | None = None,
         name: str | None = None,
+        origin: str | None = None,
         **sections: Any,
     ) -> None:
         if spec is None:
@@ -100,12 +101,22 @@ class Job:
         self.spec = spec
         self.base_dir = Path(base_dir or Path.cwd()).resolve()
         self.name = spec.name or name or "job"
+        self.origin = origin or "Job(...)"  # named in every message about the job's settings
         self.state_path = Path(state) if state else self.base_dir / ".overnight" / "ledger.db"
 
     @classmethod
     def from_file(cls, path: str | Path, state: str | Path | None = None) -> Job:
         path = Path(path)
-        return cls(load_job_file(path), base_dir=path.resolve().parent, state=state, name=path.stem)
+        return cls(
+            load_job_file(path),
+            base_dir=path.resolve().parent,
+            state=state,
+            name=path.stem,
+            origin=str(path),
+        )
+
+    def _usage(self, message: str) -> UsageError:
+        return UsageError(f"{self.origin}: {message}")
 
     # -- paths --------------------------------------------------------------------------
 
@@ -138,19 +149,19 @@ class Job:
         """Everything that can be checked without the model: raises UsageError (exit 2)."""
         src = self.source_path
         if not src.is_file():
-            raise UsageError(f"[source] path: input file not found: {src}")
+            raise self._usage(f"[source] path: input file not found: {src}")
         self.source_format  # noqa: B018 - validates the format
         out = self.spec.output
         bad = [c for c in out.include if c in sinks.RESERVED or c == self.id_name]
         if bad:
-            raise UsageError(f"[output] include: {bad[0]!r} is a name the output row already uses")
+            raise self._usage(f"[output] include: {bad[0]!r} is a name the output row already uses")
         if self.spec.output.path and self.output_path.suffix.lower() not in (
             ".jsonl",
             ".ndjson",
             ".csv",
             ".parquet",
         ):
-            raise UsageError(
+            raise self._usage(
                 f"[output] path: {self.output_path.name}: use .jsonl, .csv or .parquet"
             )
         self.validator  # noqa: B018 - loads and checks the schema
@@ -160,13 +171,16 @@ class Job:
         if model.backend == "python":
             from .backends.python import load_function
 
-            load_function(model.function or "", self.base_dir)
+            try:
+                load_function(model.function or "", self.base_dir)
+            except UsageError as exc:
+                raise self._usage(str(exc)) from None
         elif model.backend == "local":
             from .backends.local import KNOWN_MODELS
 
             name = model.name or "all-MiniLM-L6-v2"
             if name not in KNOWN_MODELS:
-                raise UsageError(
+                raise self._usage(
                     f"[model] name: unknown local model {name!r}; known: {', '.join(KNOWN_MODELS)}"
                 )
 
@@ -191,14 +205,14 @@ class Job:
             try:
                 schema = orjson.loads(path.read_bytes())
             except FileNotFoundError:
-                raise UsageError(f"[output] schema: file not found: {path}") from None
+                raise self._usage(f"[output] schema: file not found: {path}") from None
             except orjson.JSONDecodeError as exc:
-                raise UsageError(f"[output] schema: {path}: not valid JSON ({exc})") from None
+                raise self._usage(f"[output] schema: {path}: not valid JSON ({exc})") from None
         cls = jsonschema.validators.validator_for(schema)
         try:
             cls.check_schema(schema)
         except jsonschema.SchemaError as exc:
-            raise UsageError(f"[output] schema: not a valid JSON Schema: {exc.message}") from None
+            raise self._usage(f"[output] schema: not a valid JSON Schema: {exc.message}") from None
         validator = cls(schema)
 
         def validate(output: Any) -> str | None:
@@ -215,28 +229,28 @@ class Job:
         """Labelled examples rendered with the task's own template: (texts, labels)."""
         path = self._path(self.spec.task.examples or "")
         if not path.is_file():
-            raise UsageError(f"[task] examples: file not found: {path}")
+            raise self._usage(f"[task] examples: file not found: {path}")
         fmt = source_format(SourceSpec(path=str(path)), path)
         try:
             records = sources.read_all(path, fmt)
         except ValueError as exc:
-            raise UsageError(f"[task] examples: {exc}") from None
+            raise self._usage(f"[task] examples: {exc}") from None
         labels = set(self.spec.task.label_descriptions())
         texts, ys = [], []
         for i, rec in enumerate(records, start=2 if fmt == "csv" else 1):
             label = rec.get("label")
             if label not in labels:
-                raise UsageError(
+                raise self._usage(
                     f"[task] examples: {path.name} row {i}: label {label!r} is not one of the "
                     f"task's labels ({', '.join(sorted(labels))})"
                 )
             try:
                 texts.append(self.task.build(rec))  # type: ignore[arg-type]
             except Exception as exc:
-                raise UsageError(f"[task] examples: {path.name} row {i}: {exc}") from None
+                raise self._usage(f"[task] examples: {path.name} row {i}: {exc}") from None
             ys.append(label)
         if not texts:
-            raise UsageError(f"[task] examples: {path.name} has no rows")
+            raise self._usage(f"[task] examples: {path.name} has no rows")
         return texts, ys
 
     def _spec_hash(self) -> str:
