@@ -41,6 +41,12 @@ three alternates three times and keeps its best run (overnight's three:
 - Of the run, processing (ingest + compute + commit) took {r["run_processing_seconds"]:.2f} s;
   `overnight export` alone (rewriting the output from the ledger) takes {r["export_alone_seconds"]:.2f} s.
 - Auto batch size settled at {r["batch_size"]}.
+
+Where the time goes (one more run under cProfile, top 12 by own time):
+
+```
+{r["profile"]}
+```
 """
 
 
