@@ -167,9 +167,9 @@ def _print_report(r: Report) -> None:
         table.add_row("cancelled", str(c["cancelled"]))
     if r.processed:
         table.add_row(
-            "this run", f"{r.processed} items in {r.seconds:.1f}s ({r.items_per_second:.1f}/s)"
+            "processed", f"{r.processed} items in {r.seconds:.1f}s ({r.items_per_second:.1f}/s)"
         )
-    if r.batch_size:
+    if r.batch_size and r.processed:
         table.add_row("batch size", str(r.batch_size))
     if r.output:
         table.add_row("output", Text(str(r.output)))  # paths may hold [brackets]
