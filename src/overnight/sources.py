@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -233,7 +232,3 @@ def read_all(path: Path, fmt: str) -> list[dict[str, Any]]:
                 raise ValueError(f"{path}: {row.error}")
             out.append(row.record)
     return out
-
-
-def file_size(path: Path) -> int:
-    return os.stat(path).st_size
