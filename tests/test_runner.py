@@ -97,6 +97,16 @@ def fn(records):
 """
 
 
+# Fails every batch while mode.txt says "broken"; logs the ids it computed otherwise.
+BROKEN_UNTIL_FIXED = """
+def fn(records):
+    if mode() == "broken":
+        raise RuntimeError("broken")
+    log_call(records)
+    return [r["n"] for r in records]
+"""
+
+
 # -- order and ids ---------------------------------------------------------------------------
 
 
@@ -659,13 +669,7 @@ def test_stop_during_ingest_then_resume_without_recomputing(tmp_path):
 def test_stop_while_draining_releases_leases(tmp_path):
     n = 40
     write_jsonl(tmp_path / "in.jsonl", records(n))
-    body = """
-def fn(records):
-    if mode() == "broken":
-        raise RuntimeError("broken")
-    log_call(records)
-    return [r["n"] for r in records]
-"""
+    body = BROKEN_UNTIL_FIXED
     (tmp_path / "mode.txt").write_text("broken")
     fn = make_function(tmp_path, body)
     job = make_job(tmp_path, fn, run={"batch_size": 5})
@@ -806,13 +810,7 @@ def test_cancel_between_runs_then_resume(tmp_path):
 def test_cancel_with_open_items_then_resume(tmp_path):
     n = 12
     write_jsonl(tmp_path / "in.jsonl", records(n))
-    body = """
-def fn(records):
-    if mode() == "broken":
-        raise RuntimeError("broken")
-    log_call(records)
-    return [r["n"] for r in records]
-"""
+    body = BROKEN_UNTIL_FIXED
     (tmp_path / "mode.txt").write_text("broken")
     fn = make_function(tmp_path, body)
     job = make_job(tmp_path, fn)
