@@ -37,6 +37,41 @@ class InputError(PermanentError):
     error_class = "input_error"
 
 
+class InvalidOutput(PermanentError):
+    """The model answered, but the answer fails validation (schema, label set, JSON).
+
+    Carries the answer so that its token usage (which is billed) is still recorded."""
+
+    error_class = "schema_error"
+
+    def __init__(self, reason: str, answer: object = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.answer = answer
+
+
+class EndpointDown(OvernightError):
+    """The endpoint fails every request (connection refused, DNS, ...): pause the job.
+
+    Items stay pending; running the job again resumes it."""
+
+    exit_code = 3
+
+
+def redact(text: str) -> str:
+    """Remove secret values found in the environment from a message before it is stored,
+    logged or printed: keys must never reach the ledger, the errors file or a traceback."""
+    import os
+
+    for name, value in os.environ.items():
+        if len(value) >= 8 and name.endswith(_SECRET_SUFFIXES) and value in text:
+            text = text.replace(value, "***")
+    return text
+
+
+_SECRET_SUFFIXES = ("_API_KEY", "_TOKEN", "_SECRET", "_KEY")
+
+
 # Built-in exceptions that mean "try again later" rather than "this record is bad".
 _TRANSIENT_TYPES: tuple[type[BaseException], ...] = (
     TransientError,

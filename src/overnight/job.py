@@ -10,17 +10,17 @@ import hashlib
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from . import sinks, sources
+from . import llm_job, sinks, sources
 from .backends.base import Predictor
 from .batching import BatchSizer
-from .errors import InputChangedError, UsageError
+from .errors import EndpointDown, InputChangedError, UsageError, redact
 from .retry import Backoff
 from .runner import Progress, Runner
 from .spec import JobSpec, SourceSpec, load_job_file, parse_spec, semantic_hash, source_format
@@ -44,6 +44,10 @@ class Report:
     ingest_done: bool = True
     batch_size: int | None = None
     batch_trials: tuple[tuple[int, float], ...] = ()
+    stop_reason: str | None = None  # why the run stopped early (max_cost, endpoint down)
+    remote_batches: tuple[dict[str, Any], ...] = ()  # provider batches of the job
+    deadline: dict[str, Any] | None = None  # backend = "auto": did the deadline hold
+    llm: bool = False  # tokens and cost are worth showing
 
     @property
     def items_per_second(self) -> float:
@@ -80,7 +84,27 @@ class Report:
             "cancelled": self.cancelled,
             "batch_size": self.batch_size,
             "exit_code": self.exit_code,
+            "input_tokens": c.input_tokens,
+            "output_tokens": c.output_tokens,
+            "cost": round(c.cost, 6),
+            "cost_at_realtime_prices": round(c.list_cost, 6),
+            "saved": round(c.saved, 6),
+            "stop_reason": self.stop_reason,
+            "remote_batches": list(self.remote_batches),
+            "deadline": self.deadline,
         }
+
+
+@dataclass
+class _RunOutcome:
+    """What one of the three run paths hands back to `Job.run` besides the ledger's counts."""
+
+    interrupted: bool = False
+    cancelled: bool = False
+    batch_size: int | None = None
+    batch_trials: tuple[tuple[int, float], ...] = ()
+    deadline: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
 
 
 class Job:
@@ -140,8 +164,15 @@ class Job:
         return out.with_name(f"{out.stem}.errors.jsonl")
 
     @property
+    def id_field(self) -> str | None:
+        """The record field holding the id; an OpenAI batch file carries its own."""
+        if self.spec.source.id is None and self.spec.task.kind == "passthrough":
+            return "custom_id"
+        return self.spec.source.id
+
+    @property
     def id_name(self) -> str:
-        return self.spec.source.id or "custom_id"
+        return self.id_field or "custom_id"
 
     # -- validation before anything is touched ------------------------------------------
 
@@ -175,6 +206,13 @@ class Job:
                 load_function(model.function or "", self.base_dir)
             except UsageError as exc:
                 raise self._usage(str(exc)) from None
+        elif self.is_llm:
+            try:
+                llm_job.api_key(self.spec)
+                self.task  # noqa: B018 - builds the LLM task: loads the schema
+                self.prices  # noqa: B018 - loads the user's price file
+            except UsageError as exc:
+                raise self._usage(str(exc)) from None
         elif model.backend == "local":
             from .backends.local import KNOWN_MODELS
 
@@ -188,10 +226,49 @@ class Job:
     def source_format(self) -> str:
         return source_format(self.spec.source, self.source_path)
 
+    @property
+    def is_llm(self) -> bool:
+        return self.spec.model.provider_name is not None
+
     @cached_property
     def task(self) -> Task:
         t = self.spec.task
+        if self.is_llm:
+            return llm_job.build_task(self.spec, self.base_dir)  # type: ignore[return-value]
         return make_task(t.kind, t.text, list(t.label_descriptions()))
+
+    @cached_property
+    def prices(self) -> Any:
+        """The shipped price table, with `[run] prices` over it."""
+        return llm_job.price_table(self.spec, self.base_dir)
+
+    def _cache(self) -> Any:
+        return llm_job.response_cache(self.spec, self.base_dir, self.state_path.parent, self.name)
+
+    def _realtime_window(self) -> int:
+        # Enough requests per call to keep `concurrency` busy; the rate limiter and the
+        # in-flight slots live in the predictor, across calls.
+        return max(64, 4 * self.spec.model.concurrency)
+
+    def _realtime_predictor(self) -> Predictor:
+        from .llm.realtime import RealtimePredictor
+
+        m, run = self.spec.model, self.spec.run
+        return RealtimePredictor(  # type: ignore[return-value]
+            llm_job.provider(self.spec),
+            base_url=m.base_url,
+            api_key=llm_job.api_key(self.spec),
+            rpm=m.rpm,
+            tpm=m.tpm,
+            concurrency=m.concurrency,
+            timeout=m.timeout,
+            max_attempts=run.max_attempts,
+            backoff_base=run.backoff_base,
+            backoff_max=run.backoff_max,
+            cache=self._cache(),
+            task=self.task,
+            repair=self.spec.task.repair,
+        )
 
     @cached_property
     def validator(self) -> Callable[[Any], str | None] | None:
@@ -343,36 +420,22 @@ class Job:
                 expected=0
                 if job.ingest_done
                 else sources.estimate_records(self.source_format, self.source_path),
+                cost=before.cost,
+                list_cost=before.list_cost,
             )
-            sizer = self._sizer()
-            fmt, src, id_field = self.source_format, self.source_path, self.spec.source.id
-            window = self._predictor_class().window
-            chunk = max(sources.CHUNK, sizer.maximum, sizer.size, window)
-            runner = Runner(
-                ledger,
-                job,
-                self.task,
-                self._predictor,
-                reader=lambda cursor: sources.read(fmt, src, id_field, cursor, chunk),
-                sizer=sizer,
-                window=window,
-                backoff=Backoff(
-                    self.spec.run.max_attempts,
-                    self.spec.run.backoff_base,
-                    self.spec.run.backoff_max,
-                ),
-                lease_seconds=self.spec.run.lease_seconds,
-                validate=self.validator,
-                on_progress=on_progress,
-                stop=stop,
-                progress=progress,
-            )
-            interrupted = False
+            outcome = _RunOutcome()
             try:
-                runner.run()
+                if self.spec.model.backend == "auto":
+                    self._run_auto(ledger, job, progress, outcome, on_progress, stop)
+                elif self.spec.model.backend.endswith("-batch"):
+                    self._run_batch(ledger, job, progress, outcome, on_progress, stop)
+                else:
+                    self._run_predict(ledger, job, progress, outcome, on_progress, stop)
             except KeyboardInterrupt:  # leases were released by the runner; resumable
-                interrupted = True
-            interrupted = interrupted or (stop is not None and stop.is_set())
+                outcome.interrupted = True
+            except EndpointDown as exc:  # items stay pending; a rerun resumes
+                progress.stop_reason = redact(str(exc))
+            interrupted = outcome.interrupted or (stop is not None and stop.is_set())
             job = ledger.get_job(self.name)
             assert job is not None
             exported = None
@@ -394,11 +457,93 @@ class Job:
                 output=exported.output if exported else None,
                 errors=exported.errors if exported else None,
                 interrupted=interrupted,
-                cancelled=runner.cancelled,
+                cancelled=outcome.cancelled,
                 ingest_done=job.ingest_done,
-                batch_size=sizer.size,
-                batch_trials=tuple(sizer.trials),
+                batch_size=outcome.batch_size,
+                batch_trials=outcome.batch_trials,
+                stop_reason=progress.stop_reason,
+                remote_batches=tuple(self._remote_batches(ledger, job.id)),
+                deadline=outcome.deadline,
+                llm=self.is_llm,
             )
+
+    # -- the three ways to run --------------------------------------------------------
+
+    def _reader(self, chunk: int) -> Callable[[sources.Cursor], Iterator[list[sources.Row]]]:
+        fmt, src, id_field = self.source_format, self.source_path, self.id_field
+        return lambda cursor: sources.read(fmt, src, id_field, cursor, chunk)
+
+    def _backoff(self) -> Backoff:
+        run = self.spec.run
+        return Backoff(run.max_attempts, run.backoff_base, run.backoff_max)
+
+    def _run_predict(
+        self,
+        ledger: Ledger,
+        job: JobInfo,
+        progress: Progress,
+        outcome: _RunOutcome,
+        on_progress: Callable[[Progress], None] | None,
+        stop: threading.Event | None,
+    ) -> None:
+        """Local models, python functions and real-time APIs: the lease/compute/commit loop."""
+        llm = self.is_llm
+        if llm:
+            window = self._realtime_window()
+            sizer = BatchSizer.fixed(window)
+        else:
+            sizer = self._sizer()
+            window = self._predictor_class().window
+        chunk = max(sources.CHUNK, sizer.maximum, sizer.size, window)
+        runner = Runner(
+            ledger,
+            job,
+            self.task,
+            self._realtime_predictor if llm else self._predictor,
+            reader=self._reader(chunk),
+            sizer=sizer,
+            window=window,
+            backoff=self._backoff(),
+            lease_seconds=self.spec.run.lease_seconds,
+            validate=self.validator,
+            on_progress=on_progress,
+            stop=stop,
+            progress=progress,
+            meter=llm_job.meter(self.spec, self.prices, batch=False) if llm else None,
+            max_cost=self.spec.run.max_cost,
+            commit_each_call=llm,
+        )
+        try:
+            runner.run()
+        finally:
+            outcome.cancelled = runner.cancelled
+            outcome.batch_size = None if llm else sizer.size
+            outcome.batch_trials = () if llm else tuple(sizer.trials)
+
+    def _run_batch(
+        self,
+        ledger: Ledger,
+        job: JobInfo,
+        progress: Progress,
+        outcome: _RunOutcome,
+        on_progress: Callable[[Progress], None] | None,
+        stop: threading.Event | None,
+    ) -> None:
+        raise NotImplementedError("batch backends: being wired")
+
+    def _run_auto(
+        self,
+        ledger: Ledger,
+        job: JobInfo,
+        progress: Progress,
+        outcome: _RunOutcome,
+        on_progress: Callable[[Progress], None] | None,
+        stop: threading.Event | None,
+    ) -> None:
+        raise NotImplementedError("backend auto: being wired")
+
+    def _remote_batches(self, ledger: Ledger, job_id: int) -> list[dict[str, Any]]:
+        return []
 
     def _check_unchanged(self, ledger: Ledger, job: JobInfo, spec_hash: str) -> None:
         fp = sources.fingerprint(self.source_path, known=job.fingerprint)

@@ -26,7 +26,15 @@ import psutil
 
 from .backends.base import Predictor
 from .batching import BatchSizer
-from .errors import InputError, UsageError, error_class, is_transient
+from .errors import (
+    EndpointDown,
+    InputError,
+    InvalidOutput,
+    UsageError,
+    error_class,
+    is_transient,
+    redact,
+)
 from .retry import Backoff
 from .sources import Cursor, Row, cursor_after
 from .store import ConcurrentIngest, JobInfo, Lease, Ledger, Outcome
@@ -34,6 +42,16 @@ from .tasks import Task
 
 Reader = Callable[[Cursor], Iterator[list[Row]]]
 Validator = Callable[[Any], str | None]  # output -> reason it is invalid, or None
+
+
+class Usage(NamedTuple):
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost: float | None = None  # USD actually paid (None: price unknown)
+    list_cost: float | None = None  # the same tokens at the real-time price
+
+
+Meter = Callable[[Any], Usage]  # an answer -> what it cost
 
 
 @dataclass
@@ -49,6 +67,9 @@ class Progress:
     started: float = field(default_factory=time.monotonic)
     batch_size: int = 0
     setup_seconds: float = 0.0  # loading the model (or importing the function), not processing
+    cost: float = 0.0  # USD spent on the job so far (LLM backends)
+    list_cost: float = 0.0  # the same tokens at real-time prices
+    stop_reason: str | None = None  # why the run stopped early (max_cost, endpoint down)
 
     @property
     def total(self) -> int:
@@ -93,6 +114,40 @@ def owner_alive(owner: str) -> bool | None:
         return int(psutil.Process(int(pid_s)).create_time()) == int(started)
     except (psutil.NoSuchProcess, ValueError):
         return False
+
+
+def ingest_only(
+    ledger: Ledger,
+    job: JobInfo,
+    reader: Reader,
+    *,
+    progress: Progress,
+    on_progress: Callable[[Progress], None] = lambda p: None,
+    stop: threading.Event | None = None,
+) -> bool:
+    """Read the whole input into the ledger as pending items, nothing computed: the batch
+    backends submit from the ledger. Resumable at the cursor; True once ingest is complete."""
+    if job.ingest_done:
+        return True
+    seq = job.cursor.records
+    try:
+        for rows in reader(job.cursor):
+            if stop is not None and stop.is_set():
+                return False
+            accepted = ledger.add_items(job.id, seq, rows, cursor_after(rows[-1], seq + len(rows)))
+            seq += len(rows)
+            progress.ingested += len(rows)
+            progress.failed += accepted.count(False)
+            on_progress(progress)
+    except ConcurrentIngest:
+        raise UsageError(
+            f"job {job.name!r} is being run by another process right now; let it finish,"
+            " and see `overnight status`"
+        ) from None
+    ledger.finish_ingest(job.id)
+    progress.ingest_done = True
+    on_progress(progress)
+    return True
 
 
 class _GroupCommit:
@@ -147,8 +202,14 @@ class Runner:
         on_progress: Callable[[Progress], None] | None = None,
         stop: threading.Event | None = None,
         progress: Progress | None = None,
+        meter: Meter | None = None,
+        max_cost: float | None = None,
+        commit_each_call: bool = False,
     ) -> None:
         self.ledger, self.job, self.task = ledger, job, task
+        self.meter, self.max_cost = meter, max_cost
+        # Paid answers are committed as soon as their call returns, not grouped.
+        self.commit_each_call = commit_each_call
         self._make_predictor, self._predictor = predictor, None
         self.reader, self.sizer, self.backoff = reader, sizer, backoff
         self.window = window  # items per backend call at least (see Predictor.window)
@@ -178,7 +239,7 @@ class Runner:
 
     def _ingest(self) -> None:
         seq = self.job.cursor.records
-        pending = _GroupCommit(self._commit_fresh)
+        pending = _GroupCommit(self._commit_fresh, max_rows=1 if self.commit_each_call else 8192)
         completed = False
         try:
             for rows in self.reader(self.job.cursor):
@@ -287,6 +348,8 @@ class Runner:
             self.progress.setup_seconds += time.monotonic() - t0
         try:
             answers = self._predictor.process(inputs, self.sizer.size)
+        except EndpointDown:
+            raise  # nothing is wrong with these items: the job pauses, they stay pending
         except Exception as exc:
             if len(works) == 1:
                 return [self._error(works[0], exc)]
@@ -295,7 +358,7 @@ class Runner:
             return self._predict(works[:mid], inputs[:mid]) + self._predict(
                 works[mid:], inputs[mid:]
             )
-        if self.validate is None:
+        if self.validate is None and self.meter is None:
             parse, dumps, numpy = self.task.parse, orjson.dumps, orjson.OPT_SERIALIZE_NUMPY
             try:  # the common case again: serialise the whole batch in one comprehension
                 results = [dumps(parse(a), option=numpy) for a in answers]
@@ -303,34 +366,40 @@ class Runner:
                 pass
             else:
                 return [
-                    _tuple(Outcome, (w[0], "succeeded", r, None, None, 0.0))
+                    _tuple(Outcome, (w[0], "succeeded", r, None, None, 0.0, 0, 0, None, None))
                     for w, r in zip(works, results, strict=True)
                 ]
         return [self._finish(w, answer) for w, answer in zip(works, answers, strict=True)]
 
     def _finish(self, w: Work, answer: Any) -> Outcome:
+        if isinstance(answer, BaseException):  # the backend failed this item alone
+            return self._error(w, answer)
+        usage = self.meter(answer) if self.meter is not None else Usage()
         try:
             fields = self.task.parse(answer)
             result = orjson.dumps(fields, option=orjson.OPT_SERIALIZE_NUMPY)
         except orjson.JSONEncodeError as exc:
-            return Outcome(w.seq, "invalid", None, "unserialisable_output", str(exc))
+            return Outcome(w.seq, "invalid", None, "unserialisable_output", str(exc), 0.0, *usage)
         except Exception as exc:
-            return self._error(w, exc)
+            return self._error(w, exc, usage)
         if self.validate is not None:
             reason = self.validate(orjson.loads(result)["output"])  # plain JSON, not numpy
             if reason is not None:
-                return Outcome(w.seq, "invalid", None, "schema_error", reason)
-        return Outcome(w.seq, "succeeded", result)
+                return Outcome(w.seq, "invalid", None, "schema_error", reason, 0.0, *usage)
+        return Outcome(w.seq, "succeeded", result, None, None, 0.0, *usage)
 
-    def _error(self, w: Work, exc: Exception) -> Outcome:
+    def _error(self, w: Work, exc: BaseException, usage: Usage | None = None) -> Outcome:
+        usage = usage or Usage()
         attempts = w.attempts + 1
-        cls, msg = error_class(exc), str(exc) or error_class(exc)
+        cls, msg = error_class(exc), redact(str(exc) or error_class(exc))
+        if isinstance(exc, InvalidOutput):  # the model answered, wrongly: not a failure to retry
+            return Outcome(w.seq, "invalid", None, cls, msg, 0.0, *usage)
         if is_transient(exc):
             if self.backoff.can_retry(attempts):
                 due = time.time() + self.backoff.delay(attempts)
-                return Outcome(w.seq, "pending", None, cls, msg, not_before=due)
+                return Outcome(w.seq, "pending", None, cls, msg, due, *usage)
             msg = f"{msg} (gave up after {attempts} attempts)"
-        return Outcome(w.seq, "failed", None, cls, msg)
+        return Outcome(w.seq, "failed", None, cls, msg, 0.0, *usage)
 
     # -- bookkeeping --------------------------------------------------------------------
 
@@ -359,6 +428,13 @@ class Runner:
         self.ledger.reclaim_expired(self.job.id, time.time())
 
     def _stopping(self) -> bool:
+        if self.max_cost is not None and self.progress.cost >= self.max_cost:
+            if self.progress.stop_reason is None:
+                self.progress.stop_reason = (
+                    f"max_cost reached: ${self.progress.cost:.4f} spent of ${self.max_cost:g};"
+                    " no new work was sent (raise [run] max_cost and run again to go on)"
+                )
+            return True
         return self.stop.is_set() or self.cancelled
 
     def _check_cancel(self) -> None:
@@ -371,6 +447,9 @@ class Runner:
 
     def _count(self, outcomes: list[Outcome]) -> None:
         p = self.progress
+        if self.meter is not None:
+            p.cost += sum(o.cost or 0.0 for o in outcomes)
+            p.list_cost += sum(o.list_cost or 0.0 for o in outcomes)
         for o in outcomes:
             if o.state == "succeeded":
                 p.succeeded += 1

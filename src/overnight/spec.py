@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import tomllib
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,12 +29,18 @@ class SourceSpec(_Section):
     format: Literal["jsonl", "csv", "parquet"] | None = None
 
 
+TaskKind = Literal["map", "embed", "classify", "generate", "extract", "passthrough"]
+
+
 class TaskSpec(_Section):
-    kind: Literal["map", "embed", "classify"] = "map"
+    kind: TaskKind = "map"
     text: str = "{{ text }}"
     system: str | None = None
     labels: list[str] | dict[str, str] | None = None
     examples: str | None = None
+    # extract: a JSON Schema file, or a pydantic model as "module:Model"
+    schema_: str | None = Field(None, alias="schema")
+    repair: bool = False  # extract/classify with an LLM: re-ask once with the validation error
 
     @model_validator(mode="after")
     def _check(self) -> TaskSpec:
@@ -43,10 +50,21 @@ class TaskSpec(_Section):
             )
         if self.kind != "classify" and (self.labels or self.examples):
             raise ValueError("`labels` and `examples` only apply to kind = 'classify'")
-        try:
-            jinja2.Environment().parse(self.text)
-        except jinja2.TemplateSyntaxError as exc:
-            raise ValueError(f"`text` is not a valid Jinja2 template: {exc.message}") from None
+        if self.kind == "extract" and not self.schema_:
+            raise ValueError(
+                "kind = 'extract' needs `schema` (a JSON Schema file, or \"module:Model\")"
+            )
+        if self.kind != "extract" and self.schema_:
+            raise ValueError("`schema` only applies to kind = 'extract'")
+        if self.repair and self.kind not in ("extract", "classify"):
+            raise ValueError("`repair` only applies to kind = 'extract' or 'classify'")
+        for name, template in (("text", self.text), ("system", self.system)):
+            try:
+                jinja2.Environment().parse(template or "")
+            except jinja2.TemplateSyntaxError as exc:
+                raise ValueError(
+                    f"`{name}` is not a valid Jinja2 template: {exc.message}"
+                ) from None
         return self
 
     def label_descriptions(self) -> dict[str, str]:
@@ -56,11 +74,36 @@ class TaskSpec(_Section):
         return {label: label for label in self.labels or []}
 
 
+Backend = Literal[
+    "local", "python", "openai", "anthropic", "openai-batch", "anthropic-batch", "auto"
+]
+LLM_BACKENDS = ("openai", "anthropic", "openai-batch", "anthropic-batch", "auto")
+_REALTIME_KEYS = ("rpm", "tpm", "concurrency")
+_BATCH_KEYS = ("max_requests_per_batch", "max_bytes_per_batch", "poll_interval")
+# Tasks each provider can run (Anthropic has no embeddings endpoint).
+PROVIDER_KINDS = {
+    "openai": ("generate", "extract", "classify", "embed", "passthrough"),
+    "anthropic": ("generate", "extract", "classify", "passthrough"),
+}
+
+
 class ModelSpec(_Section):
-    backend: Literal["local", "python"]
+    backend: Backend
     name: str | None = None
     function: str | None = None
     device: str = "auto"
+    # LLM backends
+    provider: Literal["openai", "anthropic"] | None = None
+    base_url: str | None = None
+    api_key_env: str | None = None
+    params: dict[str, Any] = {}
+    rpm: int | None = Field(None, gt=0)
+    tpm: int | None = Field(None, gt=0)
+    concurrency: int = Field(16, gt=0)
+    timeout: float = Field(60.0, gt=0)
+    max_requests_per_batch: int | None = Field(None, gt=0)
+    max_bytes_per_batch: int | None = Field(None, gt=0)
+    poll_interval: float = Field(30.0, gt=0)
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:
@@ -70,11 +113,51 @@ class ModelSpec(_Section):
             raise ValueError(f"`function` must look like module:function, got {self.function!r}")
         if self.backend != "python" and self.function:
             raise ValueError("`function` only applies to backend = 'python'")
+        llm = self.backend in LLM_BACKENDS
+        if self.backend == "auto" and self.provider is None:
+            raise ValueError(
+                'backend = \'auto\' needs `provider = "openai"` or `"anthropic"` (whose batch'
+                " and real-time APIs it uses)"
+            )
+        if self.backend != "auto" and self.provider is not None:
+            raise ValueError("`provider` only applies to backend = 'auto'")
+        set_keys = self.model_fields_set
+        if not llm:
+            extra = [
+                k
+                for k in ("base_url", "api_key_env", "params", *_REALTIME_KEYS, *_BATCH_KEYS)
+                if k in set_keys
+            ]
+            if extra:
+                raise ValueError(f"`{extra[0]}` only applies to the LLM backends")
+        elif self.backend.endswith("-batch"):
+            extra = [k for k in _REALTIME_KEYS if k in set_keys]
+            if extra:
+                raise ValueError(f"`{extra[0]}` applies to real-time backends, not {self.backend}")
+        elif self.backend != "auto":
+            extra = [k for k in _BATCH_KEYS if k in set_keys]
+            if extra:
+                raise ValueError(f"`{extra[0]}` applies to batch backends, not {self.backend}")
         return self
+
+    @property
+    def provider_name(self) -> str | None:
+        """openai or anthropic for the LLM backends, else None."""
+        if self.backend == "auto":
+            return self.provider
+        if self.backend in LLM_BACKENDS:
+            return self.backend.removesuffix("-batch")
+        return None
 
 
 class RunSpec(_Section):
     batch_size: int | Literal["auto"] = "auto"
+    max_cost: float | None = Field(None, gt=0)  # USD
+    # backend = "auto": finish by then (TOML datetime, or an ISO 8601 string with a zone)
+    deadline: datetime | str | None = None
+    deadline_margin: float = Field(3600.0, ge=0)  # seconds kept for the real-time finish
+    cache: str | None = None  # share LLM responses across jobs (default: per job)
+    prices: str | None = None  # a TOML price table over the shipped one
     max_attempts: int = Field(3, ge=1)
     lease_seconds: float = Field(300.0, gt=0)
     backoff_base: float = Field(0.5, ge=0)
@@ -85,7 +168,25 @@ class RunSpec(_Section):
     def _check(self) -> RunSpec:
         if isinstance(self.batch_size, int) and self.batch_size < 1:
             raise ValueError('`batch_size` must be a positive number or "auto"')
+        self.deadline_at  # noqa: B018 - validates the deadline
         return self
+
+    @property
+    def deadline_at(self) -> datetime | None:
+        """The deadline as an aware datetime (a deadline without a zone is ambiguous)."""
+        value = self.deadline
+        if value is None:
+            return None
+        if isinstance(value, str):
+            try:
+                value = datetime.fromisoformat(value)
+            except ValueError:
+                raise ValueError(
+                    f"`deadline` is not an ISO 8601 date-time: {self.deadline!r}"
+                ) from None
+        if value.tzinfo is None:
+            raise ValueError("`deadline` needs a time zone (e.g. 2026-11-29T06:00:00Z or +01:00)")
+        return value
 
 
 class OutputSpec(_Section):
@@ -110,6 +211,19 @@ class JobSpec(_Section):
             raise ValueError(f"backend = 'python' runs kind = 'map', not {kind!r}")
         if backend == "local" and kind not in ("embed", "classify"):
             raise ValueError(f"backend = 'local' runs kind = 'embed' or 'classify', not {kind!r}")
+        provider = self.model.provider_name
+        if provider is not None:
+            if kind not in PROVIDER_KINDS[provider]:
+                raise ValueError(
+                    f"backend = {backend!r} runs kind = "
+                    f"{', '.join(repr(k) for k in PROVIDER_KINDS[provider])}, not {kind!r}"
+                )
+            if not self.model.name and kind != "passthrough":
+                raise ValueError(f"backend = {backend!r} needs [model] name (the model id)")
+            if self.task.examples:
+                raise ValueError("[task] examples apply to backend = 'local' only")
+        if self.run.deadline is not None and backend != "auto":
+            raise ValueError("[run] deadline needs [model] backend = 'auto'")
         return self
 
 
@@ -193,10 +307,24 @@ def source_format(source: SourceSpec, path: Path) -> str:
     return fmt
 
 
+_NOT_SEMANTIC = {
+    "device",
+    "base_url",
+    "api_key_env",
+    *_REALTIME_KEYS,
+    "timeout",
+    *_BATCH_KEYS,
+}
+
+
 def semantic_hash(spec: JobSpec, extra: bytes = b"") -> str:
     """Hash of what decides an item's result (task + model); run/output settings may change."""
     payload = orjson.dumps(
-        {"task": spec.task.model_dump(), "model": spec.model.model_dump(exclude={"device"})},
+        {
+            "task": spec.task.model_dump(),
+            # How fast and where from may change between runs; what is asked may not.
+            "model": spec.model.model_dump(exclude=_NOT_SEMANTIC),
+        },
         option=orjson.OPT_SORT_KEYS,
     )
     return hashlib.blake2b(payload + extra, digest_size=16).hexdigest()

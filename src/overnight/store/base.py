@@ -67,6 +67,12 @@ class Outcome(NamedTuple):
     error_class: str | None = None
     message: str | None = None
     not_before: float = 0.0  # for "pending": the earliest time of the next attempt
+    # What the answer cost (LLM backends; 0/None elsewhere). `list_cost` is what the same
+    # tokens cost at the real-time price: the difference is what batch and cache saved.
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost: float | None = None
+    list_cost: float | None = None
 
 
 @dataclass(frozen=True)
@@ -85,6 +91,14 @@ class Counts:
     rejected: int = 0  # records refused at ingest (input errors): failed, not items
     first_started: float | None = None
     last_finished: float | None = None
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost: float = 0.0  # USD spent on the job's items so far
+    list_cost: float = 0.0  # what the same tokens cost at real-time prices
+
+    @property
+    def saved(self) -> float:
+        return max(0.0, self.list_cost - self.cost)
 
     def __getitem__(self, state: str) -> int:
         return self.by_state.get(state, 0)

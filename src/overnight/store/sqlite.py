@@ -54,7 +54,11 @@ CREATE TABLE IF NOT EXISTS items (
     message       TEXT,
     result        BLOB,
     started_at    REAL,
-    finished_at   REAL
+    finished_at   REAL,
+    input_tokens  INTEGER,
+    output_tokens INTEGER,
+    cost          REAL,
+    list_cost     REAL
 );
 CREATE UNIQUE INDEX IF NOT EXISTS items_custom_id ON items (job_id, custom_id);
 CREATE INDEX IF NOT EXISTS items_pending ON items (id) WHERE state = 'pending';
@@ -67,6 +71,25 @@ CREATE TABLE IF NOT EXISTS rejects (
     PRIMARY KEY (job_id, seq)
 );
 """
+
+
+_ITEM_COLUMNS_ADDED = (
+    ("input_tokens", "INTEGER"),
+    ("output_tokens", "INTEGER"),
+    ("cost", "REAL"),
+    ("list_cost", "REAL"),
+)
+
+# Usage adds up over attempts: a failed or repaired attempt was paid for too.
+_ADD_USAGE = (
+    "input_tokens = coalesce(input_tokens, 0) + ?, output_tokens = coalesce(output_tokens, 0) + ?,"
+    " cost = CASE WHEN ? IS NULL THEN cost ELSE coalesce(cost, 0) + ? END,"
+    " list_cost = CASE WHEN ? IS NULL THEN list_cost ELSE coalesce(list_cost, 0) + ? END"
+)
+
+
+def _usage(o: Outcome) -> tuple[int, int, float | None, float | None, float | None, float | None]:
+    return (o.input_tokens, o.output_tokens, o.cost, o.cost, o.list_cost, o.list_cost)
 
 
 def _range(job_id: int) -> tuple[int, int]:
@@ -99,6 +122,15 @@ class SQLiteLedger:
         self._db.execute("PRAGMA journal_size_limit=67108864")
         self._db.execute("PRAGMA temp_store=MEMORY")
         self._db.executescript(SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Ledgers written by an older overnight gain the columns added since (cheap: SQLite
+        adds a nullable column without rewriting the table)."""
+        have = {r[1] for r in self._db.execute("PRAGMA table_info(items)")}
+        for column, kind in _ITEM_COLUMNS_ADDED:
+            if column not in have:
+                self._db.execute(f"ALTER TABLE items ADD COLUMN {column} {kind}")
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -193,7 +225,7 @@ class SQLiteLedger:
             now = None
         else:
             now = time.time()
-        if now is not None and all(o[1] == "succeeded" for o in outcomes):
+        if now is not None and all(o[1] == "succeeded" and o[8] is None for o in outcomes):
             # The common case, and the per-record cost of ingest: bind only what varies.
             sql = (
                 "INSERT OR IGNORE INTO items (id, custom_id, line, payload, result, job_id, state,"
@@ -206,8 +238,9 @@ class SQLiteLedger:
         else:
             sql = (
                 "INSERT OR IGNORE INTO items (id, job_id, custom_id, line, payload, state,"
-                " attempts, not_before, error_class, message, result, started_at, finished_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " attempts, not_before, error_class, message, result, started_at, finished_at,"
+                " input_tokens, output_tokens, cost, list_cost)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
             )
             params = [
                 (
@@ -224,6 +257,10 @@ class SQLiteLedger:
                     o[2],
                     now,
                     None if o[1] == "pending" else now,
+                    o[6] or None,
+                    o[7] or None,
+                    o[8],
+                    o[9],
                 )
                 for i, r, o in zip(ids, good, outcomes, strict=True)
             ]
@@ -304,12 +341,12 @@ class SQLiteLedger:
         """Commit results and errors; only for items this owner still holds (no double write)."""
         base = job_id << SEQ_BITS
         done = [
-            (o.state, o.result, o.error_class, o.message, now, base + o.seq, owner)
+            (o.state, o.result, o.error_class, o.message, now, *_usage(o), base + o.seq, owner)
             for o in outcomes
             if o.state != "pending"
         ]
         again = [
-            (o.error_class, o.message, o.not_before, base + o.seq, owner)
+            (o.error_class, o.message, o.not_before, *_usage(o), base + o.seq, owner)
             for o in outcomes
             if o.state == "pending"
         ]
@@ -318,15 +355,17 @@ class SQLiteLedger:
             if done:
                 db.executemany(
                     "UPDATE items SET state = ?, result = ?, error_class = ?, message = ?,"
-                    " finished_at = ?, attempts = attempts + 1, lease_owner = NULL,"
-                    " lease_expires = NULL WHERE id = ? AND state = 'leased' AND lease_owner = ?",
+                    " finished_at = ?, " + _ADD_USAGE + ", attempts = attempts + 1,"
+                    " lease_owner = NULL, lease_expires = NULL"
+                    " WHERE id = ? AND state = 'leased' AND lease_owner = ?",
                     done,
                 )
             if again:
                 db.executemany(
                     "UPDATE items SET state = 'pending', error_class = ?, message = ?,"
-                    " not_before = ?, attempts = attempts + 1, lease_owner = NULL,"
-                    " lease_expires = NULL WHERE id = ? AND state = 'leased' AND lease_owner = ?",
+                    " not_before = ?, " + _ADD_USAGE + ", attempts = attempts + 1,"
+                    " lease_owner = NULL, lease_expires = NULL"
+                    " WHERE id = ? AND state = 'leased' AND lease_owner = ?",
                     again,
                 )
             return db.total_changes - before
@@ -397,11 +436,14 @@ class SQLiteLedger:
         rejected = self._db.execute(
             "SELECT count(*) FROM rejects WHERE job_id = ?", (job_id,)
         ).fetchone()[0]
-        first, last = self._db.execute(
-            "SELECT min(started_at), max(finished_at) FROM items WHERE id BETWEEN ? AND ?",
+        first, last, tin, tout, cost, list_cost = self._db.execute(
+            "SELECT min(started_at), max(finished_at), total(input_tokens), total(output_tokens),"
+            " total(cost), total(list_cost) FROM items WHERE id BETWEEN ? AND ?",
             (lo, hi),
         ).fetchone()
-        return Counts(by_state, rejected, first, last)
+        return Counts(
+            by_state, rejected, first, last, int(tin), int(tout), float(cost), float(list_cost)
+        )
 
     def iter_results(
         self, job_id: int, with_payload: bool = False

@@ -1,0 +1,153 @@
+"""What a job file's LLM settings turn into: the task, the key, the schema, prices, the cache,
+the real-time predictor and the batch service. `job.py` calls these; nothing here runs work.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from .errors import UsageError
+from .runner import Meter, Usage
+from .spec import JobSpec
+
+if TYPE_CHECKING:
+    from .llm.cache import ResponseCache
+    from .llm.prices import PriceTable
+    from .llm.requests import Answer, LLMTask
+
+DEFAULT_KEY_ENV = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
+# Batch limits per provider (requests, bytes); OpenAI-compatible providers differ: configurable.
+BATCH_LIMITS = {"openai": (50_000, 200 * 1024 * 1024), "anthropic": (100_000, 256 * 1024 * 1024)}
+
+
+def provider(spec: JobSpec) -> str:
+    name = spec.model.provider_name
+    assert name is not None, "not an LLM backend"
+    return name
+
+
+def api_key(spec: JobSpec) -> str:
+    """The key from the environment: never from the job file, never stored anywhere."""
+    env = spec.model.api_key_env or DEFAULT_KEY_ENV[provider(spec)]
+    key = os.environ.get(env, "")
+    if not key:
+        raise UsageError(
+            f"[model] backend = {spec.model.backend!r} needs an API key in the environment "
+            f"variable {env} (set it, or name another variable with [model] api_key_env)"
+        )
+    return key
+
+
+def load_schema(ref: str, base_dir: Path) -> dict[str, Any]:
+    """A JSON Schema file, or a pydantic model given as "module:Model" (its JSON Schema)."""
+    path = Path(ref).expanduser()
+    path = path if path.is_absolute() else base_dir / path
+    if path.suffix.lower() == ".json" or path.is_file():
+        try:
+            schema = orjson.loads(path.read_bytes())
+        except FileNotFoundError:
+            raise UsageError(f"[task] schema: file not found: {path}") from None
+        except orjson.JSONDecodeError as exc:
+            raise UsageError(f"[task] schema: {path}: not valid JSON ({exc})") from None
+    elif ":" in ref:
+        module_name, _, attr = ref.partition(":")
+        if str(base_dir) not in sys.path:
+            sys.path.insert(0, str(base_dir))
+        try:
+            model = getattr(importlib.import_module(module_name), attr)
+            schema = model.model_json_schema()
+        except Exception as exc:
+            raise UsageError(
+                f"[task] schema: cannot load pydantic model {ref!r} ({type(exc).__name__}: {exc})"
+            ) from None
+    else:
+        raise UsageError(f'[task] schema: file not found: {path} (or give "module:Model")')
+    if not isinstance(schema, dict) or schema.get("type", "object") != "object":
+        raise UsageError(
+            f'[task] schema: {ref}: structured output needs an object schema ("type": "object")'
+        )
+    import jsonschema
+
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        raise UsageError(f"[task] schema: {ref}: not a valid JSON Schema: {exc.message}") from None
+    return schema
+
+
+def build_task(spec: JobSpec, base_dir: Path) -> LLMTask:
+    from .llm.requests import make_llm_task
+
+    t, m = spec.task, spec.model
+    schema = load_schema(t.schema_, base_dir) if t.schema_ else None
+    labels = list(t.label_descriptions()) if t.kind == "classify" else None
+    try:
+        return make_llm_task(
+            t.kind,
+            provider(spec),
+            m.name or "",
+            text=t.text,
+            system=t.system,
+            params=dict(m.params),
+            schema=schema,
+            labels=labels,
+        )
+    except UsageError as exc:
+        raise UsageError(f"[task] {exc}") from None
+
+
+def price_table(spec: JobSpec, base_dir: Path) -> PriceTable:
+    from .llm.prices import PriceTable
+
+    override = None
+    if spec.run.prices:
+        override = Path(spec.run.prices).expanduser()
+        override = override if override.is_absolute() else base_dir / override
+        if not override.is_file():
+            raise UsageError(f"[run] prices: file not found: {override}")
+    return PriceTable.load(override)
+
+
+def meter(spec: JobSpec, prices: PriceTable, *, batch: bool) -> Meter:
+    """Answer -> usage and cost. A cached answer costs nothing now; its list cost still
+    counts, so the report shows what the cache saved."""
+    default_model = spec.model.name or ""
+
+    def measure(answer: Answer) -> Usage:
+        model = default_model or str(answer.body.get("model", ""))
+        tin, tout = answer.input_tokens, answer.output_tokens
+        list_cost = prices.cost(model, tin, tout, batch=False)
+        if answer.cached:
+            return Usage(tin, tout, 0.0, list_cost)
+        return Usage(tin, tout, prices.cost(model, tin, tout, batch=batch), list_cost)
+
+    return measure
+
+
+def response_cache(spec: JobSpec, base_dir: Path, state_dir: Path, job_name: str) -> ResponseCache:
+    """Per job by default (beside the ledger); `[run] cache = path` shares it across jobs."""
+    from .llm.cache import ResponseCache
+
+    if spec.run.cache:
+        path = Path(spec.run.cache).expanduser()
+        path = path if path.is_absolute() else base_dir / path
+        return ResponseCache(path, scope="shared")
+    return ResponseCache(state_dir / "cache.db", scope=f"job:{job_name}")
+
+
+def base_url(spec: JobSpec) -> str | None:
+    return spec.model.base_url
+
+
+def batch_limits(spec: JobSpec) -> tuple[int, int]:
+    requests, size = BATCH_LIMITS[provider(spec)]
+    return (
+        spec.model.max_requests_per_batch or requests,
+        spec.model.max_bytes_per_batch or size,
+    )
