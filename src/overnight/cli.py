@@ -171,15 +171,47 @@ def _print_report(r: Report) -> None:
         )
     if r.batch_size and r.processed:
         table.add_row("batch size", str(r.batch_size))
+    if r.llm:
+        table.add_row("tokens", f"{c.input_tokens:,} in, {c.output_tokens:,} out")
+        cost = f"${c.cost:,.4f}"
+        if c.saved > 0:
+            cost += f" (saved ${c.saved:,.4f} vs ${c.list_cost:,.4f} at real-time prices)"
+        table.add_row("cost", cost)
     if r.output:
         table.add_row("output", Text(str(r.output)))  # paths may hold [brackets]
     if r.errors and (c.failed or c["invalid"]):
         table.add_row("errors", Text(str(r.errors)))
     out.print(table)
+    if r.remote_batches:
+        _print_remote_batches(r.remote_batches)
+    if r.deadline:
+        d = r.deadline
+        held = "[green]held[/]" if d.get("held") else "[red]missed[/]"
+        out.print(
+            Text.from_markup(f"deadline {d.get('deadline')}: {held}; ")
+            + Text(str(d.get("summary", "")))
+        )
+    if r.stop_reason:
+        out.print(Text.assemble(("stopped: ", "yellow"), r.stop_reason), soft_wrap=True)
     if r.interrupted:
         out.print("[yellow]interrupted: run the same command again to resume.[/]")
     elif r.cancelled:
         out.print("[yellow]cancelled: run again to resume.[/]")
+
+
+def _print_remote_batches(batches: tuple[dict[str, Any], ...]) -> None:
+    table = Table("chunk", "remote batch", "status", "requests", "counts", title="provider batches")
+    for b in batches:
+        counts = ", ".join(f"{k} {v}" for k, v in (b.get("counts") or {}).items() if v)
+        cells = (
+            str(b.get("chunk", "")),
+            str(b.get("remote_id") or "(creating)"),
+            str(b.get("status", "")),
+            str(b.get("requests", "")),
+            counts,
+        )
+        table.add_row(*(Text(c) for c in cells))
+    out.print(table)
 
 
 # -- commands ------------------------------------------------------------------------------
@@ -271,6 +303,18 @@ def cancel(job: JobArg, state: StateOpt = None) -> None:
     with _errors():
         n = _load(job, state).cancel()
     out.print(f"cancelled {n} open items; finished results are kept")
+
+
+@app.command()
+def estimate(job: JobArg, state: StateOpt = None, as_json: JsonOpt = False) -> None:
+    """Items, tokens and cost in real time vs batch, before spending anything."""
+    with _errors():
+        est = _load(job, state).estimate()
+    if as_json:
+        out.print_json(data=est.to_dict())
+        return
+    for line in est.lines():
+        out.print(Text(line), soft_wrap=True)
 
 
 @app.command()

@@ -20,7 +20,7 @@ import orjson
 from . import llm_job, sinks, sources
 from .backends.base import Predictor
 from .batching import BatchSizer
-from .errors import EndpointDown, InputChangedError, UsageError, redact
+from .errors import EndpointDown, InputChangedError, InputError, UsageError, redact
 from .retry import Backoff
 from .runner import Progress, Runner
 from .spec import JobSpec, SourceSpec, load_job_file, parse_spec, semantic_hash, source_format
@@ -176,7 +176,7 @@ class Job:
 
     # -- validation before anything is touched ------------------------------------------
 
-    def check(self) -> None:
+    def check(self, need_key: bool = True) -> None:
         """Everything that can be checked without the model: raises UsageError (exit 2)."""
         src = self.source_path
         if not src.is_file():
@@ -208,7 +208,8 @@ class Job:
                 raise self._usage(str(exc)) from None
         elif self.is_llm:
             try:
-                llm_job.api_key(self.spec)
+                if need_key:
+                    llm_job.api_key(self.spec)
                 self.task  # noqa: B018 - builds the LLM task: loads the schema
                 self.prices  # noqa: B018 - loads the user's price file
             except UsageError as exc:
@@ -562,6 +563,37 @@ class Job:
                 "new name, or run with --restart to start over."
             )
 
+    def estimate(self) -> Any:
+        """Tokens and cost of the whole input, real time vs batch; sends nothing, needs no key.
+
+        Every record is rendered into its request exactly as a run would, so the estimate
+        counts the real prompts, schema and parameters."""
+        if not self.is_llm:
+            raise self._usage("estimate applies to the LLM backends (openai, anthropic, ...)")
+        self.check(need_key=False)
+        from .estimate import estimate_requests
+
+        def requests() -> Iterator[tuple[str, dict[str, Any]]]:
+            for rows in self._reader(sources.CHUNK)(sources.Cursor()):
+                for row in rows:
+                    if row.error is not None:
+                        continue
+                    try:
+                        req = self.task.build(row.record)  # type: ignore[arg-type]
+                    except InputError:
+                        continue  # a template field missing: that record fails, costs nothing
+                    yield req.endpoint, req.body
+
+        params = self.spec.model.params
+        max_tokens = params.get("max_tokens", params.get("max_completion_tokens"))
+        return estimate_requests(
+            requests(),
+            self.spec.model.name or "",
+            self.prices,
+            max_tokens=max_tokens if isinstance(max_tokens, int) else None,
+            expected_output_tokens=None,
+        )
+
     def status(self) -> Report:
         with self.ledger() as ledger:
             job = self._job_info(ledger)
@@ -575,6 +607,8 @@ class Job:
                 seconds=max(seconds, 0.0),
                 cancelled=ledger.is_cancelled(job.id),
                 ingest_done=job.ingest_done,
+                remote_batches=tuple(self._remote_batches(ledger, job.id)),
+                llm=self.is_llm,
             )
 
     def failures(self) -> list[Failure]:
