@@ -1,0 +1,1 @@
+"""LLM work: requests and answers, real-time clients, provider batches, prices, the cache."""

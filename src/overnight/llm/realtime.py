@@ -1,0 +1,304 @@
+"""backend = "openai" | "anthropic": real-time APIs through the official async SDK clients.
+
+A `Predictor`: `process(requests)` returns one `Answer` per request, or an exception for that
+request alone. One event loop in a background thread owns the client, the rate limiter and
+the AIMD concurrency, so they carry over from one call to the next.
+
+Retries live here, not in the SDK (`max_retries=0`), so that every try goes through the
+limiter: 408/409/429/5xx, timeouts, connection errors and unreadable bodies are retried up to
+`max_attempts` with exponential backoff and full jitter, honouring `retry-after-ms` and
+`retry-after`; a 429 also cuts concurrency. What still fails comes back as a permanent error
+("gave up after N attempts"), so the runner does not multiply the tries. Other 4xx fail the
+item at once with the server's message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import random
+import threading
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+from ..errors import EndpointDown, InvalidOutput, PermanentError, TransientError, redact
+from .cache import ResponseCache
+from .limits import AIMD, RateLimiter
+from .requests import Answer, LLMTask, Request, answer_from_body
+from .tokens import count_request_tokens
+
+RETRY_STATUSES = {408, 409, 429}
+
+
+class APIError(PermanentError):
+    """The server refused the request (a 4xx other than 408/409/429): not worth a retry."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+        self.error_class = f"http_{status}"
+
+
+class RetriesExhausted(PermanentError):
+    error_class = "retries_exhausted"
+
+
+@dataclass
+class RealtimeStats:
+    sent: int = 0  # HTTP requests, retries and repairs included
+    ok: int = 0
+    throttled: int = 0  # 429s seen
+    retries: int = 0
+    cache_hits: int = 0
+    deduplicated: int = 0  # identical requests in flight, sent once
+    repairs: int = 0
+
+
+def _retry_after(headers: Any) -> float | None:
+    """Seconds the server asked us to wait: retry-after-ms, then retry-after (secs or date)."""
+    if headers is None:
+        return None
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return float(ms) / 1000
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        when = email.utils.parsedate_to_datetime(value)
+        return max(0.0, when.timestamp() - time.time()) if when else None
+
+
+class RealtimePredictor:
+    auto_start = auto_max = window = 256  # the job sets its own window from `concurrency`
+    commit_each_call = True
+
+    def __init__(
+        self,
+        provider: str,
+        *,
+        base_url: str | None,
+        api_key: str,
+        rpm: int | None = None,
+        tpm: int | None = None,
+        concurrency: int = 16,
+        timeout: float = 60.0,
+        max_attempts: int = 3,
+        backoff_base: float = 0.5,
+        backoff_max: float = 60.0,
+        cache: ResponseCache | None = None,
+        task: LLMTask | None = None,
+        repair: bool = False,
+        down_after: int = 20,
+    ) -> None:
+        self.provider, self.base_url = provider, base_url
+        self.max_attempts, self.backoff_base, self.backoff_max = (
+            max_attempts,
+            backoff_base,
+            backoff_max,
+        )
+        self.cache, self.task, self.repair, self.down_after = cache, task, repair, down_after
+        self.model = task.model if task is not None else ""
+        self.stats = RealtimeStats()
+        self.limiter_args = (rpm, tpm)
+        self.aimd = AIMD(concurrency, maximum=concurrency)
+        self._consecutive_down = 0
+        self._down: str | None = None
+        self._inflight: dict[str, asyncio.Future[Answer | BaseException]] = {}
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="llm")
+        self._thread.start()
+        self._client = self._call(self._make_client(api_key, timeout))
+        self.limiter: RateLimiter = self._call(self._make_limiter())
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def _call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    async def _make_limiter(self) -> RateLimiter:
+        return RateLimiter(*self.limiter_args)
+
+    async def _make_client(self, api_key: str, timeout: float) -> Any:
+        if self.provider == "anthropic":
+            import anthropic
+
+            return anthropic.AsyncAnthropic(
+                api_key=api_key, base_url=self.base_url, max_retries=0, timeout=timeout
+            )
+        import openai
+
+        return openai.AsyncOpenAI(
+            api_key=api_key, base_url=self.base_url, max_retries=0, timeout=timeout
+        )
+
+    def close(self) -> None:
+        if not self._loop.is_running():
+            return
+
+        async def shutdown() -> None:
+            for task in asyncio.all_tasks():
+                if task is not asyncio.current_task():
+                    task.cancel()
+            await self._client.close()
+
+        try:
+            self._call(shutdown())
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)
+
+    # -- the predictor ------------------------------------------------------------------
+
+    def process(self, inputs: list[Request], batch_size: int = 0) -> list[Any]:
+        future = asyncio.run_coroutine_threadsafe(self._process(inputs), self._loop)
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()  # Ctrl-C: stop sending; what was answered is in the cache
+            raise
+
+    async def _process(self, requests: list[Request]) -> list[Any]:
+        if self._down:
+            raise EndpointDown(self._down)
+        cached = self.cache.get_many([r.key for r in requests]) if self.cache else {}
+        self.stats.cache_hits += len(cached)
+        tasks: dict[str, asyncio.Future[Answer | BaseException]] = {}
+        for r in requests:
+            if r.key in cached or r.key in tasks:
+                if r.key in tasks:
+                    self.stats.deduplicated += 1
+                continue
+            if r.key in self._inflight:  # identical request in flight from an earlier call
+                tasks[r.key] = self._inflight[r.key]
+                continue
+            tasks[r.key] = asyncio.ensure_future(self._one(r))
+            self._inflight[r.key] = tasks[r.key]
+        try:
+            await asyncio.gather(*tasks.values(), return_exceptions=True)
+        finally:
+            for key in tasks:
+                self._inflight.pop(key, None)
+        if self._down:
+            raise EndpointDown(self._down)
+        out: list[Any] = []
+        paid: set[str] = set()
+        for r in requests:
+            if r.key in cached:
+                out.append(cached[r.key])
+                continue
+            result = tasks[r.key].result()
+            if isinstance(result, Answer) and r.key in paid:
+                result = replace(result, cached=True)  # sent once, paid once
+            paid.add(r.key)
+            out.append(result)
+        return out
+
+    async def _one(self, request: Request) -> Answer | BaseException:
+        answer = await self._send(request)
+        if isinstance(answer, BaseException) or not self.repair or self.task is None:
+            return answer
+        try:
+            self.task.parse(answer)
+            return answer
+        except InvalidOutput as exc:
+            self.stats.repairs += 1
+            second = await self._send(self.task.repair(request, answer, exc.reason), cache=False)
+            if isinstance(second, BaseException):
+                return answer  # the first answer stands, and will be recorded invalid
+            fixed = Answer(
+                second.body,
+                answer.input_tokens + second.input_tokens,
+                answer.output_tokens + second.output_tokens,
+            )
+            if self.cache is not None:  # the repaired answer is the answer to this request
+                self.cache.put(request.key, fixed.body, fixed.input_tokens, fixed.output_tokens)
+            return fixed
+
+    async def _send(self, request: Request, cache: bool = True) -> Answer | BaseException:
+        estimate = count_request_tokens(request.endpoint, request.body, self.model)
+        estimate += int(request.body.get("max_tokens") or 0)
+        last = ""
+        for attempt in range(1, self.max_attempts + 1):
+            if self._down:
+                return TransientError(self._down)
+            await self.limiter.acquire(estimate)
+            delay: float | None = None
+            async with self.aimd.slot():
+                self.stats.sent += 1
+                try:
+                    body = await self._post(request)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    verdict = self._classify(exc)
+                    if isinstance(verdict, BaseException):
+                        return verdict
+                    last, delay = verdict
+                else:
+                    self._consecutive_down = 0
+                    self.stats.ok += 1
+                    self.aimd.on_success()
+                    answer = answer_from_body(self.provider, request.endpoint, body)
+                    self.limiter.settle(estimate, answer.input_tokens + answer.output_tokens)
+                    if cache and self.cache is not None:
+                        self.cache.put(request.key, body, answer.input_tokens, answer.output_tokens)
+                    return answer
+            if attempt < self.max_attempts:
+                self.stats.retries += 1
+                backoff = random.uniform(0, min(self.backoff_max, self.backoff_base * 2**attempt))
+                await asyncio.sleep(max(backoff, delay or 0.0))
+        return RetriesExhausted(redact(f"gave up after {self.max_attempts} attempts: {last}"))
+
+    async def _post(self, request: Request) -> dict[str, Any]:
+        path = request.endpoint
+        if self.provider == "openai":  # the OpenAI client's base URL already ends in /v1
+            path = path.removeprefix("/v1")
+        body = await self._client.post(path, cast_to=object, body=request.body)
+        if not isinstance(body, dict):
+            raise ValueError(f"the answer is not a JSON object: {str(body)[:80]!r}")
+        return body
+
+    def _classify(self, exc: Exception) -> tuple[str, float | None] | BaseException:
+        """(message, server-asked delay) to retry, or the exception that fails the item."""
+        status = getattr(exc, "status_code", None)
+        name = type(exc).__name__
+        if status is not None:  # APIStatusError of either SDK
+            self._consecutive_down = 0
+            message = redact(getattr(exc, "message", None) or str(exc))
+            headers = getattr(getattr(exc, "response", None), "headers", None)
+            if status == 429:
+                self.stats.throttled += 1
+                self.aimd.on_throttle()
+                wait = _retry_after(headers)
+                if wait is not None:
+                    self.limiter.penalize(min(wait, 120.0))
+                return f"HTTP 429: {message}", wait
+            if status in RETRY_STATUSES or status >= 500:
+                return f"HTTP {status}: {message}", _retry_after(headers)
+            return APIError(status, message)
+        if name == "APITimeoutError" or isinstance(exc, TimeoutError):
+            self._consecutive_down = 0
+            return "timed out", None
+        if name == "APIConnectionError" or isinstance(exc, ConnectionError | OSError):
+            self._consecutive_down += 1
+            cause = exc.__cause__ or exc
+            last = redact(f"{type(cause).__name__}: {cause}")
+            if self._consecutive_down >= self.down_after:
+                self._down = (
+                    f"cannot reach {self.base_url or 'the ' + self.provider + ' API'}: {last} "
+                    f"({self._consecutive_down} requests in a row); the job is paused, items "
+                    "stay pending: run it again to resume"
+                )
+            return f"connection error: {last}", None
+        if isinstance(exc, json.JSONDecodeError | ValueError):  # a proxy's HTML page, say
+            self._consecutive_down = 0
+            return f"unreadable answer: {redact(str(exc))[:120]}", None
+        return PermanentError(redact(f"{name}: {exc}"))
