@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from .backends.base import Predictor
 from .batching import BatchSizer
 from .errors import EndpointDown, InputChangedError, InputError, UsageError, redact
 from .retry import Backoff
-from .runner import Progress, Runner
+from .runner import Progress, Runner, ingest_only
 from .spec import JobSpec, SourceSpec, load_job_file, parse_spec, semantic_hash, source_format
 from .store import Counts, Failure, JobInfo, Ledger, open_ledger
 from .tasks import Task, make_task
@@ -521,6 +522,64 @@ class Job:
             outcome.batch_size = None if llm else sizer.size
             outcome.batch_trials = () if llm else tuple(sizer.trials)
 
+    def _batch_service(self) -> Any:
+        from .llm.batch import AnthropicBatch, OpenAIBatch
+
+        requests, size = llm_job.batch_limits(self.spec)
+        cls = AnthropicBatch if llm_job.provider(self.spec) == "anthropic" else OpenAIBatch
+        return cls(
+            api_key=llm_job.api_key(self.spec),
+            base_url=self.spec.model.base_url,
+            max_requests=requests,
+            max_bytes=size,
+        )
+
+    def _batch_runner(
+        self,
+        ledger: Ledger,
+        job: JobInfo,
+        progress: Progress,
+        on_progress: Callable[[Progress], None] | None,
+        stop: threading.Event | None,
+    ) -> Any:
+        from .batch_runner import BatchRunner
+
+        return BatchRunner(
+            ledger,
+            job,
+            self.task,  # type: ignore[arg-type]
+            self._batch_service(),
+            max_attempts=self.spec.run.max_attempts,
+            meter=llm_job.meter(self.spec, self.prices, batch=True),
+            validate=self.validator,
+            progress=progress,
+            on_progress=on_progress,
+            stop=stop,
+            max_cost=self.spec.run.max_cost,
+            poll_interval=self.spec.model.poll_interval,
+            poll_max=max(self.spec.model.poll_interval, 600.0),
+        )
+
+    def _ingest(
+        self,
+        ledger: Ledger,
+        job: JobInfo,
+        progress: Progress,
+        on_progress: Callable[[Progress], None] | None,
+        stop: threading.Event | None,
+    ) -> JobInfo | None:
+        """Batch paths read the whole input into the ledger first; None if stopped."""
+        if not ingest_only(
+            ledger,
+            job,
+            self._reader(sources.CHUNK),
+            progress=progress,
+            on_progress=on_progress or (lambda p: None),
+            stop=stop,
+        ):
+            return None
+        return ledger.get_job(self.name)
+
     def _run_batch(
         self,
         ledger: Ledger,
@@ -530,7 +589,12 @@ class Job:
         on_progress: Callable[[Progress], None] | None,
         stop: threading.Event | None,
     ) -> None:
-        raise NotImplementedError("batch backends: being wired")
+        """openai-batch / anthropic-batch: ingest, then submit, poll and collect batches."""
+        fresh = self._ingest(ledger, job, progress, on_progress, stop)
+        if fresh is None:
+            return
+        self._batch_runner(ledger, fresh, progress, on_progress, stop).run()
+        outcome.cancelled = ledger.is_cancelled(job.id)
 
     def _run_auto(
         self,
@@ -541,10 +605,42 @@ class Job:
         on_progress: Callable[[Progress], None] | None,
         stop: threading.Event | None,
     ) -> None:
-        raise NotImplementedError("backend auto: being wired")
+        """backend = "auto": the batch API (half price) while there is time; when the time
+        left falls under `deadline_margin`, cancel what has not finished and complete it in
+        real time. Without a deadline it is the batch API alone."""
+        fresh = self._ingest(ledger, job, progress, on_progress, stop)
+        if fresh is None:
+            return
+        deadline = self.spec.run.deadline_at
+        cut = deadline.timestamp() - self.spec.run.deadline_margin if deadline else None
+        batch = self._batch_runner(ledger, fresh, progress, on_progress, stop)
+        switched = False
+        if cut is None or time.time() < cut:
+            batch.run(until=cut)
+        if stop is not None and stop.is_set():
+            return
+        counts = ledger.counts(job.id)
+        if counts["pending"] and deadline is not None and not ledger.is_cancelled(job.id):
+            switched = True  # the rest in real time, at full price
+            self._run_predict(ledger, fresh, progress, outcome, on_progress, stop)
+        if deadline is not None:
+            counts = ledger.counts(job.id)
+            done_at = counts.last_finished or time.time()
+            held = counts.open == 0 and done_at <= deadline.timestamp()
+            outcome.deadline = {
+                "deadline": deadline.isoformat(),
+                "held": held,
+                "switched_to_realtime": switched,
+                "summary": (
+                    f"{'finished' if counts.open == 0 else 'not finished'}"
+                    f"{' after switching to real time' if switched else ' in batches'};"
+                    f" saved ${counts.saved:,.4f} vs real time"
+                ),
+            }
+        outcome.cancelled = ledger.is_cancelled(job.id)
 
     def _remote_batches(self, ledger: Ledger, job_id: int) -> list[dict[str, Any]]:
-        return []
+        return [c.to_dict() for c in ledger.chunks(job_id)]
 
     def _check_unchanged(self, ledger: Ledger, job: JobInfo, spec_hash: str) -> None:
         fp = sources.fingerprint(self.source_path, known=job.fingerprint)
@@ -634,5 +730,21 @@ class Job:
             )
 
     def cancel(self) -> int:
+        """Open items become cancelled; live provider batches are cancelled remotely and
+        what they finished is kept (collected by the running runner or the next `run`)."""
         with self.ledger() as ledger:
-            return ledger.cancel(self._job_info(ledger).id)
+            job = self._job_info(ledger)
+            n = ledger.cancel(job.id)
+            if self.is_llm and ledger.chunks(job.id, ("live",)):
+                from .batch_runner import BatchRunner
+
+                runner = BatchRunner(
+                    ledger,
+                    job,
+                    self.task,  # type: ignore[arg-type]
+                    self._batch_service(),
+                    max_attempts=self.spec.run.max_attempts,
+                    meter=llm_job.meter(self.spec, self.prices, batch=True),
+                )
+                runner.cancel_remote()
+            return n

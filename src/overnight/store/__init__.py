@@ -1,6 +1,17 @@
 """The ledger: the one source of truth for every item's state and result."""
 
-from .base import STATES, ConcurrentIngest, Counts, Failure, Item, JobInfo, Lease, Ledger, Outcome
+from .base import (
+    STATES,
+    ConcurrentIngest,
+    Counts,
+    Failure,
+    Item,
+    JobInfo,
+    Lease,
+    Ledger,
+    Outcome,
+    RemoteBatch,
+)
 from .sqlite import SQLiteLedger
 
 
@@ -23,6 +34,7 @@ __all__ = [
     "Lease",
     "Ledger",
     "Outcome",
+    "RemoteBatch",
     "SQLiteLedger",
     "open_ledger",
 ]

@@ -76,6 +76,32 @@ class Outcome(NamedTuple):
 
 
 @dataclass(frozen=True)
+class RemoteBatch:
+    """A chunk of a job's items inside one provider batch."""
+
+    chunk: int
+    provider: str
+    status: str  # creating (remote id not yet recorded) | live | collected
+    remote_id: str | None
+    input_file_id: str | None
+    remote_status: str | None  # the provider's own status word
+    requests: int
+    counts: dict[str, int]
+    planned_at: float
+    ended_at: float | None
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "chunk": self.chunk,
+            "provider": self.provider,
+            "remote_id": self.remote_id,
+            "status": self.remote_status or self.status,
+            "requests": self.requests,
+            "counts": self.counts,
+        }
+
+
+@dataclass(frozen=True)
 class Failure:
     custom_id: str | None
     line: int
@@ -156,3 +182,26 @@ class Ledger(Protocol):
     def is_cancelled(self, job_id: int) -> bool: ...
     def reopen(self, job_id: int) -> int: ...
     def close(self) -> None: ...
+
+    # remote batches (provider batch APIs): see SQLiteLedger's section for the guarantees
+    def pending_page(self, job_id: int, after_seq: int, limit: int, now: float) -> list[Item]: ...
+    def plan_chunk(self, job_id: int, provider: str, seqs: list[int], now: float) -> int: ...
+    def set_remote(
+        self, job_id: int, chunk: int, remote_id: str, input_file_id: str | None = None
+    ) -> None: ...
+    def update_chunk(
+        self, job_id: int, chunk: int, remote_status: str, counts: dict[str, int]
+    ) -> None: ...
+    def chunks(self, job_id: int, statuses: tuple[str, ...] | None = None) -> list[RemoteBatch]: ...
+    def chunk_items(self, job_id: int, chunk: int) -> list[Item]: ...
+    def finish_chunk(
+        self,
+        job_id: int,
+        chunk: int,
+        outcomes: list[Outcome],
+        now: float,
+        *,
+        leftover: str = "pending",
+        remote_status: str | None = None,
+        count_attempt: bool = True,
+    ) -> int: ...

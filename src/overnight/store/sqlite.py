@@ -18,7 +18,7 @@ from pathlib import Path
 import orjson
 
 from ..sources import Cursor, Fingerprint, Row
-from .base import ConcurrentIngest, Counts, Failure, Item, JobInfo, Lease, Outcome
+from .base import ConcurrentIngest, Counts, Failure, Item, JobInfo, Lease, Outcome, RemoteBatch
 
 PAGE_SIZE = 16384
 SEQ_BITS = 40  # up to a trillion records per job
@@ -58,10 +58,25 @@ CREATE TABLE IF NOT EXISTS items (
     input_tokens  INTEGER,
     output_tokens INTEGER,
     cost          REAL,
-    list_cost     REAL
+    list_cost     REAL,
+    batch_chunk   INTEGER                      -- the remote batch holding a submitted item
 );
 CREATE UNIQUE INDEX IF NOT EXISTS items_custom_id ON items (job_id, custom_id);
 CREATE INDEX IF NOT EXISTS items_pending ON items (id) WHERE state = 'pending';
+CREATE TABLE IF NOT EXISTS remote_batches (
+    job_id        INTEGER NOT NULL,
+    chunk         INTEGER NOT NULL,
+    provider      TEXT NOT NULL,
+    status        TEXT NOT NULL,               -- creating | live | collected
+    remote_id     TEXT,
+    input_file_id TEXT,
+    remote_status TEXT,
+    requests      INTEGER NOT NULL,
+    counts        TEXT,
+    planned_at    REAL NOT NULL,
+    ended_at      REAL,
+    PRIMARY KEY (job_id, chunk)
+);
 CREATE TABLE IF NOT EXISTS rejects (
     job_id    INTEGER NOT NULL,
     seq       INTEGER NOT NULL,
@@ -74,6 +89,7 @@ CREATE TABLE IF NOT EXISTS rejects (
 
 
 _ITEM_COLUMNS_ADDED = (
+    ("batch_chunk", "INTEGER"),
     ("input_tokens", "INTEGER"),
     ("output_tokens", "INTEGER"),
     ("cost", "REAL"),
@@ -185,6 +201,7 @@ class SQLiteLedger:
         with self._tx() as db:
             db.execute("DELETE FROM items WHERE id BETWEEN ? AND ?", (lo, hi))
             db.execute("DELETE FROM rejects WHERE job_id = ?", (job_id,))
+            db.execute("DELETE FROM remote_batches WHERE job_id = ?", (job_id,))
             db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
 
     def set_fingerprint(self, job_id: int, fingerprint: Fingerprint) -> None:
@@ -528,3 +545,149 @@ class SQLiteLedger:
 
     def close(self) -> None:
         self._db.close()
+
+    # -- remote batches -----------------------------------------------------------------
+    # A provider batch is a chunk: its items are `submitted` with `batch_chunk` set in the
+    # same transaction that records the chunk as `creating`, *before* the remote create call,
+    # so an item is never in two chunks, and a crash between "create" and "record the remote
+    # id" leaves a `creating` chunk to adopt on restart, not items to submit again.
+
+    def pending_page(self, job_id: int, after_seq: int, limit: int, now: float) -> list[Item]:
+        """Pending items due by `now`, in input order, after `after_seq` (not leased)."""
+        lo, hi = _range(job_id)
+        rows = self._db.execute(
+            "SELECT id, custom_id, line, payload, attempts FROM items WHERE state = 'pending'"
+            " AND id BETWEEN ? AND ? AND not_before <= ? ORDER BY id LIMIT ?",
+            (max(lo, lo + after_seq + 1), hi, now, limit),
+        ).fetchall()
+        return [Item(r[0] & _SEQ_MASK, r[1], r[2], r[3], r[4]) for r in rows]
+
+    def plan_chunk(self, job_id: int, provider: str, seqs: list[int], now: float) -> int:
+        base = job_id << SEQ_BITS
+        with self._tx() as db:
+            chunk = db.execute(
+                "SELECT coalesce(max(chunk), 0) + 1 FROM remote_batches WHERE job_id = ?",
+                (job_id,),
+            ).fetchone()[0]
+            db.executemany(
+                "UPDATE items SET state = 'submitted', batch_chunk = ?, started_at = ?"
+                " WHERE id = ? AND state = 'pending'",
+                [(chunk, now, base + s) for s in seqs],
+            )
+            db.execute(
+                "INSERT INTO remote_batches (job_id, chunk, provider, status, requests,"
+                " planned_at) VALUES (?, ?, ?, 'creating', ?, ?)",
+                (job_id, chunk, provider, len(seqs), now),
+            )
+        return chunk
+
+    def set_remote(
+        self, job_id: int, chunk: int, remote_id: str, input_file_id: str | None = None
+    ) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE remote_batches SET status = 'live', remote_id = ?, input_file_id = ?"
+                " WHERE job_id = ? AND chunk = ?",
+                (remote_id, input_file_id, job_id, chunk),
+            )
+
+    def update_chunk(
+        self, job_id: int, chunk: int, remote_status: str, counts: dict[str, int]
+    ) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE remote_batches SET remote_status = ?, counts = ?"
+                " WHERE job_id = ? AND chunk = ?",
+                (remote_status, orjson.dumps(counts).decode(), job_id, chunk),
+            )
+
+    def chunks(self, job_id: int, statuses: tuple[str, ...] | None = None) -> list[RemoteBatch]:
+        sql = (
+            "SELECT chunk, provider, status, remote_id, input_file_id, remote_status, requests,"
+            " counts, planned_at, ended_at FROM remote_batches WHERE job_id = ?"
+        )
+        args: tuple = (job_id,)
+        if statuses:
+            sql += f" AND status IN ({', '.join('?' * len(statuses))})"
+            args += statuses
+        return [
+            RemoteBatch(
+                r[0],
+                r[1],
+                r[2],
+                r[3],
+                r[4],
+                r[5],
+                r[6],
+                orjson.loads(r[7]) if r[7] else {},
+                r[8],
+                r[9],
+            )
+            for r in self._db.execute(sql + " ORDER BY chunk", args)
+        ]
+
+    def chunk_items(self, job_id: int, chunk: int) -> list[Item]:
+        """The items a chunk still holds, in input (= file line) order."""
+        lo, hi = _range(job_id)
+        rows = self._db.execute(
+            "SELECT id, custom_id, line, payload, attempts FROM items WHERE id BETWEEN ? AND ?"
+            " AND state = 'submitted' AND batch_chunk = ? ORDER BY id",
+            (lo, hi, chunk),
+        ).fetchall()
+        return [Item(r[0] & _SEQ_MASK, r[1], r[2], r[3], r[4]) for r in rows]
+
+    def finish_chunk(
+        self,
+        job_id: int,
+        chunk: int,
+        outcomes: list[Outcome],
+        now: float,
+        *,
+        leftover: str = "pending",
+        remote_status: str | None = None,
+        count_attempt: bool = True,
+    ) -> int:
+        """Commit a collected chunk in one transaction: outcomes for the items it still holds
+        (so collecting twice after a crash writes nothing twice), items without a result go
+        to `leftover` (pending for a new batch, or cancelled), and the chunk is collected."""
+        base = job_id << SEQ_BITS
+        done = [
+            (o.state, o.result, o.error_class, o.message, now, *_usage(o), base + o.seq, chunk)
+            for o in outcomes
+            if o.state != "pending"
+        ]
+        again = [
+            (o.error_class, o.message, o.not_before, *_usage(o), base + o.seq, chunk)
+            for o in outcomes
+            if o.state == "pending"
+        ]
+        lo, hi = _range(job_id)
+        with self._tx() as db:
+            before = db.total_changes
+            db.executemany(
+                "UPDATE items SET state = ?, result = ?, error_class = ?, message = ?,"
+                " finished_at = ?, " + _ADD_USAGE + ", attempts = attempts + 1,"
+                " batch_chunk = NULL WHERE id = ? AND state = 'submitted' AND batch_chunk = ?",
+                done,
+            )
+            db.executemany(
+                "UPDATE items SET state = 'pending', error_class = ?, message = ?,"
+                " not_before = ?, " + _ADD_USAGE + ", attempts = attempts + 1,"
+                " batch_chunk = NULL WHERE id = ? AND state = 'submitted' AND batch_chunk = ?",
+                again,
+            )
+            changed = db.total_changes - before
+            db.execute(
+                "UPDATE items SET state = ?, batch_chunk = NULL, attempts = attempts + ?,"
+                " error_class = coalesce("
+                "error_class, 'no_result'), message = coalesce(message, 'the batch ended"
+                " without a result for this item') WHERE id BETWEEN ? AND ?"
+                " AND state = 'submitted' AND batch_chunk = ?",
+                (leftover, int(count_attempt and leftover == "pending"), lo, hi, chunk),
+            )
+            db.execute(
+                "UPDATE remote_batches SET status = 'collected', ended_at = ?,"
+                " remote_status = coalesce(?, remote_status) WHERE job_id = ? AND chunk = ?",
+                (now, remote_status, job_id, chunk),
+            )
+        return changed

@@ -1,0 +1,329 @@
+"""The batch loop for provider batch APIs: adopt, submit, poll, collect — until nothing is open.
+
+1. Adopt: a chunk recorded as `creating` has no remote id (the process died between planning
+   it and recording the id). Look for its batch on the provider; found → record it; not
+   found → create it now. Its items were marked `submitted` when it was planned, so they can
+   never be in two chunks: an item is never submitted again while a batch holding it lives.
+2. Submit: pending items, in input order, become chunks of at most `max_requests` lines and
+   `max_bytes` bytes; a 413 splits a chunk in two. Stops at `max_cost`, Ctrl-C or a deadline.
+3. Poll every live chunk, backing off from `poll_interval` to `poll_max`.
+4. Collect an ended chunk: every result line → parse, validate, cost at the batch price →
+   one transaction. Expired, cancelled and transiently errored lines go back to pending for a
+   new batch (up to `max_attempts`); finished results of an expired batch are kept. An OpenAI
+   batch that fails validation as a whole fails the lines it names, the rest go back.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+from .errors import InvalidOutput, redact
+from .llm.batch import TRANSIENT_ERRORS, BatchService, Line, Result, TooLarge, _crash
+from .llm.requests import LLMTask, answer_from_body
+from .runner import Meter, Progress, Usage, Validator
+from .store import JobInfo, Ledger, Outcome
+
+
+class BatchRunner:
+    def __init__(
+        self,
+        ledger: Ledger,
+        job: JobInfo,
+        task: LLMTask,
+        service: BatchService,
+        *,
+        max_attempts: int,
+        meter: Meter,
+        validate: Validator | None = None,
+        progress: Progress | None = None,
+        on_progress: Callable[[Progress], None] | None = None,
+        stop: threading.Event | None = None,
+        max_cost: float | None = None,
+        poll_interval: float = 30.0,
+        poll_max: float = 600.0,
+    ) -> None:
+        self.ledger, self.job, self.task, self.service = ledger, job, task, service
+        self.max_attempts, self.meter, self.validate = max_attempts, meter, validate
+        self.progress = progress or Progress()
+        self.on_progress = on_progress or (lambda p: None)
+        self.stop = stop or threading.Event()
+        self.max_cost = max_cost
+        self.poll_interval, self.poll_max = poll_interval, poll_max
+        # Identifies this job's batches on the provider (a --restart makes a new job).
+        self.tag = f"{job.name}@{job.created_at:.6f}"
+        self.created = 0  # remote batches this runner created
+
+    # -- the loop -----------------------------------------------------------------------
+
+    def run(self, until: float | None = None) -> None:
+        """Until every item is finished, or `until` (epoch seconds) passes: then cancel the
+        live batches, collect what they finished, and leave the rest pending."""
+        self._adopt()
+        delay = self.poll_interval
+        cutting = False
+        while True:
+            cancelled = self.ledger.is_cancelled(self.job.id)
+            if until is not None and time.time() >= until and not cutting:
+                cutting = True
+                self._cancel_live()
+            if not (cancelled or cutting or self._stopping()) and self._submit():
+                delay = self.poll_interval
+            if self.stop.is_set():
+                return  # Ctrl-C: live batches stay live and recorded; a rerun re-attaches
+            collected = self._poll(leftover="cancelled" if cancelled else "pending")
+            live = self.ledger.chunks(self.job.id, ("creating", "live"))
+            if not live:
+                if cutting or cancelled or self._stopping() or not self._has_pending():
+                    return
+                continue
+            if collected:
+                delay = self.poll_interval
+            self.stop.wait(delay)
+            delay = min(self.poll_max, delay * 1.5)
+
+    def _stopping(self) -> bool:
+        if self.max_cost is not None and self.progress.cost >= self.max_cost:
+            if self.progress.stop_reason is None:
+                self.progress.stop_reason = (
+                    f"max_cost reached: ${self.progress.cost:.4f} spent of ${self.max_cost:g};"
+                    " no new batch was submitted (raise [run] max_cost and run again to go on)"
+                )
+            return True
+        return self.stop.is_set()
+
+    def _has_pending(self) -> bool:
+        return bool(self.ledger.pending_page(self.job.id, -1, 1, float("inf")))
+
+    # -- adopt and submit ---------------------------------------------------------------
+
+    def _adopt(self) -> None:
+        for c in self.ledger.chunks(self.job.id):
+            if c.remote_id and hasattr(self.service, "claimed"):
+                self.service.claimed.add(c.remote_id)  # type: ignore[attr-defined]
+        for c in self.ledger.chunks(self.job.id, ("creating",)):
+            remote = self.service.find_orphan(self.tag, c.chunk, c.requests, c.planned_at)
+            if remote is not None:
+                self.ledger.set_remote(self.job.id, c.chunk, remote)
+                continue
+            items = self.ledger.chunk_items(self.job.id, c.chunk)
+            self._create(c.chunk, [self._line(it.seq, it.custom_id, it.payload) for it in items])
+
+    def _line(self, seq: int, custom_id: str, payload: bytes) -> Line:
+        req = self.task.build(orjson.loads(payload))
+        return Line(seq, self.service.remote_id(seq, custom_id), req.endpoint, req.body)
+
+    def _submit(self) -> bool:
+        """Plan and create chunks from the pending items; True if any was created."""
+        made = False
+        after = -1
+        while not self._stopping():
+            lines, size, endpoint, model = [], 0, None, None
+            page = self.ledger.pending_page(self.job.id, after, 1000, time.time())
+            if not page:
+                break
+            for it in page:
+                try:
+                    line = self._line(it.seq, it.custom_id, it.payload)
+                except Exception as exc:  # a record that cannot become a request
+                    self._fail_input(it.seq, exc)
+                    after = it.seq
+                    continue
+                n = self.service.line_bytes(line)
+                # One endpoint and (OpenAI) one model per file; limits by count and bytes.
+                if lines and (
+                    len(lines) >= self.service.max_requests
+                    or size + n > self.service.max_bytes
+                    or line.endpoint != endpoint
+                    or (self.service.provider == "openai" and line.body.get("model") != model)
+                ):
+                    break
+                lines.append(line)
+                size += n
+                endpoint, model = line.endpoint, line.body.get("model")
+                after = it.seq
+                if len(lines) == len(page) and len(lines) < self.service.max_requests:
+                    more = self.ledger.pending_page(self.job.id, after, 1000, time.time())
+                    page.extend(more)  # keep filling this chunk from the next page
+            if not lines:
+                continue
+            chunk = self.ledger.plan_chunk(
+                self.job.id, self.service.provider, [ln.seq for ln in lines], time.time()
+            )
+            self._create(chunk, lines)
+            made = True
+            after = -1  # the planned items are no longer pending: start over
+        return made
+
+    def _create(self, chunk: int, lines: list[Line]) -> None:
+        try:
+            remote, file_id = self.service.submit(lines, self.tag, chunk)
+        except TooLarge:
+            if len(lines) == 1:
+                seq = lines[0].seq
+                self.ledger.finish_chunk(
+                    self.job.id,
+                    chunk,
+                    [
+                        Outcome(
+                            seq,
+                            "failed",
+                            None,
+                            "request_too_large",
+                            "the provider refused this single request as too large (413)",
+                        )
+                    ],
+                    time.time(),
+                    remote_status="refused",
+                )
+                return
+            # Split: this chunk keeps the first half; the second half becomes a new chunk.
+            half = len(lines) // 2
+            self.ledger.finish_chunk(
+                self.job.id, chunk, [], time.time(), remote_status="split", count_attempt=False
+            )
+            for part in (lines[:half], lines[half:]):
+                sub = self.ledger.plan_chunk(
+                    self.job.id, self.service.provider, [ln.seq for ln in part], time.time()
+                )
+                self._create(sub, part)
+            return
+        self.created += 1
+        if os.environ.get("OVERNIGHT_TEST_CRASH_AT") == "after_create":
+            _crash()
+        self.ledger.set_remote(self.job.id, chunk, remote, file_id)
+        if hasattr(self.service, "claimed"):
+            self.service.claimed.add(remote)  # type: ignore[attr-defined]
+
+    def _fail_input(self, seq: int, exc: Exception) -> None:
+        chunk = self.ledger.plan_chunk(self.job.id, self.service.provider, [seq], time.time())
+        self.ledger.finish_chunk(
+            self.job.id,
+            chunk,
+            [Outcome(seq, "failed", None, "input_error", redact(str(exc)))],
+            time.time(),
+            remote_status="input_error",
+        )
+        self.progress.failed += 1
+
+    # -- poll and collect ---------------------------------------------------------------
+
+    def _poll(self, leftover: str) -> int:
+        collected = 0
+        for c in self.ledger.chunks(self.job.id, ("live",)):
+            assert c.remote_id is not None
+            poll = self.service.poll(c.remote_id)
+            self.ledger.update_chunk(self.job.id, c.chunk, poll.status, poll.counts)
+            if os.environ.get("OVERNIGHT_TEST_CRASH_AT") == "while_polling":
+                _crash()
+            if poll.ended:
+                self._collect(c.chunk, c.remote_id, poll, leftover)
+                collected += 1
+        return collected
+
+    def _collect(self, chunk: int, remote_id: str, poll: Any, leftover: str) -> None:
+        items = self.ledger.chunk_items(self.job.id, chunk)
+        by_remote = {self.service.remote_id(it.seq, it.custom_id): it for it in items}
+        outcomes: list[Outcome] = []
+        if poll.errors:  # the whole batch failed validation: name each line it names
+            for err in poll.errors:
+                line = err.get("line")
+                if isinstance(line, int) and 1 <= line <= len(items):
+                    it = items[line - 1]
+                    outcomes.append(
+                        Outcome(
+                            it.seq,
+                            "failed",
+                            None,
+                            f"batch_{err.get('code') or 'invalid'}",
+                            f"line {line} of the batch file: {err.get('message')}",
+                        )
+                    )
+        else:
+            for result in self.service.results(remote_id):
+                it = by_remote.get(result.remote_id)
+                if it is not None:
+                    outcomes.append(self._outcome(it.seq, it.attempts, result))
+        failed_at = leftover == "pending"
+        answered = {o.seq for o in outcomes}
+        for it in items:  # no line at all for it: back to pending, counted as an attempt
+            if it.seq not in answered and failed_at and it.attempts + 1 >= self.max_attempts:
+                outcomes.append(
+                    Outcome(
+                        it.seq,
+                        "failed",
+                        None,
+                        "no_result",
+                        f"no result after {it.attempts + 1} batches ({poll.status})",
+                    )
+                )
+        self.ledger.finish_chunk(
+            self.job.id,
+            chunk,
+            outcomes,
+            time.time(),
+            leftover=leftover,
+            remote_status=poll.status,
+        )
+        self._count(outcomes)
+
+    def _outcome(self, seq: int, attempts: int, result: Result) -> Outcome:
+        if result.kind == "succeeded":
+            answer = answer_from_body(self.service.provider, "", result.body or {})
+            usage = self.meter(answer)
+            try:
+                fields = self.task.parse(answer)
+            except InvalidOutput as exc:
+                return Outcome(
+                    seq, "invalid", None, exc.error_class, redact(exc.reason), 0.0, *usage
+                )
+            result_json = orjson.dumps(fields)
+            if self.validate is not None:
+                reason = self.validate(fields["output"])
+                if reason is not None:
+                    return Outcome(seq, "invalid", None, "schema_error", reason, 0.0, *usage)
+            return Outcome(seq, "succeeded", result_json, None, None, 0.0, *usage)
+        message = redact(result.message or result.kind)
+        cls = result.error_type or result.kind
+        transient = result.kind in ("expired", "cancelled") or cls in TRANSIENT_ERRORS
+        if transient and attempts + 1 < self.max_attempts:
+            return Outcome(seq, "pending", None, cls, message, 0.0, *Usage())
+        if transient:
+            message = f"{message} (gave up after {attempts + 1} batches)"
+        return Outcome(seq, "failed", None, cls, message)
+
+    def _cancel_live(self) -> None:
+        for c in self.ledger.chunks(self.job.id, ("live",)):
+            assert c.remote_id is not None
+            self.service.cancel(c.remote_id)
+
+    def cancel_remote(self) -> int:
+        """`overnight cancel`: cancel every live remote batch; their finished part is kept
+        when they are collected (by a running runner, or the next `run`)."""
+        live = self.ledger.chunks(self.job.id, ("live",))
+        for c in live:
+            assert c.remote_id is not None
+            self.service.cancel(c.remote_id)
+        return len(live)
+
+    def _count(self, outcomes: list[Outcome]) -> None:
+        p = self.progress
+        for o in outcomes:
+            p.cost += o.cost or 0.0
+            p.list_cost += o.list_cost or 0.0
+            if o.state == "succeeded":
+                p.succeeded += 1
+            elif o.state == "failed":
+                p.failed += 1
+            elif o.state == "invalid":
+                p.invalid += 1
+            else:
+                p.retries += 1
+                continue
+            p.processed += 1
+        self.on_progress(p)
