@@ -97,6 +97,7 @@ def build_task(spec: JobSpec, base_dir: Path) -> LLMTask:
             params=dict(m.params),
             schema=schema,
             labels=labels,
+            structured=m.structured_output,
         )
     except UsageError as exc:
         raise UsageError(f"[task] {exc}") from None

@@ -97,6 +97,9 @@ class ModelSpec(_Section):
     base_url: str | None = None
     api_key_env: str | None = None
     params: dict[str, Any] = {}
+    # How an OpenAI-compatible server takes a schema: "json_schema" (OpenAI, vLLM) or
+    # "json_object" with the schema beside it (llama.cpp's server).
+    structured_output: Literal["json_schema", "json_object"] = "json_schema"
     rpm: int | None = Field(None, gt=0)
     tpm: int | None = Field(None, gt=0)
     concurrency: int = Field(16, gt=0)
@@ -125,7 +128,14 @@ class ModelSpec(_Section):
         if not llm:
             extra = [
                 k
-                for k in ("base_url", "api_key_env", "params", *_REALTIME_KEYS, *_BATCH_KEYS)
+                for k in (
+                    "base_url",
+                    "api_key_env",
+                    "params",
+                    "structured_output",
+                    *_REALTIME_KEYS,
+                    *_BATCH_KEYS,
+                )
                 if k in set_keys
             ]
             if extra:

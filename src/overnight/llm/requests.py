@@ -100,8 +100,10 @@ class LLMTask:
         params: dict[str, Any] | None = None,
         schema: dict[str, Any] | None = None,
         labels: list[str] | None = None,
+        structured: str = "json_schema",
     ) -> None:
         self.kind, self.provider, self.model = kind, provider, model
+        self.structured = structured
         self.template = Template(text)
         self.system = Template(system) if system else None
         self.params = dict(params or {})
@@ -151,7 +153,11 @@ class LLMTask:
         messages = [{"role": "system", "content": system}] if system else []
         messages.append({"role": "user", "content": user})
         body = {"model": self.model, "messages": messages, **self.params}
-        if self.schema is not None:
+        if self.schema is not None and self.structured == "json_object":
+            # llama.cpp's server (and other older OpenAI-compatible servers) take the schema
+            # this way; it constrains the grammar the same.
+            body["response_format"] = {"type": "json_object", "schema": self.schema}
+        elif self.schema is not None:
             body["response_format"] = {
                 "type": "json_schema",
                 "json_schema": {
@@ -291,6 +297,7 @@ def make_llm_task(
     params: dict[str, Any] | None = None,
     schema: dict[str, Any] | None = None,
     labels: list[str] | None = None,
+    structured: str = "json_schema",
 ) -> LLMTask:
     if kind == "embed" and provider == "anthropic":
         raise UsageError("kind: Anthropic has no embeddings endpoint; use an OpenAI-compatible one")

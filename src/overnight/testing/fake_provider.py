@@ -44,6 +44,8 @@ class Knobs:
 
     latency: float = 0.0  # seconds per real-time request
     rpm_limit: int | None = None  # real-time requests per minute, sliding window; over → 429
+    throttle_next: int = 0  # the next N real-time requests get 429 with retry-after ...
+    throttle_seconds: float = 0.2  # ... this long
     fail_rate: float = 0.0  # fraction of real-time requests answered 500 (seeded)
     fail_next: int = 0  # the next N real-time requests get a 500
     timeout_next: int = 0  # the next N real-time requests hang `hang_seconds` first
@@ -323,6 +325,14 @@ class FakeProvider:
                         _Error(429, "rate_limit_error", "Rate limit reached (rpm)", headers),
                     )
                 self._window.append(now)
+            if k.throttle_next > 0:
+                k.throttle_next -= 1
+                self.stats.rate_limited += 1
+                wait = k.throttle_seconds
+                headers = {"retry-after-ms": str(int(wait * 1000)), "retry-after": f"{wait:.3f}"}
+                return self._error(
+                    provider, _Error(429, "rate_limit_error", "Rate limit reached", headers)
+                )
             fail = k.fail_next > 0 or (k.fail_rate > 0 and self._rng.random() < k.fail_rate)
             if k.fail_next > 0:
                 k.fail_next -= 1

@@ -1,0 +1,255 @@
+"""Real-time LLM jobs end to end: overnight.Job → official SDK → fake provider over HTTP."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+from llm_helpers import ANT_KEY, KEY, SCHEMA, llm_job, read_jsonl, write_records
+
+from overnight.errors import UsageError
+from overnight.testing.fake_provider import FakeProvider
+
+pytestmark = pytest.mark.usefixtures("keys")
+
+
+def url(fake: FakeProvider, backend: str) -> str:
+    return fake.anthropic_url if "anthropic" in backend else fake.openai_url
+
+
+@pytest.mark.parametrize("backend", ["openai", "anthropic"])
+@pytest.mark.parametrize("kind", ["generate", "extract", "classify"])
+def test_kinds_end_to_end(tmp_path: Path, fake: FakeProvider, backend: str, kind: str) -> None:
+    write_records(tmp_path, 12)
+    (tmp_path / "schema.json").write_bytes(orjson.dumps(SCHEMA))
+    task = {
+        "generate": {"system": "You triage tickets for {{ id }}."},
+        "extract": {"schema": "schema.json"},
+        "classify": {"labels": ["billing", "bug", "other"]},
+    }[kind]
+    job = llm_job(tmp_path, backend, url(fake, backend), kind=kind, task=task)
+    report = job.run()
+    assert report.exit_code == 0, report.to_dict()
+    rows = read_jsonl(tmp_path / "job.out.jsonl")
+    assert [r["id"] for r in rows] == [f"r{i}" for i in range(12)]
+    for r in rows:
+        assert r["usage"]["input_tokens"] > 0 and r["usage"]["output_tokens"] > 0
+        if kind == "generate":
+            assert r["output"].startswith("echo: ticket")
+        elif kind == "extract":
+            assert set(r["output"]) == {"topic", "urgent"}
+        else:
+            assert r["output"] in ("billing", "bug", "other")
+    c = report.counts
+    assert c.input_tokens > 0 and c.cost > 0  # priced: gpt-4o-mini / claude-3-5-haiku
+    endpoint = "/v1/messages" if backend == "anthropic" else "/v1/chat/completions"
+    assert fake.stats.requests[endpoint] == 12
+
+
+def test_embed_and_passthrough(tmp_path: Path, fake: FakeProvider) -> None:
+    write_records(tmp_path, 5)
+    job = llm_job(
+        tmp_path,
+        "openai",
+        fake.openai_url,
+        kind="embed",
+        model={"name": "text-embedding-3-small", "params": {}},
+    )
+    assert job.run().exit_code == 0
+    rows = read_jsonl(tmp_path / "job.out.jsonl")
+    assert len(rows[0]["output"]) == 8
+
+    # An OpenAI batch input file, run as is in real time: ids come from its custom_id.
+    lines = [
+        {
+            "custom_id": "a-1",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+        },
+        {
+            "custom_id": "a-2",
+            "method": "POST",
+            "url": "/v1/embeddings",
+            "body": {"model": "text-embedding-3-small", "input": "x"},
+        },
+        {"custom_id": "a-3", "method": "GET", "url": "/v1/chat/completions", "body": {}},
+    ]
+    (tmp_path / "batch.jsonl").write_bytes(b"".join(orjson.dumps(x) + b"\n" for x in lines))
+    job = llm_job(
+        tmp_path, "openai", fake.openai_url, kind="passthrough", name="pt", model={"name": None}
+    )
+    job.spec = job.spec.model_copy(
+        update={"source": job.spec.source.model_copy(update={"path": "batch.jsonl", "id": None})}
+    )
+    report = job.run()
+    assert report.exit_code == 3  # the GET line is an input error
+    rows = {r["custom_id"]: r for r in read_jsonl(tmp_path / "pt.out.jsonl")}
+    assert rows["a-1"]["output"]["object"] == "chat.completion"
+    assert rows["a-2"]["output"]["object"] == "list"
+    (failure,) = job.failures()
+    assert failure.custom_id == "a-3" and "method must be POST" in failure.message
+
+
+def test_transient_errors_retried_and_429_honoured(tmp_path: Path, fake: FakeProvider) -> None:
+    write_records(tmp_path, 30)
+    fake.knobs.fail_next = 3
+    fake.knobs.malformed_next = 2
+    fake.knobs.throttle_next = 4
+    fake.knobs.throttle_seconds = 0.4
+    job = llm_job(
+        tmp_path, "openai", fake.openai_url, model={"concurrency": 8}, run={"max_attempts": 6}
+    )
+    t0 = time.monotonic()
+    report = job.run()
+    assert report.exit_code == 0, report.to_dict()
+    assert time.monotonic() - t0 >= 0.4  # retry-after was waited for
+    assert fake.stats.status_counts[500] == 3 and fake.stats.status_counts[429] == 4
+    assert len(read_jsonl(tmp_path / "job.out.jsonl")) == 30
+
+
+def test_client_errors_fail_the_item_with_the_message(tmp_path: Path, fake: FakeProvider) -> None:
+    write_records(tmp_path, 3)
+    job = llm_job(tmp_path, "openai", fake.openai_url, model={"name": "missing-model"})
+    report = job.run()
+    assert report.counts.failed == 3 and report.exit_code == 3
+    f = job.failures()[0]
+    assert f.error_class == "http_404" and "does not exist" in f.message
+    assert fake.stats.status_counts[404] == 3  # not retried
+
+
+def test_repair_turns_invalid_answers_valid(tmp_path: Path, fake: FakeProvider) -> None:
+    write_records(tmp_path, 20)
+    (tmp_path / "schema.json").write_bytes(orjson.dumps(SCHEMA))
+    fake.knobs.invalid_json_rate = 0.5
+    job = llm_job(
+        tmp_path,
+        "openai",
+        fake.openai_url,
+        kind="extract",
+        name="norepair",
+        task={"schema": "schema.json"},
+    )
+    bad = job.run().counts["invalid"]
+    assert bad > 0
+    assert all("schema" in f.message for f in job.failures())
+    job = llm_job(
+        tmp_path,
+        "openai",
+        fake.openai_url,
+        kind="extract",
+        name="repair",
+        task={"schema": "schema.json", "repair": True},
+    )
+    report = job.run()
+    assert report.counts["invalid"] == 0 and report.counts["succeeded"] == 20
+
+
+def test_endpoint_down_pauses_then_resumes(tmp_path: Path, fake: FakeProvider) -> None:
+    write_records(tmp_path, 30)
+    job = llm_job(
+        tmp_path,
+        "openai",
+        "http://127.0.0.1:9/v1",
+        model={"concurrency": 4},
+        run={"max_attempts": 2},
+    )
+    report = job.run()
+    assert report.stop_reason and "cannot reach http://127.0.0.1:9/v1" in report.stop_reason
+    assert report.exit_code == 3 and report.counts.failed == 0
+    assert report.counts["succeeded"] == 0
+    # The endpoint is back (the job file now names the real one): the rerun finishes.
+    job = llm_job(tmp_path, "openai", fake.openai_url, model={"concurrency": 4})
+    report = job.run()
+    assert report.exit_code == 0 and report.counts["succeeded"] == 30
+
+
+def test_cache_shared_across_jobs_and_keyed_on_every_ingredient(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    write_records(tmp_path, 10)
+    run = {"cache": "shared-cache.db"}
+    llm_job(tmp_path, "openai", fake.openai_url, name="first", run=run).run()
+    sent = fake.stats.requests["/v1/chat/completions"]
+    assert sent == 10
+    second = llm_job(tmp_path, "openai", fake.openai_url, name="second", run=run).run()
+    assert fake.stats.requests["/v1/chat/completions"] == sent  # all from the cache
+    assert second.counts.cost == 0 and second.counts.saved > 0
+    # A different template, temperature or system prompt is a different request.
+    for i, change in enumerate(
+        [
+            {"task": {"text": "Ticket: {{ text }}"}},
+            {"model": {"params": {"temperature": 0.5}}},
+            {"task": {"system": "Be brief."}},
+        ]
+    ):
+        llm_job(tmp_path, "openai", fake.openai_url, name=f"v{i}", run=run, **change).run()
+        assert fake.stats.requests["/v1/chat/completions"] == sent + 10 * (i + 1)
+
+
+def test_identical_requests_in_one_job_sent_once(tmp_path: Path, fake: FakeProvider) -> None:
+    recs = [{"id": f"r{i}", "text": "same text"} for i in range(6)]
+    (tmp_path / "in.jsonl").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in recs))
+    report = llm_job(tmp_path, "openai", fake.openai_url).run()
+    assert report.counts["succeeded"] == 6
+    assert fake.stats.requests["/v1/chat/completions"] == 1
+    assert report.counts.saved > 0  # five answers cost nothing
+
+
+def test_max_cost_stops_and_resumes(tmp_path: Path, fake: FakeProvider) -> None:
+    write_records(tmp_path, 200)
+    prices = tmp_path / "prices.toml"
+    prices.write_text('[models."gpt-4o-mini"]\ninput = 1000.0\noutput = 1000.0\n')
+    job = llm_job(
+        tmp_path,
+        "openai",
+        fake.openai_url,
+        model={"concurrency": 4},
+        run={"max_cost": 0.5, "prices": "prices.toml"},
+    )
+    report = job.run()
+    assert report.exit_code == 3 and "max_cost reached" in report.stop_reason
+    done = report.counts["succeeded"]
+    assert 0 < done < 200
+    assert fake.stats.requests["/v1/chat/completions"] == done
+
+
+def test_missing_key_is_exit_2_before_ingest(
+    tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_records(tmp_path, 3)
+    monkeypatch.delenv("OPENAI_API_KEY")
+    job = llm_job(tmp_path, "openai", fake.openai_url)
+    with pytest.raises(UsageError, match="OPENAI_API_KEY") as info:
+        job.run()
+    assert info.value.exit_code == 2
+    assert not (tmp_path / ".overnight").exists()
+
+
+def test_secrets_never_stored(tmp_path: Path, fake: FakeProvider) -> None:
+    write_records(tmp_path, 4)
+    fake.knobs.require_key = "something-else"  # every request: 401 that echoes nothing
+    llm_job(tmp_path, "openai", fake.openai_url, name="a").run()
+    llm_job(tmp_path, "anthropic", fake.anthropic_url, name="b").run()
+    blobs = [p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()]
+    for key in (KEY, ANT_KEY):
+        assert not any(key.encode() in b for b in blobs)
+    db = sqlite3.connect(tmp_path / ".overnight" / "ledger.db")
+    messages = [r[0] for r in db.execute("SELECT message FROM items")]
+    assert messages and all("401" in m for m in messages)
+
+
+def test_estimate_needs_no_key_and_sends_nothing(
+    tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_records(tmp_path, 50)
+    monkeypatch.delenv("OPENAI_API_KEY")
+    est = llm_job(tmp_path, "openai", fake.openai_url).estimate()
+    assert est.items == 50 and est.input_tokens > 50 * 5
+    assert est.output_tokens == 50 * 64  # max_tokens bounds it
+    assert est.cost_batch == pytest.approx(est.cost_realtime / 2)
+    assert sum(fake.stats.requests.values()) == 0
+    assert any("batch API" in line for line in est.lines())
