@@ -24,8 +24,10 @@ from typing import Any
 import orjson
 
 from .errors import InvalidOutput, redact
+from .estimate import ASSUMED_OUTPUT_TOKENS
 from .llm.batch import TRANSIENT_ERRORS, BatchService, Line, Result, TooLarge, _crash
-from .llm.requests import LLMTask, answer_from_body
+from .llm.requests import Answer, LLMTask, answer_from_body
+from .llm.tokens import count_request_tokens
 from .runner import Meter, Progress, Usage, Validator
 from .store import JobInfo, Ledger, Outcome
 
@@ -58,6 +60,10 @@ class BatchRunner:
         # Identifies this job's batches on the provider (a --restart makes a new job).
         self.tag = f"{job.name}@{job.created_at:.6f}"
         self.created = 0  # remote batches this runner created
+        # A batch's cost is known only when it ends, so max_cost is held against what is
+        # spent plus an upper estimate of the live batches (prompt tokens + max_tokens).
+        self.live_estimate: dict[int, float] = {}
+        self.budget_stop = False
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -88,6 +94,8 @@ class BatchRunner:
             delay = min(self.poll_max, delay * 1.5)
 
     def _stopping(self) -> bool:
+        if self.budget_stop:
+            return True
         if self.max_cost is not None and self.progress.cost >= self.max_cost:
             if self.progress.stop_reason is None:
                 self.progress.stop_reason = (
@@ -102,10 +110,38 @@ class BatchRunner:
 
     # -- adopt and submit ---------------------------------------------------------------
 
+    def _estimate(self, lines: list[Line]) -> float:
+        total = 0.0
+        for ln in lines:
+            tin = count_request_tokens(ln.endpoint, ln.body, str(ln.body.get("model", "")))
+            tout = int(ln.body.get("max_tokens") or ln.body.get("max_completion_tokens") or 0)
+            if not tout and not ln.endpoint.endswith("/embeddings"):
+                tout = ASSUMED_OUTPUT_TOKENS
+            total += self.meter(Answer({"model": ln.body.get("model")}, tin, tout)).cost or 0.0
+        return total
+
+    def _over_budget(self, lines: list[Line]) -> bool:
+        if self.max_cost is None:
+            return False
+        committed = self.progress.cost + sum(self.live_estimate.values())
+        if committed + self._estimate(lines) <= self.max_cost:
+            return False
+        if self.progress.stop_reason is None:
+            self.progress.stop_reason = (
+                f"max_cost: ${self.progress.cost:.4f} spent and up to ${committed:.4f} committed"
+                f" in live batches; the next batch could pass ${self.max_cost:g}, so it was not"
+                " submitted (raise [run] max_cost and run again to go on)"
+            )
+        return True
+
     def _adopt(self) -> None:
         for c in self.ledger.chunks(self.job.id):
             if c.remote_id and hasattr(self.service, "claimed"):
                 self.service.claimed.add(c.remote_id)  # type: ignore[attr-defined]
+            if c.status == "live" and self.max_cost is not None:
+                items = self.ledger.chunk_items(self.job.id, c.chunk)
+                lines = [self._line(it.seq, it.custom_id, it.payload) for it in items]
+                self.live_estimate[c.chunk] = self._estimate(lines)
         for c in self.ledger.chunks(self.job.id, ("creating",)):
             remote = self.service.find_orphan(self.tag, c.chunk, c.requests, c.planned_at)
             if remote is not None:
@@ -152,9 +188,14 @@ class BatchRunner:
                     page.extend(more)  # keep filling this chunk from the next page
             if not lines:
                 continue
+            if self._over_budget(lines):
+                self.budget_stop = True
+                break
             chunk = self.ledger.plan_chunk(
                 self.job.id, self.service.provider, [ln.seq for ln in lines], time.time()
             )
+            if self.max_cost is not None:
+                self.live_estimate[chunk] = self._estimate(lines)
             self._create(chunk, lines)
             made = True
             after = -1  # the planned items are no longer pending: start over
@@ -248,7 +289,10 @@ class BatchRunner:
             for result in self.service.results(remote_id):
                 it = by_remote.get(result.remote_id)
                 if it is not None:
-                    outcomes.append(self._outcome(it.seq, it.attempts, result))
+                    o = self._outcome(it.seq, it.attempts, result)
+                    if o.state == "pending" and leftover == "cancelled":
+                        o = o._replace(state="cancelled")  # type: ignore[arg-type]
+                    outcomes.append(o)
         failed_at = leftover == "pending"
         answered = {o.seq for o in outcomes}
         for it in items:  # no line at all for it: back to pending, counted as an attempt

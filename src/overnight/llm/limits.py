@@ -31,7 +31,7 @@ class TokenBucket:
         """Seconds until `amount` may be taken (0: now)."""
         self._refill()
         need = min(amount, self.burst) - self.level
-        return max(0.0, need / self.rate)
+        return need / self.rate if need > 1e-9 else 0.0  # float dust is not a wait
 
     def take(self, amount: float) -> None:
         self._refill()

@@ -291,7 +291,7 @@ class RealtimePredictor:
             self._consecutive_down += 1
             cause = exc.__cause__ or exc
             last = redact(f"{type(cause).__name__}: {cause}")
-            if self._consecutive_down >= self.down_after:
+            if self._down is None and self._consecutive_down >= self.down_after:
                 self._down = (
                     f"cannot reach {self.base_url or 'the ' + self.provider + ' API'}: {last} "
                     f"({self._consecutive_down} requests in a row); the job is paused, items "

@@ -1,0 +1,176 @@
+"""Provider batch backends end to end: overnight.Job → official SDK → fake provider over HTTP.
+
+The fake counts every submission of every custom_id (`stats.batch_items`): the tests hold
+overnight to "never submit an item again while a batch holding it is alive"."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import orjson
+import pytest
+from llm_helpers import llm_job, read_jsonl, write_records
+
+from overnight.testing.fake_provider import FakeProvider
+
+pytestmark = pytest.mark.usefixtures("keys")
+
+
+def when(condition, then, timeout: float = 20.0) -> threading.Thread:
+    """Run `then()` once `condition()` holds (a watcher thread)."""
+
+    def watch() -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if condition():
+                then()
+                return
+            time.sleep(0.01)
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    return t
+
+
+@pytest.mark.parametrize("backend", ["openai-batch", "anthropic-batch"])
+def test_batches_end_to_end(tmp_path: Path, fake: FakeProvider, backend: str) -> None:
+    write_records(tmp_path, 23)
+    url = fake.anthropic_url if "anthropic" in backend else fake.openai_url
+    job = llm_job(tmp_path, backend, url, model={"max_requests_per_batch": 10})
+    report = job.run()
+    assert report.exit_code == 0, report.to_dict()
+    rows = read_jsonl(tmp_path / "job.out.jsonl")
+    assert [r["id"] for r in rows] == [f"r{i}" for i in range(23)]
+    assert all(r["output"].startswith("echo: ticket") for r in rows)
+    assert fake.stats.batch_creations == 3  # 10 + 10 + 3
+    assert max(fake.stats.batch_items.values()) == 1  # no item submitted twice
+    assert [b["requests"] for b in report.remote_batches] == [10, 10, 3]
+    c = report.counts
+    assert c.cost > 0 and c.list_cost == pytest.approx(2 * c.cost)  # half price
+    status = job.status()
+    assert len(status.remote_batches) == 3 and status.counts.saved > 0
+
+
+def test_expired_batch_keeps_its_finished_half(tmp_path: Path, fake: FakeProvider) -> None:
+    write_records(tmp_path, 10)
+    fake.knobs.expire_batches = True
+    fake.knobs.expire_fraction = 0.5
+    when(
+        lambda: fake.stats.batch_creations >= 1,
+        lambda: setattr(fake.knobs, "expire_batches", False),
+    )
+    report = llm_job(tmp_path, "openai-batch", fake.openai_url).run()
+    assert report.exit_code == 0 and report.counts["succeeded"] == 10
+    assert fake.stats.batch_creations == 2
+    counts = sorted(fake.stats.batch_items.values())
+    assert counts == [1] * 5 + [2] * 5  # only the unfinished half went again
+    statuses = [b["status"] for b in report.remote_batches]
+    assert statuses == ["expired", "completed"]
+
+
+def test_expiry_every_time_gives_up_after_max_attempts(tmp_path: Path, fake: FakeProvider) -> None:
+    write_records(tmp_path, 4)
+    fake.knobs.expire_batches = True
+    fake.knobs.expire_fraction = 0.0
+    job = llm_job(tmp_path, "openai-batch", fake.openai_url, run={"max_attempts": 2})
+    report = job.run()
+    assert report.counts.failed == 4 and fake.stats.batch_creations == 2
+    assert all("gave up after 2 batches" in f.message for f in job.failures())
+
+
+def test_whole_batch_validation_failure_is_reported_per_line(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    write_records(tmp_path, 6)
+    fake.knobs.fail_validation = True  # the first batch fails validation, naming line 1
+    job = llm_job(tmp_path, "openai-batch", fake.openai_url)
+    report = job.run()
+    assert report.counts["succeeded"] == 5 and report.counts.failed == 1
+    (f,) = job.failures()
+    assert f.custom_id == "r0" and "line 1 of the batch file" in f.message
+    assert fake.stats.batch_creations == 2
+
+
+def test_413_splits_the_batch(tmp_path: Path, fake: FakeProvider) -> None:
+    write_records(tmp_path, 16)
+    fake.knobs.max_batch_bytes = 1500  # about 6 requests
+    for backend, url in (
+        ("openai-batch", fake.openai_url),
+        ("anthropic-batch", fake.anthropic_url),
+    ):
+        report = llm_job(tmp_path, backend, url, name=backend).run()
+        assert report.exit_code == 0 and report.counts["succeeded"] == 16
+        assert any(b["status"] == "split" for b in report.remote_batches)
+    assert max(fake.stats.batch_items.values()) <= 2  # once per provider
+
+
+def test_anthropic_ids_are_mapped_and_back(tmp_path: Path, fake: FakeProvider) -> None:
+    ids = ["plain_id-1", "has.dots", "has space", "x" * 80, "ovn_5", "ünïcode"]
+    (tmp_path / "in.jsonl").write_bytes(
+        b"".join(orjson.dumps({"id": i, "text": f"t {n}"}) + b"\n" for n, i in enumerate(ids))
+    )
+    report = llm_job(tmp_path, "anthropic-batch", fake.anthropic_url).run()
+    assert report.exit_code == 0
+    assert [r["id"] for r in read_jsonl(tmp_path / "job.out.jsonl")] == ids
+    sent = set(fake.stats.batch_items)
+    # Valid ids go as they are; the others (and a user id in the reserved prefix) by seq.
+    assert sent == {"plain_id-1", "ovn_1", "ovn_2", "ovn_3", "ovn_4", "ovn_5"}
+
+
+def test_cancel_cancels_remote_batches_and_keeps_finished(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    write_records(tmp_path, 10)
+    fake.knobs.batch_seconds = 30
+    job = llm_job(tmp_path, "openai-batch", fake.openai_url)
+    when(lambda: fake.stats.batch_creations >= 1 and job.status().remote_batches, job.cancel)
+    report = job.run()
+    assert report.cancelled and report.exit_code == 3
+    # The fake finishes half of a cancelled batch: kept; the rest is cancelled.
+    assert report.counts["succeeded"] == 5 and report.counts["cancelled"] == 5
+    assert [b["status"] for b in report.remote_batches] == ["cancelled"]
+    # Running again resumes the cancelled items, in a new batch.
+    fake.knobs.batch_seconds = 0.1
+    report = job.run()
+    assert report.exit_code == 0 and report.counts["succeeded"] == 10
+
+
+def test_auto_with_deadline_finishes_in_real_time(tmp_path: Path, fake: FakeProvider) -> None:
+    write_records(tmp_path, 10)
+    fake.knobs.batch_seconds = 60  # the batch API will not make it
+    deadline = (datetime.now(UTC) + timedelta(seconds=20)).isoformat()
+    job = llm_job(
+        tmp_path,
+        "auto",
+        fake.openai_url,
+        model={"provider": "openai"},
+        run={"deadline": deadline, "deadline_margin": 19.0},
+    )
+    report = job.run()
+    assert report.exit_code == 0 and report.counts["succeeded"] == 10
+    d = report.deadline
+    assert d["held"] and d["switched_to_realtime"]
+    # Half came from the cancelled batch at half price, half in real time.
+    assert fake.stats.requests["/v1/chat/completions"] == 5
+    assert 0 < report.counts.saved < report.counts.list_cost
+
+
+def test_batch_max_cost_stops_submitting(tmp_path: Path, fake: FakeProvider) -> None:
+    write_records(tmp_path, 30)
+    # $1 per 1,000 tokens; a batch of 10 is at most ~10 × (12 + 64) tokens = ~$0.38 at
+    # half price: two batches fit under $0.9, the third could pass it.
+    (tmp_path / "prices.toml").write_text('[models."gpt-4o-mini"]\ninput = 1e3\noutput = 1e3\n')
+    job = llm_job(
+        tmp_path,
+        "openai-batch",
+        fake.openai_url,
+        model={"max_requests_per_batch": 10},
+        run={"max_cost": 0.9, "prices": "prices.toml"},
+    )
+    report = job.run()
+    assert "max_cost" in report.stop_reason and report.exit_code == 3
+    assert fake.stats.batch_creations == 2 and report.counts["pending"] == 10
+    assert report.counts.cost <= 0.9
