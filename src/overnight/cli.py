@@ -174,7 +174,9 @@ def _print_report(r: Report) -> None:
     if r.llm:
         table.add_row("tokens", f"{c.input_tokens:,} in, {c.output_tokens:,} out")
         cost = f"${c.cost:,.4f}"
-        if c.saved > 0:
+        if c.input_tokens and not c.list_cost:
+            cost = "unknown: no price for this model (add one with [run] prices)"
+        elif c.saved > 0:
             cost += f" (saved ${c.saved:,.4f} vs ${c.list_cost:,.4f} at real-time prices)"
         table.add_row("cost", cost)
     if r.output:

@@ -314,4 +314,5 @@ def make_llm_task(
         params=params,
         schema=schema,
         labels=labels,
+        structured=structured,
     )

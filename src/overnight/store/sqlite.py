@@ -242,7 +242,9 @@ class SQLiteLedger:
             now = None
         else:
             now = time.time()
-        if now is not None and all(o[1] == "succeeded" and o[8] is None for o in outcomes):
+        if now is not None and all(
+            o[1] == "succeeded" and not o[6] and o[8] is None for o in outcomes
+        ):
             # The common case, and the per-record cost of ingest: bind only what varies.
             sql = (
                 "INSERT OR IGNORE INTO items (id, custom_id, line, payload, result, job_id, state,"
