@@ -150,7 +150,7 @@ def test_unknown_backend():
 def test_missing_required_section():
     d = base()
     del d["source"]
-    assert error_of(d) == "job.toml: source: required key is missing"
+    assert error_of(d) == "job.toml: [source]: required key is missing"
 
 
 def test_missing_required_key_in_section():

@@ -262,6 +262,8 @@ def _where(loc: tuple[Any, ...]) -> str:
     if head in sections and rest:
         key = rest[0] + "".join(f"[{p}]" for p in rest[1:])
         return f"[{head}] {key}"
+    if head in sections:
+        return f"[{head}]"
     return ".".join(parts)
 
 
