@@ -174,3 +174,17 @@ def test_batch_max_cost_stops_submitting(tmp_path: Path, fake: FakeProvider) -> 
     assert "max_cost" in report.stop_reason and report.exit_code == 3
     assert fake.stats.batch_creations == 2 and report.counts["pending"] == 10
     assert report.counts.cost <= 0.9
+
+
+def test_detach_submits_and_a_later_run_collects(tmp_path: Path, fake: FakeProvider) -> None:
+    write_records(tmp_path, 12)
+    fake.knobs.batch_seconds = 30
+    job = llm_job(tmp_path, "openai-batch", fake.openai_url, model={"max_requests_per_batch": 5})
+    report = job.run(detach=True)
+    assert report.detached and report.exit_code == 0
+    assert report.counts["submitted"] == 12 and fake.stats.batch_creations == 3
+    assert not (tmp_path / "job.out.jsonl").exists()
+    fake.complete_batches()
+    report = job.run()
+    assert report.exit_code == 0 and report.counts["succeeded"] == 12
+    assert fake.stats.batch_creations == 3  # re-attached, nothing created again

@@ -67,10 +67,16 @@ class BatchRunner:
 
     # -- the loop -----------------------------------------------------------------------
 
-    def run(self, until: float | None = None) -> None:
+    def run(self, until: float | None = None, detach: bool = False) -> None:
         """Until every item is finished, or `until` (epoch seconds) passes: then cancel the
-        live batches, collect what they finished, and leave the rest pending."""
+        live batches, collect what they finished, and leave the rest pending. `detach`:
+        submit everything and return; the batches run on, recorded in the ledger."""
         self._adopt()
+        if detach:
+            self._poll(leftover="pending")  # collect what already ended
+            if not self.ledger.is_cancelled(self.job.id):
+                self._submit()
+            return
         delay = self.poll_interval
         cutting = False
         while True:

@@ -193,6 +193,8 @@ def _print_report(r: Report) -> None:
             Text.from_markup(f"deadline {d.get('deadline')}: {held}; ")
             + Text(str(d.get("summary", "")))
         )
+    if r.detached:
+        out.print("batches submitted: run the same command again to collect their results.")
     if r.stop_reason:
         out.print(Text.assemble(("stopped: ", "yellow"), r.stop_reason), soft_wrap=True)
     if r.interrupted:
@@ -227,12 +229,19 @@ def run(
         bool, typer.Option("--restart", help="Discard this job's ledger entry and start over.")
     ] = False,
     as_json: JsonOpt = False,
+    detach: Annotated[
+        bool,
+        typer.Option(
+            "--detach",
+            help="Batch backends: submit the batches and return; run again later to collect.",
+        ),
+    ] = False,
 ) -> None:
     """Ingest the input (once) and process it; running again resumes where it stopped."""
     with _errors():
         j = _load(job, state)
         with _graceful_stop() as stop, _Reporter(j.name, live=err.is_terminal) as reporter:
-            report = j.run(restart=restart, on_progress=reporter, stop=stop)
+            report = j.run(restart=restart, on_progress=reporter, stop=stop, detach=detach)
     if as_json:
         out.print_json(data=report.to_dict())
     else:

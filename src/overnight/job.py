@@ -49,6 +49,7 @@ class Report:
     remote_batches: tuple[dict[str, Any], ...] = ()  # provider batches of the job
     deadline: dict[str, Any] | None = None  # backend = "auto": did the deadline hold
     llm: bool = False  # tokens and cost are worth showing
+    detached: bool = False  # batches submitted, not waited for: `run` again collects
 
     @property
     def items_per_second(self) -> float:
@@ -60,6 +61,8 @@ class Report:
         if self.interrupted:
             return 130
         c = self.counts
+        if self.detached:  # submitted and waiting: not a failure, not finished
+            return 3 if (c.failed or c["invalid"]) else 0
         if c.failed or c["invalid"] or c["cancelled"] or c.open or not self.ingest_done:
             return 3
         return 0
@@ -93,6 +96,7 @@ class Report:
             "stop_reason": self.stop_reason,
             "remote_batches": list(self.remote_batches),
             "deadline": self.deadline,
+            "detached": self.detached,
         }
 
 
@@ -105,6 +109,7 @@ class _RunOutcome:
     batch_size: int | None = None
     batch_trials: tuple[tuple[int, float], ...] = ()
     deadline: dict[str, Any] | None = None
+    detached: bool = False
     notes: list[str] = field(default_factory=list)
 
 
@@ -397,8 +402,15 @@ class Job:
         restart: bool = False,
         on_progress: Callable[[Progress], None] | None = None,
         stop: threading.Event | None = None,
+        detach: bool = False,
     ) -> Report:
-        """Ingest (once) and process; running again resumes. Exports when the run ends."""
+        """Ingest (once) and process; running again resumes. Exports when the run ends.
+
+        `detach` (batch backends): submit every batch and return without waiting; a later
+        `run` re-attaches, collects and exports."""
+        if detach and not (self.spec.model.backend.endswith("-batch")):
+            raise self._usage("--detach applies to the batch backends (openai-batch, ...)")
+        self._detach = detach
         self.check()
         spec_hash = self._spec_hash()
         with self.ledger() as ledger:
@@ -438,6 +450,15 @@ class Job:
             except EndpointDown as exc:  # items stay pending; a rerun resumes
                 progress.stop_reason = redact(str(exc))
             interrupted = outcome.interrupted or (stop is not None and stop.is_set())
+            if outcome.detached:  # nothing to export yet: the batches are running
+                return Report(
+                    job=self.name,
+                    counts=ledger.counts(job.id),
+                    detached=True,
+                    remote_batches=tuple(self._remote_batches(ledger, job.id)),
+                    llm=True,
+                    ingest_done=True,
+                )
             job = ledger.get_job(self.name)
             assert job is not None
             exported = None
@@ -593,8 +614,10 @@ class Job:
         fresh = self._ingest(ledger, job, progress, on_progress, stop)
         if fresh is None:
             return
-        self._batch_runner(ledger, fresh, progress, on_progress, stop).run()
+        runner = self._batch_runner(ledger, fresh, progress, on_progress, stop)
+        runner.run(detach=getattr(self, "_detach", False))
         outcome.cancelled = ledger.is_cancelled(job.id)
+        outcome.detached = getattr(self, "_detach", False)
 
     def _run_auto(
         self,
