@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import bench_ledger
+import bench_llm
 import bench_local
 from common import ROOT, machine
 
@@ -98,31 +99,112 @@ Output of `python benchmarks/measure_classify_accuracy.py`:
 """
 
 
+def llm_section(r: dict, when: str, cmd: str) -> str:
+    sat, ovh, bat = r["saturation"], r["overhead"], r["batch_files"]
+    share = sat["requests_per_s"] / sat["limit_per_s"]
+    statuses = ", ".join(f"{k}: {v:,}" for k, v in sorted(sat["status_counts"].items()))
+    return f"""## LLM backends (against the fake provider)
+
+Measured by `{cmd}` on {when}. The fake provider (`overnight.testing.fake_provider`) serves
+real HTTP on loopback in the benchmark's process; overnight runs as its own process
+(`overnight run`) and talks to it through the official `openai` SDK.
+
+**Real-time saturation.** {sat["requests"]:,} `generate` requests, 50 ms latency per request,
+`rpm = 6000` in the job and the same limit enforced by the fake (429 with retry-after).
+
+| | |
+|---|---:|
+| achieved requests/s (processing time {sat["seconds"]:.1f} s) | {sat["requests_per_s"]:.1f} |
+| the limit, requests/s | {sat["limit_per_s"]:.0f} |
+| achieved / limit | **{share:.1%}** (goal ≥ 95%: **{"met" if share >= 0.95 else "NOT met"}**) |
+| tokens/s (in + out) | {sat["tokens_per_s"]:,.0f} |
+| items succeeded / lost / failed | {sat["succeeded"]:,} / {sat["lost"]} / {sat["failed"]} |
+| HTTP statuses seen by the fake | {statuses} |
+| peak RSS of the overnight process | {sat["peak_rss_mb"]:.0f} MB |
+
+Every 429 (if any) was retried: no item failed and none was lost.
+
+**Overhead per request.** {ovh["requests"]:,} requests at concurrency {ovh["concurrency"]}
+against a zero-latency fake; overnight (ledger, limiter, AIMD, cache, retries) against a bare
+`AsyncOpenAI` loop with a semaphore (`benchmarks/raw_openai_loop.py`), each as its own
+process, alternating, best of two. The fake's single-threaded server bounds both.
+
+| | requests/s | client CPU ms per request |
+|---|---:|---:|
+| overnight | {ovh["overnight_requests_per_s"]:,.0f} | {ovh["overnight_cpu_ms_per_request"]:.2f} |
+| bare AsyncOpenAI loop | {ovh["raw_requests_per_s"]:,.0f} | {ovh["raw_cpu_ms_per_request"]:.2f} |
+
+Ratio overnight / bare loop: **{ovh["overnight_requests_per_s"] / ovh["raw_requests_per_s"]:.2f}x** in
+requests/s; {ovh["overhead_ms_per_request"]:+.2f} ms of wall time per request.
+
+**Batch file building.** `overnight run --detach` on `openai-batch` with {bat["requests"]:,}
+records: ingest, render every request, split into files (50,000 requests / 200 MB each),
+write them to temporary files, upload each through the Files API and create the batches.
+
+| | |
+|---|---:|
+| batches / files | {bat["batches"]} / {bat["files"]} |
+| requests submitted | {bat["items_submitted"]:,} |
+| uploaded | {bat["mb_uploaded"]:,.1f} MB |
+| wall time (process, start to end) | {bat["seconds"]:.1f} s |
+| throughput | **{bat["mb_per_s"]:.1f} MB/s**, {bat["requests_per_s"]:,.0f} requests/s |
+| peak RSS of the overnight process | **{bat["peak_rss_mb"]:.0f} MB** (goal < 500 MB: **{"met" if bat["peak_rss_mb"] < 500 else "NOT met"}**) |
+"""
+
+
+def replace_section(text: str, name: str, body: str) -> str:
+    """Swap one marked section of BENCHMARKS.md, keeping the others' figures."""
+    start, end = f"<!-- section:{name} -->", f"<!-- /section:{name} -->"
+    block = f"{start}\n{body}{end}\n"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        return head + block + rest.split(end, 1)[1].lstrip("\n")
+    return text.rstrip("\n") + "\n\n" + block
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--records", type=int, default=1_000_000)
     ap.add_argument("--texts", type=int, default=20_000)
     ap.add_argument("--single", type=int, default=1_000)
+    ap.add_argument("--requests", type=int, default=20_000)
+    ap.add_argument("--overhead", type=int, default=5_000)
+    ap.add_argument("--batch", type=int, default=1_000_000)
+    ap.add_argument("--only", choices=["llm"], help="run one part; keep the others' figures")
     a = ap.parse_args()
-    ledger = bench_ledger.main(a.records)
-    print(ledger, file=sys.stderr)
-    local = bench_local.main(a.texts, a.single)
-    print(local, file=sys.stderr)
-    accuracy = accuracy_section()
     cmd = (
         "make bench"
         if len(sys.argv) == 1
         else "python benchmarks/run_all.py " + " ".join(sys.argv[1:])
     )
+    when = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    llm = {
+        "saturation": bench_llm.saturation(a.requests),
+        "overhead": bench_llm.overhead(a.overhead),
+        "batch_files": bench_llm.batch_files(a.batch),
+    }
+    print(llm, file=sys.stderr)
+    llm_text = llm_section(llm, when, cmd)
+    if a.only == "llm":
+        path = ROOT / "BENCHMARKS.md"
+        path.write_text(replace_section(path.read_text(), "llm", llm_text))
+        print(llm_text)
+        return
+    ledger = bench_ledger.main(a.records)
+    print(ledger, file=sys.stderr)
+    local = bench_local.main(a.texts, a.single)
+    print(local, file=sys.stderr)
+    accuracy = accuracy_section()
     text = f"""# Benchmarks
 
-Written by `{cmd}` on {dt.datetime.now().strftime("%Y-%m-%d %H:%M")}.
+Written by `{cmd}` on {when}.
 Machine: {machine()}. The machine is shared and noisy: compare the ratios within one run,
 not absolute times across runs.
 
 {ledger_section(ledger)}
 {local_section(local)}
 {accuracy}"""
+    text = replace_section(text, "llm", llm_text)
     (ROOT / "BENCHMARKS.md").write_text(text)
     print(text)
 
