@@ -1,0 +1,28 @@
+"""The README's runnable examples (examples/llm/*.toml) run against the fake provider."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+import overnight
+from overnight.testing.fake_provider import FakeProvider
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "llm"
+
+
+@pytest.mark.usefixtures("keys")
+@pytest.mark.parametrize("name", sorted(p.stem for p in EXAMPLES.glob("*.toml")))
+def test_example_runs(tmp_path: Path, fake: FakeProvider, name: str) -> None:
+    for f in EXAMPLES.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    job_file = tmp_path / f"{name}.toml"
+    text = job_file.read_text().replace("http://127.0.0.1:8000", f"http://127.0.0.1:{fake.port}")
+    job_file.write_text(text.replace("poll_interval = 1 ", "poll_interval = 0.05 "))
+    job = overnight.Job.from_file(job_file)
+    assert job.estimate().items >= 3
+    report = job.run()
+    assert report.exit_code == 0, (report.to_dict(), job.failures())
+    assert report.output is not None and report.output.exists()
