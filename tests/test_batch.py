@@ -188,3 +188,22 @@ def test_detach_submits_and_a_later_run_collects(tmp_path: Path, fake: FakeProvi
     report = job.run()
     assert report.exit_code == 0 and report.counts["succeeded"] == 12
     assert fake.stats.batch_creations == 3  # re-attached, nothing created again
+
+
+@pytest.mark.parametrize("backend", ["openai-batch", "anthropic-batch"])
+def test_batch_repair_asks_again_in_the_next_batch(
+    tmp_path: Path, fake: FakeProvider, backend: str
+) -> None:
+    from llm_helpers import SCHEMA
+
+    write_records(tmp_path, 20)
+    (tmp_path / "schema.json").write_bytes(orjson.dumps(SCHEMA))
+    fake.knobs.invalid_json_rate = 0.5
+    url = fake.anthropic_url if "anthropic" in backend else fake.openai_url
+    job = llm_job(tmp_path, backend, url, kind="extract",
+                  task={"schema": "schema.json", "repair": True})
+    report = job.run()
+    assert report.exit_code == 0 and report.counts["succeeded"] == 20
+    assert fake.stats.batch_creations == 2  # the answers, then the repairs
+    twice = sum(1 for n in fake.stats.batch_items.values() if n == 2)
+    assert 0 < twice < 20  # only the invalid ones were asked again

@@ -29,7 +29,7 @@ from .llm.batch import TRANSIENT_ERRORS, BatchService, Line, Result, TooLarge, _
 from .llm.requests import Answer, LLMTask, answer_from_body
 from .llm.tokens import count_request_tokens
 from .runner import Meter, Progress, Usage, Validator
-from .store import JobInfo, Ledger, Outcome
+from .store import Item, JobInfo, Ledger, Outcome
 
 
 class BatchRunner:
@@ -49,7 +49,9 @@ class BatchRunner:
         max_cost: float | None = None,
         poll_interval: float = 30.0,
         poll_max: float = 600.0,
+        repair: bool = False,
     ) -> None:
+        self.repair = repair
         self.ledger, self.job, self.task, self.service = ledger, job, task, service
         self.max_attempts, self.meter, self.validate = max_attempts, meter, validate
         self.progress = progress or Progress()
@@ -146,7 +148,7 @@ class BatchRunner:
                 self.service.claimed.add(c.remote_id)  # type: ignore[attr-defined]
             if c.status == "live" and self.max_cost is not None:
                 items = self.ledger.chunk_items(self.job.id, c.chunk)
-                lines = [self._line(it.seq, it.custom_id, it.payload) for it in items]
+                lines = [self._line(it) for it in items]
                 self.live_estimate[c.chunk] = self._estimate(lines)
         for c in self.ledger.chunks(self.job.id, ("creating",)):
             remote = self.service.find_orphan(self.tag, c.chunk, c.requests, c.planned_at)
@@ -154,11 +156,16 @@ class BatchRunner:
                 self.ledger.set_remote(self.job.id, c.chunk, remote)
                 continue
             items = self.ledger.chunk_items(self.job.id, c.chunk)
-            self._create(c.chunk, [self._line(it.seq, it.custom_id, it.payload) for it in items])
+            self._create(c.chunk, [self._line(it) for it in items])
 
-    def _line(self, seq: int, custom_id: str, payload: bytes) -> Line:
-        req = self.task.build(orjson.loads(payload))
-        return Line(seq, self.service.remote_id(seq, custom_id), req.endpoint, req.body)
+    def _line(self, it: Item) -> Line:
+        if it.follow_up is not None:  # a repair: the conversation so far + the error
+            req = orjson.loads(it.follow_up)
+            return Line(
+                it.seq, self.service.remote_id(it.seq, it.custom_id), req["endpoint"], req["body"]
+            )
+        req = self.task.build(orjson.loads(it.payload))
+        return Line(it.seq, self.service.remote_id(it.seq, it.custom_id), req.endpoint, req.body)
 
     def _submit(self) -> bool:
         """Plan and create chunks from the pending items; True if any was created."""
@@ -171,7 +178,7 @@ class BatchRunner:
                 break
             for it in page:
                 try:
-                    line = self._line(it.seq, it.custom_id, it.payload)
+                    line = self._line(it)
                 except Exception as exc:  # a record that cannot become a request
                     self._fail_input(it.seq, exc)
                     after = it.seq
@@ -295,7 +302,7 @@ class BatchRunner:
             for result in self.service.results(remote_id):
                 it = by_remote.get(result.remote_id)
                 if it is not None:
-                    o = self._outcome(it.seq, it.attempts, result)
+                    o = self._outcome(it, result)
                     if o.state == "pending" and leftover == "cancelled":
                         o = o._replace(state="cancelled")  # type: ignore[arg-type]
                     outcomes.append(o)
@@ -322,13 +329,21 @@ class BatchRunner:
         )
         self._count(outcomes)
 
-    def _outcome(self, seq: int, attempts: int, result: Result) -> Outcome:
+    def _outcome(self, it: Item, result: Result) -> Outcome:
+        seq, attempts = it.seq, it.attempts
         if result.kind == "succeeded":
             answer = answer_from_body(self.service.provider, "", result.body or {})
             usage = self.meter(answer)
             try:
                 fields = self.task.parse(answer)
             except InvalidOutput as exc:
+                if self.repair and it.follow_up is None:  # ask again, once, in the next batch
+                    ask = self.task.build(orjson.loads(it.payload))
+                    follow = self.task.repair(ask, answer, exc.reason)
+                    body = orjson.dumps({"endpoint": follow.endpoint, "body": follow.body})
+                    return Outcome(
+                        seq, "pending", body, "repair", redact(exc.reason), 0.0, *usage
+                    )
                 return Outcome(
                     seq, "invalid", None, exc.error_class, redact(exc.reason), 0.0, *usage
                 )

@@ -579,6 +579,7 @@ class Job:
             max_cost=self.spec.run.max_cost,
             poll_interval=self.spec.model.poll_interval,
             poll_max=max(self.spec.model.poll_interval, 600.0),
+            repair=self.spec.task.repair,
         )
 
     def _ingest(

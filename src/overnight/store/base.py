@@ -53,6 +53,8 @@ class Item:
     line: int
     payload: bytes
     attempts: int
+    # Batch backends: a follow-up request to send instead of the record's own (a repair).
+    follow_up: bytes | None = None
 
 
 class Outcome(NamedTuple):

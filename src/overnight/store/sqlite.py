@@ -558,11 +558,12 @@ class SQLiteLedger:
         """Pending items due by `now`, in input order, after `after_seq` (not leased)."""
         lo, hi = _range(job_id)
         rows = self._db.execute(
-            "SELECT id, custom_id, line, payload, attempts FROM items WHERE state = 'pending'"
-            " AND id BETWEEN ? AND ? AND not_before <= ? ORDER BY id LIMIT ?",
+            "SELECT id, custom_id, line, payload, attempts, result FROM items"
+            " WHERE state = 'pending' AND id BETWEEN ? AND ? AND not_before <= ?"
+            " ORDER BY id LIMIT ?",
             (max(lo, lo + after_seq + 1), hi, now, limit),
         ).fetchall()
-        return [Item(r[0] & _SEQ_MASK, r[1], r[2], r[3], r[4]) for r in rows]
+        return [Item(r[0] & _SEQ_MASK, r[1], r[2], r[3], r[4], r[5]) for r in rows]
 
     def plan_chunk(self, job_id: int, provider: str, seqs: list[int], now: float) -> int:
         base = job_id << SEQ_BITS
@@ -632,11 +633,11 @@ class SQLiteLedger:
         """The items a chunk still holds, in input (= file line) order."""
         lo, hi = _range(job_id)
         rows = self._db.execute(
-            "SELECT id, custom_id, line, payload, attempts FROM items WHERE id BETWEEN ? AND ?"
-            " AND state = 'submitted' AND batch_chunk = ? ORDER BY id",
+            "SELECT id, custom_id, line, payload, attempts, result FROM items"
+            " WHERE id BETWEEN ? AND ? AND state = 'submitted' AND batch_chunk = ? ORDER BY id",
             (lo, hi, chunk),
         ).fetchall()
-        return [Item(r[0] & _SEQ_MASK, r[1], r[2], r[3], r[4]) for r in rows]
+        return [Item(r[0] & _SEQ_MASK, r[1], r[2], r[3], r[4], r[5]) for r in rows]
 
     def finish_chunk(
         self,
@@ -658,8 +659,8 @@ class SQLiteLedger:
             for o in outcomes
             if o.state != "pending"
         ]
-        again = [
-            (o.error_class, o.message, o.not_before, *_usage(o), base + o.seq, chunk)
+        again = [  # `result` of a pending item: its follow-up request (a repair), if any
+            (o.error_class, o.message, o.not_before, o.result, *_usage(o), base + o.seq, chunk)
             for o in outcomes
             if o.state == "pending"
         ]
@@ -674,7 +675,7 @@ class SQLiteLedger:
             )
             db.executemany(
                 "UPDATE items SET state = 'pending', error_class = ?, message = ?,"
-                " not_before = ?, " + _ADD_USAGE + ", attempts = attempts + 1,"
+                " not_before = ?, result = ?, " + _ADD_USAGE + ", attempts = attempts + 1,"
                 " batch_chunk = NULL WHERE id = ? AND state = 'submitted' AND batch_chunk = ?",
                 again,
             )
