@@ -200,8 +200,9 @@ def test_batch_repair_asks_again_in_the_next_batch(
     (tmp_path / "schema.json").write_bytes(orjson.dumps(SCHEMA))
     fake.knobs.invalid_json_rate = 0.5
     url = fake.anthropic_url if "anthropic" in backend else fake.openai_url
-    job = llm_job(tmp_path, backend, url, kind="extract",
-                  task={"schema": "schema.json", "repair": True})
+    job = llm_job(
+        tmp_path, backend, url, kind="extract", task={"schema": "schema.json", "repair": True}
+    )
     report = job.run()
     assert report.exit_code == 0 and report.counts["succeeded"] == 20
     assert fake.stats.batch_creations == 2  # the answers, then the repairs

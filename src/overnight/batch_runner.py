@@ -341,9 +341,7 @@ class BatchRunner:
                     ask = self.task.build(orjson.loads(it.payload))
                     follow = self.task.repair(ask, answer, exc.reason)
                     body = orjson.dumps({"endpoint": follow.endpoint, "body": follow.body})
-                    return Outcome(
-                        seq, "pending", body, "repair", redact(exc.reason), 0.0, *usage
-                    )
+                    return Outcome(seq, "pending", body, "repair", redact(exc.reason), 0.0, *usage)
                 return Outcome(
                     seq, "invalid", None, exc.error_class, redact(exc.reason), 0.0, *usage
                 )
