@@ -158,3 +158,26 @@ def test_tokens_and_estimate() -> None:
     assert est.savings == pytest.approx(est.cost_realtime / 2)
     est = estimate_requests(reqs, "who-knows", PriceTable.load(), max_tokens=5)
     assert est.cost_realtime is None and any("no price" in x for x in est.lines())
+
+
+def test_estimate_prices_each_request_by_its_own_model() -> None:
+    chat = {
+        "model": "gpt-4o",
+        "messages": [{"role": "user", "content": "x" * 40}],
+        "max_tokens": 10,
+    }
+    emb = {"model": "text-embedding-3-small", "input": "y" * 400}
+    est = estimate_requests(
+        [("/v1/chat/completions", chat), ("/v1/embeddings", emb)],
+        "",
+        PriceTable.load(),
+        max_tokens=None,
+    )
+    assert est.output_tokens == 10 and est.model == "gpt-4o, text-embedding-3-small"
+    table = PriceTable.load()
+    tin_chat = count_request_tokens("/v1/chat/completions", chat)
+    tin_emb = count_request_tokens("/v1/embeddings", emb)
+    expected = table.cost("gpt-4o", tin_chat, 10, batch=False) + table.cost(
+        "text-embedding-3-small", tin_emb, 0, batch=False
+    )
+    assert est.cost_realtime == pytest.approx(expected)

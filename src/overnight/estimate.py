@@ -60,27 +60,47 @@ def estimate_requests(
     max_tokens: int | None,
     expected_output_tokens: int | None = None,
 ) -> Estimate:
-    items = tin = chats = 0
+    """Counts every request; prices each by its own model when the job names none (an
+    OpenAI batch file run as is may mix models)."""
+    items = tin = tout = 0
+    by_model: dict[str, list[int]] = {}
     for endpoint, body in requests:
         items += 1
-        tin += count_request_tokens(endpoint, body, model)
-        if not endpoint.endswith("/embeddings"):
-            chats += 1
+        name = model or str(body.get("model", ""))
+        n_in = count_request_tokens(endpoint, body, name)
+        if endpoint.endswith("/embeddings"):
+            n_out = 0
+        elif expected_output_tokens is not None:
+            n_out = expected_output_tokens
+        else:
+            own = body.get("max_tokens") or body.get("max_completion_tokens") or max_tokens
+            n_out = int(own) if own else ASSUMED_OUTPUT_TOKENS
+        tin += n_in
+        tout += n_out
+        acc = by_model.setdefault(name, [0, 0])
+        acc[0] += n_in
+        acc[1] += n_out
     if expected_output_tokens is not None:
-        tout, basis = chats * expected_output_tokens, f"{expected_output_tokens} per request"
+        basis = f"{expected_output_tokens} per request"
     elif max_tokens is not None:
-        tout, basis = chats * max_tokens, f"upper bound: max_tokens {max_tokens} per request"
+        basis = f"upper bound: max_tokens {max_tokens} per request"
     else:
-        tout = chats * ASSUMED_OUTPUT_TOKENS
-        basis = f"assumed {ASSUMED_OUTPUT_TOKENS} per request: set max_tokens to bound it"
+        basis = (
+            f"max_tokens where the request sets it, else assumed {ASSUMED_OUTPUT_TOKENS} per"
+            " request: set max_tokens to bound it"
+        )
+    real = [prices.cost(m, a, b, batch=False) for m, (a, b) in by_model.items()]
+    batch = [prices.cost(m, a, b, batch=True) for m, (a, b) in by_model.items()]
+    known = None not in real and bool(real)
+    names = sorted(by_model)
     return Estimate(
-        model=model,
+        model=model or ", ".join(names),
         items=items,
         input_tokens=tin,
         output_tokens=tout,
         output_basis=basis,
-        token_method=encoding_note(model),
-        cost_realtime=prices.cost(model, tin, tout, batch=False),
-        cost_batch=prices.cost(model, tin, tout, batch=True),
+        token_method=encoding_note(model or (names[0] if names else "")),
+        cost_realtime=sum(real) if known else None,  # type: ignore[arg-type]
+        cost_batch=sum(batch) if known else None,  # type: ignore[arg-type]
         prices_checked=prices.checked,
     )
