@@ -29,6 +29,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .errors import OvernightError
+from .estimate import usd
 from .job import Job, Report
 from .runner import Progress as RunProgress
 
@@ -121,10 +122,13 @@ class _Reporter:
         elif now - self._last >= self.every:
             self._last = now
             total = f"/{p.total}" if p.ingest_done else f"/~{p.total}"
+            extra = f", batch size {p.batch_size}" if p.batch_size else ""
+            if p.cost or p.list_cost:
+                extra += f", cost {usd(p.cost)}"
             err.print(
                 Text(
                     f"{self.name}: {p.finished}{total} done, {bad} failed or invalid, "
-                    f"{rate:.1f} items/s, batch size {p.batch_size}"
+                    f"{rate:.1f} items/s{extra}"
                 ),
                 highlight=False,
                 soft_wrap=True,  # one report, one line, however narrow the "terminal"
@@ -173,11 +177,11 @@ def _print_report(r: Report) -> None:
         table.add_row("batch size", str(r.batch_size))
     if r.llm:
         table.add_row("tokens", f"{c.input_tokens:,} in, {c.output_tokens:,} out")
-        cost = f"${c.cost:,.4f}"
+        cost = usd(c.cost)
         if c.input_tokens and not c.list_cost:
             cost = "unknown: no price for this model (add one with [run] prices)"
         elif c.saved > 0:
-            cost += f" (saved ${c.saved:,.4f} vs ${c.list_cost:,.4f} at real-time prices)"
+            cost += f" (saved {usd(c.saved)} vs {usd(c.list_cost)} at real-time prices)"
         table.add_row("cost", cost)
     if r.output:
         table.add_row("output", Text(str(r.output)))  # paths may hold [brackets]

@@ -12,6 +12,14 @@ from .llm.tokens import count_request_tokens, encoding_note
 ASSUMED_OUTPUT_TOKENS = 256  # per chat request, when max_tokens does not bound it
 
 
+def usd(amount: float) -> str:
+    """Dollars to the cent, or to four significant digits below a cent (a small test job
+    should not read $0.00)."""
+    if amount == 0 or abs(amount) >= 0.01:
+        return f"${amount:,.2f}"
+    return "$" + f"{float(f'{amount:.3g}'):.10f}".rstrip("0")
+
+
 @dataclass(frozen=True)
 class Estimate:
     model: str

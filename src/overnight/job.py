@@ -22,6 +22,7 @@ from . import llm_job, sinks, sources
 from .backends.base import Predictor
 from .batching import BatchSizer
 from .errors import EndpointDown, InputChangedError, InputError, UsageError, redact
+from .estimate import usd
 from .retry import Backoff
 from .runner import Progress, Runner, ingest_only
 from .spec import JobSpec, SourceSpec, load_job_file, parse_spec, semantic_hash, source_format
@@ -658,7 +659,7 @@ class Job:
                 "summary": (
                     f"{'finished' if counts.open == 0 else 'not finished'}"
                     f"{' after switching to real time' if switched else ' in batches'};"
-                    f" saved ${counts.saved:,.4f} vs real time"
+                    f" saved {usd(counts.saved)} vs real time"
                 ),
             }
         outcome.cancelled = ledger.is_cancelled(job.id)
