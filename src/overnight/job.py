@@ -712,7 +712,8 @@ class Job:
             self.spec.model.name or "",
             self.prices,
             max_tokens=max_tokens if isinstance(max_tokens, int) else None,
-            expected_output_tokens=None,
+            # A label is a few tokens of JSON: bounding it by max_tokens would overstate.
+            expected_output_tokens=16 if self.spec.task.kind == "classify" else None,
         )
 
     def status(self) -> Report:
