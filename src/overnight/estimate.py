@@ -52,8 +52,9 @@ class Estimate:
             out.append(f"cost: unknown — no price for {self.model!r} (add it with [run] prices)")
         else:
             out += [
-                f"cost in real time: ${self.cost_realtime:,.4f}",
-                f"cost with the batch API: ${self.cost_batch:,.4f} (saves ${self.savings:,.4f})",
+                f"cost in real time: {usd(self.cost_realtime)}",
+                f"cost with the batch API: {usd(self.cost_batch or 0.0)}"
+                f" (saves {usd(self.savings or 0.0)})",
                 f"prices checked {self.prices_checked or 'unknown'}; they change: override"
                 " with [run] prices",
             ]
