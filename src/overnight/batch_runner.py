@@ -92,6 +92,9 @@ class BatchRunner:
                 return  # Ctrl-C: live batches stay live and recorded; a rerun re-attaches
             collected = self._poll(leftover="cancelled" if cancelled else "pending")
             live = self.ledger.chunks(self.job.id, ("creating", "live"))
+            self.progress.live_batches = len(live)
+            self.progress.in_batches = sum(c.requests for c in live)
+            self.on_progress(self.progress)
             if not live:
                 if cutting or cancelled or self._stopping() or not self._has_pending():
                     return

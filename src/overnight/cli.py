@@ -92,6 +92,7 @@ class _Reporter:
                 TaskProgressColumn(),
                 TextColumn("{task.fields[rate]:.1f} items/s"),
                 TextColumn("[red]{task.fields[failed]} failed"),
+                TextColumn("{task.fields[remote]}"),
                 TimeElapsedColumn(),
                 TextColumn("ETA"),
                 TimeRemainingColumn(),
@@ -99,7 +100,7 @@ class _Reporter:
                 transient=False,
             )
             self._bar.__enter__()
-            self._task = self._bar.add_task(self.name, total=None, rate=0.0, failed=0)
+            self._task = self._bar.add_task(self.name, total=None, rate=0.0, failed=0, remote="")
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -118,11 +119,14 @@ class _Reporter:
                 total=p.total or None,
                 rate=rate,
                 failed=bad,
+                remote=f"{p.in_batches:,} in {p.live_batches} batches" if p.live_batches else "",
             )
         elif now - self._last >= self.every:
             self._last = now
             total = f"/{p.total}" if p.ingest_done else f"/~{p.total}"
             extra = f", batch size {p.batch_size}" if p.batch_size else ""
+            if p.live_batches:
+                extra += f", {p.in_batches:,} in {p.live_batches} provider batches"
             if p.cost or p.list_cost:
                 extra += f", cost {usd(p.cost)}"
             err.print(

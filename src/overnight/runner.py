@@ -70,6 +70,8 @@ class Progress:
     cost: float = 0.0  # USD spent on the job so far (LLM backends)
     list_cost: float = 0.0  # the same tokens at real-time prices
     stop_reason: str | None = None  # why the run stopped early (max_cost, endpoint down)
+    in_batches: int = 0  # batch backends: items inside live provider batches ...
+    live_batches: int = 0  # ... and how many batches
 
     @property
     def total(self) -> int:
