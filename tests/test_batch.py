@@ -208,3 +208,16 @@ def test_batch_repair_asks_again_in_the_next_batch(
     assert fake.stats.batch_creations == 2  # the answers, then the repairs
     twice = sum(1 for n in fake.stats.batch_items.values() if n == 2)
     assert 0 < twice < 20  # only the invalid ones were asked again
+
+
+def test_a_batch_refused_as_a_whole_fails_its_lines(tmp_path: Path, fake: FakeProvider) -> None:
+    write_records(tmp_path, 8)
+    fake.knobs.max_batch_requests = 5  # the provider's limit is lower than ours
+    job = llm_job(tmp_path, "openai-batch", fake.openai_url, model={"max_requests_per_batch": 6})
+    report = job.run()
+    assert report.counts.failed == 6 and report.counts["succeeded"] == 2
+    assert "the provider refused the batch: HTTP 400" in job.failures()[0].message
+    # The fix is the job file's limit; retry sends them again, in batches that fit.
+    job = llm_job(tmp_path, "openai-batch", fake.openai_url, model={"max_requests_per_batch": 5})
+    job.retry()
+    assert job.run().counts["succeeded"] == 8

@@ -220,36 +220,51 @@ class BatchRunner:
     def _create(self, chunk: int, lines: list[Line]) -> None:
         try:
             remote, file_id = self.service.submit(lines, self.tag, chunk)
-        except TooLarge:
-            if len(lines) == 1:
-                seq = lines[0].seq
-                self.ledger.finish_chunk(
-                    self.job.id,
-                    chunk,
-                    [
-                        Outcome(
-                            seq,
-                            "failed",
-                            None,
-                            "request_too_large",
-                            "the provider refused this single request as too large (413)",
-                        )
-                    ],
-                    time.time(),
-                    remote_status="refused",
-                )
+        except Exception as exc:
+            status = getattr(exc, "status_code", None)
+            if isinstance(exc, TooLarge) or status is None or status in (408, 409, 429):
+                self._split_or_raise(chunk, lines, exc)
                 return
-            # Split: this chunk keeps the first half; the second half becomes a new chunk.
-            half = len(lines) // 2
+            if status >= 500:
+                raise  # the provider is unwell: a rerun adopts or creates this chunk
+            # Refused as a whole (a 4xx): every line fails with the provider's message,
+            # rather than the next run sending the same refused batch again.
+            message = redact(f"the provider refused the batch: HTTP {status}: {exc}")
             self.ledger.finish_chunk(
-                self.job.id, chunk, [], time.time(), remote_status="split", count_attempt=False
+                self.job.id,
+                chunk,
+                [Outcome(ln.seq, "failed", None, f"batch_http_{status}", message) for ln in lines],
+                time.time(),
+                remote_status="refused",
             )
-            for part in (lines[:half], lines[half:]):
-                sub = self.ledger.plan_chunk(
-                    self.job.id, self.service.provider, [ln.seq for ln in part], time.time()
-                )
-                self._create(sub, part)
             return
+        self._created(chunk, remote, file_id)
+
+    def _split_or_raise(self, chunk: int, lines: list[Line], exc: Exception) -> None:
+        if not isinstance(exc, TooLarge):
+            raise exc  # connection trouble, throttling: a rerun adopts or creates the chunk
+        if len(lines) == 1:
+            message = "the provider refused this single request as too large (413)"
+            self.ledger.finish_chunk(
+                self.job.id,
+                chunk,
+                [Outcome(lines[0].seq, "failed", None, "request_too_large", message)],
+                time.time(),
+                remote_status="refused",
+            )
+            return
+        # Split: this chunk is closed ("split") and each half becomes a chunk of its own.
+        half = len(lines) // 2
+        self.ledger.finish_chunk(
+            self.job.id, chunk, [], time.time(), remote_status="split", count_attempt=False
+        )
+        for part in (lines[:half], lines[half:]):
+            sub = self.ledger.plan_chunk(
+                self.job.id, self.service.provider, [ln.seq for ln in part], time.time()
+            )
+            self._create(sub, part)
+
+    def _created(self, chunk: int, remote: str, file_id: str | None) -> None:
         self.created += 1
         if os.environ.get("OVERNIGHT_TEST_CRASH_AT") == "after_create":
             _crash()
@@ -274,7 +289,15 @@ class BatchRunner:
         collected = 0
         for c in self.ledger.chunks(self.job.id, ("live",)):
             assert c.remote_id is not None
-            poll = self.service.poll(c.remote_id)
+            try:
+                poll = self.service.poll(c.remote_id)
+            except Exception as exc:
+                if getattr(exc, "status_code", 500) >= 500 or type(exc).__name__ in (
+                    "APIConnectionError",
+                    "APITimeoutError",
+                ):
+                    continue  # (the SDK retried already) try again at the next poll
+                raise
             self.ledger.update_chunk(self.job.id, c.chunk, poll.status, poll.counts)
             if os.environ.get("OVERNIGHT_TEST_CRASH_AT") == "while_polling":
                 _crash()
