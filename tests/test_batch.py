@@ -221,3 +221,46 @@ def test_a_batch_refused_as_a_whole_fails_its_lines(tmp_path: Path, fake: FakePr
     job = llm_job(tmp_path, "openai-batch", fake.openai_url, model={"max_requests_per_batch": 5})
     job.retry()
     assert job.run().counts["succeeded"] == 8
+
+
+def test_auto_past_the_cut_collects_live_batches_then_real_time(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """The run that submitted died; when it comes back the cut has passed: the live batch is
+    cancelled and collected (its finished half kept), the rest done in real time."""
+    write_records(tmp_path, 10)
+    fake.knobs.batch_seconds = 60
+    far = (datetime.now(UTC) + timedelta(hours=5)).isoformat()
+    job = llm_job(
+        tmp_path,
+        "auto",
+        fake.openai_url,
+        model={"provider": "openai"},
+        run={"deadline": far, "deadline_margin": 3600},
+    )
+    with pytest.raises(SystemExit):
+        import overnight.batch_runner as br
+
+        original = br.BatchRunner._poll
+
+        def die(self, leftover):  # the process "dies" right after submitting
+            raise SystemExit(9)
+
+        br.BatchRunner._poll = die
+        try:
+            job.run()
+        finally:
+            br.BatchRunner._poll = original
+    assert fake.stats.batch_creations == 1
+    soon = (datetime.now(UTC) + timedelta(seconds=30)).isoformat()
+    job = llm_job(
+        tmp_path,
+        "auto",
+        fake.openai_url,
+        model={"provider": "openai"},
+        run={"deadline": soon, "deadline_margin": 3600},
+    )
+    report = job.run()
+    assert report.exit_code == 0 and report.counts["succeeded"] == 10
+    assert fake.stats.batch_creations == 1  # nothing new submitted past the cut
+    assert fake.stats.requests["/v1/chat/completions"] == 5

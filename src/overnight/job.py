@@ -640,8 +640,9 @@ class Job:
         cut = deadline.timestamp() - self.spec.run.deadline_margin if deadline else None
         batch = self._batch_runner(ledger, fresh, progress, on_progress, stop)
         switched = False
-        if cut is None or time.time() < cut:
-            batch.run(until=cut)
+        # Past the cut already (say the machine was off): this only adopts, cancels and
+        # collects the live batches, submitting nothing new.
+        batch.run(until=cut)
         if stop is not None and stop.is_set():
             return
         counts = ledger.counts(job.id)
