@@ -10,10 +10,12 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import httpx2 as httpx
 import orjson
 import pytest
-from llm_helpers import llm_job, read_jsonl, write_records
+from llm_helpers import ANT_KEY, KEY, llm_job, read_jsonl, write_records
 
+from overnight.llm.batch import AnthropicBatch, Line, OpenAIBatch
 from overnight.testing.fake_provider import FakeProvider
 
 pytestmark = pytest.mark.usefixtures("keys")
@@ -264,3 +266,128 @@ def test_auto_past_the_cut_collects_live_batches_then_real_time(
     assert report.exit_code == 0 and report.counts["succeeded"] == 10
     assert fake.stats.batch_creations == 1  # nothing new submitted past the cut
     assert fake.stats.requests["/v1/chat/completions"] == 5
+
+
+# -- a create whose answer is lost, and cancels that race a create ----------------------------
+
+
+class LossyCreate(httpx.HTTPTransport):
+    """The first batch create either reaches the provider and its answer is lost (`lost`: a
+    502 comes back instead, as from a proxy), or is throttled before it gets there (`429`)."""
+
+    def __init__(self, path: str, mode: str) -> None:
+        super().__init__()
+        self.path, self.mode, self.left = path, mode, 1
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        hit = request.method == "POST" and request.url.path == self.path and self.left > 0
+        if hit and self.mode == "429":
+            self.left -= 1
+            return httpx.Response(429, headers={"retry-after": "0"}, request=request)
+        response = super().handle_request(request)
+        if hit:
+            self.left -= 1
+            response.read()
+            error = {"error": {"message": "bad gateway", "type": "api_error"}}
+            return httpx.Response(502, headers={"retry-after": "0"}, json=error, request=request)
+        return response
+
+
+@pytest.mark.parametrize("mode", ["lost", "429"])
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+def test_a_create_is_never_retried_blindly(fake: FakeProvider, provider: str, mode: str) -> None:
+    """Neither SDK makes a create idempotent: its own retry after a lost answer would create
+    the batch twice and pay every line twice. The service looks for the batch first."""
+    if provider == "openai":
+        svc: OpenAIBatch | AnthropicBatch = OpenAIBatch(
+            api_key=KEY, base_url=fake.openai_url, max_requests=10, max_bytes=10**6
+        )
+        path, endpoint, body = "/v1/batches", "/v1/chat/completions", {"model": "gpt-4o-mini"}
+    else:
+        svc = AnthropicBatch(
+            api_key=ANT_KEY, base_url=fake.anthropic_url, max_requests=10, max_bytes=10**6
+        )
+        path, endpoint = "/v1/messages/batches", "/v1/messages"
+        body = {"model": "claude-3-5-haiku", "max_tokens": 8}
+    transport = LossyCreate(path, mode)
+    svc.client = svc.client.with_options(http_client=httpx.Client(transport=transport))
+    body["messages"] = [{"role": "user", "content": "hi"}]
+    lines = [Line(i, f"r{i}", endpoint, body) for i in range(3)]
+    remote, _ = svc.submit(lines, "job@1.0", 1)
+    assert transport.left == 0  # the fault happened
+    assert fake.stats.batch_creations == 1
+    assert dict(fake.stats.batch_items) == {"r0": 1, "r1": 1, "r2": 1}
+    assert svc.poll(remote).counts  # the id returned is the batch that exists
+
+
+def test_a_cancel_during_the_upload_cancels_that_batch_too(
+    tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`overnight cancel` cancels the batches it sees live; a batch whose upload was under way
+    is recorded after that, and the runner cancels it when it sees the job cancelled."""
+    write_records(tmp_path, 12)
+    fake.knobs.batch_seconds = 30
+    job = llm_job(tmp_path, "openai-batch", fake.openai_url, model={"max_requests_per_batch": 5})
+    submit = OpenAIBatch.submit
+
+    def cancel_then_submit(self, lines, tag, chunk):
+        job.cancel()  # another process, while this chunk is `creating`
+        return submit(self, lines, tag, chunk)
+
+    monkeypatch.setattr(OpenAIBatch, "submit", cancel_then_submit)
+    report = job.run()
+    assert report.cancelled and fake.stats.batch_creations == 1  # nothing after the cancel
+    assert [b["status"] for b in report.remote_batches] == ["cancelled"]
+    # the fake finishes half of a cancelled batch: kept
+    assert report.counts["succeeded"] == 2 and report.counts["cancelled"] == 10
+
+
+def test_a_cancel_before_a_chunk_is_planned_creates_nothing(
+    tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_records(tmp_path, 6)
+    job = llm_job(tmp_path, "openai-batch", fake.openai_url)
+    line_bytes = OpenAIBatch.line_bytes
+
+    def cancel_while_reading(self, line):
+        if line.seq == 0:
+            job.cancel()  # after the page of pending items was read
+        return line_bytes(self, line)
+
+    monkeypatch.setattr(OpenAIBatch, "line_bytes", cancel_while_reading)
+    report = job.run()
+    assert report.cancelled and report.counts["cancelled"] == 6
+    assert fake.stats.batch_creations == 0 and fake.stats.files_uploaded == 0
+
+
+def test_mixed_models_and_endpoints_make_one_file_each(tmp_path: Path, fake: FakeProvider) -> None:
+    """An OpenAI batch file holds one endpoint and one model: a passthrough file that mixes
+    them is grouped into one batch per (endpoint, model), not cut at every change."""
+    chat = {"url": "/v1/chat/completions", "messages": [{"role": "user", "content": "hi"}]}
+    lines = []
+    for i in range(12):
+        if i % 4 == 3:
+            body = {"model": "text-embedding-3-small", "input": f"x{i}"}
+            url = "/v1/embeddings"
+        else:
+            body = {
+                "model": "gpt-4o-mini" if i % 2 else "gpt-4.1-mini",
+                "messages": chat["messages"],
+            }
+            url = "/v1/chat/completions"
+        lines.append({"custom_id": f"c{i}", "method": "POST", "url": url, "body": body})
+    for i in (5, 9):  # records that cannot become a request fail, without a batch
+        lines.insert(i, {"custom_id": f"bad{i}", "method": "GET", "url": "/v1/x", "body": {}})
+    (tmp_path / "in.jsonl").write_bytes(b"".join(orjson.dumps(x) + b"\n" for x in lines))
+    job = llm_job(tmp_path, "openai-batch", fake.openai_url, kind="passthrough")
+    job.spec = job.spec.model_copy(
+        update={"source": job.spec.source.model_copy(update={"id": None})}
+    )
+    report = job.run()
+    assert report.counts["succeeded"] == 12 and report.counts.failed == 2
+    assert fake.stats.batch_creations == 3  # 4.1-mini chat, 4o-mini chat, embeddings
+    assert max(fake.stats.batch_items.values()) == 1
+    rows = read_jsonl(tmp_path / "job.out.jsonl")
+    assert [r["custom_id"] for r in rows] == [f"c{i}" for i in range(12)]
+    assert sorted(f.custom_id for f in job.failures()) == ["bad5", "bad9"]
+    assert [b["status"] for b in report.remote_batches].count("input_error") == 1

@@ -1,17 +1,12 @@
-"""Client-side limits (fake clock) and the real-time predictor's counters against the fake."""
+"""Client-side limits with a fake clock: token buckets (rpm, tpm), retry-after pauses, AIMD."""
 
 from __future__ import annotations
 
 import asyncio
 
 import pytest
-from llm_helpers import KEY
 
-from overnight.errors import EndpointDown
 from overnight.llm.limits import AIMD, RateLimiter, TokenBucket
-from overnight.llm.realtime import RealtimePredictor, RetriesExhausted, _retry_after
-from overnight.llm.requests import make_llm_task
-from overnight.testing.fake_provider import FakeProvider
 
 
 class Clock:
@@ -28,14 +23,29 @@ class Clock:
 def test_rpm_is_smooth_not_bursty() -> None:
     clock = Clock()
     limiter = RateLimiter(rpm=6000, tpm=None, clock=clock, sleep=clock.sleep)
+    times: list[float] = []
 
     async def go() -> None:
         for _ in range(1000):
             await limiter.acquire()
+            times.append(clock.now)
 
     asyncio.run(go())
-    # A second's worth may go at once (100), the rest at 100/s: 900 more take 9 s.
+    # A second's worth may go at once (100), the rest at 100/s: 900 more take 9 s, 10 ms apart.
+    assert times[99] == 0.0 and times[100] == pytest.approx(0.01)
     assert clock.now == pytest.approx(9.0, rel=0.01)
+
+
+def test_low_rpm_has_no_burst() -> None:
+    clock = Clock()
+    limiter = RateLimiter(rpm=30, tpm=None, clock=clock, sleep=clock.sleep)
+
+    async def go() -> None:
+        for _ in range(3):
+            await limiter.acquire()
+
+    asyncio.run(go())
+    assert clock.now == pytest.approx(4.0)  # one at once, then one every 2 s
 
 
 def test_tpm_corrected_by_usage_and_penalty() -> None:
@@ -47,11 +57,14 @@ def test_tpm_corrected_by_usage_and_penalty() -> None:
         limiter.settle(10, 2)  # it used only 2: 8 come back
         await limiter.acquire(8)
         assert clock.now == 0.0
-        limiter.penalize(5.0)
+        limiter.settle(8, 28)  # it used 20 more than estimated: a debt of 20 tokens
+        await limiter.acquire(10)
+        assert clock.now == pytest.approx(3.0)
+        limiter.penalize(5.0)  # retry-after: nobody sends for 5 s, whatever the buckets say
         await limiter.acquire(0)
 
     asyncio.run(go())
-    assert clock.now == pytest.approx(5.0)
+    assert clock.now == pytest.approx(8.0)
 
 
 def test_token_bucket_debt_delays_the_next() -> None:
@@ -59,6 +72,9 @@ def test_token_bucket_debt_delays_the_next() -> None:
     bucket = TokenBucket(rate=10, burst=10, clock=clock)
     bucket.take(30)  # bigger than the burst: goes, leaves a debt
     assert bucket.wait_time(1) == pytest.approx(2.1)
+    clock.now = 100.0
+    assert bucket.level == -20 and bucket.wait_time(10) == 0.0  # refilled to the burst only
+    assert bucket.level == 10
 
 
 def test_aimd_halves_once_per_burst_and_grows_slowly() -> None:
@@ -72,69 +88,51 @@ def test_aimd_halves_once_per_burst_and_grows_slowly() -> None:
     assert aimd.limit == 8
 
     async def grow() -> None:
-        for _ in range(10):
+        for _ in range(100):
             aimd.on_success()
 
     asyncio.run(grow())
-    assert aimd.limit == 10
+    assert aimd.limit == 28  # +1 per 5 successes
+    asyncio.run(grow())
+    assert aimd.limit == 32  # never above the maximum
+
+    floor = AIMD(2, minimum=1, clock=clock)
+    for step in range(5):
+        clock.now = 10.0 + 2 * step
+        floor.on_throttle()
+    assert floor.limit == 1
 
 
-def test_retry_after_headers() -> None:
-    assert _retry_after({"retry-after-ms": "250"}) == 0.25
-    assert _retry_after({"retry-after": "1.5"}) == 1.5
-    assert _retry_after({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}) == 0.0
-    assert _retry_after({}) is None
+def test_aimd_slot_respects_the_current_limit() -> None:
+    aimd = AIMD(4, maximum=4, grow_after=1)
+    peak = 0
 
+    async def worker(hold: asyncio.Event) -> None:
+        nonlocal peak
+        async with aimd.slot():
+            peak = max(peak, aimd.in_flight)
+            await hold.wait()
 
-def predictor(url: str, **kw) -> RealtimePredictor:
-    task = make_llm_task("generate", "openai", "gpt-4o-mini")
-    return RealtimePredictor(
-        "openai", base_url=url, api_key=KEY, backoff_base=0.01, backoff_max=0.05, task=task, **kw
-    )
+    async def go() -> None:
+        nonlocal peak
+        hold = asyncio.Event()
+        tasks = [asyncio.create_task(worker(hold)) for _ in range(10)]
+        await asyncio.sleep(0.01)
+        assert aimd.in_flight == 4 and peak == 4
+        hold.set()
+        await asyncio.gather(*tasks)
+        # After a cut to 1, a second holder waits until it is grown back by a success.
+        aimd.limit = 1
+        peak = 0
+        hold = asyncio.Event()
+        tasks = [asyncio.create_task(worker(hold)) for _ in range(2)]
+        await asyncio.sleep(0.01)
+        assert aimd.in_flight == 1
+        aimd.on_success()  # grow_after = 1: the limit is 2, the waiter wakes
+        await asyncio.sleep(0.01)
+        assert aimd.in_flight == 2
+        hold.set()
+        await asyncio.gather(*tasks)
+        assert aimd.in_flight == 0
 
-
-def test_predictor_cuts_concurrency_on_429s(fake: FakeProvider) -> None:
-    fake.knobs.throttle_next = 6
-    fake.knobs.throttle_seconds = 0.05
-    p = predictor(fake.openai_url, concurrency=16, max_attempts=5)
-    task = make_llm_task("generate", "openai", "gpt-4o-mini")
-    try:
-        answers = p.process([task.build({"text": f"t{i}"}) for i in range(40)])
-    finally:
-        p.close()
-    assert all(not isinstance(a, Exception) for a in answers)
-    assert p.stats.throttled == 6 and p.aimd.cuts >= 1 and p.aimd.limit < 16
-
-
-def test_predictor_gives_up_after_max_attempts(fake: FakeProvider) -> None:
-    fake.knobs.fail_next = 100
-    p = predictor(fake.openai_url, max_attempts=3)
-    task = make_llm_task("generate", "openai", "gpt-4o-mini")
-    try:
-        (answer,) = p.process([task.build({"text": "x"})])
-    finally:
-        p.close()
-    assert isinstance(answer, RetriesExhausted)
-    assert "gave up after 3 attempts: HTTP 500" in str(answer)
-
-
-def test_predictor_timeout_is_retried(fake: FakeProvider) -> None:
-    fake.knobs.timeout_next = 1
-    fake.knobs.hang_seconds = 2.0
-    p = predictor(fake.openai_url, timeout=0.3, max_attempts=3)
-    task = make_llm_task("generate", "openai", "gpt-4o-mini")
-    try:
-        (answer,) = p.process([task.build({"text": "x"})])
-    finally:
-        p.close()
-    assert not isinstance(answer, Exception) and p.stats.retries == 1
-
-
-def test_predictor_endpoint_down() -> None:
-    p = predictor("http://127.0.0.1:9/v1", max_attempts=2, down_after=5, concurrency=2)
-    task = make_llm_task("generate", "openai", "gpt-4o-mini")
-    try:
-        with pytest.raises(EndpointDown, match="5 requests in a row"):
-            p.process([task.build({"text": f"t{i}"}) for i in range(10)])
-    finally:
-        p.close()
+    asyncio.run(go())

@@ -181,3 +181,114 @@ def test_estimate_prices_each_request_by_its_own_model() -> None:
         "text-embedding-3-small", tin_emb, 0, batch=False
     )
     assert est.cost_realtime == pytest.approx(expected)
+
+
+def test_generate_and_embed_bodies() -> None:
+    oa = make_llm_task("generate", "openai", "m", system="S", params={"temperature": 0.2})
+    assert oa.build({"text": "hi"}).body == {
+        "model": "m",
+        "messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "hi"}],
+        "temperature": 0.2,
+    }
+    an = make_llm_task("generate", "anthropic", "c", system="S")
+    body = an.build({"text": "hi"}).body
+    assert body == {
+        "model": "c",
+        "messages": [{"role": "user", "content": "hi"}],
+        "system": "S",
+        "max_tokens": 1024,  # Anthropic requires it
+    }
+    assert (
+        make_llm_task("generate", "anthropic", "c", params={"max_tokens": 9})
+        .build({"text": "x"})
+        .body["max_tokens"]
+        == 9
+    )
+    text = Answer({"content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}, 1, 2)
+    assert an.parse(text) == {"output": "ab", "usage": {"input_tokens": 1, "output_tokens": 2}}
+    emb = make_llm_task("embed", "openai", "e", params={"dimensions": 4})
+    r = emb.build({"text": "x"})
+    assert r.endpoint == "/v1/embeddings" and r.body == {
+        "model": "e",
+        "input": "x",
+        "dimensions": 4,
+    }
+    vec = answer_from_body(
+        "openai",
+        "/v1/embeddings",
+        {"data": [{"embedding": [0.1, 0.2]}], "usage": {"prompt_tokens": 3, "total_tokens": 3}},
+    )
+    assert emb.parse(vec)["output"] == [0.1, 0.2] and vec.input_tokens == 3
+    with pytest.raises(InvalidOutput, match="embedding"):
+        emb.parse(Answer({"data": []}, 0, 0))
+
+
+def test_usage_from_bodies() -> None:
+    body = {
+        "usage": {
+            "input_tokens": 10,
+            "cache_read_input_tokens": 100,
+            "cache_creation_input_tokens": 5,
+            "output_tokens": 7,
+        }
+    }
+    a = answer_from_body("anthropic", "/v1/messages", body)
+    assert (a.input_tokens, a.output_tokens, a.cached) == (115, 7, False)
+    a = answer_from_body("openai", "/v1/chat/completions", {"usage": None})
+    assert (a.input_tokens, a.output_tokens) == (0, 0)
+
+
+def test_refusals_and_truncation_are_named() -> None:
+    oa = make_llm_task("extract", "openai", "m", schema=SCHEMA)
+    refused = {"choices": [{"message": {"content": None, "refusal": "I can't"}}]}
+    with pytest.raises(InvalidOutput, match="refused: I can't"):
+        oa.parse(Answer(refused, 1, 1))
+    with pytest.raises(InvalidOutput, match=r"schema: .*cut off at max_tokens"):
+        oa.parse(chat_answer('{"topic": "bug"}', "length"))
+    an = make_llm_task("extract", "anthropic", "c", schema=SCHEMA)
+    partial = {
+        "content": [{"type": "tool_use", "id": "t", "input": {"topic": "bug"}}],
+        "stop_reason": "max_tokens",
+    }
+    with pytest.raises(InvalidOutput, match=r"urgent.*cut off at max_tokens"):
+        an.parse(Answer(partial, 1, 1))
+    with pytest.raises(InvalidOutput, match="refused"):
+        an.parse(Answer({"content": [], "stop_reason": "refusal"}, 1, 1))
+    with pytest.raises(InvalidOutput, match="no tool_use block"):
+        an.parse(Answer({"content": [{"type": "text", "text": "hm"}]}, 1, 1))
+
+
+def test_openai_classify_and_repair_conversation() -> None:
+    t = make_llm_task("classify", "openai", "m", labels=["a", "b"])
+    r = t.build({"text": "hi"})
+    fmt = r.body["response_format"]
+    assert fmt["type"] == "json_schema" and fmt["json_schema"]["strict"] is True
+    assert t.parse(chat_answer('{"label": "a"}'))["output"] == "a"
+    bad = chat_answer('{"label": "c"}')
+    with pytest.raises(InvalidOutput, match="label") as info:
+        t.parse(bad)
+    fixed = t.repair(r, bad, info.value.reason)
+    assert fixed.body["messages"][:-2] == r.body["messages"]
+    assert fixed.body["messages"][-2] == {"role": "assistant", "content": '{"label": "c"}'}
+    assert fixed.body["messages"][-1]["role"] == "user"
+    assert info.value.reason in fixed.body["messages"][-1]["content"]
+    assert fixed.key != r.key and fixed.endpoint == r.endpoint
+    with pytest.raises(UsageError, match="labels"):
+        make_llm_task("classify", "openai", "m")
+    with pytest.raises(UsageError, match="schema"):
+        make_llm_task("extract", "openai", "m")
+    with pytest.raises(UsageError, match="does not run"):
+        make_llm_task("summarize", "openai", "m")
+
+
+def test_anthropic_passthrough() -> None:
+    t = make_llm_task("passthrough", "anthropic", "claude-x")
+    line = {"custom_id": "a", "method": "POST", "url": "/v1/messages", "body": {"max_tokens": 5}}
+    r = t.build(line)
+    assert r.endpoint == "/v1/messages" and r.body == {"max_tokens": 5, "model": "claude-x"}
+    assert line["body"] == {"max_tokens": 5}  # the record is not changed
+    with pytest.raises(InputError, match="/v1/messages"):
+        t.build({**line, "url": "/v1/chat/completions"})
+    with pytest.raises(InputError, match="JSON object"):
+        t.build({**line, "body": "nope"})
+    assert t.parse(Answer({"id": "msg"}, 1, 1))["output"] == {"id": "msg"}

@@ -5,7 +5,8 @@
    found → create it now. Its items were marked `submitted` when it was planned, so they can
    never be in two chunks: an item is never submitted again while a batch holding it lives.
 2. Submit: pending items, in input order, become chunks of at most `max_requests` lines and
-   `max_bytes` bytes; a 413 splits a chunk in two. Stops at `max_cost`, Ctrl-C or a deadline.
+   `max_bytes` bytes, one endpoint (and, on OpenAI, one model) per chunk; a 413 splits a
+   chunk in two. Stops at `max_cost`, Ctrl-C, a deadline or a cancel.
 3. Poll every live chunk, backing off from `poll_interval` to `poll_max`.
 4. Collect an ended chunk: every result line → parse, validate, cost at the batch price →
    one transaction. Expired, cancelled and transiently errored lines go back to pending for a
@@ -25,7 +26,7 @@ import orjson
 
 from .errors import InvalidOutput, redact
 from .estimate import ASSUMED_OUTPUT_TOKENS
-from .llm.batch import TRANSIENT_ERRORS, BatchService, Line, Result, TooLarge, _crash
+from .llm.batch import TRANSIENT_ERRORS, BatchService, Line, Result, TooLarge, _crash, _retryable
 from .llm.requests import Answer, LLMTask, answer_from_body
 from .llm.tokens import count_request_tokens
 from .runner import Meter, Progress, Usage, Validator
@@ -66,6 +67,7 @@ class BatchRunner:
         # spent plus an upper estimate of the live batches (prompt tokens + max_tokens).
         self.live_estimate: dict[int, float] = {}
         self.budget_stop = False
+        self.cancel_sent = False
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -83,6 +85,11 @@ class BatchRunner:
         cutting = False
         while True:
             cancelled = self.ledger.is_cancelled(self.job.id)
+            if cancelled and not self.cancel_sent:
+                # `overnight cancel` cancels the batches live when it ran; one recorded after
+                # (its upload was under way) is cancelled here.
+                self.cancel_sent = True
+                self._cancel_live()
             if until is not None and time.time() >= until and not cutting:
                 cutting = True
                 self._cancel_live()
@@ -98,6 +105,9 @@ class BatchRunner:
             if not live:
                 if cutting or cancelled or self._stopping() or not self._has_pending():
                     return
+                due = self.ledger.next_due(self.job.id) or 0.0
+                if due > time.time():  # pending, but not yet due: wait rather than spin
+                    self.stop.wait(min(self.poll_max, due - time.time()))
                 continue
             if collected:
                 delay = self.poll_interval
@@ -157,6 +167,8 @@ class BatchRunner:
             remote = self.service.find_orphan(self.tag, c.chunk, c.requests, c.planned_at)
             if remote is not None:
                 self.ledger.set_remote(self.job.id, c.chunk, remote)
+                if hasattr(self.service, "claimed"):  # never adopted for a second chunk
+                    self.service.claimed.add(remote)  # type: ignore[attr-defined]
                 continue
             items = self.ledger.chunk_items(self.job.id, c.chunk)
             self._create(c.chunk, [self._line(it) for it in items])
@@ -170,51 +182,79 @@ class BatchRunner:
         req = self.task.build(orjson.loads(it.payload))
         return Line(it.seq, self.service.remote_id(it.seq, it.custom_id), req.endpoint, req.body)
 
+    # Items of another endpoint or (OpenAI) model than a chunk's first wait for a later
+    # chunk; after this many of them the chunk is closed, so a mixed input is not rescanned
+    # in full for every chunk.
+    LOOKAHEAD = 10_000
+
+    def _next_chunk(self) -> list[Line]:
+        """The next chunk's lines: pending items in input order that share the first one's
+        endpoint and, on OpenAI (one model per file), its model; up to max_requests lines
+        and max_bytes bytes. Records that cannot become a request fail here."""
+        svc = self.service
+        lines: list[Line] = []
+        bad: list[tuple[int, Exception]] = []
+        size, key, skipped, after = 0, None, 0, -1
+        try:
+            while True:
+                page = self.ledger.pending_page(self.job.id, after, 1000, time.time())
+                if not page:
+                    return lines
+                for it in page:
+                    after = it.seq
+                    try:
+                        line = self._line(it)
+                    except Exception as exc:
+                        bad.append((it.seq, exc))
+                        continue
+                    model = line.body.get("model") if svc.provider == "openai" else None
+                    if key is not None and (line.endpoint, model) != key:
+                        skipped += 1
+                        if skipped >= self.LOOKAHEAD:
+                            return lines
+                        continue
+                    n = svc.line_bytes(line)
+                    if lines and size + n > svc.max_bytes:
+                        return lines
+                    key = (line.endpoint, model)
+                    lines.append(line)
+                    size += n
+                    if len(lines) >= svc.max_requests:
+                        return lines
+        finally:
+            if bad:
+                self._fail_inputs(bad)
+
     def _submit(self) -> bool:
         """Plan and create chunks from the pending items; True if any was created."""
         made = False
-        after = -1
         while not self._stopping():
-            lines, size, endpoint, model = [], 0, None, None
-            page = self.ledger.pending_page(self.job.id, after, 1000, time.time())
-            if not page:
-                break
-            for it in page:
-                try:
-                    line = self._line(it)
-                except Exception as exc:  # a record that cannot become a request
-                    self._fail_input(it.seq, exc)
-                    after = it.seq
-                    continue
-                n = self.service.line_bytes(line)
-                # One endpoint and (OpenAI) one model per file; limits by count and bytes.
-                if lines and (
-                    len(lines) >= self.service.max_requests
-                    or size + n > self.service.max_bytes
-                    or line.endpoint != endpoint
-                    or (self.service.provider == "openai" and line.body.get("model") != model)
-                ):
-                    break
-                lines.append(line)
-                size += n
-                endpoint, model = line.endpoint, line.body.get("model")
-                after = it.seq
-                if len(lines) == len(page) and len(lines) < self.service.max_requests:
-                    more = self.ledger.pending_page(self.job.id, after, 1000, time.time())
-                    page.extend(more)  # keep filling this chunk from the next page
+            lines = self._next_chunk()
             if not lines:
-                continue
+                break
             if self._over_budget(lines):
                 self.budget_stop = True
                 break
             chunk = self.ledger.plan_chunk(
                 self.job.id, self.service.provider, [ln.seq for ln in lines], time.time()
             )
+            if self.ledger.is_cancelled(self.job.id):
+                # Cancelled from another process since the page was read: some of these
+                # items are cancelled, not in the chunk; create nothing.
+                self.ledger.finish_chunk(
+                    self.job.id,
+                    chunk,
+                    [],
+                    time.time(),
+                    leftover="cancelled",
+                    remote_status="cancelled",
+                    count_attempt=False,
+                )
+                break
             if self.max_cost is not None:
                 self.live_estimate[chunk] = self._estimate(lines)
             self._create(chunk, lines)
             made = True
-            after = -1  # the planned items are no longer pending: start over
         return made
 
     def _create(self, chunk: int, lines: list[Line]) -> None:
@@ -272,16 +312,19 @@ class BatchRunner:
         if hasattr(self.service, "claimed"):
             self.service.claimed.add(remote)  # type: ignore[attr-defined]
 
-    def _fail_input(self, seq: int, exc: Exception) -> None:
-        chunk = self.ledger.plan_chunk(self.job.id, self.service.provider, [seq], time.time())
+    def _fail_inputs(self, bad: list[tuple[int, Exception]]) -> None:
+        """Records that cannot become a request: failed, through one local chunk."""
+        now = time.time()
+        chunk = self.ledger.plan_chunk(self.job.id, self.service.provider, [s for s, _ in bad], now)
         self.ledger.finish_chunk(
             self.job.id,
             chunk,
-            [Outcome(seq, "failed", None, "input_error", redact(str(exc)))],
-            time.time(),
+            [Outcome(seq, "failed", None, "input_error", redact(str(exc))) for seq, exc in bad],
+            now,
             remote_status="input_error",
         )
-        self.progress.failed += 1
+        self.progress.failed += len(bad)
+        self.progress.processed += len(bad)
 
     # -- poll and collect ---------------------------------------------------------------
 
@@ -292,10 +335,7 @@ class BatchRunner:
             try:
                 poll = self.service.poll(c.remote_id)
             except Exception as exc:
-                if getattr(exc, "status_code", 500) >= 500 or type(exc).__name__ in (
-                    "APIConnectionError",
-                    "APITimeoutError",
-                ):
+                if _retryable(exc):
                     continue  # (the SDK retried already) try again at the next poll
                 raise
             self.ledger.update_chunk(self.job.id, c.chunk, poll.status, poll.counts)
@@ -333,6 +373,8 @@ class BatchRunner:
                         o = o._replace(state="cancelled")  # type: ignore[arg-type]
                     outcomes.append(o)
         failed_at = leftover == "pending"
+        # A whole-batch failure naming no line (empty_file, too_many_tasks…): say what it was.
+        why = "".join(f": {e.get('message')}" for e in poll.errors[:1])
         answered = {o.seq for o in outcomes}
         for it in items:  # no line at all for it: back to pending, counted as an attempt
             if it.seq not in answered and failed_at and it.attempts + 1 >= self.max_attempts:
@@ -342,7 +384,7 @@ class BatchRunner:
                         "failed",
                         None,
                         "no_result",
-                        f"no result after {it.attempts + 1} batches ({poll.status})",
+                        f"no result after {it.attempts + 1} batches ({poll.status}{why})",
                     )
                 )
         self.ledger.finish_chunk(
@@ -389,7 +431,13 @@ class BatchRunner:
     def _cancel_live(self) -> None:
         for c in self.ledger.chunks(self.job.id, ("live",)):
             assert c.remote_id is not None
-            self.service.cancel(c.remote_id)
+            try:
+                self.service.cancel(c.remote_id)
+            except Exception as exc:
+                # Already cancelling or ended (a 4xx): the poll sees it end either way.
+                status = getattr(exc, "status_code", None)
+                if status is None or status >= 500 or status in (408, 429):
+                    raise
 
     def cancel_remote(self) -> int:
         """`overnight cancel`: cancel every live remote batch; their finished part is kept

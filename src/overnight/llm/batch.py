@@ -3,6 +3,13 @@ results, cancel. Nothing here touches the ledger; `batch_runner.py` does.
 
 Request files are built streaming: a chunk's lines go to a temporary file on disk (OpenAI) or
 are serialised one request at a time (Anthropic), never the whole job in memory.
+
+Creating a batch is not idempotent (neither SDK sends an Idempotency-Key), so the SDK never
+retries it (`max_retries=0` on that call): a 5xx, a timeout or a dropped connection may hide a
+batch that was created, and a blind retry would pay for every line twice. `_create` retries
+itself, and before each retry looks for the batch with `find_orphan`, adopting it if found.
+Limit: a provider whose batch listing lags its create by more than the backoff could still
+show nothing and get a second create.
 """
 
 from __future__ import annotations
@@ -10,11 +17,14 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import orjson
+
+from .realtime import _retry_after
 
 ResultKind = Literal["succeeded", "errored", "expired", "cancelled"]
 _ANTHROPIC_ID = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
@@ -78,6 +88,39 @@ def _is_413(exc: Exception) -> bool:
     return getattr(exc, "status_code", None) == 413
 
 
+CREATE_TRIES = 4  # then the error propagates; the chunk stays `creating` for the next run
+
+
+def _retryable(exc: Exception) -> bool:
+    """Worth another try: throttling, conflicts, server errors, timeouts, lost connections."""
+    status = getattr(exc, "status_code", None)
+    if status is not None:
+        return status in (408, 409, 429) or status >= 500
+    return any(c.__name__ == "APIConnectionError" for c in type(exc).__mro__)
+
+
+def _create(
+    create: Callable[[], str], find: Callable[[], str | None], tries: int = CREATE_TRIES
+) -> str:
+    """`create()` at most `tries` times; before each retry, `find()` the batch a lost answer
+    may have created (see the module docstring). A 413 becomes TooLarge."""
+    for attempt in range(tries):
+        try:
+            return create()
+        except Exception as exc:
+            if _is_413(exc):
+                raise TooLarge(str(exc)) from None
+            if not _retryable(exc) or attempt + 1 == tries:
+                raise
+            response = getattr(exc, "response", None)
+            wait = _retry_after(getattr(response, "headers", None))
+            time.sleep(min(60.0, wait) if wait is not None else min(8.0, 0.5 * 2**attempt))
+            found = find()
+            if found is not None:
+                return found
+    raise AssertionError("unreachable")
+
+
 class OpenAIBatch:
     """Files API + Batches API. Each batch carries metadata {overnight_job, overnight_chunk}:
     a batch created by a process killed before it recorded the id is found again by it."""
@@ -131,18 +174,22 @@ class OpenAIBatch:
             os.unlink(path)
         if os.environ.get("OVERNIGHT_TEST_CRASH_AT") == "after_upload":
             _crash()
-        try:
-            batch = self.client.batches.create(
-                input_file_id=uploaded.id,
-                endpoint=lines[0].endpoint,  # type: ignore[arg-type]
-                completion_window="24h",
-                metadata={"overnight_job": tag[:512], "overnight_chunk": str(chunk)},
+        since = time.time()
+
+        def create() -> str:
+            return (
+                self.client.with_options(max_retries=0)
+                .batches.create(
+                    input_file_id=uploaded.id,
+                    endpoint=lines[0].endpoint,  # type: ignore[arg-type]
+                    completion_window="24h",
+                    metadata={"overnight_job": tag[:512], "overnight_chunk": str(chunk)},
+                )
+                .id
             )
-        except Exception as exc:
-            if _is_413(exc):
-                raise TooLarge(str(exc)) from None
-            raise
-        return batch.id, uploaded.id
+
+        remote = _create(create, lambda: self.find_orphan(tag, chunk, len(lines), since))
+        return remote, uploaded.id
 
     def find_orphan(self, tag: str, chunk: int, requests: int, since: float) -> str | None:
         for batch in self.client.batches.list(limit=100):  # newest first; the SDK pages
@@ -230,15 +277,18 @@ class AnthropicBatch:
         return len(orjson.dumps({"custom_id": line.remote_id, "params": line.body})) + 1
 
     def submit(self, lines: list[Line], tag: str, chunk: int) -> tuple[str, str | None]:
-        try:
-            batch = self.client.messages.batches.create(
-                requests=[{"custom_id": ln.remote_id, "params": ln.body} for ln in lines]
+        since = time.time()
+
+        def create() -> str:
+            return (
+                self.client.with_options(max_retries=0)
+                .messages.batches.create(
+                    requests=[{"custom_id": ln.remote_id, "params": ln.body} for ln in lines]
+                )
+                .id
             )
-        except Exception as exc:
-            if _is_413(exc):
-                raise TooLarge(str(exc)) from None
-            raise
-        return batch.id, None
+
+        return _create(create, lambda: self.find_orphan(tag, chunk, len(lines), since)), None
 
     def find_orphan(self, tag: str, chunk: int, requests: int, since: float) -> str | None:
         for batch in self.client.messages.batches.list(limit=100):

@@ -3,18 +3,27 @@
 A response is committed the moment it arrives, before the runner commits the item: a
 `kill -9` between the two costs nothing on the rerun, the answer comes from here. Scopes keep
 jobs apart (`job:<name>`) unless the user shares one file across jobs (`[run] cache`).
+
+The key is `cache_key(provider, endpoint, body)` (defined beside the requests it keys, in
+`requests.py`, and re-exported here).
 """
 
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import orjson
 
-from .requests import Answer
+from ..errors import UsageError
+from .requests import Answer, cache_key
+
+__all__ = ["SCHEMA", "Answer", "ResponseCache", "cache_key"]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (
@@ -27,46 +36,75 @@ CREATE TABLE IF NOT EXISTS responses (
     PRIMARY KEY (scope, key)
 ) WITHOUT ROWID;
 """
+_MAX_PARAMS = 500  # keys per query: under SQLite's bound-parameter limit
 
 
 class ResponseCache:
+    """One connection of its own. Several processes may use one file at once (WAL, a busy
+    timeout); within this process any thread may call it (a lock serialises the connection)."""
+
     def __init__(self, path: str | Path, scope: str) -> None:
         self.path, self.scope = Path(path), scope
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # Used from the real-time client's event-loop thread only, opened on the main one.
-        self._db = sqlite3.connect(
-            self.path, isolation_level=None, timeout=30.0, check_same_thread=False
-        )
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(SCHEMA)
         self.hits = 0
+        self._lock = threading.Lock()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            # Opened on the main thread, used from the real-time client's event-loop thread.
+            # isolation_level=None: autocommit, each put is its own committed transaction.
+            self._db = sqlite3.connect(
+                self.path, isolation_level=None, timeout=30.0, check_same_thread=False
+            )
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL mode: a commit survives the process being killed (the OS has the
+            # WAL); only a power cut can lose the last ones, which costs at most a re-send.
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise UsageError(f"{self.path}: not a usable response cache: {exc}") from None
 
-    def get_many(self, keys: list[str]) -> dict[str, Answer]:
+    def get_many(self, keys: Iterable[str]) -> dict[str, Answer]:
+        """The cached answers among `keys` (missing keys are absent), marked `cached=True`."""
+        wanted = list(dict.fromkeys(keys))
         found: dict[str, Answer] = {}
-        for i in range(0, len(keys), 500):  # SQLite's bound-parameter limit
-            part = keys[i : i + 500]
-            marks = ", ".join("?" * len(part))
-            for key, body, tin, tout in self._db.execute(
-                "SELECT key, body, input_tokens, output_tokens FROM responses"
-                f" WHERE scope = ? AND key IN ({marks})",
-                (self.scope, *part),
-            ):
-                found[key] = Answer(orjson.loads(body), tin, tout, cached=True)
-        self.hits += len(found)
+        with self._lock:
+            for i in range(0, len(wanted), _MAX_PARAMS):
+                part = wanted[i : i + _MAX_PARAMS]
+                marks = ", ".join("?" * len(part))
+                rows = self._db.execute(
+                    "SELECT key, body, input_tokens, output_tokens FROM responses"
+                    f" WHERE scope = ? AND key IN ({marks})",
+                    (self.scope, *part),
+                )
+                for key, body, tin, tout in rows:
+                    found[key] = Answer(orjson.loads(body), tin, tout, cached=True)
+            self.hits += len(found)
         return found
 
     def get(self, key: str) -> Answer | None:
         return self.get_many([key]).get(key)
 
     def put(self, key: str, body: dict[str, Any], input_tokens: int, output_tokens: int) -> None:
-        self._db.execute(
-            "INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?, ?)",
-            (self.scope, key, orjson.dumps(body), input_tokens, output_tokens, time.time()),
-        )
+        """Committed before it returns: a paid answer is durable the moment it arrives."""
+        row = (self.scope, key, orjson.dumps(body), input_tokens, output_tokens, time.time())
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?, ?)", row)
 
     def clear_scope(self) -> int:
-        return self._db.execute("DELETE FROM responses WHERE scope = ?", (self.scope,)).rowcount
+        """Forget this scope's answers (other scopes in a shared file are kept)."""
+        with self._lock:
+            return self._db.execute("DELETE FROM responses WHERE scope = ?", (self.scope,)).rowcount
 
     def close(self) -> None:
-        self._db.close()
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> ResponseCache:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

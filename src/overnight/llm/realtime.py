@@ -7,9 +7,14 @@ the AIMD concurrency, so they carry over from one call to the next.
 Retries live here, not in the SDK (`max_retries=0`), so that every try goes through the
 limiter: 408/409/429/5xx, timeouts, connection errors and unreadable bodies are retried up to
 `max_attempts` with exponential backoff and full jitter, honouring `retry-after-ms` and
-`retry-after`; a 429 also cuts concurrency. What still fails comes back as a permanent error
+`retry-after` (at most 120 s, as the OpenAI SDK does) and `x-should-retry`; a 429 also cuts
+concurrency and pauses every sender. What still fails comes back as a permanent error
 ("gave up after N attempts"), so the runner does not multiply the tries. Other 4xx fail the
 item at once with the server's message.
+
+`down_after` connection failures in a row (refused, DNS, connect timeouts; not read timeouts,
+which mean a slow server) raise `EndpointDown` from `process()`, after cancelling what is in
+flight: the job pauses with its items pending.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import json
 import random
 import threading
 import time
+import urllib.parse
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -30,6 +36,7 @@ from .requests import Answer, LLMTask, Request, answer_from_body
 from .tokens import count_request_tokens
 
 RETRY_STATUSES = {408, 409, 429}
+MAX_SERVER_WAIT = 120.0  # a longer retry-after is capped (the OpenAI SDK gives up instead)
 
 
 class APIError(PermanentError):
@@ -54,6 +61,7 @@ class RealtimeStats:
     cache_hits: int = 0
     deduplicated: int = 0  # identical requests in flight, sent once
     repairs: int = 0
+    concurrency: int = 0  # the AIMD limit now
 
 
 def _retry_after(headers: Any) -> float | None:
@@ -70,10 +78,23 @@ def _retry_after(headers: Any) -> float | None:
     if not value:
         return None
     try:
-        return float(value)
+        return max(0.0, float(value))
     except ValueError:
+        pass
+    try:
         when = email.utils.parsedate_to_datetime(value)
-        return max(0.0, when.timestamp() - time.time()) if when else None
+    except (TypeError, ValueError, IndexError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _safe_url(url: str) -> str:
+    """The URL without user:password@ or a query string (either may hold a key)."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 class RealtimePredictor:
@@ -106,11 +127,13 @@ class RealtimePredictor:
         )
         self.cache, self.task, self.repair, self.down_after = cache, task, repair, down_after
         self.model = task.model if task is not None else ""
-        self.stats = RealtimeStats()
+        self._secret = api_key
+        self.stats = RealtimeStats(concurrency=concurrency)
         self.limiter_args = (rpm, tpm)
         self.aimd = AIMD(concurrency, maximum=concurrency)
         self._consecutive_down = 0
         self._down: str | None = None
+        self._down_event = asyncio.Event()
         self._inflight: dict[str, asyncio.Future[Answer | BaseException]] = {}
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="llm")
@@ -157,7 +180,17 @@ class RealtimePredictor:
 
     # -- the predictor ------------------------------------------------------------------
 
+    def _redact(self, text: str) -> str:
+        """Environment secrets and this client's own key (it may not come from the
+        environment, or from a variable whose name does not look secret)."""
+        text = redact(text)
+        if len(self._secret) >= 8:
+            text = text.replace(self._secret, "***")
+        return text
+
     def process(self, inputs: list[Request], batch_size: int = 0) -> list[Any]:
+        if not self._loop.is_running():
+            raise RuntimeError("RealtimePredictor.process() after close()")
         future = asyncio.run_coroutine_threadsafe(self._process(inputs), self._loop)
         try:
             return future.result()
@@ -182,7 +215,7 @@ class RealtimePredictor:
             tasks[r.key] = asyncio.ensure_future(self._one(r))
             self._inflight[r.key] = tasks[r.key]
         try:
-            await asyncio.gather(*tasks.values(), return_exceptions=True)
+            await self._wait(list(tasks.values()))
         finally:
             for key in tasks:
                 self._inflight.pop(key, None)
@@ -194,12 +227,32 @@ class RealtimePredictor:
             if r.key in cached:
                 out.append(cached[r.key])
                 continue
-            result = tasks[r.key].result()
+            future = tasks[r.key]
+            result = future.exception() or future.result()  # a bug fails its item, not all
             if isinstance(result, Answer) and r.key in paid:
                 result = replace(result, cached=True)  # sent once, paid once
             paid.add(r.key)
             out.append(result)
         return out
+
+    async def _wait(self, futures: list[asyncio.Future[Any]]) -> None:
+        """All done, or the endpoint went down: then cancel the rest (no point waiting for
+        their timeouts; their items stay pending)."""
+        if not futures:
+            return
+        everything = asyncio.gather(*futures, return_exceptions=True)
+        down = asyncio.ensure_future(self._down_event.wait())
+        try:
+            await asyncio.wait({everything, down}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            everything.cancel()  # process() was cancelled (Ctrl-C): stop sending
+            raise
+        finally:
+            down.cancel()
+        if not everything.done():
+            for future in futures:
+                future.cancel()
+            await asyncio.wait({everything})
 
     async def _one(self, request: Request) -> Answer | BaseException:
         answer = await self._send(request)
@@ -246,6 +299,7 @@ class RealtimePredictor:
                     self._consecutive_down = 0
                     self.stats.ok += 1
                     self.aimd.on_success()
+                    self.stats.concurrency = self.aimd.limit
                     answer = answer_from_body(self.provider, request.endpoint, body)
                     self.limiter.settle(estimate, answer.input_tokens + answer.output_tokens)
                     if cache and self.cache is not None:
@@ -255,7 +309,7 @@ class RealtimePredictor:
                 self.stats.retries += 1
                 backoff = random.uniform(0, min(self.backoff_max, self.backoff_base * 2**attempt))
                 await asyncio.sleep(max(backoff, delay or 0.0))
-        return RetriesExhausted(redact(f"gave up after {self.max_attempts} attempts: {last}"))
+        return RetriesExhausted(self._redact(f"gave up after {self.max_attempts} attempts: {last}"))
 
     async def _post(self, request: Request) -> dict[str, Any]:
         path = request.endpoint
@@ -272,33 +326,46 @@ class RealtimePredictor:
         name = type(exc).__name__
         if status is not None:  # APIStatusError of either SDK
             self._consecutive_down = 0
-            message = redact(getattr(exc, "message", None) or str(exc))
+            message = self._redact(getattr(exc, "message", None) or str(exc))
             headers = getattr(getattr(exc, "response", None), "headers", None)
+            wait = _retry_after(headers)
+            if wait is not None:
+                wait = min(wait, MAX_SERVER_WAIT)
+            should = (headers.get("x-should-retry") or "").lower() if headers is not None else ""
             if status == 429:
                 self.stats.throttled += 1
                 self.aimd.on_throttle()
-                wait = _retry_after(headers)
+                self.stats.concurrency = self.aimd.limit
                 if wait is not None:
-                    self.limiter.penalize(min(wait, 120.0))
-                return f"HTTP 429: {message}", wait
-            if status in RETRY_STATUSES or status >= 500:
-                return f"HTTP {status}: {message}", _retry_after(headers)
+                    self.limiter.penalize(wait)  # everyone waits, not just this request
+            if should == "false":  # the server's word beats the status code
+                return APIError(status, message)
+            if should == "true" or status in RETRY_STATUSES or status >= 500:
+                return f"HTTP {status}: {message}", wait
             return APIError(status, message)
+        cause = exc.__cause__
         if name == "APITimeoutError" or isinstance(exc, TimeoutError):
-            self._consecutive_down = 0
-            return "timed out", None
+            if type(cause).__name__ != "ConnectTimeout":  # a slow answer: the server is up
+                self._consecutive_down = 0
+                return "timed out", None
+            return self._unreachable("connect timed out")
         if name == "APIConnectionError" or isinstance(exc, ConnectionError | OSError):
-            self._consecutive_down += 1
-            cause = exc.__cause__ or exc
-            last = redact(f"{type(cause).__name__}: {cause}")
-            if self._down is None and self._consecutive_down >= self.down_after:
-                self._down = (
-                    f"cannot reach {self.base_url or 'the ' + self.provider + ' API'}: {last} "
-                    f"({self._consecutive_down} requests in a row); the job is paused, items "
-                    "stay pending: run it again to resume"
-                )
-            return f"connection error: {last}", None
+            detail = cause or exc
+            return self._unreachable(f"{type(detail).__name__}: {detail}")
         if isinstance(exc, json.JSONDecodeError | ValueError):  # a proxy's HTML page, say
             self._consecutive_down = 0
-            return f"unreadable answer: {redact(str(exc))[:120]}", None
-        return PermanentError(redact(f"{name}: {exc}"))
+            return f"unreadable answer: {self._redact(str(exc))[:120]}", None
+        return PermanentError(self._redact(f"{name}: {exc}"))
+
+    def _unreachable(self, detail: str) -> tuple[str, None]:
+        """One more connection failure in a row; `down_after` of them: the endpoint is down."""
+        self._consecutive_down += 1
+        detail = self._redact(detail)
+        if self._down is None and self._consecutive_down >= self.down_after:
+            where = _safe_url(self.base_url) if self.base_url else f"the {self.provider} API"
+            self._down = (
+                f"cannot reach {where}: {detail} ({self._consecutive_down} requests in a row); "
+                "the job is paused, items stay pending: run it again to resume"
+            )
+            self._down_event.set()
+        return f"connection error: {detail}", None

@@ -9,7 +9,6 @@ model, parameters, rendered messages, schema), so identical requests are sent on
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -210,7 +209,7 @@ class LLMTask:
         if errors:
             err = jsonschema.exceptions.best_match(errors)
             where = "/".join(str(p) for p in err.absolute_path) or "output"
-            raise InvalidOutput(f"schema: {where}: {err.message}", answer)
+            raise InvalidOutput(f"schema: {where}: {err.message}{_cut(body)}", answer)
         if self.kind == "classify":
             return {"output": value["label"], "usage": _usage(answer)}
         return {"output": value, "usage": _usage(answer)}
@@ -231,18 +230,18 @@ class LLMTask:
     def _structured(self, answer: Answer) -> Any:
         body = answer.body
         if self.provider == "anthropic":
+            reason = body.get("stop_reason")
+            if reason == "refusal":
+                raise InvalidOutput("the model refused", answer)
             for block in body.get("content", []):
                 if block.get("type") == "tool_use":
                     return block.get("input")
-            reason = body.get("stop_reason")
             raise InvalidOutput(f"no tool_use block in the answer (stop_reason {reason})", answer)
         text = self._text(answer)
-        finish = (body.get("choices") or [{}])[0].get("finish_reason")
         try:
             return orjson.loads(text)
         except orjson.JSONDecodeError:
-            cut = " (cut off at max_tokens)" if finish == "length" else ""
-            raise InvalidOutput(f"not JSON{cut}: {text[:80]!r}", answer) from None
+            raise InvalidOutput(f"not JSON{_cut(body)}: {text[:80]!r}", answer) from None
 
     # -- repair ----------------------------------------------------------------------------
 
@@ -284,7 +283,13 @@ class LLMTask:
         return self._request(request.endpoint, body)
 
 
-_ANTHROPIC_ID = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+def _cut(body: dict[str, Any]) -> str:
+    """Why an answer may be broken: the model ran into max_tokens."""
+    finish = body.get("stop_reason")
+    if finish is None:
+        choices = body.get("choices") or [{}]
+        finish = choices[0].get("finish_reason") if isinstance(choices[0], dict) else None
+    return " (cut off at max_tokens)" if finish in ("length", "max_tokens") else ""
 
 
 def make_llm_task(
@@ -305,6 +310,8 @@ def make_llm_task(
         raise UsageError(f"kind: {kind!r} does not run on an LLM backend")
     if kind == "extract" and schema is None:
         raise UsageError("schema: kind = 'extract' needs a schema")
+    if kind == "classify" and not labels:
+        raise UsageError("labels: kind = 'classify' needs labels")
     return LLMTask(
         kind,
         provider,
