@@ -117,12 +117,7 @@ class BatchRunner:
     def _stopping(self) -> bool:
         if self.budget_stop:
             return True
-        if self.max_cost is not None and self.progress.cost >= self.max_cost:
-            if self.progress.stop_reason is None:
-                self.progress.stop_reason = (
-                    f"max_cost reached: ${self.progress.cost:.4f} spent of ${self.max_cost:g};"
-                    " no new batch was submitted (raise [run] max_cost and run again to go on)"
-                )
+        if self.progress.budget_reached(self.max_cost, "batch"):
             return True
         return self.stop.is_set()
 
@@ -449,18 +444,5 @@ class BatchRunner:
         return len(live)
 
     def _count(self, outcomes: list[Outcome]) -> None:
-        p = self.progress
-        for o in outcomes:
-            p.cost += o.cost or 0.0
-            p.list_cost += o.list_cost or 0.0
-            if o.state == "succeeded":
-                p.succeeded += 1
-            elif o.state == "failed":
-                p.failed += 1
-            elif o.state == "invalid":
-                p.invalid += 1
-            else:
-                p.retries += 1
-                continue
-            p.processed += 1
-        self.on_progress(p)
+        self.progress.count(outcomes)
+        self.on_progress(self.progress)

@@ -411,7 +411,6 @@ class Job:
         `run` re-attaches, collects and exports."""
         if detach and not (self.spec.model.backend.endswith("-batch")):
             raise self._usage("--detach applies to the batch backends (openai-batch, ...)")
-        self._detach = detach
         self.check()
         spec_hash = self._spec_hash()
         with self.ledger() as ledger:
@@ -438,7 +437,7 @@ class Job:
                 cost=before.cost,
                 list_cost=before.list_cost,
             )
-            outcome = _RunOutcome()
+            outcome = _RunOutcome(detached=detach)
             try:
                 if self.spec.model.backend == "auto":
                     self._run_auto(ledger, job, progress, outcome, on_progress, stop)
@@ -617,9 +616,8 @@ class Job:
         if fresh is None:
             return
         runner = self._batch_runner(ledger, fresh, progress, on_progress, stop)
-        runner.run(detach=getattr(self, "_detach", False))
+        runner.run(detach=outcome.detached)
         outcome.cancelled = ledger.is_cancelled(job.id)
-        outcome.detached = getattr(self, "_detach", False)
 
     def _run_auto(
         self,

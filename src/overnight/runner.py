@@ -73,6 +73,34 @@ class Progress:
     in_batches: int = 0  # batch backends: items inside live provider batches ...
     live_batches: int = 0  # ... and how many batches
 
+    def count(self, outcomes: list[Outcome], with_cost: bool = True) -> None:
+        """Add committed outcomes; an outcome sent back to pending is a retry, not progress."""
+        if with_cost:
+            self.cost += sum(o.cost or 0.0 for o in outcomes)
+            self.list_cost += sum(o.list_cost or 0.0 for o in outcomes)
+        for o in outcomes:
+            if o.state == "succeeded":
+                self.succeeded += 1
+            elif o.state == "failed":
+                self.failed += 1
+            elif o.state == "invalid":
+                self.invalid += 1
+            else:
+                self.retries += 1
+                continue
+            self.processed += 1
+
+    def budget_reached(self, max_cost: float | None, what: str) -> bool:
+        """True once `max_cost` is spent; records why the run stopped, once."""
+        if max_cost is None or self.cost < max_cost:
+            return False
+        if self.stop_reason is None:
+            self.stop_reason = (
+                f"max_cost reached: ${self.cost:.4f} spent of ${max_cost:g}; no new {what} was"
+                " sent (raise [run] max_cost and run again to go on)"
+            )
+        return True
+
     @property
     def total(self) -> int:
         """Records in the job: exact once ingest is done, else the best estimate so far."""
@@ -430,12 +458,7 @@ class Runner:
         self.ledger.reclaim_expired(self.job.id, time.time())
 
     def _stopping(self) -> bool:
-        if self.max_cost is not None and self.progress.cost >= self.max_cost:
-            if self.progress.stop_reason is None:
-                self.progress.stop_reason = (
-                    f"max_cost reached: ${self.progress.cost:.4f} spent of ${self.max_cost:g};"
-                    " no new work was sent (raise [run] max_cost and run again to go on)"
-                )
+        if self.progress.budget_reached(self.max_cost, "work"):
             return True
         return self.stop.is_set() or self.cancelled
 
@@ -448,20 +471,6 @@ class Runner:
             self.cancelled = self.ledger.is_cancelled(self.job.id)
 
     def _count(self, outcomes: list[Outcome]) -> None:
-        p = self.progress
-        if self.meter is not None:
-            p.cost += sum(o.cost or 0.0 for o in outcomes)
-            p.list_cost += sum(o.list_cost or 0.0 for o in outcomes)
-        for o in outcomes:
-            if o.state == "succeeded":
-                p.succeeded += 1
-            elif o.state == "failed":
-                p.failed += 1
-            elif o.state == "invalid":
-                p.invalid += 1
-            else:
-                p.retries += 1
-                continue
-            p.processed += 1
-        p.batch_size = self.sizer.size
-        self.on_progress(p)
+        self.progress.count(outcomes, with_cost=self.meter is not None)
+        self.progress.batch_size = self.sizer.size
+        self.on_progress(self.progress)
