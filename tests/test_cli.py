@@ -282,10 +282,13 @@ def test_restart_flag(tmp_path):
     assert cli(tmp_path, "run", "job.toml").returncode == 0
     lines = [orjson.dumps({"id": f"z{i}", "n": i}) for i in range(2)]
     (tmp_path / "in.jsonl").write_bytes(b"\n".join(lines) + b"\n")
-    proc = cli(tmp_path, "run", "job.toml")
-    assert proc.returncode == 2
-    assert "--restart" in proc.stderr
-    assert cli(tmp_path, "run", "job.toml", "--restart").returncode == 0
+    proc = cli(tmp_path, "run", "job.toml")  # a changed input: an incremental run
+    assert proc.returncode == 0, proc.stderr
+    assert "the input changed since the last run" in proc.stdout
+    assert [r["id"] for r in read_jsonl(tmp_path / "out.jsonl")] == ["z0", "z1"]
+    proc = cli(tmp_path, "run", "job.toml", "--restart")
+    assert proc.returncode == 0
+    assert "input changed" not in proc.stdout
     assert [r["id"] for r in read_jsonl(tmp_path / "out.jsonl")] == ["z0", "z1"]
 
 

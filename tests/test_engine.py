@@ -169,17 +169,6 @@ def test_csv_wrong_field_count(tmp_path):
     assert err["line"] == 3 and "3 fields, header has 2" in err["message"]
 
 
-def test_changed_input_is_refused_until_restart(tmp_path):
-    write_jsonl(tmp_path / "in.jsonl", [{"id": i, "n": i} for i in range(5)])
-    j = job(tmp_path, make_function(tmp_path, DOUBLE))
-    assert j.run().exit_code == 0
-    write_jsonl(tmp_path / "in.jsonl", [{"id": i, "n": i} for i in range(6)])
-    with pytest.raises(overnight.InputChangedError, match="--restart"):
-        j.run()
-    report = j.run(restart=True)
-    assert report.exit_code == 0 and report.counts["succeeded"] == 6
-
-
 def test_stop_then_resume_computes_nothing_twice(tmp_path):
     n = 5000
     write_jsonl(tmp_path / "in.jsonl", [{"id": i, "n": i} for i in range(n)])
@@ -246,7 +235,7 @@ def fn(records):
     j = job(tmp_path, fn)
     assert j.run().counts["failed"] == 1
     flag.unlink()
-    assert j.retry() == 1
+    assert j.retry().moved == 1
     report = j.run()
     assert report.exit_code == 0 and report.counts["succeeded"] == 10
     assert [r["output"] for r in read_jsonl(tmp_path / "out.jsonl")] == list(range(10))
@@ -305,7 +294,7 @@ def test_a_second_concurrent_run_is_refused_and_the_first_completes(tmp_path):
                 except (sqlite3.OperationalError, TypeError):
                     pass
         time.sleep(0.01)
-    with pytest.raises(overnight.UsageError, match="another process"):
+    with pytest.raises(overnight.UsageError, match="is being run by process"):
         job(tmp_path, fn, run={"batch_size": 10}).run()
     runner.join()
     assert result["report"].exit_code == 0

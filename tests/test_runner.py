@@ -7,8 +7,6 @@ from __future__ import annotations
 import collections
 import csv
 import os
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -402,8 +400,8 @@ def test_retry_invalid_after_fixing_the_function(tmp_path):
     job = make_job(tmp_path, fn, output={"schema": SCHEMA})
     _check_schema_run(tmp_path, job.run())
     (tmp_path / "mode.txt").write_text("fixed")
-    assert job.retry() == 0  # plain retry leaves invalid items alone
-    assert job.retry(invalid=True) == 3
+    assert job.retry().moved == 0  # plain retry leaves invalid items alone
+    assert job.retry(invalid=True).moved == 3
     assert job.status().counts.by_state == {"succeeded": 6, "pending": 3}
     before = called_ids(tmp_path)
     report = make_job(tmp_path, fn, output={"schema": SCHEMA}).run()
@@ -432,7 +430,7 @@ def fn(records):
     assert report.exit_code == 3
     assert [(f.custom_id, f.error_class) for f in job.failures()] == [("k4", "KeyError")]
     (tmp_path / "mode.txt").write_text("fixed")
-    assert job.retry() == 1
+    assert job.retry().moved == 1
     report = job.run()
     assert report.exit_code == 0
     assert [r["output"] for r in read_jsonl(tmp_path / "out.jsonl")] == list(range(6))
@@ -541,45 +539,6 @@ def test_include_of_a_reserved_name_is_refused(tmp_path):
 # -- a changed input or configuration -------------------------------------------------------------
 
 
-def test_changed_input_is_refused_until_restart(tmp_path):
-    write_jsonl(tmp_path / "in.jsonl", records(4))
-    fn = make_function(tmp_path, DOUBLE)
-    assert make_job(tmp_path, fn).run().exit_code == 0
-    write_jsonl(tmp_path / "in.jsonl", records(5, prefix="new"))
-    with pytest.raises(InputChangedError) as info:
-        make_job(tmp_path, fn).run()
-    assert "--restart" in str(info.value)
-    assert info.value.exit_code == 2
-    # nothing changed in the ledger or the output
-    assert [r["id"] for r in read_jsonl(tmp_path / "out.jsonl")] == ["k0", "k1", "k2", "k3"]
-    report = make_job(tmp_path, fn).run(restart=True)
-    assert report.exit_code == 0
-    assert report.counts.by_state == {"succeeded": 5}
-    assert [r["id"] for r in read_jsonl(tmp_path / "out.jsonl")] == [f"new{i}" for i in range(5)]
-
-
-def test_changed_input_via_cli_exits_2(tmp_path):
-    write_jsonl(tmp_path / "in.jsonl", records(3))
-    fn = make_function(tmp_path, DOUBLE)
-    (tmp_path / "job.toml").write_text(
-        f'[source]\npath = "in.jsonl"\nid = "id"\n[model]\nbackend = "python"\nfunction = "{fn}"\n'
-    )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    run = [sys.executable, "-m", "overnight", "run", "job.toml"]
-    first = subprocess.run(run, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
-    assert first.returncode == 0, first.stderr
-    write_jsonl(tmp_path / "in.jsonl", records(3, prefix="z"))
-    again = subprocess.run(run, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
-    assert again.returncode == 2
-    assert "--restart" in again.stderr
-    assert "changed" in again.stderr
-    restarted = subprocess.run(
-        [*run, "--restart"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
-    )
-    assert restarted.returncode == 0, restarted.stderr
-    assert [r["id"] for r in read_jsonl(tmp_path / "job.out.jsonl")] == ["z0", "z1", "z2"]
-
-
 def test_changed_model_is_refused(tmp_path):
     write_jsonl(tmp_path / "in.jsonl", records(3))
     assert make_job(tmp_path, make_function(tmp_path, DOUBLE)).run().exit_code == 0
@@ -674,7 +633,7 @@ def test_stop_while_draining_releases_leases(tmp_path):
     fn = make_function(tmp_path, body)
     job = make_job(tmp_path, fn, run={"batch_size": 5})
     assert job.run().counts.by_state == {"failed": n}
-    assert job.retry() == n
+    assert job.retry().moved == n
     (tmp_path / "mode.txt").write_text("ok")
     stop = threading.Event()
 
@@ -815,7 +774,7 @@ def test_cancel_with_open_items_then_resume(tmp_path):
     fn = make_function(tmp_path, body)
     job = make_job(tmp_path, fn)
     job.run()
-    assert job.retry() == n
+    assert job.retry().moved == n
     assert job.cancel() == n
     assert job.status().counts.by_state == {"cancelled": n}
     assert job.status().exit_code == 3

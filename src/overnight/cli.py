@@ -160,6 +160,8 @@ def _graceful_stop() -> Iterator[threading.Event]:
 
 def _print_report(r: Report) -> None:
     c = r.counts
+    for note in r.notes:
+        out.print(Text(note), soft_wrap=True)
     table = Table(title=Text(f"job {r.job}"), show_header=False, box=None)
     table.add_row("items", str(c.total))
     table.add_row("succeeded", f"[green]{c['succeeded']}")
@@ -301,8 +303,19 @@ def retry(
 ) -> None:
     """Move failed (with --invalid, also invalid) items back to pending; then `run` again."""
     with _errors():
-        n = _load(job, state).retry(invalid=invalid)
-    out.print(f"{n} items back to pending; run the job again to process them")
+        result = _load(job, state).retry(invalid=invalid)
+    out.print(f"{result.moved} items back to pending; run the job again to process them")
+    if result.input_errors:
+        lines = ", ".join(str(n) for n in result.input_error_lines)
+        more = ", …" if result.input_errors > len(result.input_error_lines) else ""
+        out.print(
+            Text(
+                f"{result.input_errors} input lines could not be read (line {lines}{more}) and"
+                " cannot be retried from here: fix them in the input file and run the job"
+                " again; the run reads the changed lines and computes only those"
+            ),
+            soft_wrap=True,
+        )
 
 
 @app.command()

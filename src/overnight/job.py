@@ -7,6 +7,7 @@ ledger is touched, so a mistake costs nothing and ingests nothing.
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +22,7 @@ import orjson
 from . import llm_job, sinks, sources
 from .backends.base import Predictor
 from .batching import BatchSizer
+from .claim import claimed
 from .errors import EndpointDown, InputChangedError, InputError, UsageError, redact
 from .estimate import usd
 from .retry import Backoff
@@ -28,6 +30,8 @@ from .runner import Progress, Runner, ingest_only
 from .spec import JobSpec, SourceSpec, load_job_file, parse_spec, semantic_hash, source_format
 from .store import Counts, Failure, JobInfo, Ledger, open_ledger
 from .tasks import Task, make_task
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,7 @@ class Report:
     deadline: dict[str, Any] | None = None  # backend = "auto": did the deadline hold
     llm: bool = False  # tokens and cost are worth showing
     detached: bool = False  # batches submitted, not waited for: `run` again collects
+    notes: tuple[str, ...] = ()  # what the run did besides processing (an incremental rerun)
 
     @property
     def items_per_second(self) -> float:
@@ -98,6 +103,23 @@ class Report:
             "remote_batches": list(self.remote_batches),
             "deadline": self.deadline,
             "detached": self.detached,
+            "notes": list(self.notes),
+        }
+
+
+@dataclass(frozen=True)
+class RetryResult:
+    """What `retry` did: items moved back to pending, and input lines it cannot retry."""
+
+    moved: int
+    input_errors: int  # lines of the input that could not be read: fix them, then run
+    input_error_lines: tuple[int, ...] = ()  # the first few of them
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "moved": self.moved,
+            "input_errors": self.input_errors,
+            "input_error_lines": list(self.input_error_lines),
         }
 
 
@@ -413,17 +435,17 @@ class Job:
             raise self._usage("--detach applies to the batch backends (openai-batch, ...)")
         self.check()
         spec_hash = self._spec_hash()
-        with self.ledger() as ledger:
-            job = ledger.get_job(self.name)
-            if job is not None and restart:
-                ledger.delete_job(job.id)
-                job = None
-            if job is None:
-                job = ledger.create_job(self.name, spec_hash, sources.fingerprint(self.source_path))
-            else:
-                self._check_unchanged(ledger, job, spec_hash)
-                if ledger.is_cancelled(job.id):
-                    ledger.reopen(job.id)
+        stop = stop or threading.Event()
+        with (
+            self.ledger() as ledger,
+            claimed(ledger, self.name, self._connect, on_lost=stop.set),
+        ):
+            notes: list[str] = []
+            job = self._open_job(ledger, spec_hash, restart, notes, on_progress, stop)
+            if job is None:  # stopped while reading a changed input: the old job is intact
+                return Report(job=self.name, counts=Counts(), interrupted=True, notes=tuple(notes))
+            if ledger.is_cancelled(job.id):
+                ledger.reopen(job.id)
             before = ledger.counts(job.id)
             progress = Progress(
                 succeeded=before["succeeded"],
@@ -437,7 +459,7 @@ class Job:
                 cost=before.cost,
                 list_cost=before.list_cost,
             )
-            outcome = _RunOutcome(detached=detach)
+            outcome = _RunOutcome(detached=detach, notes=notes)
             try:
                 if self.spec.model.backend == "auto":
                     self._run_auto(ledger, job, progress, outcome, on_progress, stop)
@@ -458,6 +480,7 @@ class Job:
                     remote_batches=tuple(self._remote_batches(ledger, job.id)),
                     llm=True,
                     ingest_done=True,
+                    notes=tuple(outcome.notes),
                 )
             job = ledger.get_job(self.name)
             assert job is not None
@@ -488,6 +511,7 @@ class Job:
                 remote_batches=tuple(self._remote_batches(ledger, job.id)),
                 deadline=outcome.deadline,
                 llm=self.is_llm,
+                notes=tuple(outcome.notes),
             )
 
     # -- the three ways to run --------------------------------------------------------
@@ -666,22 +690,79 @@ class Job:
     def _remote_batches(self, ledger: Ledger, job_id: int) -> list[dict[str, Any]]:
         return [c.to_dict() for c in ledger.chunks(job_id)]
 
-    def _check_unchanged(self, ledger: Ledger, job: JobInfo, spec_hash: str) -> None:
-        fp = sources.fingerprint(self.source_path, known=job.fingerprint)
-        if fp.digest != job.fingerprint.digest:
-            raise InputChangedError(
-                f"{self.source_path} changed since job {self.name!r} started; its results would "
-                "mix two inputs. Restore the original file, or run with --restart to start over "
-                "(the job's results so far are discarded)."
-            )
-        if fp != job.fingerprint:  # touched, same content
-            ledger.set_fingerprint(job.id, fp)
+    def _connect(self) -> Ledger:
+        """Another connection to this job's ledger (the claim's heartbeat thread)."""
+        return open_ledger(str(self.state_path))
+
+    def _open_job(
+        self,
+        ledger: Ledger,
+        spec_hash: str,
+        restart: bool,
+        notes: list[str],
+        on_progress: Callable[[Progress], None] | None,
+        stop: threading.Event,
+    ) -> JobInfo | None:
+        """The job's ledger entry: created, resumed, or (input changed) reconciled."""
+        job = ledger.get_job(self.name)
+        if job is not None and restart:
+            ledger.delete_job(job.id)
+            job = None
+        fingerprint = sources.fingerprint(self.source_path)
+        if job is None:
+            return ledger.create_job(self.name, spec_hash, fingerprint)
         if spec_hash != job.spec_hash:
             raise InputChangedError(
                 f"the [task] or [model] of job {self.name!r} (or its examples) changed since it "
                 "started; results would mix two configurations. Undo the change, give the job a "
                 "new name, or run with --restart to start over."
             )
+        if fingerprint.digest == job.fingerprint.digest:  # by content: size and mtime can lie
+            if fingerprint != job.fingerprint:
+                ledger.set_fingerprint(job.id, fingerprint)
+            return job
+        return self._reconcile(ledger, job, fingerprint, notes, on_progress, stop)
+
+    def _reconcile(
+        self,
+        ledger: Ledger,
+        job: JobInfo,
+        fingerprint: sources.Fingerprint,
+        notes: list[str],
+        on_progress: Callable[[Progress], None] | None,
+        stop: threading.Event,
+    ) -> JobInfo | None:
+        """An incremental run: read the changed input again; unchanged records keep their
+        results, new and changed ones are computed, ids no longer in the input leave it."""
+        live = ledger.chunks(job.id, ("creating", "live"))
+        if live:
+            raise InputChangedError(
+                f"{self.source_path} changed while {len(live)} provider batch(es) of job "
+                f"{self.name!r} are still running; their results belong to the input as it was."
+                " Restore the input and run again to collect them first, or run with --restart"
+                " to start over."
+            )
+        log.info("job %r: the input changed since the last run; reading it again", self.name)
+        new = ledger.begin_generation(job, fingerprint)
+        progress = Progress(expected=sources.estimate_records(self.source_format, self.source_path))
+        if not ingest_only(
+            ledger,
+            new,
+            self._reader(sources.CHUNK),
+            progress=progress,
+            on_progress=on_progress or (lambda p: None),
+            stop=stop,
+        ):
+            return None
+        before = ledger.counts(job.id).total
+        kept, gone = ledger.carry_results(job.id, new.id)
+        job = ledger.replace_generation(job, new)
+        counts = ledger.counts(job.id)
+        notes.append(
+            f"the input changed since the last run: {kept} of {before} records kept their"
+            f" results, {counts['pending']} new or changed to compute, {gone} no longer in it"
+        )
+        return job
 
     def estimate(self) -> Any:
         """Tokens and cost of the whole input, real time vs batch; sends nothing, needs no key.
@@ -736,11 +817,17 @@ class Job:
         with self.ledger() as ledger:
             return list(ledger.iter_failures(self._job_info(ledger).id))
 
-    def retry(self, invalid: bool = False) -> int:
-        """Move failed (and invalid) items back to pending; `run` then processes them."""
+    def retry(self, invalid: bool = False) -> RetryResult:
+        """Move failed (and invalid) items back to pending; `run` then processes them.
+
+        Input lines that could not be read are not items and cannot be moved: fixing the
+        line and running again is how they are retried (the run reads a changed input again)."""
         states = ("failed", "invalid") if invalid else ("failed",)
         with self.ledger() as ledger:
-            return ledger.retry(self._job_info(ledger).id, states)
+            job = self._job_info(ledger)
+            moved = ledger.retry(job.id, states)
+            unread = ledger.counts(job.id).rejected
+            return RetryResult(moved, unread, tuple(ledger.reject_lines(job.id, 10)))
 
     def export(self) -> sinks.Exported:
         with self.ledger() as ledger:

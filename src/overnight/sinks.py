@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import os
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import orjson
+import psutil
 
 from .errors import OvernightError
 from .store import Ledger
@@ -34,13 +36,21 @@ class Exported:
     errors_rows: int
 
 
+def _remove_stale(path: Path) -> None:
+    """Temporary files of `path` left by exports that were killed: only those whose process
+    is gone (a concurrent export or run in another process is still writing its own)."""
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        pid = stale.name[len(path.name) + 2 :].partition(".")[0]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            stale.unlink(missing_ok=True)
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary path beside `path`, renamed onto it when the block succeeds."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by an earlier killed export
-        stale.unlink(missing_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    _remove_stale(path)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     try:
         yield tmp
         with open(tmp, "rb") as f:

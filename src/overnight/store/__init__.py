@@ -2,6 +2,7 @@
 
 from .base import (
     STATES,
+    Claim,
     ConcurrentIngest,
     Counts,
     Failure,
@@ -9,6 +10,7 @@ from .base import (
     JobInfo,
     Lease,
     Ledger,
+    LedgerError,
     Outcome,
     RemoteBatch,
 )
@@ -26,6 +28,8 @@ def open_ledger(url: str) -> Ledger:
 
 __all__ = [
     "STATES",
+    "Claim",
+    "LedgerError",
     "ConcurrentIngest",
     "Counts",
     "Failure",

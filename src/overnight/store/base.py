@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple, Protocol
 
+from ..errors import UsageError
 from ..sources import Cursor, Fingerprint, Row
 
 State = Literal["pending", "leased", "succeeded", "failed", "invalid", "cancelled", "submitted"]
@@ -26,6 +27,21 @@ STATES: tuple[State, ...] = (
 
 class ConcurrentIngest(RuntimeError):
     """Two runners read the same input at once; the second one stops ingesting."""
+
+
+class LedgerError(UsageError):
+    """The ledger cannot be used: missing, replaced, read-only, corrupt or locked (exit 2).
+
+    Raised for every error of the database underneath, translated once where it enters."""
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The process running a job: one row per job name, taken before a run touches anything."""
+
+    owner: str  # "host:pid:process-start-time:run", see claim.py
+    since: float
+    expires: float  # renewed by a heartbeat; a claim past it may be taken over
 
 
 @dataclass(frozen=True)
@@ -146,11 +162,24 @@ class Counts:
 
 
 class Ledger(Protocol):
+    # claims: which process runs a job (see claim.py)
+    def claim(
+        self, name: str, owner: str, now: float, expires: float, take_from: str | None = None
+    ) -> Claim: ...
+    def renew_claim(self, name: str, owner: str, expires: float) -> bool: ...
+    def release_claim(self, name: str, owner: str) -> None: ...
+    def get_claim(self, name: str) -> Claim | None: ...
+
     # jobs
     def get_job(self, name: str) -> JobInfo | None: ...
     def create_job(self, name: str, spec_hash: str, fingerprint: Fingerprint) -> JobInfo: ...
     def delete_job(self, job_id: int) -> None: ...
     def set_fingerprint(self, job_id: int, fingerprint: Fingerprint) -> None: ...
+
+    # incremental runs: the changed input read into a new generation that replaces the job
+    def begin_generation(self, job: JobInfo, fingerprint: Fingerprint) -> JobInfo: ...
+    def carry_results(self, old_id: int, new_id: int) -> tuple[int, int]: ...
+    def replace_generation(self, old: JobInfo, new: JobInfo) -> JobInfo: ...
 
     # ingest: rows in (pending, or already finished), refusals recorded, cursor saved, one txn
     def add_items(
@@ -179,6 +208,7 @@ class Ledger(Protocol):
     ) -> Iterator[tuple[str, bytes, bytes | None]]: ...
     def iter_result_lines(self, job_id: int, id_name: str) -> Iterator[list[bytes]]: ...
     def iter_failures(self, job_id: int) -> Iterator[Failure]: ...
+    def reject_lines(self, job_id: int, limit: int) -> list[int]: ...
     def retry(self, job_id: int, states: tuple[str, ...]) -> int: ...
     def cancel(self, job_id: int) -> int: ...
     def is_cancelled(self, job_id: int) -> bool: ...

@@ -1,0 +1,206 @@
+"""Two runs of one job: the second one, whenever it starts, never sends a request that the
+first sent or holds. It stops with exit 2 naming the running process, before it reads the
+input or calls the provider — no traceback, no stray temp file, no crash of either."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+from llm_helpers import ANT_KEY, KEY, read_jsonl, write_records
+
+import overnight
+from overnight.claim import JobBusy
+from overnight.store import SQLiteLedger
+from overnight.testing.fake_provider import FakeProvider
+
+pytestmark = pytest.mark.slow
+
+SLOW_FUNCTION = """
+import time
+def fn(records):
+    time.sleep(0.02)
+    with open("calls.log", "a") as f:
+        f.write("".join(str(r["id"]) + "\\n" for r in records))
+    return [r["n"] for r in records]
+"""
+
+
+def python_job(folder: Path, n: int) -> Path:
+    (folder / "in.jsonl").write_bytes(
+        b"".join(orjson.dumps({"id": f"r{i}", "n": i}) + b"\n" for i in range(n))
+    )
+    (folder / "slowfn.py").write_text(SLOW_FUNCTION)
+    path = folder / "job.toml"
+    path.write_text(
+        '[source]\npath = "in.jsonl"\nid = "id"\n'
+        '[model]\nbackend = "python"\nfunction = "slowfn:fn"\n'
+        "[run]\nbatch_size = 10\n"
+        '[output]\npath = "out.jsonl"\n'
+    )
+    return path
+
+
+def llm_job(folder: Path, backend: str, url: str) -> Path:
+    write_records(folder, 40)
+    model = "claude-haiku-4-5" if "anthropic" in backend else "gpt-4o-mini"
+    if "batch" in backend:
+        limits = "max_requests_per_batch = 10\npoll_interval = 0.05"
+    else:
+        limits = "concurrency = 2"
+    path = folder / "job.toml"
+    path.write_text(
+        f"""
+[source]
+path = "in.jsonl"
+id = "id"
+[task]
+kind = "generate"
+[model]
+backend = "{backend}"
+name = "{model}"
+base_url = "{url}"
+{limits}
+params = {{ max_tokens = 16 }}
+[output]
+path = "out.jsonl"
+"""
+    )
+    return path
+
+
+def start(job: Path, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "OPENAI_API_KEY": KEY, "ANTHROPIC_API_KEY": ANT_KEY}
+    return subprocess.Popen(
+        [sys.executable, "-m", "overnight", "run", str(job), *args],
+        cwd=job.parent,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish(proc: subprocess.Popen) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=180)
+    return proc.returncode, out, err
+
+
+def test_two_runs_started_at_the_same_instant_compute_everything_once(tmp_path: Path) -> None:
+    n = 300
+    job = python_job(tmp_path, n)
+    a, b = start(job), start(job)
+    results = sorted([finish(a), finish(b)], key=lambda r: r[0])
+    (ok, ok_out, ok_err), (refused, _, refused_err) = results
+    assert (ok, refused) == (0, 2), (ok_err, refused_err)
+    assert "is being run by process" in refused_err
+    assert "Traceback" not in ok_err + refused_err
+    calls = (tmp_path / "calls.log").read_text().split()
+    assert sorted(calls) == sorted(f"r{i}" for i in range(n))  # each record computed once
+    assert [r["output"] for r in read_jsonl(tmp_path / "out.jsonl")] == list(range(n))
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_second_run_a_moment_later_is_refused_before_it_reads_anything(tmp_path: Path) -> None:
+    job = python_job(tmp_path, 400)
+    first = start(job)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "calls.log").exists():  # the first run is computing
+        assert time.monotonic() < deadline and first.poll() is None
+        time.sleep(0.05)
+    second = start(job, "--restart")  # not even --restart gets past a live run
+    code, _, err = finish(second)
+    assert code == 2 and "is being run by process" in err and str(first.pid) in err
+    assert "Traceback" not in err
+    assert finish(first)[0] == 0
+    calls = (tmp_path / "calls.log").read_text().split()
+    assert len(calls) == len(set(calls)) == 400
+
+
+def test_a_dead_runs_claim_is_taken_over_at_once(tmp_path: Path) -> None:
+    job = python_job(tmp_path, 2000)
+    first = start(job)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "calls.log").exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    code, out, err = finish(start(job))
+    assert code == 0, err
+    assert len(read_jsonl(tmp_path / "out.jsonl")) == 2000
+
+
+def test_a_claim_from_another_host_holds_until_its_heartbeat_stops(tmp_path: Path) -> None:
+    python_job(tmp_path, 5)
+    job = overnight.Job.from_file(tmp_path / "job.toml")
+    ledger = SQLiteLedger(tmp_path / ".overnight" / "ledger.db")
+    now = time.time()
+    ledger.claim("job", "elsewhere:4242:1700000000/abcd", now, now + 60)
+    with pytest.raises(JobBusy, match="process 4242 on elsewhere"):
+        job.run()
+    assert not (tmp_path / "calls.log").exists()
+    with sqlite3.connect(ledger.path) as db:  # its heartbeat stopped a while ago
+        db.execute("UPDATE claims SET expires = ?", (now - 1,))
+    ledger.close()
+    assert job.run().exit_code == 0
+
+
+@pytest.mark.parametrize("backend", ["openai", "openai-batch", "anthropic-batch"])
+def test_two_llm_runs_at_once_send_each_request_once(
+    tmp_path: Path, fake: FakeProvider, backend: str
+) -> None:
+    fake.knobs.latency = 0.05
+    fake.knobs.batch_seconds = 0.3
+    url = fake.anthropic_url if "anthropic" in backend else fake.openai_url
+    job = llm_job(tmp_path, backend, url)
+    a, b = start(job), start(job)
+    results = sorted([finish(a), finish(b)], key=lambda r: r[0])
+    (ok, _, ok_err), (refused, _, refused_err) = results
+    assert (ok, refused) == (0, 2), (ok_err, refused_err)
+    assert "is being run by process" in refused_err, refused_err
+    assert "Traceback" not in refused_err + ok_err, (ok_err, refused_err)
+    stats = fake.stats.snapshot()
+    if "batch" in backend:
+        assert stats.batch_creations == 4
+        assert set(stats.batch_items.values()) == {1}
+    else:
+        assert stats.requests["/v1/chat/completions"] == 40
+    assert len(read_jsonl(tmp_path / "out.jsonl")) == 40
+
+
+def test_exports_at_once_and_during_a_run_leave_every_file_whole(tmp_path: Path) -> None:
+    job = python_job(tmp_path, 1500)
+    first = start(job)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "calls.log").exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+    def exports() -> list[subprocess.Popen]:
+        return [
+            subprocess.Popen(
+                [sys.executable, "-m", "overnight", "export", str(job)],
+                cwd=tmp_path,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(4)
+        ]
+
+    during = exports()  # while the run commits (and exports at its end)
+    assert all(finish(p)[0] == 0 for p in during), [p.stderr for p in during]
+    assert finish(first)[0] == 0
+    after = exports()  # four at the same instant on the finished job
+    results = [finish(p) for p in after]
+    assert [r[0] for r in results] == [0] * 4, [r[2] for r in results]
+    assert len(read_jsonl(tmp_path / "out.jsonl")) == 1500
+    assert not list(tmp_path.glob(".*.tmp"))
