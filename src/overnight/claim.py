@@ -75,31 +75,32 @@ def claimed(
             " stop it first (`overnight cancel`)"
         )
     stop = threading.Event()
-    beat = threading.Thread(
-        target=_heartbeat, args=(connect, name, owner, ttl, stop, on_lost), daemon=True
-    )
-    beat.start()
+    beat: threading.Thread | None = None
     try:
+        # The heartbeat's own connection, opened now: opened later, it could create a new,
+        # empty ledger where the real one was deleted.
+        beat = threading.Thread(
+            target=_heartbeat, args=(connect(), name, owner, ttl, stop, on_lost), daemon=True
+        )
+        beat.start()
         yield held
     finally:
         stop.set()
-        beat.join(timeout=ttl)
+        if beat is not None:
+            beat.join(timeout=ttl)
         ledger.release_claim(name, owner)
 
 
 def _heartbeat(
-    connect: Callable[[], Ledger],
+    ledger: Ledger,
     name: str,
     owner: str,
     ttl: float,
     stop: threading.Event,
     on_lost: Callable[[], None] | None,
 ) -> None:
-    ledger: Ledger | None = None
     try:
         while not stop.wait(ttl / 4):
-            if ledger is None:
-                ledger = connect()
             if not ledger.renew_claim(name, owner, time.time() + ttl):
                 log.error("job %r: another process took over this run's claim; stopping", name)
                 if on_lost is not None:
@@ -108,5 +109,4 @@ def _heartbeat(
     except Exception as exc:  # the main thread meets the same ledger trouble and reports it
         log.warning("job %r: could not renew the run's claim: %s", name, exc)
     finally:
-        if ledger is not None:
-            ledger.close()
+        ledger.close()

@@ -144,7 +144,11 @@ _HINTS = {
 def _translate(path: Path, exc: sqlite3.Error) -> LedgerError:
     """sqlite3's errors, once, as the error users catch (exit 2): what failed and a hint."""
     text = str(exc)
-    hint = next((h for k, h in _HINTS.items() if k in text.lower()), None)
+    name = getattr(exc, "sqlite_errorname", "")
+    if name == "SQLITE_IOERR_WRITE":
+        hint: str | None = "could not write the ledger: a read-only or failing disk?"
+    else:
+        hint = next((h for k, h in _HINTS.items() if k in text.lower()), None)
     return LedgerError(f"ledger {path}: {text}" + (f" ({hint})" if hint else ""))
 
 
@@ -231,9 +235,9 @@ class SQLiteLedger:
             inode = None
         if inode != self._inode:
             raise LedgerError(
-                f"ledger {self.path} was deleted or replaced while in use; nothing more is"
-                " recorded. Restore it (results in it are kept), or run again to start from"
-                " what the new ledger holds"
+                f"ledger {self.path} was deleted or replaced while in use; nothing more can be"
+                " recorded in it. Restore it to keep its results (running again without it"
+                " starts the job over)"
             )
 
     @contextmanager

@@ -1,0 +1,155 @@
+"""A ledger that vanishes, turns read-only or is not a ledger: exit 2 with a message naming
+it, never silence (exit 0 while results go nowhere) and never a traceback."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import orjson
+import pytest
+
+pytestmark = pytest.mark.slow
+
+SLOW = """
+import time
+def fn(records):
+    time.sleep(0.05)
+    with open("calls.log", "a") as f:
+        f.write("x\\n")
+    return [r["n"] for r in records]
+"""
+
+
+def make_job(folder: Path, n: int = 600) -> Path:
+    (folder / "in.jsonl").write_bytes(
+        b"".join(orjson.dumps({"id": f"r{i}", "n": i}) + b"\n" for i in range(n))
+    )
+    (folder / "slowfn.py").write_text(SLOW)
+    job = folder / "job.toml"
+    job.write_text(
+        '[source]\npath = "in.jsonl"\nid = "id"\n'
+        '[model]\nbackend = "python"\nfunction = "slowfn:fn"\n'
+        '[run]\nbatch_size = 10\n[output]\npath = "out.jsonl"\n'
+    )
+    return job
+
+
+def overnight(folder: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "overnight", *args],
+        cwd=folder,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def until_computing(folder: Path, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 60
+    while not (folder / "calls.log").exists() or len((folder / "calls.log").read_text()) < 40:
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def immutable_supported(folder: Path) -> bool:
+    """`chattr +i` makes a file unwritable even for root (the tests run as root here, where
+    permissions alone cannot make a file read-only)."""
+    if shutil.which("chattr") is None:
+        return False
+    probe = folder / "probe"
+    probe.write_text("x")
+    ok = subprocess.run(["chattr", "+i", str(probe)], capture_output=True).returncode == 0
+    if ok:
+        subprocess.run(["chattr", "-i", str(probe)], check=True)
+    probe.unlink()
+    return ok
+
+
+@contextmanager
+def read_only(*paths: Path) -> Iterator[None]:
+    """Unwritable for everyone: chattr +i as root, else plain permissions."""
+    root = os.geteuid() == 0
+    for p in paths:
+        if root:
+            subprocess.run(["chattr", "+i", str(p)], check=True)
+        else:
+            p.chmod(0o444)
+    try:
+        yield
+    finally:
+        for p in paths:
+            if root:
+                subprocess.run(["chattr", "-i", str(p)], check=True)
+            else:
+                p.chmod(0o644)
+
+
+def needs_read_only(folder: Path) -> None:
+    if os.geteuid() == 0 and not immutable_supported(folder):
+        pytest.fail("cannot make a file read-only for root here (chattr +i unsupported)")
+
+
+def test_a_ledger_deleted_under_a_running_job_is_exit_2(tmp_path: Path) -> None:
+    job = make_job(tmp_path)
+    proc = overnight(tmp_path, "run", str(job))
+    until_computing(tmp_path, proc)
+    for f in (tmp_path / ".overnight").glob("ledger.db*"):
+        f.unlink()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, (out, err)
+    assert "was deleted or replaced while in use" in err
+    assert "Traceback" not in err
+    # the heartbeat did not bring back an empty ledger where the real one was
+    assert not (tmp_path / ".overnight" / "ledger.db").exists()
+
+
+def test_a_ledger_turned_read_only_under_a_running_job_is_exit_2(tmp_path: Path) -> None:
+    needs_read_only(tmp_path)
+    job = make_job(tmp_path)
+    proc = overnight(tmp_path, "run", str(job))
+    until_computing(tmp_path, proc)
+    state = tmp_path / ".overnight"
+    # Not the -shm file: SQLite maps it into memory, and a write there would be a SIGBUS.
+    with read_only(state / "ledger.db", state / "ledger.db-wal"):
+        out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, (out, err)
+    assert "ledger" in err and str(state / "ledger.db") in err
+    assert "Traceback" not in err
+
+
+def test_a_read_only_ledger_is_exit_2_before_anything_runs(tmp_path: Path) -> None:
+    needs_read_only(tmp_path)
+    job = make_job(tmp_path, n=20)
+    assert overnight(tmp_path, "status", str(job)).wait(timeout=60) == 2  # not run yet
+    ledger = tmp_path / ".overnight" / "ledger.db"
+    assert ledger.exists()
+    for extra in (tmp_path / ".overnight").glob("ledger.db-*"):
+        extra.unlink()
+    with read_only(ledger):
+        proc = overnight(tmp_path, "run", str(job))
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2, (out, err)
+    assert "read-only" in err and "Traceback" not in err
+    assert not (tmp_path / "calls.log").exists()
+
+
+@pytest.mark.parametrize("what", ["folder", "garbage"])
+def test_a_ledger_path_that_is_not_a_ledger_is_exit_2(tmp_path: Path, what: str) -> None:
+    job = make_job(tmp_path, n=5)
+    state = tmp_path / "state.db"
+    if what == "folder":
+        state.mkdir()
+    else:
+        state.write_bytes(b"this is not a database" * 100)
+    proc = overnight(tmp_path, "run", str(job), "--state", str(state))
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2, (out, err)
+    assert str(state) in err and "Traceback" not in err
+    assert not (tmp_path / "calls.log").exists()
