@@ -110,7 +110,7 @@ def test_run_with_failures_exits_3_and_status_json(tmp_path):
 
     st = status_json(tmp_path)
     assert st["job"] == "cj"
-    assert st["states"] == {"succeeded": 3, "failed": 1, "invalid": 1, "rejected": 1}
+    assert st["states"] == {"succeeded": 3, "failed": 2, "invalid": 1}
     assert st["total"] == 6
     assert st["succeeded"] == 3
     assert st["failed"] == 2  # one item plus one refused line
@@ -167,11 +167,10 @@ def test_retry_and_retry_invalid(tmp_path):
         "succeeded": 3,
         "pending": 1,
         "invalid": 1,
-        "rejected": 0,
     }
     proc = cli(tmp_path, "retry", "job.toml", "--invalid")
     assert proc.stdout.startswith("1 items back to pending")  # the invalid one
-    assert status_json(tmp_path)["states"] == {"succeeded": 3, "pending": 2, "rejected": 0}
+    assert status_json(tmp_path)["states"] == {"succeeded": 3, "pending": 2}
 
     (tmp_path / "broken").unlink()
     proc = cli(tmp_path, "run", "job.toml")
@@ -214,14 +213,14 @@ def test_cancel_then_run_resumes(tmp_path):
     assert proc.stdout.startswith("cancelled 2 open items")
     st = status_json(tmp_path)
     assert st["cancelled"] is True
-    assert st["states"] == {"succeeded": 4, "cancelled": 2, "rejected": 0}
+    assert st["states"] == {"succeeded": 4, "cancelled": 2}
     assert st["exit_code"] == 3
     (tmp_path / "broken").unlink()
     proc = cli(tmp_path, "run", "job.toml")
     assert proc.returncode == 0, proc.stderr
     st = status_json(tmp_path)
     assert st["cancelled"] is False
-    assert st["states"] == {"succeeded": 6, "rejected": 0}
+    assert st["states"] == {"succeeded": 6}
 
 
 def test_commands_before_any_run_exit_2(tmp_path):
@@ -238,7 +237,7 @@ def test_run_json_parses(tmp_path):
     proc = cli(tmp_path, "run", "job.toml", "--json")
     assert proc.returncode == 0
     data = orjson.loads(proc.stdout)
-    assert data["states"] == {"succeeded": 5, "rejected": 0}
+    assert data["states"] == {"succeeded": 5}
     assert data["exit_code"] == 0
     assert data["output"] == str(tmp_path.resolve() / "out.jsonl")
     assert data["interrupted"] is False

@@ -754,7 +754,8 @@ def test_cancel_between_runs_then_resume(tmp_path):
     first = make_job(tmp_path, fn, run={"batch_size": 3}).run(on_progress=on_progress, stop=stop)
     assert first.exit_code == 130
     done = first.counts["succeeded"]
-    assert make_job(tmp_path, fn).cancel() == 0  # nothing open in the ledger yet
+    result = make_job(tmp_path, fn).cancel()
+    assert result.items == 0 and result.unread == n - done  # nothing open in the ledger yet
     status = make_job(tmp_path, fn).status()
     assert status.cancelled is True
     assert status.counts.by_state == {"succeeded": done}
@@ -775,7 +776,7 @@ def test_cancel_with_open_items_then_resume(tmp_path):
     job = make_job(tmp_path, fn)
     job.run()
     assert job.retry().moved == n
-    assert job.cancel() == n
+    assert job.cancel().items == n
     assert job.status().counts.by_state == {"cancelled": n}
     assert job.status().exit_code == 3
     (tmp_path / "mode.txt").write_text("ok")

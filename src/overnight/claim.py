@@ -18,10 +18,11 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 
 from .errors import UsageError
-from .runner import lease_owner, owner_alive
+from .runner import Progress, lease_owner, owner_alive
 from .store import Claim, Ledger
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,31 @@ def holder_alive(claim: Claim, now: float | None = None) -> bool:
     return alive
 
 
+@dataclass
+class RunHandle:
+    """The run holding the claim. The job sets `progress` once it has one (the heartbeat
+    records it for `status`) and `outcome` when it knows how the run ends."""
+
+    claim: Claim
+    run_id: int
+    progress: Progress | None = None
+    outcome: str = "error"
+    final: tuple[int, float, float] | None = None
+
+    def figures(self) -> tuple[int, float, float]:
+        """(items processed, processing seconds, setup seconds) of this run so far."""
+        if self.final is not None:
+            return self.final
+        p = self.progress
+        if p is None:
+            return 0, 0.0, 0.0
+        return p.processed, max(0.0, p.elapsed - p.setup_seconds), p.setup_seconds
+
+    def finish(self, outcome: str, processed: int, seconds: float, setup_seconds: float) -> None:
+        """How the run ended, with the very figures its report shows."""
+        self.outcome, self.final = outcome, (processed, seconds, setup_seconds)
+
+
 @contextmanager
 def claimed(
     ledger: Ledger,
@@ -57,7 +83,7 @@ def claimed(
     *,
     on_lost: Callable[[], None] | None = None,
     ttl: float = TTL,
-) -> Iterator[Claim]:
+) -> Iterator[RunHandle]:
     """Hold job `name` for this process while the block runs; raise JobBusy if another holds
     it. A heartbeat thread renews the claim over its own ledger connection (`connect`), so a
     long model call does not let it expire; `on_lost` runs if it is ever taken over."""
@@ -74,21 +100,27 @@ def claimed(
             " would send its requests again. Let it finish (`overnight status` shows it), or"
             " stop it first (`overnight cancel`)"
         )
+    handle = RunHandle(held, ledger.start_run(name, owner, now))
     stop = threading.Event()
     beat: threading.Thread | None = None
     try:
         # The heartbeat's own connection, opened now: opened later, it could create a new,
         # empty ledger where the real one was deleted.
         beat = threading.Thread(
-            target=_heartbeat, args=(connect(), name, owner, ttl, stop, on_lost), daemon=True
+            target=_heartbeat,
+            args=(connect(), name, owner, ttl, stop, on_lost, handle),
+            daemon=True,
         )
         beat.start()
-        yield held
+        yield handle
     finally:
         stop.set()
         if beat is not None:
             beat.join(timeout=ttl)
-        ledger.release_claim(name, owner)
+        try:
+            ledger.update_run(handle.run_id, time.time(), *handle.figures(), handle.outcome)
+        finally:
+            ledger.release_claim(name, owner)
 
 
 def _heartbeat(
@@ -98,14 +130,17 @@ def _heartbeat(
     ttl: float,
     stop: threading.Event,
     on_lost: Callable[[], None] | None,
+    handle: RunHandle,
 ) -> None:
     try:
         while not stop.wait(ttl / 4):
-            if not ledger.renew_claim(name, owner, time.time() + ttl):
+            now = time.time()
+            if not ledger.renew_claim(name, owner, now + ttl):
                 log.error("job %r: another process took over this run's claim; stopping", name)
                 if on_lost is not None:
                     on_lost()
                 return
+            ledger.update_run(handle.run_id, now, *handle.figures())
     except Exception as exc:  # the main thread meets the same ledger trouble and reports it
         log.warning("job %r: could not renew the run's claim: %s", name, exc)
     finally:

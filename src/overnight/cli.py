@@ -176,8 +176,9 @@ def _print_report(r: Report) -> None:
     if c["cancelled"]:
         table.add_row("cancelled", str(c["cancelled"]))
     if r.processed:
+        label = "processed" if r.activity is None else "last run"
         table.add_row(
-            "processed", f"{r.processed} items in {r.seconds:.1f}s ({r.items_per_second:.1f}/s)"
+            label, f"{r.processed} items in {r.seconds:.1f}s ({r.items_per_second:.1f}/s)"
         )
     if r.batch_size and r.processed:
         table.add_row("batch size", str(r.batch_size))
@@ -194,6 +195,8 @@ def _print_report(r: Report) -> None:
     if r.errors and (c.failed or c["invalid"]):
         table.add_row("errors", Text(str(r.errors)))
     out.print(table)
+    if r.activity is not None:
+        _print_activity(r.activity)
     if r.remote_batches:
         _print_remote_batches(r.remote_batches)
     if r.deadline:
@@ -211,6 +214,26 @@ def _print_report(r: Report) -> None:
         out.print("[yellow]interrupted: run the same command again to resume.[/]")
     elif r.cancelled:
         out.print("[yellow]cancelled: run again to resume.[/]")
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def _print_activity(a: Any) -> None:
+    if a.running:
+        rate = f"{a.items_per_second:.1f} items/s over the last minute"
+        eta = f", about {_duration(a.eta_seconds)} to go" if a.eta_seconds is not None else ""
+        out.print(Text.assemble(("running: ", "green"), f"{a.runner}; {rate}{eta}"))
+    if a.unfinished:
+        out.print(Text("unfinished:", style="yellow"))
+        for why in a.unfinished:
+            out.print(Text(f"  - {why}"), soft_wrap=True)
+    else:
+        out.print(Text("finished: every record has a final state", style="green"))
 
 
 def _print_remote_batches(batches: tuple[dict[str, Any], ...]) -> None:
@@ -333,8 +356,9 @@ def export(job: JobArg, state: StateOpt = None) -> None:
 def cancel(job: JobArg, state: StateOpt = None) -> None:
     """Stop the job: open items become cancelled, finished ones are kept. `run` resumes it."""
     with _errors():
-        n = _load(job, state).cancel()
-    out.print(f"cancelled {n} open items; finished results are kept")
+        result = _load(job, state).cancel()
+    for line in result.lines():
+        out.print(Text(line), soft_wrap=True)
 
 
 @app.command()

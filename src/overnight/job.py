@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -22,16 +23,57 @@ import orjson
 from . import llm_job, sinks, sources
 from .backends.base import Predictor
 from .batching import BatchSizer
-from .claim import claimed
+from .claim import claimed, describe, holder_alive
 from .errors import EndpointDown, InputChangedError, InputError, UsageError, redact
 from .estimate import usd
 from .retry import Backoff
 from .runner import Progress, Runner, ingest_only
 from .spec import JobSpec, SourceSpec, load_job_file, parse_spec, semantic_hash, source_format
-from .store import Counts, Failure, JobInfo, Ledger, open_ledger
+from .store import Counts, Failure, JobInfo, Ledger, RunRecord, open_ledger
 from .tasks import Task, make_task
 
 log = logging.getLogger(__name__)
+
+
+def _clock(ts: float) -> str:
+    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+@dataclass(frozen=True)
+class Activity:
+    """What `status` says beyond the counts: is a run alive, is the job finished, how fast."""
+
+    running: bool  # a live process holds the job's claim
+    runner: str | None  # "process 1234 on host" (the live one, else the last one)
+    last_run: RunRecord | None
+    items_per_second: (
+        float  # recent throughput (the last minute of a live run, else the last run's)
+    )
+    remaining: int | None  # items open + records not read yet (estimated); None: unknown
+    eta_seconds: float | None
+    unfinished: tuple[str, ...]  # why the job is not finished; empty when it is
+
+    def to_dict(self) -> dict[str, Any]:
+        last = self.last_run
+        return {
+            "running": self.running,
+            "runner": self.runner,
+            "finished": not self.unfinished,
+            "unfinished": list(self.unfinished),
+            "items_per_second": round(self.items_per_second, 1),
+            "remaining": self.remaining,
+            "eta_seconds": None if self.eta_seconds is None else round(self.eta_seconds, 1),
+            "last_run": None
+            if last is None
+            else {
+                "started_at": last.started_at,
+                "ended_at": last.ended_at,
+                "outcome": last.outcome,
+                "processed": last.processed,
+                "seconds": round(last.seconds, 3),
+                "items_per_second": round(last.items_per_second, 1),
+            },
+        }
 
 
 @dataclass(frozen=True)
@@ -56,6 +98,7 @@ class Report:
     llm: bool = False  # tokens and cost are worth showing
     detached: bool = False  # batches submitted, not waited for: `run` again collects
     notes: tuple[str, ...] = ()  # what the run did besides processing (an incremental rerun)
+    activity: Activity | None = None  # `status`: runner, finished or not, throughput, ETA
 
     @property
     def items_per_second(self) -> float:
@@ -78,7 +121,8 @@ class Report:
         return {
             "job": self.job,
             "total": c.total,
-            "states": {**c.by_state, "rejected": c.rejected},
+            # Records that could not be read at all are failed (input_error), like items.
+            "states": {**c.by_state, **({"failed": c.failed} if c.failed else {})},
             "succeeded": c["succeeded"],
             "failed": c.failed,
             "invalid": c["invalid"],
@@ -104,6 +148,7 @@ class Report:
             "deadline": self.deadline,
             "detached": self.detached,
             "notes": list(self.notes),
+            "activity": self.activity.to_dict() if self.activity else None,
         }
 
 
@@ -120,6 +165,40 @@ class RetryResult:
             "moved": self.moved,
             "input_errors": self.input_errors,
             "input_error_lines": list(self.input_error_lines),
+        }
+
+
+@dataclass(frozen=True)
+class CancelResult:
+    """What `cancel` did."""
+
+    items: int  # open items (pending, leased) now cancelled
+    runner: str | None  # the live run told to stop ("process 1234 on host"), if any
+    unread: int | None  # records of the input not read yet (estimated; None: unknown)
+    remote_batches: int  # live provider batches cancelled
+
+    def lines(self) -> list[str]:
+        out = [f"cancelled {self.items:,} open items; finished results are kept"]
+        if self.runner:
+            out.append(f"{self.runner} is running it: it stops after the batch in flight")
+        if self.unread:
+            out.append(f"~{self.unread:,} records of the input not read yet will not be read")
+        elif self.unread is None:
+            out.append("the rest of the input, not read yet, will not be read")
+        if self.remote_batches:
+            out.append(
+                f"cancelled {self.remote_batches} live provider batches; what they finished is"
+                " collected by the running run or the next `overnight run`"
+            )
+        out.append("`overnight run` resumes the job")
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "items": self.items,
+            "runner": self.runner,
+            "unread": self.unread,
+            "remote_batches": self.remote_batches,
         }
 
 
@@ -438,11 +517,12 @@ class Job:
         stop = stop or threading.Event()
         with (
             self.ledger() as ledger,
-            claimed(ledger, self.name, self._connect, on_lost=stop.set),
+            claimed(ledger, self.name, self._connect, on_lost=stop.set) as run,
         ):
             notes: list[str] = []
             job = self._open_job(ledger, spec_hash, restart, notes, on_progress, stop)
             if job is None:  # stopped while reading a changed input: the old job is intact
+                run.finish("interrupted", 0, 0.0, 0.0)
                 return Report(job=self.name, counts=Counts(), interrupted=True, notes=tuple(notes))
             if ledger.is_cancelled(job.id):
                 ledger.reopen(job.id)
@@ -459,6 +539,9 @@ class Job:
                 cost=before.cost,
                 list_cost=before.list_cost,
             )
+            run.progress = progress
+            if on_progress is not None:  # the known total and done count, before the model loads
+                on_progress(progress)
             outcome = _RunOutcome(detached=detach, notes=notes)
             try:
                 if self.spec.model.backend == "auto":
@@ -471,8 +554,10 @@ class Job:
                 outcome.interrupted = True
             except EndpointDown as exc:  # items stay pending; a rerun resumes
                 progress.stop_reason = redact(str(exc))
-            interrupted = outcome.interrupted or (stop is not None and stop.is_set())
+            interrupted = outcome.interrupted or stop.is_set()
+            seconds = progress.elapsed - progress.setup_seconds
             if outcome.detached:  # nothing to export yet: the batches are running
+                run.finish("detached", progress.processed, seconds, progress.setup_seconds)
                 return Report(
                     job=self.name,
                     counts=ledger.counts(job.id),
@@ -494,11 +579,18 @@ class Job:
                     self.id_name,
                     self.spec.output.include,
                 )
+            if interrupted:
+                word = "interrupted"
+            elif outcome.cancelled:
+                word = "cancelled"
+            else:
+                word = "stopped" if progress.stop_reason else "finished"
+            run.finish(word, progress.processed, seconds, progress.setup_seconds)
             return Report(
                 job=self.name,
                 counts=ledger.counts(job.id),
                 processed=progress.processed,
-                seconds=progress.elapsed - progress.setup_seconds,
+                seconds=seconds,
                 setup_seconds=progress.setup_seconds,
                 output=exported.output if exported else None,
                 errors=exported.errors if exported else None,
@@ -797,21 +889,76 @@ class Job:
         )
 
     def status(self) -> Report:
+        """Counts, and whether the job is finished, who runs it, how fast, how long to go.
+        The processing figures are the last run's own (those its report showed)."""
         with self.ledger() as ledger:
             job = self._job_info(ledger)
             counts = ledger.counts(job.id)
-            seconds = (counts.last_finished or 0) - (counts.first_started or 0)
-            done = counts["succeeded"] + counts["failed"] + counts["invalid"]
+            activity = self._activity(ledger, job, counts)
+            last = activity.last_run
             return Report(
                 job=self.name,
                 counts=counts,
-                processed=done,
-                seconds=max(seconds, 0.0),
+                processed=last.processed if last else 0,
+                seconds=last.seconds if last else 0.0,
+                setup_seconds=last.setup_seconds if last else 0.0,
                 cancelled=ledger.is_cancelled(job.id),
                 ingest_done=job.ingest_done,
                 remote_batches=tuple(self._remote_batches(ledger, job.id)),
                 llm=self.is_llm,
+                activity=activity,
             )
+
+    def _activity(self, ledger: Ledger, job: JobInfo, counts: Counts) -> Activity:
+        now = time.time()
+        claim = ledger.get_claim(self.name)
+        running = claim is not None and holder_alive(claim, now)
+        last = ledger.last_run(self.name)
+        unfinished: list[str] = []
+        unread: int | None = 0
+        if not job.ingest_done:
+            try:
+                expected = sources.estimate_records(self.source_format, self.source_path)
+            except (OSError, ValueError):
+                expected = None
+            read = counts.total
+            unread = None if expected is None else max(0, expected - read)
+            unfinished.append(
+                f"the input is not fully read: {read:,} records so far"
+                + (f" of ~{expected:,}" if expected else "")
+            )
+        if counts.open:
+            parts = [f"{counts[s]:,} {s}" for s in ("pending", "leased", "submitted") if counts[s]]
+            unfinished.append(f"{counts.open:,} items still open ({', '.join(parts)})")
+        if ledger.is_cancelled(job.id):
+            unfinished.append("cancelled: `overnight run` resumes it")
+        rate = 0.0
+        if running and last is not None and last.ended_at is None:
+            window = min(60.0, max(1.0, now - last.started_at))
+            rate = ledger.finished_since(job.id, now - window) / window
+        elif last is not None:
+            rate = last.items_per_second
+        remaining = None if unread is None else counts.open + unread
+        eta = remaining / rate if remaining and rate > 0 else (0.0 if remaining == 0 else None)
+        if unfinished and not running:
+            if last is not None and last.ended_at is None:
+                unfinished.append(
+                    f"no run is active: the last one ({describe(last.owner)}) stopped without"
+                    f" finishing at about {_clock(last.updated_at)} (killed?); `overnight run`"
+                    " resumes it"
+                )
+            else:
+                unfinished.append("no run is active: `overnight run` resumes it")
+        owner = claim.owner if running and claim else (last.owner if last else None)
+        return Activity(
+            running=running,
+            runner=describe(owner) if owner else None,
+            last_run=last,
+            items_per_second=rate,
+            remaining=remaining,
+            eta_seconds=eta if running else None,
+            unfinished=tuple(unfinished),
+        )
 
     def failures(self) -> list[Failure]:
         with self.ledger() as ledger:
@@ -841,12 +988,16 @@ class Job:
                 self.spec.output.include,
             )
 
-    def cancel(self) -> int:
-        """Open items become cancelled; live provider batches are cancelled remotely and
-        what they finished is kept (collected by the running runner or the next `run`)."""
+    def cancel(self) -> CancelResult:
+        """Open items become cancelled; a running run stops after its batch in flight; live
+        provider batches are cancelled remotely and what they finished is kept (collected
+        by the running run or the next `run`). `run` resumes the job."""
         with self.ledger() as ledger:
             job = self._job_info(ledger)
+            counts = ledger.counts(job.id)
+            activity = self._activity(ledger, job, counts)
             n = ledger.cancel(job.id)
+            batches = 0
             if self.is_llm and ledger.chunks(job.id, ("live",)):
                 from .batch_runner import BatchRunner
 
@@ -858,5 +1009,13 @@ class Job:
                     max_attempts=self.spec.run.max_attempts,
                     meter=llm_job.meter(self.spec, self.prices, batch=True),
                 )
-                runner.cancel_remote()
-            return n
+                batches = runner.cancel_remote()
+            unread = None
+            if not job.ingest_done and activity.remaining is not None:
+                unread = max(0, activity.remaining - counts.open)
+            return CancelResult(
+                items=n,
+                runner=activity.runner if activity.running else None,
+                unread=unread if not job.ingest_done else 0,
+                remote_batches=batches,
+            )

@@ -13,6 +13,7 @@ from .base import (
     LedgerError,
     Outcome,
     RemoteBatch,
+    RunRecord,
 )
 from .sqlite import SQLiteLedger
 
@@ -39,6 +40,7 @@ __all__ = [
     "Ledger",
     "Outcome",
     "RemoteBatch",
+    "RunRecord",
     "SQLiteLedger",
     "open_ledger",
 ]

@@ -45,6 +45,24 @@ class Claim:
 
 
 @dataclass(frozen=True)
+class RunRecord:
+    """One `overnight run` of a job, as it last reported itself."""
+
+    owner: str
+    started_at: float
+    updated_at: float  # its last heartbeat
+    ended_at: float | None  # None: still running, or it died without a word (kill -9)
+    outcome: str | None  # finished | interrupted | cancelled | detached | stopped | error
+    processed: int
+    seconds: float
+    setup_seconds: float
+
+    @property
+    def items_per_second(self) -> float:
+        return self.processed / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
 class JobInfo:
     id: int
     name: str
@@ -169,6 +187,18 @@ class Ledger(Protocol):
     def renew_claim(self, name: str, owner: str, expires: float) -> bool: ...
     def release_claim(self, name: str, owner: str) -> None: ...
     def get_claim(self, name: str) -> Claim | None: ...
+    def start_run(self, name: str, owner: str, now: float) -> int: ...
+    def update_run(
+        self,
+        run_id: int,
+        now: float,
+        processed: int,
+        seconds: float,
+        setup_seconds: float,
+        outcome: str | None = None,
+    ) -> None: ...
+    def last_run(self, name: str) -> RunRecord | None: ...
+    def finished_since(self, job_id: int, since: float) -> int: ...
 
     # jobs
     def get_job(self, name: str) -> JobInfo | None: ...

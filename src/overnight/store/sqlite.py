@@ -30,6 +30,7 @@ from .base import (
     LedgerError,
     Outcome,
     RemoteBatch,
+    RunRecord,
 )
 
 PAGE_SIZE = 16384
@@ -95,6 +96,19 @@ CREATE TABLE IF NOT EXISTS claims (
     since   REAL NOT NULL,
     expires REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS runs (
+    id            INTEGER PRIMARY KEY,
+    name          TEXT NOT NULL,               -- the job's name
+    owner         TEXT NOT NULL,
+    started_at    REAL NOT NULL,
+    updated_at    REAL NOT NULL,
+    ended_at      REAL,                        -- NULL: running, or died without a word
+    outcome       TEXT,                        -- finished | interrupted | cancelled | ...
+    processed     INTEGER NOT NULL DEFAULT 0,  -- items finished by this run
+    seconds       REAL NOT NULL DEFAULT 0,     -- processing time, model loading excluded
+    setup_seconds REAL NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS runs_name ON runs (name, id);
 CREATE TABLE IF NOT EXISTS rejects (
     job_id    INTEGER NOT NULL,
     seq       INTEGER NOT NULL,
@@ -284,6 +298,50 @@ class SQLiteLedger:
     def release_claim(self, name: str, owner: str) -> None:
         with self._tx() as db:
             db.execute("DELETE FROM claims WHERE name = ? AND owner = ?", (name, owner))
+
+    # -- runs: what each run did, for `status` -------------------------------------------
+
+    def start_run(self, name: str, owner: str, now: float) -> int:
+        with self._tx() as db:
+            cur = db.execute(
+                "INSERT INTO runs (name, owner, started_at, updated_at) VALUES (?, ?, ?, ?)",
+                (name, owner, now, now),
+            )
+            return int(cur.lastrowid or 0)
+
+    def update_run(
+        self,
+        run_id: int,
+        now: float,
+        processed: int,
+        seconds: float,
+        setup_seconds: float,
+        outcome: str | None = None,
+    ) -> None:
+        """Progress of a live run (heartbeat), or its end when `outcome` is given."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE runs SET updated_at = ?, processed = ?, seconds = ?, setup_seconds = ?,"
+                " outcome = coalesce(?, outcome),"
+                " ended_at = CASE WHEN ? IS NULL THEN ended_at ELSE ? END WHERE id = ?",
+                (now, processed, seconds, setup_seconds, outcome, outcome, now, run_id),
+            )
+
+    def last_run(self, name: str) -> RunRecord | None:
+        row = self._db.execute(
+            "SELECT owner, started_at, updated_at, ended_at, outcome, processed, seconds,"
+            " setup_seconds FROM runs WHERE name = ? ORDER BY id DESC LIMIT 1",
+            (name,),
+        ).fetchone()
+        return RunRecord(*row) if row else None
+
+    def finished_since(self, job_id: int, since: float) -> int:
+        """Items finished at or after `since` (a recent throughput)."""
+        lo, hi = _range(job_id)
+        return self._db.execute(
+            "SELECT count(*) FROM items WHERE id BETWEEN ? AND ? AND finished_at >= ?",
+            (lo, hi, since),
+        ).fetchone()[0]
 
     def get_claim(self, name: str) -> Claim | None:
         row = self._db.execute(
