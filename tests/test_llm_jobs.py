@@ -61,6 +61,26 @@ def test_embed_and_passthrough(tmp_path: Path, fake: FakeProvider) -> None:
     assert job.run().exit_code == 0
     rows = read_jsonl(tmp_path / "job.out.jsonl")
     assert len(rows[0]["output"]) == 8
+    assert "usage" in rows[0]
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parquet = llm_job(
+        tmp_path,
+        "openai",
+        fake.openai_url,
+        kind="embed",
+        name="vec",
+        model={"name": "text-embedding-3-small", "params": {}},
+    )
+    parquet.spec = parquet.spec.model_copy(
+        update={"output": parquet.spec.output.model_copy(update={"path": "vec.parquet"})}
+    )
+    assert parquet.run().exit_code == 0
+    table = pq.read_table(tmp_path / "vec.parquet")
+    assert table.schema.field("output").type == pa.list_(pa.float32(), 8)
+    assert table.column("output").to_pylist()[0] == pytest.approx(rows[0]["output"], rel=1e-6)
 
     # An OpenAI batch input file, run as is in real time: ids come from its custom_id.
     lines = [

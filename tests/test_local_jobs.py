@@ -61,6 +61,43 @@ def test_embed_job_and_a_missing_template_field(tmp_path):
     assert "body" in err["message"]
 
 
+def test_embeddings_are_float32_in_parquet_and_compact_in_the_ledger(tmp_path):
+    import sqlite3
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from overnight.backends.local import LocalModel
+
+    records = [{"id": f"s{i}", "text": s} for i, s in enumerate(SENTENCES)]
+    (tmp_path / "in.jsonl").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in records))
+    spec = {
+        "name": "vec",
+        "source": {"path": "in.jsonl", "id": "id"},
+        "task": {"kind": "embed"},
+        "model": {"backend": "local"},
+        "output": {"path": "vectors.parquet", "include": ["text"]},
+    }
+    assert overnight.Job(spec, base_dir=tmp_path).run().exit_code == 0
+    table = pq.read_table(tmp_path / "vectors.parquet")
+    assert table.schema.field("output").type == pa.list_(pa.float32(), 384)
+    assert table.column_names == ["id", "output", "text"]
+    got = np.asarray(table.column("output").to_pylist(), dtype=np.float32)
+    want = LocalModel().embed(SENTENCES)
+    assert np.allclose(got, want, atol=1e-5)
+    with sqlite3.connect(tmp_path / ".overnight" / "ledger.db") as db:
+        sizes = db.execute("SELECT max(length(result)), max(length(vector)) FROM items").fetchone()
+    assert sizes[1] == 384 * 4  # float32 bytes beside the JSON ...
+    assert sizes[0] < 64  # ... which no longer holds the vector as text
+
+    # The same ledger exported as JSONL: plain lists of numbers, equal to the float32 values.
+    spec["output"] = {"path": "vectors.jsonl"}
+    overnight.Job(spec, base_dir=tmp_path).export()
+    rows = read_jsonl(tmp_path / "vectors.jsonl")
+    assert np.array_equal(np.asarray([r["output"] for r in rows], dtype=np.float32), got)
+
+
 def test_classify_job_zero_shot_and_with_examples(tmp_path):
     tickets = generate_tickets(300, seed=7)
     write_tickets_csv(tickets, tmp_path / "tickets.csv")

@@ -159,7 +159,7 @@ def test_finish_chunk_writes_outcomes_and_returns_the_rest_to_pending(ledger):
     (c,) = ledger.chunks(job.id)
     assert (c.status, c.remote_status, c.ended_at) == ("collected", "expired", NOW + 5)
     assert ledger.chunk_items(job.id, chunk) == []
-    assert list(ledger.iter_results(job.id)) == [("a", result("A"), None)]
+    assert list(ledger.iter_results(job.id)) == [("a", result("A"), None, None)]
     counts = ledger.counts(job.id)
     assert (counts.input_tokens, counts.output_tokens, counts.cost) == (10, 2, 0.5)
     again = ledger.pending_page(job.id, -1, 10, NOW + 5)
@@ -181,7 +181,7 @@ def test_finish_chunk_twice_writes_nothing_twice(store, ledger):
     rerun = store.open()
     later = [Outcome(0, "succeeded", result("X"), cost=1.0), Outcome(1, "succeeded", result(1))]
     assert rerun.finish_chunk(job.id, chunk, later, NOW + 1) == 0
-    assert list(ledger.iter_results(job.id)) == [("a", result("A"), None)]
+    assert list(ledger.iter_results(job.id)) == [("a", result("A"), None, None)]
     assert states(ledger, job.id) == {"succeeded": 1, "pending": 4}
     assert ledger.counts(job.id).cost == 1.0
     assert [(it.seq, it.attempts) for it in ledger.pending_page(job.id, -1, 1, NOW)] == [(1, 1)]
@@ -212,7 +212,7 @@ def test_finish_chunk_keeps_a_follow_up_for_the_next_batch(ledger):
     nxt = ledger.plan_chunk(job.id, "openai", [0], NOW + 1)
     assert ledger.chunk_items(job.id, nxt)[0].follow_up == follow
     ledger.finish_chunk(job.id, nxt, [Outcome(0, "succeeded", result("ok"), cost=0.25)], NOW + 2)
-    assert list(ledger.iter_results(job.id)) == [("a", result("ok"), None)]
+    assert list(ledger.iter_results(job.id)) == [("a", result("ok"), None, None)]
     assert ledger.counts(job.id).cost == 0.5
 
 

@@ -184,7 +184,7 @@ def test_complete_by_owner_commits_results(ledger):
         "invalid": 1,
         "leased": 1,
     }
-    assert list(ledger.iter_results(job.id)) == [("a", result("A"), None)]
+    assert list(ledger.iter_results(job.id)) == [("a", result("A"), None, None)]
     fails = list(ledger.iter_failures(job.id))
     assert [
         (f.custom_id, f.line, f.state, f.error_class, f.message, f.attempts) for f in fails
@@ -209,7 +209,7 @@ def test_complete_twice_writes_once(ledger):
     ledger.lease(job.id, 1, lease_at())
     assert ledger.complete(job.id, "owner-a", [Outcome(0, "succeeded", result(1))], NOW) == 1
     assert ledger.complete(job.id, "owner-a", [Outcome(0, "succeeded", result(2))], NOW) == 0
-    assert list(ledger.iter_results(job.id)) == [("a", result(1), None)]
+    assert list(ledger.iter_results(job.id)) == [("a", result(1), None, None)]
 
 
 def test_complete_of_an_unleased_item_changes_nothing(ledger):
@@ -311,7 +311,7 @@ def test_add_items_with_outcomes_inserts_final_states(ledger):
     counts = ledger.counts(job.id)
     assert counts.by_state == {"succeeded": 1, "failed": 1, "invalid": 1, "pending": 1}
     assert list(ledger.iter_results(job.id, with_payload=True)) == [
-        ("a", result("A"), rows[0].payload)
+        ("a", result("A"), rows[0].payload, None)
     ]
     fails = [
         (f.custom_id, f.state, f.error_class, f.message, f.attempts)
@@ -331,7 +331,10 @@ def test_add_items_all_succeeded(ledger):
     rows = rows_for(["a", "b"])
     outcomes = [Outcome(0, "succeeded", result(1)), Outcome(1, "succeeded", result(2))]
     assert ledger.add_items(job.id, 0, rows, Cursor(2, 3, 0), outcomes) == [True, True]
-    assert list(ledger.iter_results(job.id)) == [("a", result(1), None), ("b", result(2), None)]
+    assert list(ledger.iter_results(job.id)) == [
+        ("a", result(1), None, None),
+        ("b", result(2), None, None),
+    ]
     assert ledger.lease(job.id, 10, lease_at()) == []
 
 
@@ -367,7 +370,7 @@ def test_duplicates_with_outcomes(ledger):
     rows = [row(1, "a"), row(2, "a")]
     outcomes = [Outcome(0, "succeeded", result(1)), Outcome(1, "succeeded", result(2))]
     assert ledger.add_items(job.id, 0, rows, Cursor(2, 3, 0), outcomes) == [True, False]
-    assert list(ledger.iter_results(job.id)) == [("a", result(1), None)]
+    assert list(ledger.iter_results(job.id)) == [("a", result(1), None, None)]
     assert ledger.counts(job.id).rejected == 1
     assert [f.line for f in ledger.iter_failures(job.id)] == [2]
 
@@ -394,7 +397,7 @@ def test_rows_with_errors_and_outcomes(ledger):
     rows = [row(1, None, "line 1: not a JSON object"), row(2, "b")]
     outcomes = [Outcome(1, "succeeded", result("B"))]  # one per readable row
     assert ledger.add_items(job.id, 0, rows, Cursor(2, 3, 0), outcomes) == [False, True]
-    assert list(ledger.iter_results(job.id)) == [("b", result("B"), None)]
+    assert list(ledger.iter_results(job.id)) == [("b", result("B"), None, None)]
     assert [(f.line, f.error_class) for f in ledger.iter_failures(job.id)] == [(1, "input_error")]
 
 
@@ -474,12 +477,12 @@ def test_iter_results_in_input_order(ledger):
         NOW,
     )
     assert list(ledger.iter_results(job.id)) == [
-        ("a", result("A"), None),
-        ("b", result("B"), None),
-        ("c", result("C"), None),
+        ("a", result("A"), None, None),
+        ("b", result("B"), None, None),
+        ("c", result("C"), None, None),
     ]
     with_payload = list(ledger.iter_results(job.id, with_payload=True))
-    assert [(cid, orjson.loads(p)) for cid, _, p in with_payload] == [
+    assert [(cid, orjson.loads(p)) for cid, _, p, _ in with_payload] == [
         ("a", {"id": "a", "n": 0}),
         ("b", {"id": "b", "n": 1}),
         ("c", {"id": "c", "n": 2}),
@@ -609,7 +612,7 @@ def test_cancel_and_reopen(store, ledger):
     assert ledger.counts(job.id).by_state == {"succeeded": 1, "pending": 3}
     items = ledger.lease(job.id, 10, lease_at("owner-b", NOW + 1))
     assert [it.seq for it in items] == [1, 2, 3]
-    assert list(ledger.iter_results(job.id)) == [("a", result("A"), None)]
+    assert list(ledger.iter_results(job.id)) == [("a", result("A"), None, None)]
 
 
 def test_cancel_keeps_finished_items(ledger):

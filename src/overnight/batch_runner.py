@@ -24,6 +24,7 @@ from typing import Any
 
 import orjson
 
+from . import results
 from .errors import InvalidOutput, redact
 from .estimate import ASSUMED_OUTPUT_TOKENS
 from .llm.batch import TRANSIENT_ERRORS, BatchService, Line, Result, TooLarge, _crash, _retryable
@@ -408,12 +409,12 @@ class BatchRunner:
                 return Outcome(
                     seq, "invalid", None, exc.error_class, redact(exc.reason), 0.0, *usage
                 )
-            result_json = orjson.dumps(fields)
+            result_json, vector = results.encode(fields, self.task.kind == "embed")
             if self.validate is not None:
                 reason = self.validate(fields["output"])
                 if reason is not None:
                     return Outcome(seq, "invalid", None, "schema_error", reason, 0.0, *usage)
-            return Outcome(seq, "succeeded", result_json, None, None, 0.0, *usage)
+            return Outcome(seq, "succeeded", result_json, None, None, 0.0, *usage, vector)
         message = redact(result.message or result.kind)
         cls = result.error_type or result.kind
         transient = result.kind in ("expired", "cancelled") or cls in TRANSIENT_ERRORS

@@ -571,14 +571,7 @@ class Job:
             assert job is not None
             exported = None
             if not interrupted:
-                exported = sinks.export(
-                    ledger,
-                    job.id,
-                    self.output_path,
-                    self.errors_path,
-                    self.id_name,
-                    self.spec.output.include,
-                )
+                exported = self._export(ledger, job.id)
             if interrupted:
                 word = "interrupted"
             elif outcome.cancelled:
@@ -979,14 +972,18 @@ class Job:
     def export(self) -> sinks.Exported:
         with self.ledger() as ledger:
             job = self._job_info(ledger)
-            return sinks.export(
-                ledger,
-                job.id,
-                self.output_path,
-                self.errors_path,
-                self.id_name,
-                self.spec.output.include,
-            )
+            return self._export(ledger, job.id)
+
+    def _export(self, ledger: Ledger, job_id: int) -> sinks.Exported:
+        return sinks.export(
+            ledger,
+            job_id,
+            self.output_path,
+            self.errors_path,
+            self.id_name,
+            self.spec.output.include,
+            vectors=self.spec.task.kind == "embed",
+        )
 
     def cancel(self) -> CancelResult:
         """Open items become cancelled; a running run stops after its batch in flight; live

@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 import orjson
 import psutil
 
+from . import results
 from .backends.base import Predictor
 from .batching import BatchSizer
 from .errors import (
@@ -237,6 +238,7 @@ class Runner:
         commit_each_call: bool = False,
     ) -> None:
         self.ledger, self.job, self.task = ledger, job, task
+        self.vectors = task.kind == "embed"  # outputs stored as float32 bytes (results.py)
         self.meter, self.max_cost = meter, max_cost
         # Paid answers are committed as soon as their call returns, not grouped.
         self.commit_each_call = commit_each_call
@@ -388,7 +390,7 @@ class Runner:
             return self._predict(works[:mid], inputs[:mid]) + self._predict(
                 works[mid:], inputs[mid:]
             )
-        if self.validate is None and self.meter is None:
+        if self.validate is None and self.meter is None and not self.vectors:
             parse, dumps, numpy = self.task.parse, orjson.dumps, orjson.OPT_SERIALIZE_NUMPY
             try:  # the common case again: serialise the whole batch in one comprehension
                 results = [dumps(parse(a), option=numpy) for a in answers]
@@ -396,7 +398,7 @@ class Runner:
                 pass
             else:
                 return [
-                    _tuple(Outcome, (w[0], "succeeded", r, None, None, 0.0, 0, 0, None, None))
+                    _tuple(Outcome, (w[0], "succeeded", r, None, None, 0.0, 0, 0, None, None, None))
                     for w, r in zip(works, results, strict=True)
                 ]
         return [self._finish(w, answer) for w, answer in zip(works, answers, strict=True)]
@@ -407,16 +409,19 @@ class Runner:
         usage = self.meter(answer) if self.meter is not None else Usage()
         try:
             fields = self.task.parse(answer)
-            result = orjson.dumps(fields, option=orjson.OPT_SERIALIZE_NUMPY)
+            result, vector = results.encode(fields, self.vectors)
         except orjson.JSONEncodeError as exc:
             return Outcome(w.seq, "invalid", None, "unserialisable_output", str(exc), 0.0, *usage)
         except Exception as exc:
             return self._error(w, exc, usage)
         if self.validate is not None:
-            reason = self.validate(orjson.loads(result)["output"])  # plain JSON, not numpy
+            plain = orjson.loads(result).get("output")  # plain JSON, not numpy
+            if vector is not None:
+                plain = results.decode(result, vector)["output"].tolist()
+            reason = self.validate(plain)
             if reason is not None:
                 return Outcome(w.seq, "invalid", None, "schema_error", reason, 0.0, *usage)
-        return Outcome(w.seq, "succeeded", result, None, None, 0.0, *usage)
+        return Outcome(w.seq, "succeeded", result, None, None, 0.0, *usage, vector)
 
     def _error(self, w: Work, exc: BaseException, usage: Usage | None = None) -> Outcome:
         usage = usage or Usage()

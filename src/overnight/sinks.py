@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
 import orjson
 import psutil
 
+from . import results
 from .errors import OvernightError
 from .store import Ledger
 
@@ -69,8 +71,11 @@ def atomic_write(path: Path, mode: str = "wb") -> Iterator[IO[Any]]:
 def _rows(
     ledger: Ledger, job_id: int, id_name: str, include: list[str]
 ) -> Iterator[dict[str, Any]]:
-    for custom_id, result, payload in ledger.iter_results(job_id, with_payload=bool(include)):
-        row = {id_name: custom_id, **orjson.loads(result)}
+    """Output rows; an embedding's `output` is a float32 numpy array (results.py)."""
+    for custom_id, result, payload, vector in ledger.iter_results(
+        job_id, with_payload=bool(include)
+    ):
+        row = {id_name: custom_id, **results.decode(result, vector)}
         if include:
             record = orjson.loads(payload)
             for name in include:
@@ -79,12 +84,18 @@ def _rows(
 
 
 def _write_jsonl(
-    f: IO[bytes], ledger: Ledger, job_id: int, id_name: str, include: list[str]
+    f: IO[bytes],
+    ledger: Ledger,
+    job_id: int,
+    id_name: str,
+    include: list[str],
+    vectors: bool,
 ) -> int:
     n = 0
-    if include:
+    if include or vectors:
+        option = orjson.OPT_APPEND_NEWLINE | orjson.OPT_SERIALIZE_NUMPY
         for row in _rows(ledger, job_id, id_name, include):
-            f.write(orjson.dumps(row, option=orjson.OPT_APPEND_NEWLINE))
+            f.write(orjson.dumps(row, option=option))
             n += 1
         return n
     # Fast path: the stored result is already a JSON object; the ledger splices the id in
@@ -115,6 +126,28 @@ def _write_csv(f: IO[str], ledger: Ledger, job_id: int, id_name: str, include: l
     return n
 
 
+def _arrow_table(rows: list[dict[str, Any]]) -> Any:
+    """Rows as an Arrow table; embeddings (float32 arrays of one length) as a
+    fixed_size_list<float32> column, which vector stores and Arrow readers expect."""
+    import pyarrow as pa
+
+    outputs = [row.get("output") for row in rows]
+    if not all(isinstance(o, np.ndarray) for o in outputs):
+        return pa.Table.from_pylist(
+            [
+                {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in r.items()}
+                for r in rows
+            ]
+        )
+    dims = {len(o) for o in outputs}  # type: ignore[arg-type]
+    if len(dims) != 1:
+        raise ValueError(f"embeddings of {len(dims)} different lengths")
+    flat = pa.array(np.concatenate(outputs), pa.float32())  # type: ignore[arg-type]
+    vectors = pa.FixedSizeListArray.from_arrays(flat, dims.pop())
+    table = pa.Table.from_pylist([{k: v for k, v in r.items() if k != "output"} for r in rows])
+    return table.add_column(min(1, table.num_columns), "output", vectors)
+
+
 def _write_parquet(
     path: Path, final: Path, ledger: Ledger, job_id: int, id_name: str, include: list[str]
 ) -> int:
@@ -130,7 +163,7 @@ def _write_parquet(
         if not chunk:
             return
         try:
-            table = pa.Table.from_pylist(chunk)
+            table = _arrow_table(chunk)
             if writer is None:
                 writer = pq.ParquetWriter(path, table.schema)
             elif table.schema != writer.schema:
@@ -180,8 +213,16 @@ def write_errors(path: Path, ledger: Ledger, job_id: int) -> int:
 
 
 def export(
-    ledger: Ledger, job_id: int, output: Path, errors: Path, id_name: str, include: list[str]
+    ledger: Ledger,
+    job_id: int,
+    output: Path,
+    errors: Path,
+    id_name: str,
+    include: list[str],
+    vectors: bool = False,
 ) -> Exported:
+    """(Re)write the output and errors files. `vectors`: the job's outputs are embeddings
+    (stored as float32 bytes; Parquet gets a fixed_size_list<float32> column)."""
     fmt = output.suffix.lower()
     if fmt == ".csv":
         with atomic_write(output, "w") as f:
@@ -191,5 +232,5 @@ def export(
             rows = _write_parquet(tmp, output, ledger, job_id, id_name, include)
     else:
         with atomic_write(output) as f:
-            rows = _write_jsonl(f, ledger, job_id, id_name, include)
+            rows = _write_jsonl(f, ledger, job_id, id_name, include, vectors)
     return Exported(output, errors, rows, write_errors(errors, ledger, job_id))

@@ -72,7 +72,8 @@ CREATE TABLE IF NOT EXISTS items (
     output_tokens INTEGER,
     cost          REAL,
     list_cost     REAL,
-    batch_chunk   INTEGER                      -- the remote batch holding a submitted item
+    batch_chunk   INTEGER,                     -- the remote batch holding a submitted item
+    vector        BLOB                         -- an embedding output: float32 bytes
 );
 CREATE UNIQUE INDEX IF NOT EXISTS items_custom_id ON items (job_id, custom_id);
 CREATE INDEX IF NOT EXISTS items_pending ON items (id) WHERE state = 'pending';
@@ -126,6 +127,7 @@ _ITEM_COLUMNS_ADDED = (
     ("output_tokens", "INTEGER"),
     ("cost", "REAL"),
     ("list_cost", "REAL"),
+    ("vector", "BLOB"),
 )
 
 # Usage adds up over attempts: a failed or repaired attempt was paid for too.
@@ -437,7 +439,8 @@ class SQLiteLedger:
                 (olo, ohi, new_id),
             ).fetchone()[0]
             kept = db.execute(
-                "UPDATE items SET state = o.state, result = o.result, attempts = o.attempts,"
+                "UPDATE items SET state = o.state, result = o.result, vector = o.vector,"
+                " attempts = o.attempts,"
                 " error_class = o.error_class, message = o.message, started_at = o.started_at,"
                 " finished_at = o.finished_at, input_tokens = o.input_tokens,"
                 " output_tokens = o.output_tokens, cost = o.cost, list_cost = o.list_cost"
@@ -501,7 +504,7 @@ class SQLiteLedger:
         else:
             now = time.time()
         if now is not None and all(
-            o[1] == "succeeded" and not o[6] and o[8] is None for o in outcomes
+            o[1] == "succeeded" and not o[6] and o[8] is None and o.vector is None for o in outcomes
         ):
             # The common case, and the per-record cost of ingest: bind only what varies.
             sql = (
@@ -516,8 +519,8 @@ class SQLiteLedger:
             sql = (
                 "INSERT OR IGNORE INTO items (id, job_id, custom_id, line, payload, state,"
                 " attempts, not_before, error_class, message, result, started_at, finished_at,"
-                " input_tokens, output_tokens, cost, list_cost)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " input_tokens, output_tokens, cost, list_cost, vector)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
             )
             params = [
                 (
@@ -538,6 +541,7 @@ class SQLiteLedger:
                     o[7] or None,
                     o[8],
                     o[9],
+                    o.vector,
                 )
                 for i, r, o in zip(ids, good, outcomes, strict=True)
             ]
@@ -618,7 +622,17 @@ class SQLiteLedger:
         """Commit results and errors; only for items this owner still holds (no double write)."""
         base = job_id << SEQ_BITS
         done = [
-            (o.state, o.result, o.error_class, o.message, now, *_usage(o), base + o.seq, owner)
+            (
+                o.state,
+                o.result,
+                o.vector,
+                o.error_class,
+                o.message,
+                now,
+                *_usage(o),
+                base + o.seq,
+                owner,
+            )
             for o in outcomes
             if o.state != "pending"
         ]
@@ -631,8 +645,8 @@ class SQLiteLedger:
             before = db.total_changes
             if done:
                 db.executemany(
-                    "UPDATE items SET state = ?, result = ?, error_class = ?, message = ?,"
-                    " finished_at = ?, " + _ADD_USAGE + ", attempts = attempts + 1,"
+                    "UPDATE items SET state = ?, result = ?, vector = ?, error_class = ?,"
+                    " message = ?, finished_at = ?, " + _ADD_USAGE + ", attempts = attempts + 1,"
                     " lease_owner = NULL, lease_expires = NULL"
                     " WHERE id = ? AND state = 'leased' AND lease_owner = ?",
                     done,
@@ -724,9 +738,13 @@ class SQLiteLedger:
 
     def iter_results(
         self, job_id: int, with_payload: bool = False
-    ) -> Iterator[tuple[str, bytes, bytes | None]]:
+    ) -> Iterator[tuple[str, bytes, bytes | None, bytes | None]]:
         lo, hi = _range(job_id)
-        cols = "custom_id, result, payload" if with_payload else "custom_id, result, NULL"
+        cols = (
+            "custom_id, result, payload, vector"
+            if with_payload
+            else "custom_id, result, NULL, vector"
+        )
         cur = self._db.execute(
             f"SELECT {cols} FROM items WHERE id BETWEEN ? AND ? AND state = 'succeeded'"
             " ORDER BY id",
@@ -779,7 +797,7 @@ class SQLiteLedger:
         with self._tx() as db:
             return db.execute(
                 "UPDATE items SET state = 'pending', attempts = 0, not_before = 0,"
-                " error_class = NULL, message = NULL, result = NULL"
+                " error_class = NULL, message = NULL, result = NULL, vector = NULL"
                 f" WHERE id BETWEEN ? AND ? AND state IN ({marks})",
                 (lo, hi, *states),
             ).rowcount
@@ -920,7 +938,17 @@ class SQLiteLedger:
         to `leftover` (pending for a new batch, or cancelled), and the chunk is collected."""
         base = job_id << SEQ_BITS
         done = [
-            (o.state, o.result, o.error_class, o.message, now, *_usage(o), base + o.seq, chunk)
+            (
+                o.state,
+                o.result,
+                o.vector,
+                o.error_class,
+                o.message,
+                now,
+                *_usage(o),
+                base + o.seq,
+                chunk,
+            )
             for o in outcomes
             if o.state != "pending"
         ]
@@ -933,8 +961,8 @@ class SQLiteLedger:
         with self._tx() as db:
             before = db.total_changes
             db.executemany(
-                "UPDATE items SET state = ?, result = ?, error_class = ?, message = ?,"
-                " finished_at = ?, " + _ADD_USAGE + ", attempts = attempts + 1,"
+                "UPDATE items SET state = ?, result = ?, vector = ?, error_class = ?,"
+                " message = ?, finished_at = ?, " + _ADD_USAGE + ", attempts = attempts + 1,"
                 " batch_chunk = NULL WHERE id = ? AND state = 'submitted' AND batch_chunk = ?",
                 done,
             )
