@@ -97,7 +97,8 @@ def test_create_get_delete_job(ledger):
 
     ledger.delete_job(job.id)
     assert ledger.get_job("job") is None
-    assert ledger.get_job("other") == ledger.get_job("other")
+    kept = ledger.get_job("other")  # deleting one job leaves the others whole
+    assert kept is not None and kept.id == other.id and kept.cursor == Cursor(1, 2, 0)
     assert ledger.counts(other.id).by_state == {"pending": 1}
     # the name can be used again, starting from nothing
     again = ledger.create_job("job", "spec-hash-2", FP)
@@ -586,9 +587,16 @@ def test_retry_does_not_touch_rejects(ledger):
 def test_retry_of_a_transient_backoff_resets_not_before(ledger):
     job = new_job(ledger, ids=["a"])
     ledger.lease(job.id, 1, lease_at())
-    ledger.complete(job.id, "owner-a", [Outcome(0, "failed", None, "E", "x")], NOW)
-    ledger.retry(job.id, ("failed",))
-    assert [it.seq for it in ledger.lease(job.id, 1, lease_at(now=NOW))] == [0]
+    later = NOW + 1000  # a transient error: back to pending, not due before `later`
+    ledger.complete(job.id, "owner-a", [Outcome(0, "pending", None, "E", "x", later)], NOW)
+    assert ledger.lease(job.id, 1, lease_at(now=NOW + 1)) == []  # not due yet
+    assert ledger.next_due(job.id) == later
+    (item,) = ledger.lease(job.id, 1, lease_at(now=later + 1))  # due: leased, then it fails
+    ledger.complete(job.id, "owner-a", [Outcome(0, "failed", None, "E", "gave up")], later + 1)
+    assert ledger.retry(job.id, ("failed",)) == 1
+    # due at once, not at `later`; attempts start over
+    (again,) = ledger.lease(job.id, 1, lease_at(now=NOW))
+    assert again.seq == 0 and again.attempts == 0
 
 
 def test_cancel_and_reopen(store, ledger):
@@ -629,3 +637,148 @@ def test_cancel_keeps_finished_items(ledger):
     assert ledger.counts(job.id).by_state == {"succeeded": 1, "failed": 1}
     assert ledger.reopen(job.id) == 0
     assert ledger.counts(job.id).by_state == {"succeeded": 1, "failed": 1}
+
+
+# -- claims: one run per job ----------------------------------------------------------------
+
+
+def test_claims_one_owner_at_a_time(store, ledger):
+    other = store.open()  # another process
+    held = ledger.claim("job", "a", NOW, NOW + 60)
+    assert (held.owner, held.since, held.expires) == ("a", NOW, NOW + 60)
+    assert other.claim("job", "b", NOW + 1, NOW + 61).owner == "a"  # refused: a holds it
+    assert other.claim("other-job", "b", NOW, NOW + 60).owner == "b"  # per job name
+    assert ledger.claim("job", "a", NOW + 2, NOW + 62).owner == "a"  # a again: still a's
+    assert ledger.renew_claim("job", "a", NOW + 90)
+    assert not other.renew_claim("job", "b", NOW + 90)  # b never held it
+    assert other.get_claim("job").expires == NOW + 90
+    # taken over when it expired, or from a named (dead) owner
+    assert other.claim("job", "b", NOW + 91, NOW + 151).owner == "b"
+    assert ledger.claim("job", "c", NOW + 92, NOW + 152, take_from="x").owner == "b"
+    assert ledger.claim("job", "c", NOW + 92, NOW + 152, take_from="b").owner == "c"
+    other.release_claim("job", "b")  # b no longer holds it: nothing happens
+    assert ledger.get_claim("job").owner == "c"
+    ledger.release_claim("job", "c")
+    assert ledger.get_claim("job") is None
+    # a claim outlives the job's rows (--restart deletes and recreates them)
+    job = new_job(ledger)
+    ledger.claim("job", "d", NOW, NOW + 60)
+    ledger.delete_job(job.id)
+    assert ledger.get_claim("job").owner == "d"
+
+
+def test_runs_record_what_each_run_did(ledger):
+    assert ledger.last_run("job") is None
+    first = ledger.start_run("job", "a", NOW)
+    ledger.update_run(first, NOW + 5, 100, 4.0, 1.0)
+    run = ledger.last_run("job")
+    assert (run.owner, run.ended_at, run.outcome, run.processed) == ("a", None, None, 100)
+    assert run.items_per_second == 25.0
+    ledger.update_run(first, NOW + 10, 200, 8.0, 1.0, "finished")
+    second = ledger.start_run("job", "b", NOW + 20)
+    assert second != first
+    assert ledger.last_run("job").owner == "b"
+    assert ledger.last_run("other") is None
+    ledger.update_run(second, NOW + 21, 0, 0.0, 0.0, "interrupted")
+    run = ledger.last_run("job")
+    assert (run.ended_at, run.outcome, run.items_per_second) == (NOW + 21, "interrupted", 0.0)
+
+
+def test_finished_since_counts_recent_results(ledger):
+    job = new_job(ledger, ids=["a", "b", "c"])
+    ledger.lease(job.id, 3, lease_at())
+    ledger.complete(job.id, "owner-a", [Outcome(0, "succeeded", result(0))], NOW)
+    ledger.complete(job.id, "owner-a", [Outcome(1, "failed", None, "E", "x")], NOW + 10)
+    assert ledger.finished_since(job.id, NOW) == 2
+    assert ledger.finished_since(job.id, NOW + 5) == 1
+    assert ledger.finished_since(job.id, NOW + 11) == 0
+
+
+# -- incremental runs: a new generation replaces the job ------------------------------------
+
+
+def test_a_new_generation_keeps_unchanged_results_and_replaces_the_job(ledger):
+    old = ledger.create_job("job", "spec", FP)
+    rows = [row(1, "a", n=1), row(2, "b", n=2), row(3, "c", n=3), row(4, "d", n=4)]
+    outcomes = [
+        Outcome(0, "succeeded", result("A"), vector=b"\x00\x00\x80?"),
+        Outcome(1, "failed", None, "E", "bad b"),
+        Outcome(2, "succeeded", result("C")),
+        Outcome(3, "pending"),
+    ]
+    ledger.add_items(old.id, 0, rows, Cursor(4, 5, 0), outcomes)
+    ledger.finish_ingest(old.id)
+    chunk = ledger.plan_chunk(old.id, "openai", [3], NOW)
+    ledger.finish_chunk(old.id, chunk, [Outcome(3, "succeeded", result("D"))], NOW)
+
+    fp2 = Fingerprint(size=1, mtime_ns=2, digest="e" * 32)
+    new = ledger.begin_generation(old, fp2)
+    assert new.id != old.id and new.name != "job" and new.spec_hash == "spec"
+    assert ledger.get_job("job").id == old.id  # the job is untouched until the swap
+    # c changed, a moved after b, e is new, d is gone
+    rows2 = [row(1, "b", n=2), row(2, "a", n=1), row(3, "c", n=30), row(4, "e", n=5)]
+    ledger.add_items(new.id, 0, rows2, Cursor(4, 5, 0))
+    ledger.finish_ingest(new.id)
+    kept, gone = ledger.carry_results(old.id, new.id)
+    assert (kept, gone) == (2, 1)  # a and b kept (b stays failed); d gone
+    job = ledger.replace_generation(old, new)
+    assert job.id == new.id and job.name == "job" and job.fingerprint == fp2
+    assert ledger.get_job(new.name) is None
+    assert ledger.counts(job.id).by_state == {"failed": 1, "succeeded": 1, "pending": 2}
+    assert list(ledger.iter_results(job.id)) == [("a", result("A"), None, b"\x00\x00\x80?")]
+    assert [f.custom_id for f in ledger.iter_failures(job.id)] == ["b"]
+    assert [c.chunk for c in ledger.chunks(job.id)] == [chunk]  # the batch history moved
+    assert ledger.counts(old.id).total == 0
+    assert [it.custom_id for it in ledger.lease(job.id, 10, lease_at())] == ["c", "e"]
+
+
+def test_a_stale_generation_is_dropped_when_a_new_one_begins(ledger):
+    old = ledger.create_job("job", "spec", FP)
+    first = ledger.begin_generation(old, FP)
+    ledger.add_items(first.id, 0, rows_for(["x"]), Cursor(1, 2, 0))
+    second = ledger.begin_generation(old, FP)  # the run that began `first` died
+    assert ledger.counts(first.id).total == 0
+    assert ledger.get_job(second.name).id == second.id
+    assert ledger.counts(second.id).total == 0
+
+
+def test_reject_lines_in_input_order(ledger):
+    job = ledger.create_job("job", "spec", FP)
+    rows = [row(1, "a"), row(2, None, error="line 2: bad"), row(5, None, error="line 5: bad")]
+    ledger.add_items(job.id, 0, rows, Cursor(3, 6, 0))
+    assert ledger.reject_lines(job.id, 10) == [2, 5]
+    assert ledger.reject_lines(job.id, 1) == [2]
+
+
+def test_vectors_round_trip_through_complete(ledger):
+    job = new_job(ledger, ids=["a"])
+    ledger.lease(job.id, 1, lease_at())
+    vec = b"\x01\x02\x03\x04" * 3
+    ledger.complete(job.id, "owner-a", [Outcome(0, "succeeded", result("A"), vector=vec)], NOW)
+    assert list(ledger.iter_results(job.id)) == [("a", result("A"), None, vec)]
+    ledger.retry(job.id, ("succeeded",))
+    assert list(ledger.iter_results(job.id)) == []
+
+
+# -- what the database underneath does wrong: LedgerError (exit 2), never its own errors ----
+
+
+def test_a_deleted_ledger_is_refused_before_the_next_write(store, ledger):
+    from overnight.store import LedgerError
+
+    if store.kind != "sqlite":
+        pytest.skip("a file ledger only")
+    job = new_job(ledger, ids=["a"])
+    for f in (store.tmp_path / "state").glob("ledger.db*"):
+        f.unlink()
+    with pytest.raises(LedgerError, match="deleted or replaced"):
+        ledger.lease(job.id, 1, lease_at())
+
+
+def test_a_file_that_is_not_a_ledger_is_a_ledger_error(tmp_path):
+    from overnight.store import LedgerError
+
+    path = tmp_path / "ledger.db"
+    path.write_bytes(b"not sqlite at all" * 200)
+    with pytest.raises(LedgerError, match="not an overnight ledger"):
+        SQLiteLedger(path)
