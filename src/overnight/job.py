@@ -7,6 +7,7 @@ ledger is touched, so a mistake costs nothing and ingests nothing.
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,6 +29,8 @@ from .runner import Progress, Runner, ingest_only
 from .spec import JobSpec, SourceSpec, load_job_file, parse_spec, semantic_hash, source_format
 from .store import Counts, Failure, JobInfo, Ledger, open_ledger
 from .tasks import Task, make_task
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -189,6 +192,7 @@ class Job:
         if not src.is_file():
             raise self._usage(f"[source] path: input file not found: {src}")
         self.source_format  # noqa: B018 - validates the format
+        self._check_input()
         out = self.spec.output
         bad = [c for c in out.include if c in sinks.RESERVED or c == self.id_name]
         if bad:
@@ -222,13 +226,32 @@ class Job:
             except UsageError as exc:
                 raise self._usage(str(exc)) from None
         elif model.backend == "local":
-            from .backends.local import KNOWN_MODELS
+            from .backends.local import KNOWN_MODELS, check_installed
 
             name = model.name or "all-MiniLM-L6-v2"
             if name not in KNOWN_MODELS:
                 raise self._usage(
                     f"[model] name: unknown local model {name!r}; known: {', '.join(KNOWN_MODELS)}"
                 )
+            try:
+                check_installed(name)
+            except ValueError as exc:
+                raise self._usage(f"[model] name: {exc}") from None
+
+    def _check_input(self) -> None:
+        """The input opens and parses, and has the id column; an empty one is worth a word."""
+        try:
+            first = sources.first_row(
+                self.source_format, self.source_path, self.id_field, self.spec.source.delimiter
+            )
+        except sources.SourceError as exc:
+            raise self._usage(str(exc)) from None
+        if first is None:
+            logger.warning(
+                "%s: [source] path: %s holds no records: the job has nothing to do",
+                self.origin,
+                self.source_path,
+            )
 
     @cached_property
     def source_format(self) -> str:
@@ -433,11 +456,15 @@ class Job:
                 ingest_done=job.ingest_done,
                 expected=0
                 if job.ingest_done
-                else sources.estimate_records(self.source_format, self.source_path),
+                else sources.estimate_records(
+                    self.source_format, self.source_path, self.spec.source.delimiter or ","
+                ),
                 cost=before.cost,
                 list_cost=before.list_cost,
             )
             outcome = _RunOutcome(detached=detach)
+            if on_progress is not None:  # the known total and done count, before any model loads
+                on_progress(progress)
             try:
                 if self.spec.model.backend == "auto":
                     self._run_auto(ledger, job, progress, outcome, on_progress, stop)
@@ -494,7 +521,8 @@ class Job:
 
     def _reader(self, chunk: int) -> Callable[[sources.Cursor], Iterator[list[sources.Row]]]:
         fmt, src, id_field = self.source_format, self.source_path, self.id_field
-        return lambda cursor: sources.read(fmt, src, id_field, cursor, chunk)
+        delimiter = self.spec.source.delimiter
+        return lambda cursor: sources.read(fmt, src, id_field, cursor, chunk, delimiter)
 
     def _backoff(self) -> Backoff:
         run = self.spec.run
@@ -518,10 +546,15 @@ class Job:
             sizer = self._sizer()
             window = self._predictor_class().window
         chunk = max(sources.CHUNK, sizer.maximum, sizer.size, window)
+        from .backends.local import TokenWindow, TruncationWatch
+
+        task = self.task
+        if self.spec.model.backend == "local":  # texts over the model's window: warn
+            task = TruncationWatch(task, TokenWindow(self.spec.model.name or "all-MiniLM-L6-v2"))
         runner = Runner(
             ledger,
             job,
-            self.task,
+            task,
             self._realtime_predictor if llm else self._predictor,
             reader=self._reader(chunk),
             sizer=sizer,
@@ -540,6 +573,8 @@ class Job:
             runner.run()
         finally:
             outcome.cancelled = runner.cancelled
+            if isinstance(task, TruncationWatch):
+                task.warn(self.origin, lambda: self._reader(sources.CHUNK)(sources.Cursor()))
             outcome.batch_size = None if llm else sizer.size
             outcome.batch_trials = () if llm else tuple(sizer.trials)
 
