@@ -60,7 +60,8 @@ def test_over_matches_the_real_count_at_the_edge(window: TokenWindow) -> None:
         text = "hello " * words
         assert window.over(text) == (window.tokens(text) > 256), words
     assert not window.over("")
-    assert window.over("한 " * 300)  # 300 syllables, 1,200 bytes: counted, and over
+    # 200 characters but 302 tokens: a bound by characters would miss it, one by bytes not.
+    assert len("한 " * 100) < 254 and window.over("한 " * 100)
 
 
 @pytest.mark.slow
@@ -91,3 +92,29 @@ def test_a_run_warns_how_many_texts_were_cut_and_where(tmp_path: Path) -> None:
         " truncated to it, the first at line 4;"
     ) in said, proc.stderr
     assert len((tmp_path / "job.out.jsonl").read_bytes().splitlines()) == 6
+
+
+def test_check_names_what_to_install_for_the_local_model(monkeypatch, tmp_path: Path) -> None:
+    import importlib.util
+
+    import overnight
+    from overnight.errors import UsageError
+
+    (tmp_path / "in.jsonl").write_bytes(b'{"id": "1", "text": "hi"}\n')
+    job = overnight.Job(
+        source={"path": "in.jsonl", "id": "id"},
+        task={"kind": "embed"},
+        model={"backend": "local"},
+        base_dir=tmp_path,
+    )
+    job.check()  # installed here
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a)
+    )
+    with pytest.raises(UsageError) as info:
+        job.check()
+    assert "[model] name: local model 'all-MiniLM-L6-v2' needs torch, not installed" in str(
+        info.value
+    )
+    assert "pip install 'overnight[local]'" in str(info.value)

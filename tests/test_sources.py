@@ -479,3 +479,10 @@ def test_read_all_reports_an_unreadable_file_by_name(tmp_path):
     p.write_bytes(b"garbage")
     with pytest.raises(ValueError, match=f"{p}: not a readable Parquet file"):
         sources.read_all(p, "parquet")
+
+
+def test_a_parquet_path_that_cannot_be_opened_is_not_called_corrupt(tmp_path):
+    with pytest.raises(sources.SourceError) as info:
+        sources.first_row("parquet", tmp_path, "id")  # a folder: pyarrow's OSError
+    assert f"[source] path: {tmp_path}: cannot read the input: " in str(info.value)
+    assert "not a readable Parquet file" not in str(info.value)
