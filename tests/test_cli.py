@@ -318,10 +318,35 @@ def test_bad_command_line_exits_2(tmp_path):
 
 def test_unexpected_error_exits_1(tmp_path):
     setup_job(tmp_path)
-    (tmp_path / "out.jsonl").mkdir()  # the output cannot be written
-    proc = cli(tmp_path, "run", "job.toml")
+    (tmp_path / "ledger").mkdir()  # a folder where the ledger file should be: SQLite fails
+    proc = cli(tmp_path, "run", "job.toml", "--state", "ledger")
     assert proc.returncode == 1
-    assert "IsADirectoryError" in proc.stderr
+    assert "OperationalError" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda f: (f / "out.jsonl").mkdir(), "[output] path: {f}/out.jsonl is a folder"),
+        (lambda f: (f / "out.errors.jsonl").mkdir(), "[output] errors: {f}/out.errors.jsonl is"),
+    ],
+)
+def test_an_output_that_cannot_be_a_file_is_exit_2_before_any_work(tmp_path, edit, message):
+    setup_job(tmp_path)
+    edit(tmp_path)
+    proc = cli(tmp_path, "run", "job.toml")
+    assert proc.returncode == 2, proc.stderr
+    assert message.format(f=tmp_path.resolve()) in " ".join(proc.stderr.split())
+    assert not (tmp_path / ".overnight").exists()
+
+
+def test_an_output_under_a_file_is_exit_2(tmp_path):
+    setup_job(tmp_path)
+    job = tmp_path / "job.toml"
+    job.write_text(job.read_text().replace('path = "out.jsonl"', 'path = "in.jsonl/out.jsonl"'))
+    proc = cli(tmp_path, "run", "job.toml")
+    assert proc.returncode == 2
+    assert "in.jsonl is a file, not a folder" in proc.stderr
 
 
 def test_failures_table_shows_brackets_verbatim(tmp_path):

@@ -206,6 +206,12 @@ class Job:
             raise self._usage(
                 f"[output] path: {self.output_path.name}: use .jsonl, .csv or .parquet"
             )
+        for key, path in (("path", self.output_path), ("errors", self.errors_path)):
+            if path.is_dir():
+                raise self._usage(f"[output] {key}: {path} is a folder; name a file")
+            blocked = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+            if blocked is not None:
+                raise self._usage(f"[output] {key}: {path}: {blocked} is a file, not a folder")
         self.validator  # noqa: B018 - loads and checks the schema
         if self.spec.task.examples:
             self.examples  # noqa: B018 - reads and renders the labelled examples
