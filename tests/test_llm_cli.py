@@ -147,3 +147,63 @@ def test_pydantic_model_schema(tmp_path: Path, fake: FakeProvider) -> None:
     assert proc.returncode == 0, proc.stderr
     rows = [orjson.loads(x) for x in (tmp_path / "job.out.jsonl").read_bytes().splitlines()]
     assert all(r["output"]["topic"] in ("billing", "bug") for r in rows)
+
+
+# -- requests over the model's context window are refused per record, not sent ---------------
+
+
+def write_lines(folder: Path, texts: list[str]) -> None:
+    (folder / "in.jsonl").write_bytes(
+        b"".join(orjson.dumps({"id": f"r{i}", "text": t}) + b"\n" for i, t in enumerate(texts))
+    )
+
+
+@pytest.mark.parametrize("backend", ["openai", "openai-batch"])
+def test_a_request_over_the_context_window_fails_alone_and_is_not_sent(
+    tmp_path: Path, fake: FakeProvider, backend: str
+) -> None:
+    # 900,000 characters: ~225,000 tokens by the 4-characters rule, more by tiktoken; either
+    # way over gpt-4o-mini's 128,000 (the shipped table), as the 2.5M-token request was.
+    huge = "ab " * 300_000
+    write_lines(tmp_path, ["short one", huge, "short two"])
+    extra = "poll_interval = 0.05" if backend.endswith("batch") else ""
+    path = job(
+        tmp_path,
+        f'backend = "{backend}"\nname = "gpt-4o-mini"\nbase_url = "{fake.openai_url}"\n{extra}',
+    )
+    run = cli(["run", str(path)], tmp_path)
+    assert run.returncode == 3, run.stderr
+    fails = orjson.loads(cli(["failures", str(path), "--json"], tmp_path).stdout)
+    assert [(f["id"], f["line"], f["state"], f["error_class"]) for f in fails] == [
+        ("r1", 2, "failed", "context_exceeded")
+    ]
+    assert "over the 128,000 of gpt-4o-mini's context window" in fails[0]["message"]
+    sent = (
+        sum(fake.stats.batch_items.values())
+        if backend.endswith("batch")
+        else fake.stats.requests["/v1/chat/completions"]
+    )
+    assert sent == 2  # the two short ones; the huge one never left
+    assert fake.stats.bytes_uploaded < 100_000
+
+
+def test_context_from_a_user_price_file_and_unknown_models_unchecked(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    (tmp_path / "p.toml").write_text(
+        '[models."small-model"]\ninput = 1.0\noutput = 1.0\ncontext = 1000\n'
+    )
+    write_lines(tmp_path, ["hello", "x " * 3000, "bye"])
+    base = f'base_url = "{fake.openai_url}"'
+    path = job(tmp_path, f'backend = "openai"\nname = "small-model"\n{base}', 'prices = "p.toml"')
+    assert cli(["run", str(path)], tmp_path).returncode == 3
+    fails = orjson.loads(cli(["failures", str(path), "--json"], tmp_path).stdout)
+    assert [(f["line"], f["error_class"]) for f in fails] == [(2, "context_exceeded")]
+    assert fake.stats.requests["/v1/chat/completions"] == 2
+
+    # A model the table does not know has no window to check against: everything is sent.
+    (tmp_path / "other").mkdir()
+    write_lines(tmp_path / "other", ["hello", "x " * 3000, "bye"])
+    path = job(tmp_path / "other", f'backend = "openai"\nname = "unknown-model"\n{base}')
+    assert cli(["run", str(path)], tmp_path / "other").returncode == 0
+    assert fake.stats.requests["/v1/chat/completions"] == 5

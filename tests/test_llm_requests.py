@@ -292,3 +292,62 @@ def test_anthropic_passthrough() -> None:
     with pytest.raises(InputError, match="JSON object"):
         t.build({**line, "body": "nope"})
     assert t.parse(Answer({"id": "msg"}, 1, 1))["output"] == {"id": "msg"}
+
+
+# -- the context-window check -----------------------------------------------------------------
+
+
+def windows(table: dict[str, int]):
+    return table.get
+
+
+def test_over_the_window_is_a_context_exceeded_input_error() -> None:
+    from overnight.llm.requests import ContextExceeded
+
+    t = make_llm_task("generate", "openai", "m", context=windows({"m": 100}))
+    t.build({"text": "short"})
+    with pytest.raises(ContextExceeded) as info:
+        t.build({"text": "word " * 500})
+    assert isinstance(info.value, InputError) and info.value.error_class == "context_exceeded"
+    assert "over the 100 of m's context window" in str(info.value)
+    assert "not sent" in str(info.value)
+
+
+def test_the_window_of_the_model_each_passthrough_line_names() -> None:
+    t = make_llm_task("passthrough", "openai", "big", context=windows({"big": 10_000, "tiny": 50}))
+    line = {"method": "POST", "url": "/v1/chat/completions"}
+    messages = [{"role": "user", "content": "word " * 200}]
+    t.build({**line, "body": {"messages": messages}})  # [model] name "big": fits
+    with pytest.raises(InputError, match="tiny's context window"):
+        t.build({**line, "body": {"model": "tiny", "messages": messages}})
+
+
+def test_unknown_models_and_no_table_are_not_checked() -> None:
+    for context in (None, windows({})):
+        make_llm_task("generate", "openai", "m", context=context).build({"text": "w " * 10_000})
+
+
+def test_short_requests_are_not_even_counted(monkeypatch) -> None:
+    import overnight.llm.requests as requests
+
+    def boom(*args, **kwargs):
+        raise AssertionError("counted")
+
+    monkeypatch.setattr(requests, "count_request_tokens", boom)
+    t = make_llm_task("generate", "openai", "m", context=windows({"m": 1000}))
+    t.build({"text": "x" * 500})  # under 1,000 bytes of JSON: fewer than 1,000 tokens
+    with pytest.raises(AssertionError, match="counted"):
+        t.build({"text": "x" * 2000})
+
+
+def test_an_image_is_counted_whatever_its_json_length() -> None:
+    t = make_llm_task(
+        "passthrough", "openai", "m", context=windows({"m": 600})
+    )  # an image block counts 1,000 tokens, in a body of ~150 bytes
+    body = {
+        "messages": [
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}
+        ]
+    }
+    with pytest.raises(InputError, match="context window"):
+        t.build({"method": "POST", "url": "/v1/chat/completions", "body": body})

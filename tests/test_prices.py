@@ -50,9 +50,28 @@ def test_shipped_table_covers_the_common_models(table: PriceTable) -> None:
 
 
 def test_a_few_list_prices(table: PriceTable) -> None:
-    assert table.price("gpt-4o-mini") == Price(0.15, 0.60, 0.5, 0.075)
-    assert table.price("claude-3-5-haiku") == Price(0.80, 4.00, 0.5, 0.08)
-    assert table.price("text-embedding-3-small") == Price(0.02, 0.0)
+    assert table.price("gpt-4o-mini") == Price(0.15, 0.60, 0.5, 0.075, context=128_000)
+    assert table.price("claude-3-5-haiku") == Price(0.80, 4.00, 0.5, 0.08, context=200_000)
+    assert table.price("text-embedding-3-small") == Price(0.02, 0.0, context=8192)
+
+
+def test_every_shipped_model_has_its_context_window(table: PriceTable) -> None:
+    assert all(p.context for p in table.prices.values()), [
+        m for m, p in table.prices.items() if not p.context
+    ]
+    assert table.context("gpt-4.1-mini-2025-04-14") == 1_047_576  # dated ids: their family's
+    assert table.context("gpt-5") == 272_000  # the input share of its 400K
+    assert table.context("claude-haiku-4-5-20251001") == 200_000
+    assert table.context("some-local-model") is None  # unknown: no check
+
+
+def test_a_user_file_may_give_a_context_window(tmp_path) -> None:
+    user = tmp_path / "p.toml"
+    user.write_text('[models."my-model"]\ninput = 1.0\noutput = 2.0\ncontext = 4096\n')
+    assert PriceTable.load(user).context("my-model") == 4096
+    user.write_text('[models."my-model"]\ninput = 1.0\noutput = 2.0\ncontext = 0\n')
+    with pytest.raises(UsageError, match="context"):
+        PriceTable.load(user)
 
 
 @pytest.mark.parametrize(

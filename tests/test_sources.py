@@ -349,3 +349,140 @@ def test_fingerprint_skips_rehash_when_size_and_mtime_match(tmp_path):
     assert fingerprint(p, known=fp) is fp
     # Without what was stored, the content is hashed.
     assert fingerprint(p).digest != fp.digest
+
+
+# -- inputs that cannot be read at all: one SourceError naming the file and the key ---------------
+
+
+def test_csv_id_column_missing_from_a_semicolon_header_hints_the_delimiter(tmp_path):
+    p = tmp_path / "in.csv"
+    p.write_bytes(b"ticket_id;subject\nT1;hello\nT2;bye\n")
+    with pytest.raises(sources.SourceError) as info:
+        read_rows("csv", p, "ticket_id")
+    err = info.value
+    assert err.key == "id" and str(p) in str(err)
+    assert str(err).startswith("[source] id: ")
+    assert "no column 'ticket_id'" in str(err)
+    assert '[source] delimiter = ";"' in str(err)
+
+
+def test_tab_separated_header_hints_a_tab(tmp_path):
+    p = tmp_path / "in.csv"
+    p.write_bytes(b"id\ttext\n1\ta\n")
+    with pytest.raises(sources.SourceError, match=r'delimiter = "\\t"'):
+        read_rows("csv", p, "id")
+
+
+def test_a_near_miss_id_column_is_suggested(tmp_path):
+    p = tmp_path / "in.csv"
+    p.write_bytes(b"ticket_id,text\n1,a\n")
+    with pytest.raises(sources.SourceError, match=r'did you mean \[source\] id = "ticket_id"'):
+        read_rows("csv", p, "ticketid")
+
+
+def test_a_utf16_csv_is_recognised_by_its_nul_bytes(tmp_path):
+    p = tmp_path / "in.csv"
+    p.write_bytes("id,text\n1,a\n".encode("utf-16-le"))
+    with pytest.raises(sources.SourceError, match="UTF-16"):
+        read_rows("csv", p, "id")
+
+
+def test_delimiter_reads_semicolon_csv_and_its_estimate(tmp_path):
+    p = tmp_path / "in.csv"
+    p.write_bytes(b'ticket_id;text\nT1;a,b\nT2;"c;d"\n')
+    rows = [r for rs in sources.read("csv", p, "ticket_id", delimiter=";") for r in rs]
+    assert summary(rows) == [
+        (2, "T1", {"ticket_id": "T1", "text": "a,b"}, None),
+        (3, "T2", {"ticket_id": "T2", "text": "c;d"}, None),
+    ]
+    assert sources.estimate_records("csv", p, ";") == 2
+
+
+def test_parquet_without_the_id_column(tmp_path):
+    p = write_parquet(tmp_path / "in.parquet", [{"ticket_id": "a", "t": "x"}])
+    with pytest.raises(sources.SourceError) as info:
+        read_rows("parquet", p, "ticketid")
+    assert info.value.key == "id" and 'did you mean [source] id = "ticket_id"' in str(info.value)
+
+
+def test_a_file_that_is_not_parquet(tmp_path):
+    p = tmp_path / "in.parquet"
+    p.write_bytes(b"id,text\n1,a\n")
+    for call in (
+        lambda: read_rows("parquet", p, "id"),
+        lambda: sources.estimate_records("parquet", p),
+        lambda: sources.first_row("parquet", p, "id"),
+    ):
+        with pytest.raises(sources.SourceError) as info:
+            call()
+        assert info.value.key == "path"
+        assert f"{p}: not a readable Parquet file" in str(info.value)
+
+
+def test_a_truncated_parquet_file(tmp_path):
+    p = write_parquet(tmp_path / "in.parquet", [{"id": str(i)} for i in range(100)])
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    with pytest.raises(sources.SourceError, match="not a readable Parquet file"):
+        read_rows("parquet", p, "id")
+
+
+def corrupt_second_row_group(path: Path) -> Path:
+    """A Parquet file whose footer is intact but whose second row group's pages are not:
+    pyarrow finds out only when it reads them."""
+    write_parquet(path, [{"id": str(i), "t": "x" * 50 + str(i)} for i in range(3000)], 1000)
+    column = pq.ParquetFile(path).metadata.row_group(1).column(1)
+    data = bytearray(path.read_bytes())
+    for i in range(column.data_page_offset, column.data_page_offset + 200):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_a_parquet_file_corrupt_inside_fails_with_a_message_not_a_traceback(tmp_path):
+    p = corrupt_second_row_group(tmp_path / "in.parquet")
+    with pytest.raises(sources.SourceError) as info:
+        read_rows("parquet", p, "id", chunk=100)
+    assert f"{p}: cannot read the Parquet file after row" in str(info.value)
+
+
+def unreadable_file(tmp_path: Path) -> Path:
+    """A file that exists and cannot be read: no read permission, or (as root, whom
+    permissions do not stop) /proc/self/mem, whose first page read fails with EIO."""
+    if os.geteuid() != 0:
+        p = tmp_path / "locked.jsonl"
+        p.write_bytes(b'{"id": "1"}\n')
+        p.chmod(0)
+        return p
+    return Path("/proc/self/mem")
+
+
+def test_an_unreadable_input(tmp_path):
+    p = unreadable_file(tmp_path)
+    with pytest.raises(sources.SourceError) as info:
+        sources.first_row("jsonl", p, "id")
+    assert f"[source] path: {p}: cannot read the input" in str(info.value)
+
+
+def test_first_row_and_empty_inputs(tmp_path):
+    p = tmp_path / "in.jsonl"
+    p.write_bytes(b"\n\n")
+    assert sources.first_row("jsonl", p, "id") is None
+    p.write_bytes(b'\n{"id": "a"}\n{"id": "b"}\n')
+    assert sources.first_row("jsonl", p, "id").custom_id == "a"
+    c = tmp_path / "in.csv"
+    c.write_bytes(b"id,text\n")
+    assert sources.first_row("csv", c, "id") is None
+
+
+def test_read_all_reports_an_unreadable_file_by_name(tmp_path):
+    p = tmp_path / "labelled.parquet"
+    p.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match=f"{p}: not a readable Parquet file"):
+        sources.read_all(p, "parquet")
+
+
+def test_a_parquet_path_that_cannot_be_opened_is_not_called_corrupt(tmp_path):
+    with pytest.raises(sources.SourceError) as info:
+        sources.first_row("parquet", tmp_path, "id")  # a folder: pyarrow's OSError
+    assert f"[source] path: {tmp_path}: cannot read the input: " in str(info.value)
+    assert "not a readable Parquet file" not in str(info.value)

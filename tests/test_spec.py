@@ -10,6 +10,8 @@ import uuid
 from pathlib import Path
 
 import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 import overnight
@@ -376,8 +378,75 @@ def _case_module_raises_on_import(folder: Path) -> str:
     return good_toml(make_function(folder, "raise RuntimeError('boom at import')\n"))
 
 
+def _case_parquet_garbage(folder: Path) -> str:
+    (folder / "in.parquet").write_bytes(b'{"id": "a"}\n')
+    return good_toml(make_function(folder), source="in.parquet")
+
+
+def _case_parquet_missing_id(folder: Path) -> str:
+    pq.write_table(pa.Table.from_pylist([{"key": "a"}]), folder / "in.parquet")
+    return good_toml(make_function(folder), source="in.parquet")
+
+
+def _case_semicolon_csv(folder: Path) -> str:
+    (folder / "in.csv").write_bytes(b"id;text\na;x\nb;y\n")
+    return good_toml(make_function(folder), source="in.csv")
+
+
+def _case_unreadable_input(folder: Path) -> str:
+    if os.geteuid() != 0:  # root reads whatever the mode bits say: see unreadable_file there
+        (folder / "locked.jsonl").write_bytes(b'{"id": "a"}\n')
+        (folder / "locked.jsonl").chmod(0)
+        return good_toml(make_function(folder), source="locked.jsonl")
+    toml = good_toml(make_function(folder), source="/proc/self/mem")
+    return toml.replace('id = "id"', 'id = "id"\nformat = "jsonl"')
+
+
+def _case_corrupt_examples(folder: Path) -> str:
+    (folder / "labelled.parquet").write_bytes(b"not parquet at all")
+    return """\
+name = "specjob"
+[source]
+path = "in.jsonl"
+id = "id"
+[task]
+kind = "classify"
+labels = ["a", "b"]
+examples = "labelled.parquet"
+[model]
+backend = "local"
+"""
+
+
+def _case_near_miss_key(folder: Path) -> str:
+    return good_toml(make_function(folder)).replace('id = "id"', 'idd = "id"')
+
+
+def _case_delimiter_on_jsonl(folder: Path) -> str:
+    return good_toml(make_function(folder)).replace('id = "id"', 'id = "id"\ndelimiter = ";"')
+
+
 # case -> (job file maker, full message on stderr, a fragment without the [section] tag)
 CLI_CASES = {
+    "parquet_garbage": (
+        _case_parquet_garbage,
+        "[source] path: ",
+        "in.parquet: not a readable Parquet file",
+    ),
+    "parquet_missing_id": (_case_parquet_missing_id, "[source] id: ", "no column 'id'"),
+    "semicolon_csv": (_case_semicolon_csv, "[source] id: ", 'delimiter = ";"'),
+    "unreadable_input": (_case_unreadable_input, "[source] path: ", "cannot read the input"),
+    "corrupt_examples": (
+        _case_corrupt_examples,
+        "[task] examples: ",
+        "labelled.parquet: not a readable Parquet file",
+    ),
+    "near_miss_key": (_case_near_miss_key, "[source] idd: ", "did you mean `id`?"),
+    "delimiter_on_jsonl": (
+        _case_delimiter_on_jsonl,
+        "[source]",
+        "`delimiter` applies to CSV input only",
+    ),
     "missing_input": (_case_missing_input, "[source] path: input file not found", "missing.jsonl"),
     "unknown_key": (_case_unknown_key, "[task] colour: unknown key", "colour: unknown key"),
     "wrong_type": (_case_wrong_type, "[run] max_attempts: ", "max_attempts: "),
@@ -492,3 +561,79 @@ def test_bad_schema_is_a_usage_error_before_ingest(tmp_path):
             job.run()
         assert fragment in str(info.value)
     assert not (tmp_path / ".overnight").exists()
+
+
+# -- job files that cannot be read, and did-you-mean -------------------------------------------
+
+
+def test_job_path_that_is_a_folder(tmp_path):
+    (tmp_path / "jobs").mkdir()
+    with pytest.raises(JobFileError, match="jobs: is a folder; give the job file"):
+        load_job_file(tmp_path / "jobs")
+    proc = cli("run", "jobs", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: jobs: is a folder")
+
+
+def test_job_file_that_is_not_utf8_names_the_line(tmp_path):
+    path = tmp_path / "job.toml"
+    path.write_bytes(good_toml("mod:fn").encode() + b"[run]\n# caf\xe9\n")
+    with pytest.raises(JobFileError) as info:
+        load_job_file(path)
+    line = good_toml("mod:fn").count("\n") + 2
+    assert str(info.value) == f"{path}: not UTF-8 text (line {line}); save the job file as UTF-8"
+    proc = cli("run", "job.toml", cwd=tmp_path)
+    assert proc.returncode == 2 and "not UTF-8 text" in proc.stderr
+
+
+def test_unreadable_job_file(tmp_path):
+    if os.geteuid() != 0:
+        path = write_job(tmp_path, good_toml("mod:fn"))
+        path.chmod(0)
+    else:  # root reads any mode: /proc/self/mem exists and fails its first read (EIO)
+        path = Path("/proc/self/mem")
+    with pytest.raises(JobFileError, match=f"{path}: cannot read the job file: "):
+        load_job_file(path)
+
+
+@pytest.mark.parametrize(
+    ("data", "where", "suggestion"),
+    [
+        (with_(source={"idd": "id"}), "[source] idd", "id"),
+        (with_(source={"delimeter": ";"}), "[source] delimeter", "delimiter"),
+        (with_(task={"kidn": "map"}), "[task] kidn", "kind"),
+        (with_(task={"schem": "x.json"}), "[task] schem", "schema"),  # the alias, not schema_
+        (with_(model={"fucntion": "m:f"}), "[model] fucntion", "function"),
+        (with_(run={"max_atempts": 3}), "[run] max_atempts", "max_attempts"),
+        (with_(output={"inclde": []}), "[output] inclde", "include"),
+        (with_(modle={}), "modle", "model"),
+    ],
+)
+def test_unknown_key_says_did_you_mean(data, where, suggestion):
+    assert (
+        f"job.toml: {where}: unknown key (did you mean `{suggestion}`?)"
+        in error_of(data).splitlines()
+    )
+
+
+def test_no_suggestion_for_a_key_like_nothing():
+    assert "job.toml: [run] zzzzzz: unknown key" in error_of(with_(run={"zzzzzz": 1})).splitlines()
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ({"path": "in.jsonl", "delimiter": ";"}, "`delimiter` applies to CSV input only"),
+        ({"path": "in.txt", "format": "jsonl", "delimiter": ";"}, "applies to CSV input only"),
+        ({"path": "in.csv", "delimiter": ";;"}, "`delimiter` must be one character"),
+        ({"path": "in.csv", "delimiter": '"'}, "`delimiter` must be one character"),
+    ],
+)
+def test_delimiter_validation(source, message):
+    assert message in error_of(with_(source=source))
+
+
+def test_delimiter_accepted_for_csv():
+    assert parse_spec(with_(source={"path": "in.csv", "delimiter": ";"})).source.delimiter == ";"
+    spec = parse_spec(with_(source={"path": "in.txt", "format": "csv", "delimiter": "\t"}))
+    assert spec.source.delimiter == "\t"

@@ -34,6 +34,11 @@ from .runner import Meter, Progress, Usage, Validator
 from .store import Item, JobInfo, Ledger, Outcome
 
 
+def _input_error_class(exc: Exception) -> str:
+    """input_error, or the finer class an input error names (context_exceeded)."""
+    return getattr(exc, "error_class", None) or "input_error"
+
+
 class BatchRunner:
     def __init__(
         self,
@@ -315,7 +320,10 @@ class BatchRunner:
         self.ledger.finish_chunk(
             self.job.id,
             chunk,
-            [Outcome(seq, "failed", None, "input_error", redact(str(exc))) for seq, exc in bad],
+            [
+                Outcome(seq, "failed", None, _input_error_class(exc), redact(str(exc)))
+                for seq, exc in bad
+            ],
             now,
             remote_status="input_error",
         )

@@ -4,42 +4,94 @@ invalid (good results written), 2 bad job file / input / command line, 1 unexpec
 
 from __future__ import annotations
 
+import logging
 import signal
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
 import orjson
 import typer
+from rich import box
 from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
-    TaskProgressColumn,
     TextColumn,
-    TimeElapsedColumn,
     TimeRemainingColumn,
 )
-from rich.table import Table
+from rich.table import Column, Table
 from rich.text import Text
 
+from . import __version__
 from .errors import OvernightError
 from .estimate import usd
 from .job import Job, Report
 from .runner import Progress as RunProgress
 
 app = typer.Typer(
-    add_completion=False,
     no_args_is_help=True,
     help="Run a model over a data set in batches; lose nothing, pay for nothing twice.",
 )
 out = Console()
 err = Console(stderr=True)
+
+
+class _Warnings(logging.Handler):
+    """Warnings logged below the CLI (an empty input, truncated texts, ...), printed on stderr
+    and kept for the --json reports that list them."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.seen: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        self.seen.append(msg)
+        err.print(Text.assemble(("warning: ", "yellow"), msg), highlight=False, soft_wrap=True)
+
+
+warnings = _Warnings()
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"overnight {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Show the version and exit."
+        ),
+    ] = False,
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose", "-v", help="Log what overnight does (and an unexpected error's traceback)."
+        ),
+    ] = False,
+) -> None:
+    """Run a model over a data set in batches; lose nothing, pay for nothing twice."""
+    logger = logging.getLogger("overnight")
+    if warnings not in logger.handlers:
+        logger.addHandler(warnings)
+    if verbose:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setLevel(logging.DEBUG)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG)
+
 
 JobArg = Annotated[Path, typer.Argument(help="The job file (TOML).", show_default=False)]
 StateOpt = Annotated[
@@ -47,6 +99,11 @@ StateOpt = Annotated[
     typer.Option("--state", help="Ledger file (default: .overnight/ledger.db beside the job)."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+
+def _print_json(data: Any) -> None:
+    """JSON on stdout as is: no wrapping, no markup (rich's print_json wraps long strings)."""
+    sys.stdout.write(orjson.dumps(data).decode() + "\n")
 
 
 def _fail(exc: BaseException) -> typer.Exit:
@@ -65,6 +122,14 @@ def _errors() -> Iterator[None]:
         raise
     except OvernightError as exc:
         raise _fail(exc) from None
+    except Exception as exc:  # a bug: one line, exit 1; the traceback with -v
+        logging.getLogger("overnight").debug("unexpected error", exc_info=True)
+        failed = _fail(exc)
+        err.print(
+            Text("(an unexpected error: run again with -v for its traceback, and report it)"),
+            soft_wrap=True,
+        )
+        raise failed from None
 
 
 def _load(job: Path, state: Path | None) -> Job:
@@ -75,7 +140,10 @@ def _load(job: Path, state: Path | None) -> Job:
 
 
 class _Reporter:
-    """A live bar on a terminal; a plain line every few seconds otherwise (CI logs, files)."""
+    """A live bar on a terminal; a plain line every few seconds otherwise (CI logs, files).
+
+    The bar fits 80 columns: the name is cut to 20 characters, the bar takes what is left,
+    and the counts, speed, failures and ETA are never cut (tests/test_cli.py renders it)."""
 
     def __init__(self, name: str, live: bool, every: float = 5.0) -> None:
         self.name, self.live, self.every = name, live, every
@@ -85,22 +153,9 @@ class _Reporter:
 
     def __enter__(self) -> _Reporter:
         if self.live:
-            self._bar = Progress(
-                TextColumn("[bold]{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TaskProgressColumn(),
-                TextColumn("{task.fields[rate]:.1f} items/s"),
-                TextColumn("[red]{task.fields[failed]} failed"),
-                TextColumn("{task.fields[remote]}"),
-                TimeElapsedColumn(),
-                TextColumn("ETA"),
-                TimeRemainingColumn(),
-                console=err,
-                transient=False,
-            )
+            self._bar = make_bar(err)
             self._bar.__enter__()
-            self._task = self._bar.add_task(self.name, total=None, rate=0.0, failed=0, remote="")
+            self._task = self._bar.add_task(self.name, total=None, speed="", failed="")
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -113,14 +168,8 @@ class _Reporter:
         rate = p.processed / busy if busy > 0 else 0.0
         bad = p.failed + p.invalid
         if self._bar is not None:
-            self._bar.update(
-                self._task,
-                completed=p.finished,
-                total=p.total or None,
-                rate=rate,
-                failed=bad,
-                remote=f"{p.in_batches:,} in {p.live_batches} batches" if p.live_batches else "",
-            )
+            known = p.total if (p.total or p.ingest_done) else None  # None: "?" until known
+            self._bar.update(self._task, completed=p.finished, total=known, **bar_fields(p))
         elif now - self._last >= self.every:
             self._last = now
             total = f"/{p.total}" if p.ingest_done else f"/~{p.total}"
@@ -137,6 +186,37 @@ class _Reporter:
                 highlight=False,
                 soft_wrap=True,  # one report, one line, however narrow the "terminal"
             )
+
+
+def make_bar(console: Console) -> Progress:
+    """The live progress bar (see _Reporter)."""
+    fixed = {"no_wrap": True}
+    return Progress(
+        TextColumn(
+            "[bold]{task.description}",
+            table_column=Column(max_width=20, no_wrap=True, overflow="ellipsis"),
+        ),
+        BarColumn(bar_width=None, table_column=Column(ratio=1, min_width=6)),
+        MofNCompleteColumn(table_column=Column(**fixed)),
+        TextColumn("{task.fields[speed]}", table_column=Column(**fixed)),
+        TextColumn("[red]{task.fields[failed]}", table_column=Column(**fixed)),
+        TextColumn("eta", table_column=Column(**fixed)),
+        TimeRemainingColumn(compact=True, table_column=Column(**fixed)),
+        console=console,
+        expand=True,
+        transient=False,
+    )
+
+
+def bar_fields(p: RunProgress) -> dict[str, str]:
+    """The bar's text fields: items/s (or the live provider batches), failures if any."""
+    if p.live_batches:
+        speed = f"{p.live_batches} batch{'es' if p.live_batches > 1 else ''}"
+    else:
+        busy = p.elapsed - p.setup_seconds
+        speed = f"{p.processed / busy if busy > 0 else 0.0:.1f}/s"
+    bad = p.failed + p.invalid
+    return {"speed": speed, "failed": f"{bad:,} failed" if bad else ""}
 
 
 @contextmanager
@@ -303,8 +383,8 @@ def failures(
     """Failed and invalid items with their errors."""
     with _errors():
         rows = _load(job, state).failures()
-    if as_json:
-        sys.stdout.write(orjson.dumps([f.__dict__ for f in rows]).decode() + "\n")
+    if as_json:  # the errors file's names: `id`, not the ledger's custom_id
+        _print_json([_failure_dict(f) for f in rows])
         return
     if not rows:
         out.print("no failed or invalid items")
@@ -318,15 +398,31 @@ def failures(
         out.print(f"… and {len(rows) - limit} more (--limit 0 shows all)")
 
 
+def _failure_dict(f: Any) -> dict[str, Any]:
+    return {
+        "id": f.custom_id,
+        "line": f.line,
+        "state": f.state,
+        "error_class": f.error_class,
+        "message": f.message,
+        "attempts": f.attempts,
+    }
+
+
 @app.command()
 def retry(
     job: JobArg,
     state: StateOpt = None,
     invalid: Annotated[bool, typer.Option("--invalid", help="Retry invalid items too.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Move failed (with --invalid, also invalid) items back to pending; then `run` again."""
     with _errors():
-        result = _load(job, state).retry(invalid=invalid)
+        j = _load(job, state)
+        result = j.retry(invalid=invalid)
+    if as_json:
+        _print_json({"job": j.name, "invalid": invalid, **result.to_dict()})
+        return
     out.print(f"{result.moved} items back to pending; run the job again to process them")
     if result.input_errors:
         lines = ", ".join(str(n) for n in result.input_error_lines)
@@ -342,10 +438,22 @@ def retry(
 
 
 @app.command()
-def export(job: JobArg, state: StateOpt = None) -> None:
+def export(job: JobArg, state: StateOpt = None, as_json: JsonOpt = False) -> None:
     """(Re)write the output and errors files from the ledger."""
     with _errors():
-        done = _load(job, state).export()
+        j = _load(job, state)
+        done = j.export()
+    if as_json:
+        _print_json(
+            {
+                "job": j.name,
+                "output": str(done.output),
+                "rows": done.rows,
+                "errors": str(done.errors),
+                "errors_rows": done.errors_rows,
+            }
+        )
+        return
     out.print(
         Text(f"wrote {done.rows} rows to {done.output} and {done.errors_rows} to {done.errors}"),
         soft_wrap=True,
@@ -380,6 +488,7 @@ def demo(
         Path, typer.Option("--dir", help="Where the demo writes its files.")
     ] = Path("demo-output"),
     seed: Annotated[int, typer.Option(help="Seed of the ticket generator.")] = 7,
+    as_json: JsonOpt = False,
 ) -> None:
     """Classify a week of synthetic support tickets on the embedded model, then report."""
     from .demo import run_demo
@@ -387,13 +496,132 @@ def demo(
 
     with _errors(), _graceful_stop() as stop, _Reporter("demo", err.is_terminal) as reporter:
         result = run_demo(directory, tickets=tickets, seed=seed, on_progress=reporter, stop=stop)
-    print_demo_report(out, result)
+    if as_json:
+        _print_json(
+            {
+                "directory": str(result.directory),
+                "job_file": str(result.job_file),
+                "tickets": result.tickets,
+                "per_category": result.per_category,
+                "accuracy": result.accuracy,
+                "chart": str(result.chart) if result.chart else None,
+                "seconds": round(result.seconds, 3),
+                "report": result.report.to_dict(),
+            }
+        )
+    else:
+        print_demo_report(out, result)
     raise typer.Exit(result.report.exit_code)
+
+
+@app.command()
+def init(
+    job: Annotated[Path, typer.Argument(help="The job file to write (TOML).", show_default=False)],
+    backend: Annotated[
+        str,
+        typer.Option(
+            help="local, python, openai, anthropic, openai-batch, anthropic-batch or auto."
+        ),
+    ] = "local",
+    task: Annotated[
+        str | None,
+        typer.Option(
+            help="classify, embed (local); map (python); generate, extract, classify, embed,"
+            " passthrough (LLM backends). Default: the backend's first."
+        ),
+    ] = None,
+    provider: Annotated[
+        str | None, typer.Option(help="--backend auto: openai or anthropic.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write a commented starter job file (and the sample files it names); never overwrites."""
+    from . import scaffold
+
+    with _errors():
+        written = scaffold.write(scaffold.build(job, backend, task, provider))
+    if as_json:
+        _print_json({"job_file": str(job), "written": [str(p) for p in written]})
+        return
+    for path in written:
+        out.print(Text(f"wrote {path}"), soft_wrap=True)
+    out.print(Text(f"next: overnight check {job}, then overnight run {job}"), soft_wrap=True)
+
+
+@app.command()
+def check(job: JobArg, as_json: JsonOpt = False) -> None:
+    """Validate everything a run would (job file, input, id column, examples, schema, function,
+    model name, API key) without touching the ledger or the provider: exit 0 or 2."""
+    warnings.seen.clear()
+    try:
+        j = _load(job, None)
+        j.check()
+        _check_model(j)
+    except OvernightError as exc:
+        if as_json:
+            _print_json({"ok": False, "job_file": str(job), "error": str(exc)})
+            raise typer.Exit(exc.exit_code) from None
+        raise _fail(exc) from None
+    if as_json:
+        _print_json(
+            {"ok": True, "job_file": str(job), "job": j.name, "warnings": list(warnings.seen)}
+        )
+        return
+    m = j.spec.model
+    what = m.function if m.backend == "python" else m.name or "the lines' own models"
+    out.print(
+        Text(f"{job}: ok (job {j.name!r}, backend {m.backend}, {what}; input {j.source_path})"),
+        soft_wrap=True,
+    )
+
+
+def _check_model(j: Job) -> None:
+    """What only a warning can say about an LLM model name: overnight cannot price it."""
+    name = j.spec.model.name
+    if j.is_llm and name and j.prices.price(name) is None:
+        logging.getLogger("overnight").warning(
+            "%s: [model] name: no price for %r in the price table: costs will show as unknown"
+            " and [run] max_cost cannot stop the job (add it with [run] prices)",
+            j.origin,
+            name,
+        )
+
+
+@app.command("ls")
+def list_jobs(
+    state: Annotated[Path, typer.Option("--state", help="The ledger file.")] = Path(
+        ".overnight/ledger.db"
+    ),
+    as_json: JsonOpt = False,
+) -> None:
+    """The jobs in a ledger, with their state and counts."""
+    from .listing import list_jobs as jobs_in
+
+    with _errors():
+        jobs = jobs_in(state)
+    if as_json:
+        _print_json([job.to_dict() for job in jobs])
+        return
+    if not jobs:
+        out.print(Text(f"no jobs in {state}"), soft_wrap=True)
+        return
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    widest = min(max(len(s.name) for s in jobs), 24)  # a long name is cut, never the counts
+    table.add_column("job", min_width=widest, max_width=24, no_wrap=True, overflow="ellipsis")
+    for head in ("state", "items", "succeeded", "failed", "invalid", "open", "created"):
+        right = head not in ("state", "created")
+        table.add_column(head, justify="right" if right else "left", no_wrap=True)
+    for s in jobs:
+        created = datetime.fromtimestamp(s.created_at).strftime("%m-%d %H:%M")
+        cells = (s.name, s.state, s.total, s.succeeded, s.failed, s.invalid, s.open, created)
+        table.add_row(*(Text(f"{c:,}" if isinstance(c, int) else c) for c in cells))
+    out.print(table)
 
 
 def main(argv: list[str] | None = None) -> Callable[..., Any] | None:
     try:
-        return app(args=argv)
+        # prog_name: shell completion registers for `overnight`, however it was started.
+        return app(args=argv, prog_name="overnight")
     except KeyboardInterrupt:
         err.print("[yellow]aborted; run again to resume[/]")
         sys.exit(130)

@@ -46,9 +46,7 @@ class Activity:
     running: bool  # a live process holds the job's claim
     runner: str | None  # "process 1234 on host" (the live one, else the last one)
     last_run: RunRecord | None
-    items_per_second: (
-        float  # recent throughput (the last minute of a live run, else the last run's)
-    )
+    items_per_second: float  # the last minute of a live run, else the last run's rate
     remaining: int | None  # items open + records not read yet (estimated); None: unknown
     eta_seconds: float | None
     unfinished: tuple[str, ...]  # why the job is not finished; empty when it is
@@ -290,6 +288,7 @@ class Job:
         if not src.is_file():
             raise self._usage(f"[source] path: input file not found: {src}")
         self.source_format  # noqa: B018 - validates the format
+        self._check_input()
         out = self.spec.output
         bad = [c for c in out.include if c in sinks.RESERVED or c == self.id_name]
         if bad:
@@ -303,6 +302,12 @@ class Job:
             raise self._usage(
                 f"[output] path: {self.output_path.name}: use .jsonl, .csv or .parquet"
             )
+        for key, path in (("path", self.output_path), ("errors", self.errors_path)):
+            if path.is_dir():
+                raise self._usage(f"[output] {key}: {path} is a folder; name a file")
+            blocked = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+            if blocked is not None:
+                raise self._usage(f"[output] {key}: {path}: {blocked} is a file, not a folder")
         self.validator  # noqa: B018 - loads and checks the schema
         if self.spec.task.examples:
             self.examples  # noqa: B018 - reads and renders the labelled examples
@@ -323,13 +328,32 @@ class Job:
             except UsageError as exc:
                 raise self._usage(str(exc)) from None
         elif model.backend == "local":
-            from .backends.local import KNOWN_MODELS
+            from .backends.local import KNOWN_MODELS, check_installed
 
             name = model.name or "all-MiniLM-L6-v2"
             if name not in KNOWN_MODELS:
                 raise self._usage(
                     f"[model] name: unknown local model {name!r}; known: {', '.join(KNOWN_MODELS)}"
                 )
+            try:
+                check_installed(name)
+            except ValueError as exc:
+                raise self._usage(f"[model] name: {exc}") from None
+
+    def _check_input(self) -> None:
+        """The input opens and parses, and has the id column; an empty one is worth a word."""
+        try:
+            first = sources.first_row(
+                self.source_format, self.source_path, self.id_field, self.spec.source.delimiter
+            )
+        except sources.SourceError as exc:
+            raise self._usage(str(exc)) from None
+        if first is None:
+            log.warning(
+                "%s: [source] path: %s holds no records: the job has nothing to do",
+                self.origin,
+                self.source_path,
+            )
 
     @cached_property
     def source_format(self) -> str:
@@ -535,7 +559,9 @@ class Job:
                 ingest_done=job.ingest_done,
                 expected=0
                 if job.ingest_done
-                else sources.estimate_records(self.source_format, self.source_path),
+                else sources.estimate_records(
+                    self.source_format, self.source_path, self.spec.source.delimiter or ","
+                ),
                 cost=before.cost,
                 list_cost=before.list_cost,
             )
@@ -603,7 +629,8 @@ class Job:
 
     def _reader(self, chunk: int) -> Callable[[sources.Cursor], Iterator[list[sources.Row]]]:
         fmt, src, id_field = self.source_format, self.source_path, self.id_field
-        return lambda cursor: sources.read(fmt, src, id_field, cursor, chunk)
+        delimiter = self.spec.source.delimiter
+        return lambda cursor: sources.read(fmt, src, id_field, cursor, chunk, delimiter)
 
     def _backoff(self) -> Backoff:
         run = self.spec.run
@@ -627,10 +654,15 @@ class Job:
             sizer = self._sizer()
             window = self._predictor_class().window
         chunk = max(sources.CHUNK, sizer.maximum, sizer.size, window)
+        from .backends.local import TokenWindow, TruncationWatch
+
+        task = self.task
+        if self.spec.model.backend == "local":  # texts over the model's window: warn
+            task = TruncationWatch(task, TokenWindow(self.spec.model.name or "all-MiniLM-L6-v2"))
         runner = Runner(
             ledger,
             job,
-            self.task,
+            task,
             self._realtime_predictor if llm else self._predictor,
             reader=self._reader(chunk),
             sizer=sizer,
@@ -649,6 +681,8 @@ class Job:
             runner.run()
         finally:
             outcome.cancelled = runner.cancelled
+            if isinstance(task, TruncationWatch):
+                task.warn(self.origin, lambda: self._reader(sources.CHUNK)(sources.Cursor()))
             outcome.batch_size = None if llm else sizer.size
             outcome.batch_trials = () if llm else tuple(sizer.trials)
 

@@ -98,6 +98,7 @@ def build_task(spec: JobSpec, base_dir: Path) -> LLMTask:
             schema=schema,
             labels=labels,
             structured=m.structured_output,
+            context=price_table(spec, base_dir).context,  # refuses requests over the window
         )
     except UsageError as exc:
         raise UsageError(f"[task] {exc}") from None

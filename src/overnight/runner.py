@@ -368,7 +368,7 @@ class Runner:
                 inputs.append(build(w.record if w.record is not None else loads(w.payload)))
                 good.append(w)
             except InputError as exc:
-                outcomes[w.seq] = Outcome(w.seq, "failed", None, "input_error", str(exc))
+                outcomes[w.seq] = Outcome(w.seq, "failed", None, error_class(exc), str(exc))
         if good:
             outcomes.update((o.seq, o) for o in self._predict(good, inputs))
         return [outcomes[w.seq] for w in batch]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import tomllib
 from datetime import datetime
@@ -27,6 +28,21 @@ class SourceSpec(_Section):
     path: str
     id: str | None = None
     format: Literal["jsonl", "csv", "parquet"] | None = None
+    delimiter: str | None = None  # CSV only: "," unless set (";" and "\t" are common)
+
+    @model_validator(mode="after")
+    def _check(self) -> SourceSpec:
+        if self.delimiter is None:
+            return self
+        if len(self.delimiter) != 1 or self.delimiter in ('"', "\n", "\r"):
+            raise ValueError(
+                f'`delimiter` must be one character other than a quote or a newline, such as ";"'
+                f' or "\\t" (got {self.delimiter!r})'
+            )
+        fmt = self.format or _SUFFIXES.get(Path(self.path).suffix.lower())
+        if fmt != "csv":
+            raise ValueError("`delimiter` applies to CSV input only")
+        return self
 
 
 TaskKind = Literal["map", "embed", "classify", "generate", "extract", "passthrough"]
@@ -267,6 +283,24 @@ def _where(loc: tuple[Any, ...]) -> str:
     return ".".join(parts)
 
 
+def _known_keys(loc: tuple[Any, ...]) -> list[str]:
+    """The keys allowed where an unknown key was found: its section's, or the top level's."""
+    model: type[BaseModel] = JobSpec
+    if len(loc) == 2 and loc[0] in JobSpec.model_fields:
+        annotation = JobSpec.model_fields[str(loc[0])].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    elif len(loc) != 1:
+        return []
+    return [f.alias or name for name, f in model.model_fields.items()]
+
+
+def _unknown_key(loc: tuple[Any, ...]) -> str:
+    close = difflib.get_close_matches(str(loc[-1]), _known_keys(loc), n=1, cutoff=0.6)
+    return f"unknown key (did you mean `{close[0]}`?)" if close else "unknown key"
+
+
 def format_validation_error(origin: str, exc: ValidationError) -> str:
     """One line per key: the branches of a union ("a number or 'auto'") are joined."""
     problems: dict[str, list[str]] = {}
@@ -274,7 +308,7 @@ def format_validation_error(origin: str, exc: ValidationError) -> str:
     for err in exc.errors():
         where = _where(err["loc"])
         if err["type"] == "extra_forbidden":
-            msg = "unknown key"
+            msg = _unknown_key(tuple(err["loc"]))
         elif err["type"] == "missing":
             msg = "required key is missing"
         else:
@@ -298,11 +332,21 @@ def parse_spec(data: dict[str, Any], origin: str = "job") -> JobSpec:
 
 def load_job_file(path: str | Path) -> JobSpec:
     path = Path(path)
+    if path.is_dir():
+        raise JobFileError(f"{path}: is a folder; give the job file (TOML) inside it")
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_bytes().decode("utf-8")
+        data = tomllib.loads(text)
     except FileNotFoundError:
         raise JobFileError(f"{path}: job file not found") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+    except OSError as exc:  # permissions, a device, ...
+        raise JobFileError(f"{path}: cannot read the job file: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise JobFileError(
+            f"{path}: not UTF-8 text (line {line}); save the job file as UTF-8"
+        ) from None
+    except tomllib.TOMLDecodeError as exc:
         raise JobFileError(f"{path}: not valid TOML: {exc}") from None
     return parse_spec(data, str(path))
 

@@ -28,6 +28,7 @@ class _PriceModel(BaseModel):
     output: float = Field(ge=0, allow_inf_nan=False)
     batch_discount: float = Field(0.5, ge=0, le=1)
     cached_input: float | None = Field(None, ge=0, allow_inf_nan=False)
+    context: int | None = Field(None, gt=0)
 
 
 class _TableModel(BaseModel):
@@ -42,6 +43,7 @@ class Price:
     output: float  # USD per million output tokens, real time
     batch_discount: float = 0.5  # the batch API charges (1 - discount) of the real-time price
     cached_input: float | None = None  # USD per million prompt-cache hits, where known
+    context: int | None = None  # the most input tokens a request may carry, where known
 
     def cost(
         self, input_tokens: int, output_tokens: int, *, batch: bool, cached_tokens: int = 0
@@ -117,6 +119,12 @@ class PriceTable:
             default=None,
         )
         return self.prices[best] if best is not None else None
+
+    def context(self, model: str) -> int | None:
+        """The most input tokens one request to `model` may carry; None when not known
+        (then nothing is checked)."""
+        price = self.price(model)
+        return price.context if price is not None else None
 
     def cost(
         self,

@@ -9,6 +9,7 @@ model, parameters, rendered messages, schema), so identical requests are sent on
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -17,6 +18,7 @@ import orjson
 
 from ..errors import InputError, InvalidOutput, UsageError
 from ..tasks import Template
+from .tokens import count_request_tokens, encoding_note
 
 Provider = Literal["openai", "anthropic"]
 CHAT, EMBEDDINGS, MESSAGES = "/v1/chat/completions", "/v1/embeddings", "/v1/messages"
@@ -26,6 +28,13 @@ PASSTHROUGH_URLS = {
 }
 TOOL_NAME = "record_output"  # the one tool an Anthropic structured request forces
 ANTHROPIC_MAX_TOKENS = 1024  # Anthropic requires max_tokens; used when params do not set it
+
+
+class ContextExceeded(InputError):
+    """The request is longer than the model's context window: the provider would refuse it
+    (after billing nothing, or worse, after a long upload), so it is not sent."""
+
+    error_class = "context_exceeded"
 
 
 def cache_key(provider: str, endpoint: str, body: dict[str, Any]) -> str:
@@ -100,9 +109,11 @@ class LLMTask:
         schema: dict[str, Any] | None = None,
         labels: list[str] | None = None,
         structured: str = "json_schema",
+        context: Callable[[str], int | None] | None = None,
     ) -> None:
         self.kind, self.provider, self.model = kind, provider, model
         self.structured = structured
+        self.context = context  # model id -> its context window in tokens, None if unknown
         self.template = Template(text)
         self.system = Template(system) if system else None
         self.params = dict(params or {})
@@ -168,7 +179,30 @@ class LLMTask:
         return self._request(CHAT, body)
 
     def _request(self, endpoint: str, body: dict[str, Any]) -> Request:
+        self._check_context(endpoint, body)
         return Request(endpoint, body, cache_key(self.provider, endpoint, body))
+
+    def _check_context(self, endpoint: str, body: dict[str, Any]) -> None:
+        """Refuse a request whose estimated input is over the model's context window, where
+        the price table knows the window (an unknown model is not checked)."""
+        if self.context is None:
+            return
+        model = str(body.get("model") or self.model)
+        limit = self.context(model)
+        if limit is None:
+            return
+        blob = orjson.dumps(body)
+        # Cheap bound first: a token is at least one byte of the JSON body, except an image
+        # block, which counts as a fixed number of tokens however short its JSON.
+        if len(blob) <= limit and b'"image' not in blob:
+            return
+        tokens = count_request_tokens(endpoint, body, model)
+        if tokens > limit:
+            raise ContextExceeded(
+                f"the request has about {tokens:,} input tokens, over the {limit:,} of "
+                f"{model}'s context window; it was not sent (counted with "
+                f"{encoding_note(model)})"
+            )
 
     def _passthrough(self, record: dict[str, Any]) -> Request:
         """An OpenAI batch input line, sent as is (vLLM's run-batch format is the same)."""
@@ -303,6 +337,7 @@ def make_llm_task(
     schema: dict[str, Any] | None = None,
     labels: list[str] | None = None,
     structured: str = "json_schema",
+    context: Callable[[str], int | None] | None = None,
 ) -> LLMTask:
     if kind == "embed" and provider == "anthropic":
         raise UsageError("kind: Anthropic has no embeddings endpoint; use an OpenAI-compatible one")
@@ -322,4 +357,5 @@ def make_llm_task(
         schema=schema,
         labels=labels,
         structured=structured,
+        context=context,
     )

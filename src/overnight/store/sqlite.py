@@ -391,6 +391,11 @@ class SQLiteLedger:
         assert job is not None
         return job
 
+    def list_jobs(self) -> list[JobInfo]:
+        """Every job in the ledger, oldest first (read only)."""
+        names = [r[0] for r in self._db.execute("SELECT name FROM jobs ORDER BY id")]
+        return [job for job in map(self.get_job, names) if job is not None]
+
     def delete_job(self, job_id: int) -> None:
         lo, hi = _range(job_id)
         with self._tx() as db:

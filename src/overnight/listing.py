@@ -1,0 +1,79 @@
+"""`overnight ls`: the jobs a ledger holds, with their state and counts. Reads only."""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError
+from .store import open_ledger
+
+
+@dataclass(frozen=True)
+class JobSummary:
+    name: str
+    state: str  # finished | unfinished | cancelled
+    total: int
+    succeeded: int
+    failed: int
+    invalid: int
+    open: int
+    ingest_done: bool
+    created_at: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _is_ledger(path: Path) -> bool:
+    """An overnight ledger, looked at without writing to it (opening a ledger creates its
+    tables, which must not happen to some other SQLite file given by mistake)."""
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            return (
+                db.execute(
+                    "SELECT 1 FROM sqlite_master WHERE type='table' AND name='jobs'"
+                ).fetchone()
+                is not None
+            )
+        finally:
+            db.close()
+    except sqlite3.DatabaseError:
+        return False
+
+
+def list_jobs(path: Path) -> list[JobSummary]:
+    if not path.is_file():
+        raise UsageError(f"--state: no ledger at {path} (no job has run here; or pass --state)")
+    if not _is_ledger(path):
+        raise UsageError(f"--state: {path} is not an overnight ledger")
+    ledger = open_ledger(str(path))
+    try:
+        out = []
+        for job in ledger.list_jobs():
+            c = ledger.counts(job.id)
+            if ledger.is_cancelled(job.id):
+                state = "cancelled"
+            elif job.ingest_done and c.open == 0:
+                state = "finished"
+            else:
+                state = "unfinished"
+            out.append(
+                JobSummary(
+                    name=job.name,
+                    state=state,
+                    total=c.total,
+                    succeeded=c["succeeded"],
+                    failed=c.failed,
+                    invalid=c["invalid"],
+                    open=c.open,
+                    ingest_done=job.ingest_done,
+                    created_at=job.created_at,
+                )
+            )
+        return out
+    finally:
+        ledger.close()
