@@ -206,8 +206,26 @@ def test_stopped_while_reading_the_changed_input_the_old_results_are_intact(tmp_
     report = job.run(stop=stop, on_progress=on_progress)
     assert report.interrupted and report.exit_code == 130
     assert calls(log) == []
+    from overnight.listing import list_jobs
+
+    listed = list_jobs(tmp_path / ".overnight" / "ledger.db")  # not the half-read generation
+    assert [(j.name, j.total) for j in listed] == [("inc", n)]
     assert job.status().counts["succeeded"] == n  # the old generation, untouched
     report = job.run()
     assert report.exit_code == 0
     assert calls(log) == [f"r{n}"]
     assert len(read_jsonl(tmp_path / "out.jsonl")) == n + 1
+
+
+def test_reading_the_same_file_another_way_is_a_changed_input(tmp_path):
+    """Another id column (or delimiter, or format) makes other records of the same bytes."""
+    fn, log = logging_function(tmp_path)
+    rows = [{"id": f"r{i}", "key": f"k{i}", "n": i} for i in range(3)]
+    write_jsonl(tmp_path / "in.jsonl", rows)
+    assert make_job(tmp_path, fn).run().exit_code == 0
+    calls(log)
+    by_key = make_job(tmp_path, fn, source={"path": "in.jsonl", "id": "key"})
+    report = by_key.run()
+    assert report.exit_code == 0
+    assert sorted(calls(log)) == ["r0", "r1", "r2"]  # new ids: computed again
+    assert [r["key"] for r in read_jsonl(tmp_path / "out.jsonl")] == ["k0", "k1", "k2"]

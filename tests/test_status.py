@@ -113,6 +113,8 @@ def test_status_of_a_live_run_names_it_with_throughput_and_eta(tmp_path: Path) -
         assert activity["finished"] is False
         text = cli(tmp_path, "status", str(job)).stdout
         assert f"running: process {proc.pid}" in text and "to go" in text
+        (row,) = orjson.loads(cli(tmp_path, "ls", "--json").stdout)
+        assert row["name"] == "job" and row["state"] == "running"
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()

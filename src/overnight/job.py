@@ -809,6 +809,16 @@ class Job:
     def _remote_batches(self, ledger: Ledger, job_id: int) -> list[dict[str, Any]]:
         return [c.to_dict() for c in ledger.chunks(job_id)]
 
+    def _fingerprint(self) -> sources.Fingerprint:
+        """The input's content hash, and how it is read: another id column, delimiter or
+        format turns the same bytes into other records, so it is a changed input too."""
+        fp = sources.fingerprint(self.source_path)
+        how = self.spec.source.model_dump(exclude={"path"})
+        if not any(how.values()):  # the defaults: the plain content hash, as older ledgers have
+            return fp
+        mixed = hashlib.blake2b(fp.digest.encode() + orjson.dumps(how, option=orjson.OPT_SORT_KEYS))
+        return sources.Fingerprint(fp.size, fp.mtime_ns, mixed.hexdigest()[:32])
+
     def _connect(self) -> Ledger:
         """Another connection to this job's ledger (the claim's heartbeat thread)."""
         return open_ledger(str(self.state_path))
@@ -827,7 +837,7 @@ class Job:
         if job is not None and restart:
             ledger.delete_job(job.id)
             job = None
-        fingerprint = sources.fingerprint(self.source_path)
+        fingerprint = self._fingerprint()
         if job is None:
             return ledger.create_job(self.name, spec_hash, fingerprint)
         if spec_hash != job.spec_hash:

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from .claim import holder_alive
 from .errors import UsageError
 from .store import open_ledger
 
@@ -14,7 +15,7 @@ from .store import open_ledger
 @dataclass(frozen=True)
 class JobSummary:
     name: str
-    state: str  # finished | unfinished | cancelled
+    state: str  # running | finished | unfinished | cancelled
     total: int
     succeeded: int
     failed: int
@@ -55,7 +56,10 @@ def list_jobs(path: Path) -> list[JobSummary]:
         out = []
         for job in ledger.list_jobs():
             c = ledger.counts(job.id)
-            if ledger.is_cancelled(job.id):
+            claim = ledger.get_claim(job.name)
+            if claim is not None and holder_alive(claim):
+                state = "running"
+            elif ledger.is_cancelled(job.id):
                 state = "cancelled"
             elif job.ingest_done and c.open == 0:
                 state = "finished"

@@ -392,8 +392,13 @@ class SQLiteLedger:
         return job
 
     def list_jobs(self) -> list[JobInfo]:
-        """Every job in the ledger, oldest first (read only)."""
-        names = [r[0] for r in self._db.execute("SELECT name FROM jobs ORDER BY id")]
+        """Every job in the ledger, oldest first (read only); not a generation being read
+        (see begin_generation)."""
+        names = [
+            r[0]
+            for r in self._db.execute("SELECT name FROM jobs ORDER BY id")
+            if "\x00" not in r[0]
+        ]
         return [job for job in map(self.get_job, names) if job is not None]
 
     def delete_job(self, job_id: int) -> None:
