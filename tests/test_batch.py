@@ -15,10 +15,17 @@ import orjson
 import pytest
 from llm_helpers import ANT_KEY, KEY, llm_job, read_jsonl, write_records
 
-from overnight.llm.batch import AnthropicBatch, Line, OpenAIBatch
+from overnight.llm.batch import AnthropicBatch, JobTag, Line, OpenAIBatch
 from overnight.testing.fake_provider import FakeProvider
 
 pytestmark = pytest.mark.usefixtures("keys")
+
+
+def tag_prefix(job) -> str:
+    """The `<identity key>-<token>-` every custom_id of the job starts with."""
+    with job.ledger() as ledger:
+        token = ledger.get_job(job.name).token
+    return f"{job.identity_key}-{token}-"
 
 
 def when(condition, then, timeout: float = 20.0) -> threading.Thread:
@@ -114,12 +121,13 @@ def test_anthropic_ids_are_mapped_and_back(tmp_path: Path, fake: FakeProvider) -
     (tmp_path / "in.jsonl").write_bytes(
         b"".join(orjson.dumps({"id": i, "text": f"t {n}"}) + b"\n" for n, i in enumerate(ids))
     )
-    report = llm_job(tmp_path, "anthropic-batch", fake.anthropic_url).run()
+    job = llm_job(tmp_path, "anthropic-batch", fake.anthropic_url)
+    report = job.run()
     assert report.exit_code == 0
     assert [r["id"] for r in read_jsonl(tmp_path / "job.out.jsonl")] == ids
+    # Every request goes as <identity key>-<job token>-<seq>, mapped back by seq.
     sent = set(fake.stats.batch_items)
-    # Valid ids go as they are; the others (and a user id in the reserved prefix) by seq.
-    assert sent == {"plain_id-1", "ovn_1", "ovn_2", "ovn_3", "ovn_4", "ovn_5"}
+    assert sent == {f"{tag_prefix(job)}{seq}" for seq in range(6)}
 
 
 def test_cancel_cancels_remote_batches_and_keeps_finished(
@@ -300,23 +308,29 @@ def test_a_create_is_never_retried_blindly(fake: FakeProvider, provider: str, mo
     the batch twice and pay every line twice. The service looks for the batch first."""
     if provider == "openai":
         svc: OpenAIBatch | AnthropicBatch = OpenAIBatch(
-            api_key=KEY, base_url=fake.openai_url, max_requests=10, max_bytes=10**6
+            api_key=KEY, base_url=fake.openai_url, max_requests=10, max_bytes=10**6, timeout=1
         )
         path, endpoint, body = "/v1/batches", "/v1/chat/completions", {"model": "gpt-4o-mini"}
     else:
         svc = AnthropicBatch(
-            api_key=ANT_KEY, base_url=fake.anthropic_url, max_requests=10, max_bytes=10**6
+            api_key=ANT_KEY,
+            base_url=fake.anthropic_url,
+            max_requests=10,
+            max_bytes=10**6,
+            timeout=1,
         )
         path, endpoint = "/v1/messages/batches", "/v1/messages"
         body = {"model": "claude-3-5-haiku", "max_tokens": 8}
     transport = LossyCreate(path, mode)
     svc.client = svc.client.with_options(http_client=httpx.Client(transport=transport))
     body["messages"] = [{"role": "user", "content": "hi"}]
-    lines = [Line(i, f"r{i}", endpoint, body) for i in range(3)]
-    remote, _ = svc.submit(lines, "job@1.0", 1)
+    tag = JobTag("job", "0123456789ab", "tok0000000")
+    lines = [Line(i, tag.custom_id(i), endpoint, body) for i in range(3)]
+    attempts: list[float] = []
+    remote, _ = svc.submit(lines, tag, 1, attempts.append)
     assert transport.left == 0  # the fault happened
     assert fake.stats.batch_creations == 1
-    assert dict(fake.stats.batch_items) == {"r0": 1, "r1": 1, "r2": 1}
+    assert dict(fake.stats.batch_items) == {tag.custom_id(i): 1 for i in range(3)}
     assert svc.poll(remote).counts  # the id returned is the batch that exists
 
 
@@ -330,9 +344,9 @@ def test_a_cancel_during_the_upload_cancels_that_batch_too(
     job = llm_job(tmp_path, "openai-batch", fake.openai_url, model={"max_requests_per_batch": 5})
     submit = OpenAIBatch.submit
 
-    def cancel_then_submit(self, lines, tag, chunk):
+    def cancel_then_submit(self, lines, tag, chunk, on_attempt):
         job.cancel()  # another process, while this chunk is `creating`
-        return submit(self, lines, tag, chunk)
+        return submit(self, lines, tag, chunk, on_attempt)
 
     monkeypatch.setattr(OpenAIBatch, "submit", cancel_then_submit)
     report = job.run()

@@ -201,6 +201,8 @@ def _print_report(r: Report) -> None:
             Text.from_markup(f"deadline {d.get('deadline')}: {held}; ")
             + Text(str(d.get("summary", "")))
         )
+    for note in r.notes:
+        out.print(Text(note), soft_wrap=True)
     if r.detached:
         out.print("batches submitted: run the same command again to collect their results.")
     if r.stop_reason:
