@@ -5,6 +5,7 @@ overnight to "never submit an item again while a batch holding it is alive"."""
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -15,6 +16,7 @@ import orjson
 import pytest
 from llm_helpers import ANT_KEY, KEY, llm_job, read_jsonl, write_records
 
+import overnight
 from overnight.llm.batch import AnthropicBatch, JobTag, Line, OpenAIBatch
 from overnight.testing.fake_provider import FakeProvider
 
@@ -233,49 +235,6 @@ def test_a_batch_refused_as_a_whole_fails_its_lines(tmp_path: Path, fake: FakePr
     assert job.run().counts["succeeded"] == 8
 
 
-def test_auto_past_the_cut_collects_live_batches_then_real_time(
-    tmp_path: Path, fake: FakeProvider
-) -> None:
-    """The run that submitted died; when it comes back the cut has passed: the live batch is
-    cancelled and collected (its finished half kept), the rest done in real time."""
-    write_records(tmp_path, 10)
-    fake.knobs.batch_seconds = 60
-    far = (datetime.now(UTC) + timedelta(hours=5)).isoformat()
-    job = llm_job(
-        tmp_path,
-        "auto",
-        fake.openai_url,
-        model={"provider": "openai"},
-        run={"deadline": far, "deadline_margin": 3600},
-    )
-    with pytest.raises(SystemExit):
-        import overnight.batch_runner as br
-
-        original = br.BatchRunner._poll
-
-        def die(self, leftover):  # the process "dies" right after submitting
-            raise SystemExit(9)
-
-        br.BatchRunner._poll = die
-        try:
-            job.run()
-        finally:
-            br.BatchRunner._poll = original
-    assert fake.stats.batch_creations == 1
-    soon = (datetime.now(UTC) + timedelta(seconds=30)).isoformat()
-    job = llm_job(
-        tmp_path,
-        "auto",
-        fake.openai_url,
-        model={"provider": "openai"},
-        run={"deadline": soon, "deadline_margin": 3600},
-    )
-    report = job.run()
-    assert report.exit_code == 0 and report.counts["succeeded"] == 10
-    assert fake.stats.batch_creations == 1  # nothing new submitted past the cut
-    assert fake.stats.requests["/v1/chat/completions"] == 5
-
-
 # -- a create whose answer is lost, and cancels that race a create ----------------------------
 
 
@@ -405,3 +364,72 @@ def test_mixed_models_and_endpoints_make_one_file_each(tmp_path: Path, fake: Fak
     assert [r["custom_id"] for r in rows] == [f"c{i}" for i in range(12)]
     assert sorted(f.custom_id for f in job.failures()) == ["bad5", "bad9"]
     assert [b["status"] for b in report.remote_batches].count("input_error") == 1
+
+
+# -- job identity: results are accepted only for requests this job sent ----------------------
+
+
+def other_job(root: Path, fake: FakeProvider, n: int) -> overnight.Job:
+    """Another job of the same workspace: the same ids, other prompts."""
+    folder = root / "other"
+    folder.mkdir()
+    (folder / "in.jsonl").write_bytes(
+        b"".join(orjson.dumps({"id": f"r{i}", "text": f"OTHER job {i}"}) + b"\n" for i in range(n))
+    )
+    return llm_job(folder, "anthropic-batch", fake.anthropic_url)
+
+
+def assert_own_answers(job: overnight.Job, n: int) -> None:
+    rows = read_jsonl(job.output_path)
+    assert [r["id"] for r in rows] == [f"r{i}" for i in range(n)]
+    assert [r["output"] for r in rows] == [
+        f"echo: ticket {i}: the invoice is wrong" for i in range(n)
+    ]
+
+
+def item_attempts(job: overnight.Job) -> list[int]:
+    with sqlite3.connect(job.state_path) as db:
+        return [r[0] for r in db.execute("SELECT attempts FROM items ORDER BY id")]
+
+
+@pytest.mark.parametrize("case", ["lost_after_acting", "lost_other_live", "lost_other_ended"])
+def test_a_lost_create_never_takes_another_jobs_answers(
+    tmp_path: Path, fake: FakeProvider, case: str
+) -> None:
+    """Anthropic batches carry no metadata: a create whose answer was lost is looked for by
+    creation time and request count. Another job's batch of the same size in that window
+    is either told apart (ended: its first result line is not ours), or taken for ours
+    (running: nothing tells them apart) and then refused line by line at collection: its
+    answers are never written, the items go back to pending without counting an attempt and
+    are sent again. Every custom_id of the job reaches the provider once."""
+    n = 5
+    fake.knobs.batch_seconds = 3.0 if case == "lost_other_live" else 0.2
+    other = other_job(tmp_path, fake, n)
+    assert other.run(detach=True).exit_code == 0  # its batch: 5 requests, in the window
+    if case == "lost_other_ended":
+        fake.complete_batches()
+    fake.knobs.batch_seconds = 0.2
+    fake.knobs.reset_creates = 1  # our create: the connection is reset ...
+    fake.knobs.reset_after_acting = case == "lost_after_acting"  # ... after or before acting
+    write_records(tmp_path, n)
+    job = llm_job(tmp_path, "anthropic-batch", fake.anthropic_url, model={"timeout": 1.0})
+    report = job.run()
+    assert fake.stats.creates_reset == 1
+    assert report.exit_code == 0, report.to_dict()
+    assert_own_answers(job, n)
+    ours = {cid: k for cid, k in fake.stats.batch_items.items() if cid.startswith(tag_prefix(job))}
+    assert sorted(ours) == sorted(f"{tag_prefix(job)}{i}" for i in range(n))
+    assert set(ours.values()) == {1}  # each request of ours sent once
+    assert item_attempts(job) == [1] * n  # the refused batch counted no attempt
+    statuses = [b["status"] for b in report.remote_batches]
+    if case == "lost_other_live":  # taken by mistake, refused, sent again
+        assert statuses == ["not_ours", "ended"]
+        assert any("refused 5 result lines" in note for note in report.notes)
+    else:
+        assert statuses == ["ended"] and not report.notes
+    # the other job's own results are untouched
+    other_report = other.run()
+    assert other_report.exit_code == 0
+    assert [r["output"] for r in read_jsonl(other.output_path)] == [
+        f"echo: OTHER job {i}" for i in range(n)
+    ]
