@@ -170,7 +170,9 @@ def test_auto_with_deadline_finishes_in_real_time(tmp_path: Path, fake: FakeProv
     assert 0 < report.counts.saved < report.counts.list_cost
 
 
-def test_batch_max_cost_stops_submitting(tmp_path: Path, fake: FakeProvider) -> None:
+def test_batch_max_cost_stops_submitting_and_resumes_with_a_higher_limit(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
     write_records(tmp_path, 30)
     # $1 per 1,000 tokens; a batch of 10 is at most ~10 × (12 + 64) tokens = ~$0.38 at
     # half price: two batches fit under $0.9, the third could pass it.
@@ -186,6 +188,20 @@ def test_batch_max_cost_stops_submitting(tmp_path: Path, fake: FakeProvider) -> 
     assert "max_cost" in report.stop_reason and report.exit_code == 3
     assert fake.stats.batch_creations == 2 and report.counts["pending"] == 10
     assert report.counts.cost <= 0.9
+    spent = report.counts.cost
+    # A higher limit: the run resumes where it stopped, and sends only what was left.
+    job = llm_job(
+        tmp_path,
+        "openai-batch",
+        fake.openai_url,
+        model={"max_requests_per_batch": 10},
+        run={"max_cost": 2.0, "prices": "prices.toml"},
+    )
+    report = job.run()
+    assert report.exit_code == 0 and report.stop_reason is None, report.to_dict()
+    assert report.counts["succeeded"] == 30 and fake.stats.batch_creations == 3
+    assert len(fake.stats.batch_items) == 30 and set(fake.stats.batch_items.values()) == {1}
+    assert spent < report.counts.cost <= 2.0
 
 
 def test_detach_submits_and_a_later_run_collects(tmp_path: Path, fake: FakeProvider) -> None:
@@ -260,7 +276,7 @@ class LossyCreate(httpx.HTTPTransport):
         return response
 
 
-@pytest.mark.parametrize("mode", ["lost", "429"])
+@pytest.mark.parametrize("mode", ["lost", "429", "reset"])
 @pytest.mark.parametrize("provider", ["openai", "anthropic"])
 def test_a_create_is_never_retried_blindly(fake: FakeProvider, provider: str, mode: str) -> None:
     """Neither SDK makes a create idempotent: its own retry after a lost answer would create
@@ -280,14 +296,17 @@ def test_a_create_is_never_retried_blindly(fake: FakeProvider, provider: str, mo
         )
         path, endpoint = "/v1/messages/batches", "/v1/messages"
         body = {"model": "claude-3-5-haiku", "max_tokens": 8}
-    transport = LossyCreate(path, mode)
+    transport = LossyCreate(path, mode if mode != "reset" else "none")
     svc.client = svc.client.with_options(http_client=httpx.Client(transport=transport))
+    if mode == "reset":  # the provider acts, then the connection is reset: no answer at all
+        transport.left = 0
+        fake.knobs.reset_creates = 1
     body["messages"] = [{"role": "user", "content": "hi"}]
     tag = JobTag("job", "0123456789ab", "tok0000000")
     lines = [Line(i, tag.custom_id(i), endpoint, body) for i in range(3)]
     attempts: list[float] = []
     remote, _ = svc.submit(lines, tag, 1, attempts.append)
-    assert transport.left == 0  # the fault happened
+    assert transport.left == 0 and fake.knobs.reset_creates == 0  # the fault happened
     assert fake.stats.batch_creations == 1
     assert dict(fake.stats.batch_items) == {tag.custom_id(i): 1 for i in range(3)}
     assert svc.poll(remote).counts  # the id returned is the batch that exists
@@ -433,3 +452,59 @@ def test_a_lost_create_never_takes_another_jobs_answers(
     assert [r["output"] for r in read_jsonl(other.output_path)] == [
         f"echo: OTHER job {i}" for i in range(n)
     ]
+
+
+def test_max_bytes_per_batch_splits_into_chunks_under_the_limit(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """`[model] max_bytes_per_batch`: each request file stays under it, planned that way
+    (no 413 and no split needed)."""
+    write_records(tmp_path, 20)
+    limit = 1500
+    job = llm_job(tmp_path, "openai-batch", fake.openai_url, model={"max_bytes_per_batch": limit})
+    report = job.run()
+    assert report.exit_code == 0 and report.counts["succeeded"] == 20
+    uploads = [f for f in fake.openai.files.values() if f.obj["purpose"] == "batch"]
+    sizes = [len(f.data) for f in uploads]
+    assert len(sizes) >= 3 and max(sizes) <= limit, sizes
+    assert sum(len(f.data.splitlines()) for f in uploads) == 20
+    assert {b["status"] for b in report.remote_batches} == {"completed"}  # none refused
+    assert set(fake.stats.batch_items.values()) == {1}
+
+
+@pytest.mark.parametrize(
+    ("backend", "status", "error"),
+    [
+        ("openai-batch", 500, "server_error"),
+        ("openai-batch", 429, "server_error"),
+        ("anthropic-batch", 500, "api_error"),
+        ("anthropic-batch", 429, "rate_limit_error"),
+        ("anthropic-batch", 529, "overloaded_error"),
+    ],
+)
+def test_transiently_failed_lines_go_into_a_new_batch_and_succeed(
+    tmp_path: Path, fake: FakeProvider, backend: str, status: int, error: str
+) -> None:
+    """Lines a batch answered with a server error or a rate limit are not the request's
+    fault: they go back to pending and into the next batch; the others are not sent again."""
+    write_records(tmp_path, 8)
+    fake.knobs.fail_batch_lines = 3
+    fake.knobs.fail_batch_status = status
+    url = fake.anthropic_url if "anthropic" in backend else fake.openai_url
+    job = llm_job(tmp_path, backend, url, run={"max_attempts": 2})
+    report = job.run()
+    assert report.exit_code == 0, (report.to_dict(), job.failures())
+    assert report.counts["succeeded"] == 8 and fake.knobs.fail_batch_lines == 0
+    assert fake.stats.batch_creations == 2
+    assert sorted(fake.stats.batch_items.values()) == [1] * 5 + [2] * 3
+    assert_own_answers(job, 8)
+    assert sorted(item_attempts(job)) == [1] * 5 + [2] * 3
+    # With one attempt allowed, the same lines fail, named by the provider's error type.
+    (tmp_path / "once").mkdir()
+    write_records(tmp_path / "once", 8)
+    fake.knobs.fail_batch_lines = 3
+    once = llm_job(tmp_path / "once", backend, url, run={"max_attempts": 1})
+    assert once.run().counts.failed == 3
+    assert {(f.error_class, "gave up after 1 batches" in f.message) for f in once.failures()} == {
+        (error, True)
+    }
