@@ -508,3 +508,34 @@ def test_transiently_failed_lines_go_into_a_new_batch_and_succeed(
     assert {(f.error_class, "gave up after 1 batches" in f.message) for f in once.failures()} == {
         (error, True)
     }
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+def test_a_create_that_timed_out_is_not_sent_again_while_it_may_still_land(
+    fake: FakeProvider, provider: str
+) -> None:
+    """The provider takes 7.5 s to make the batch; the client gives up after its 5 s
+    timeout and does not see it at its first look (5.5 s). The create may land until 10 s
+    (the timeout and as long again): the service waits, looks again, finds it, and never
+    sends the create a second time."""
+    if provider == "openai":
+        svc: OpenAIBatch | AnthropicBatch = OpenAIBatch(
+            api_key=KEY, base_url=fake.openai_url, max_requests=10, max_bytes=10**6, timeout=5
+        )
+        endpoint, body = "/v1/chat/completions", {"model": "gpt-4o-mini"}
+    else:
+        svc = AnthropicBatch(
+            api_key=ANT_KEY, base_url=fake.anthropic_url, max_requests=10, max_bytes=10**6
+        )
+        svc.timeout = 5
+        endpoint, body = "/v1/messages", {"model": "claude-3-5-haiku", "max_tokens": 8}
+    body["messages"] = [{"role": "user", "content": "hi"}]
+    fake.knobs.create_delay = 7.5
+    tag = JobTag("job", "0123456789ab", "tok0000000")
+    lines = [Line(i, tag.custom_id(i), endpoint, body) for i in range(3)]
+    attempts: list[float] = []
+    started = time.time()
+    remote, _ = svc.submit(lines, tag, 1, attempts.append)
+    assert fake.stats.creates_received == 1 and fake.stats.batch_creations == 1
+    assert len(attempts) == 1 and attempts[0] >= started + 10  # the timeout, twice
+    assert svc.poll(remote).counts
