@@ -539,3 +539,25 @@ def test_a_create_that_timed_out_is_not_sent_again_while_it_may_still_land(
     assert fake.stats.creates_received == 1 and fake.stats.batch_creations == 1
     assert len(attempts) == 1 and attempts[0] >= started + 10  # the timeout, twice
     assert svc.poll(remote).counts
+
+
+@pytest.mark.parametrize("backend", ["openai-batch", "anthropic-batch"])
+def test_a_project_moved_while_its_batches_run_still_collects_them(
+    tmp_path: Path, fake: FakeProvider, backend: str
+) -> None:
+    """The identity key follows the ledger's location; the requests of a job are known by
+    its token and their seq: moving the folder does not make its own answers foreign."""
+    before, after = tmp_path / "before", tmp_path / "after"
+    before.mkdir()
+    write_records(before, 12)
+    url = fake.anthropic_url if "anthropic" in backend else fake.openai_url
+    fake.knobs.batch_seconds = 60
+    limits = {"max_requests_per_batch": 10}
+    assert llm_job(before, backend, url, model=limits).run(detach=True).exit_code == 0
+    before.rename(after)
+    fake.complete_batches()
+    moved = llm_job(after, backend, url, model=limits)
+    report = moved.run()
+    assert report.exit_code == 0, report.to_dict()
+    assert report.counts["succeeded"] == 12 and not report.notes
+    assert fake.stats.batch_creations == 2 and set(fake.stats.batch_items.values()) == {1}

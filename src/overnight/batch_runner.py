@@ -47,6 +47,7 @@ from .llm.batch import (
     TooLarge,
     _crash,
     _retryable,
+    request_key,
 )
 from .llm.requests import Answer, LLMTask, answer_from_body
 from .llm.tokens import count_request_tokens
@@ -217,7 +218,7 @@ class BatchRunner:
 
     def _orphan(self, c: RemoteBatch) -> str | None:
         """The provider batch a `creating` chunk's lost create made, if it can be seen."""
-        ids = {ln.remote_id for ln in self._chunk_lines(c)}
+        ids = {request_key(ln.remote_id) for ln in self._chunk_lines(c)}
         until = c.create_until if c.create_until is not None else None
         return self.service.find_orphan(self.tag, c.chunk, ids, c.planned_at, until)
 
@@ -411,7 +412,7 @@ class BatchRunner:
         chunk, remote_id = c.chunk, c.remote_id
         assert remote_id is not None
         items = self.ledger.chunk_items(self.job.id, chunk)
-        by_remote = {self._remote_id(it, c.tagged): it for it in items}
+        by_remote = {request_key(self._remote_id(it, c.tagged)): it for it in items}
         outcomes: list[Outcome] = []
         if poll.errors:  # the whole batch failed validation: name each line it names
             for err in poll.errors:
@@ -430,7 +431,8 @@ class BatchRunner:
         else:
             refused: list[str] = []
             for result in self.service.results(remote_id):
-                it = by_remote.pop(result.remote_id, None)  # each request answered once
+                # Only this job's requests of this chunk, each once (see request_key).
+                it = by_remote.pop(request_key(result.remote_id), None)
                 if it is None:
                     refused.append(result.remote_id)
                     continue

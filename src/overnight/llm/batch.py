@@ -97,6 +97,14 @@ def parse_custom_id(custom_id: str) -> tuple[str, str, int] | None:
     return (m[1], m[2], int(m[3])) if m else None
 
 
+def request_key(custom_id: str) -> str:
+    """What identifies a request of a job: `<token>-<seq>`, without the identity key, which
+    follows the ledger's location (a project folder moved while its batches run must still
+    collect them). Other ids (old chunks) as they are."""
+    parsed = parse_custom_id(custom_id)
+    return f"{parsed[1]}-{parsed[2]}" if parsed else custom_id
+
+
 @dataclass(frozen=True)
 class Line:
     seq: int
@@ -147,7 +155,11 @@ class BatchService(Protocol):
     ) -> tuple[str, str | None]: ...
     def find_orphan(
         self, tag: JobTag, chunk: int, ids: set[str], since: float, until: float | None
-    ) -> str | None: ...
+    ) -> str | None:
+        """The batch a lost create of `chunk` made, if any: `ids` are the request_keys of its
+        lines; created at or after `since`, and by `until` if known (both less and more
+        SKEW)."""
+
     def tagged(self, key: str, since: float) -> list[Tagged]: ...
     def poll(self, remote_id: str) -> Poll: ...
     def results(self, remote_id: str) -> Iterator[Result]: ...
@@ -315,7 +327,7 @@ class OpenAIBatch:
                 .id
             )
 
-        ids = {ln.remote_id for ln in lines}
+        ids = {request_key(ln.remote_id) for ln in lines}
         remote = _create(
             create,
             lambda until: self.find_orphan(tag, chunk, ids, since, until),
@@ -327,15 +339,15 @@ class OpenAIBatch:
     def find_orphan(
         self, tag: JobTag, chunk: int, ids: set[str], since: float, until: float | None
     ) -> str | None:
-        """The batch of this job's chunk, by its metadata (exact)."""
+        """The batch of this job's chunk, by its metadata (token and chunk: exact)."""
         for batch in self.client.batches.list(limit=100):  # newest first; the SDK pages
             if batch.created_at < since - SKEW:
                 break
             meta = batch.metadata or {}
             if meta.get("overnight_chunk") != str(chunk):
                 continue
-            ours = meta.get("overnight_key") == tag.key and meta.get("overnight_token") == tag.token
-            if ours or (tag.legacy and meta.get("overnight_job") == tag.legacy[:512]):
+            legacy = bool(tag.legacy) and meta.get("overnight_job") == tag.legacy[:512]
+            if meta.get("overnight_token") == tag.token or legacy:
                 return batch.id
         return None
 
@@ -461,7 +473,7 @@ class AnthropicBatch:
                 .id
             )
 
-        ids = {ln.remote_id for ln in lines}
+        ids = {request_key(ln.remote_id) for ln in lines}
         size = sum(self.line_bytes(ln) for ln in lines)
         remote = _create(
             create,
@@ -487,7 +499,7 @@ class AnthropicBatch:
                 continue
             if batch.processing_status != "ended":
                 unsure.append(batch.id)  # its custom_ids cannot be seen yet
-            elif self._first_custom_id(batch.id) in ids:
+            elif request_key(self._first_custom_id(batch.id) or "") in ids:
                 return batch.id  # certainly this chunk's
         if unsure:
             log.info("chunk %s: adopting batch %s by its size and time alone", chunk, unsure[0])
