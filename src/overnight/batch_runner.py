@@ -217,10 +217,10 @@ class BatchRunner:
         return [self._line(it, c.tagged) for it in self.ledger.chunk_items(self.job.id, c.chunk)]
 
     def _orphan(self, c: RemoteBatch) -> str | None:
-        """The provider batch a `creating` chunk's lost create made, if it can be seen."""
+        """The provider batch a `creating` chunk's lost create made, if it can be seen
+        (create_until None: a chunk from before it was recorded, no upper bound)."""
         ids = {request_key(ln.remote_id) for ln in self._chunk_lines(c)}
-        until = c.create_until if c.create_until is not None else None
-        return self.service.find_orphan(self.tag, c.chunk, ids, c.planned_at, until)
+        return self.service.find_orphan(self.tag, c.chunk, ids, c.planned_at, c.create_until)
 
     def _found(self, c: RemoteBatch) -> bool:
         remote = self._orphan(c)

@@ -59,7 +59,7 @@ TRANSIENT_ERRORS = {
 }
 SKEW = 300.0  # seconds a provider's clock may differ from ours
 LOOKBACK = 3 * 86_400.0  # how far back `tagged` looks for a job's batches
-PEEK_MOST = 50  # Anthropic: ended batches whose first result line `tagged` reads, at most
+PEEK_MOST = 20  # Anthropic: ended batches whose first result line `tagged` reads, at most
 SCAN_MOST = 2_000  # batches `tagged` looks at, at most
 UPLOAD_RATE = 1 << 20  # bytes per second a create's body is assumed to go at, at least
 
