@@ -5,6 +5,7 @@ overnight to "never submit an item again while a batch holding it is alive"."""
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -15,10 +16,18 @@ import orjson
 import pytest
 from llm_helpers import ANT_KEY, KEY, llm_job, read_jsonl, write_records
 
-from overnight.llm.batch import AnthropicBatch, Line, OpenAIBatch
+import overnight
+from overnight.llm.batch import AnthropicBatch, JobTag, Line, OpenAIBatch
 from overnight.testing.fake_provider import FakeProvider
 
 pytestmark = pytest.mark.usefixtures("keys")
+
+
+def tag_prefix(job) -> str:
+    """The `<identity key>-<token>-` every custom_id of the job starts with."""
+    with job.ledger() as ledger:
+        token = ledger.get_job(job.name).token
+    return f"{job.identity_key}-{token}-"
 
 
 def when(condition, then, timeout: float = 20.0) -> threading.Thread:
@@ -114,12 +123,13 @@ def test_anthropic_ids_are_mapped_and_back(tmp_path: Path, fake: FakeProvider) -
     (tmp_path / "in.jsonl").write_bytes(
         b"".join(orjson.dumps({"id": i, "text": f"t {n}"}) + b"\n" for n, i in enumerate(ids))
     )
-    report = llm_job(tmp_path, "anthropic-batch", fake.anthropic_url).run()
+    job = llm_job(tmp_path, "anthropic-batch", fake.anthropic_url)
+    report = job.run()
     assert report.exit_code == 0
     assert [r["id"] for r in read_jsonl(tmp_path / "job.out.jsonl")] == ids
+    # Every request goes as <identity key>-<job token>-<seq>, mapped back by seq.
     sent = set(fake.stats.batch_items)
-    # Valid ids go as they are; the others (and a user id in the reserved prefix) by seq.
-    assert sent == {"plain_id-1", "ovn_1", "ovn_2", "ovn_3", "ovn_4", "ovn_5"}
+    assert sent == {f"{tag_prefix(job)}{seq}" for seq in range(6)}
 
 
 def test_cancel_cancels_remote_batches_and_keeps_finished(
@@ -160,7 +170,9 @@ def test_auto_with_deadline_finishes_in_real_time(tmp_path: Path, fake: FakeProv
     assert 0 < report.counts.saved < report.counts.list_cost
 
 
-def test_batch_max_cost_stops_submitting(tmp_path: Path, fake: FakeProvider) -> None:
+def test_batch_max_cost_stops_submitting_and_resumes_with_a_higher_limit(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
     write_records(tmp_path, 30)
     # $1 per 1,000 tokens; a batch of 10 is at most ~10 × (12 + 64) tokens = ~$0.38 at
     # half price: two batches fit under $0.9, the third could pass it.
@@ -176,6 +188,20 @@ def test_batch_max_cost_stops_submitting(tmp_path: Path, fake: FakeProvider) -> 
     assert "max_cost" in report.stop_reason and report.exit_code == 3
     assert fake.stats.batch_creations == 2 and report.counts["pending"] == 10
     assert report.counts.cost <= 0.9
+    spent = report.counts.cost
+    # A higher limit: the run resumes where it stopped, and sends only what was left.
+    job = llm_job(
+        tmp_path,
+        "openai-batch",
+        fake.openai_url,
+        model={"max_requests_per_batch": 10},
+        run={"max_cost": 2.0, "prices": "prices.toml"},
+    )
+    report = job.run()
+    assert report.exit_code == 0 and report.stop_reason is None, report.to_dict()
+    assert report.counts["succeeded"] == 30 and fake.stats.batch_creations == 3
+    assert len(fake.stats.batch_items) == 30 and set(fake.stats.batch_items.values()) == {1}
+    assert spent < report.counts.cost <= 2.0
 
 
 def test_detach_submits_and_a_later_run_collects(tmp_path: Path, fake: FakeProvider) -> None:
@@ -225,49 +251,6 @@ def test_a_batch_refused_as_a_whole_fails_its_lines(tmp_path: Path, fake: FakePr
     assert job.run().counts["succeeded"] == 8
 
 
-def test_auto_past_the_cut_collects_live_batches_then_real_time(
-    tmp_path: Path, fake: FakeProvider
-) -> None:
-    """The run that submitted died; when it comes back the cut has passed: the live batch is
-    cancelled and collected (its finished half kept), the rest done in real time."""
-    write_records(tmp_path, 10)
-    fake.knobs.batch_seconds = 60
-    far = (datetime.now(UTC) + timedelta(hours=5)).isoformat()
-    job = llm_job(
-        tmp_path,
-        "auto",
-        fake.openai_url,
-        model={"provider": "openai"},
-        run={"deadline": far, "deadline_margin": 3600},
-    )
-    with pytest.raises(SystemExit):
-        import overnight.batch_runner as br
-
-        original = br.BatchRunner._poll
-
-        def die(self, leftover):  # the process "dies" right after submitting
-            raise SystemExit(9)
-
-        br.BatchRunner._poll = die
-        try:
-            job.run()
-        finally:
-            br.BatchRunner._poll = original
-    assert fake.stats.batch_creations == 1
-    soon = (datetime.now(UTC) + timedelta(seconds=30)).isoformat()
-    job = llm_job(
-        tmp_path,
-        "auto",
-        fake.openai_url,
-        model={"provider": "openai"},
-        run={"deadline": soon, "deadline_margin": 3600},
-    )
-    report = job.run()
-    assert report.exit_code == 0 and report.counts["succeeded"] == 10
-    assert fake.stats.batch_creations == 1  # nothing new submitted past the cut
-    assert fake.stats.requests["/v1/chat/completions"] == 5
-
-
 # -- a create whose answer is lost, and cancels that race a create ----------------------------
 
 
@@ -293,30 +276,39 @@ class LossyCreate(httpx.HTTPTransport):
         return response
 
 
-@pytest.mark.parametrize("mode", ["lost", "429"])
+@pytest.mark.parametrize("mode", ["lost", "429", "reset"])
 @pytest.mark.parametrize("provider", ["openai", "anthropic"])
 def test_a_create_is_never_retried_blindly(fake: FakeProvider, provider: str, mode: str) -> None:
     """Neither SDK makes a create idempotent: its own retry after a lost answer would create
     the batch twice and pay every line twice. The service looks for the batch first."""
     if provider == "openai":
         svc: OpenAIBatch | AnthropicBatch = OpenAIBatch(
-            api_key=KEY, base_url=fake.openai_url, max_requests=10, max_bytes=10**6
+            api_key=KEY, base_url=fake.openai_url, max_requests=10, max_bytes=10**6, timeout=1
         )
         path, endpoint, body = "/v1/batches", "/v1/chat/completions", {"model": "gpt-4o-mini"}
     else:
         svc = AnthropicBatch(
-            api_key=ANT_KEY, base_url=fake.anthropic_url, max_requests=10, max_bytes=10**6
+            api_key=ANT_KEY,
+            base_url=fake.anthropic_url,
+            max_requests=10,
+            max_bytes=10**6,
+            timeout=1,
         )
         path, endpoint = "/v1/messages/batches", "/v1/messages"
         body = {"model": "claude-3-5-haiku", "max_tokens": 8}
-    transport = LossyCreate(path, mode)
+    transport = LossyCreate(path, mode if mode != "reset" else "none")
     svc.client = svc.client.with_options(http_client=httpx.Client(transport=transport))
+    if mode == "reset":  # the provider acts, then the connection is reset: no answer at all
+        transport.left = 0
+        fake.knobs.reset_creates = 1
     body["messages"] = [{"role": "user", "content": "hi"}]
-    lines = [Line(i, f"r{i}", endpoint, body) for i in range(3)]
-    remote, _ = svc.submit(lines, "job@1.0", 1)
-    assert transport.left == 0  # the fault happened
+    tag = JobTag("job", "0123456789ab", "tok0000000")
+    lines = [Line(i, tag.custom_id(i), endpoint, body) for i in range(3)]
+    attempts: list[float] = []
+    remote, _ = svc.submit(lines, tag, 1, attempts.append)
+    assert transport.left == 0 and fake.knobs.reset_creates == 0  # the fault happened
     assert fake.stats.batch_creations == 1
-    assert dict(fake.stats.batch_items) == {"r0": 1, "r1": 1, "r2": 1}
+    assert dict(fake.stats.batch_items) == {tag.custom_id(i): 1 for i in range(3)}
     assert svc.poll(remote).counts  # the id returned is the batch that exists
 
 
@@ -330,9 +322,9 @@ def test_a_cancel_during_the_upload_cancels_that_batch_too(
     job = llm_job(tmp_path, "openai-batch", fake.openai_url, model={"max_requests_per_batch": 5})
     submit = OpenAIBatch.submit
 
-    def cancel_then_submit(self, lines, tag, chunk):
+    def cancel_then_submit(self, lines, tag, chunk, on_attempt):
         job.cancel()  # another process, while this chunk is `creating`
-        return submit(self, lines, tag, chunk)
+        return submit(self, lines, tag, chunk, on_attempt)
 
     monkeypatch.setattr(OpenAIBatch, "submit", cancel_then_submit)
     report = job.run()
@@ -391,3 +383,181 @@ def test_mixed_models_and_endpoints_make_one_file_each(tmp_path: Path, fake: Fak
     assert [r["custom_id"] for r in rows] == [f"c{i}" for i in range(12)]
     assert sorted(f.custom_id for f in job.failures()) == ["bad5", "bad9"]
     assert [b["status"] for b in report.remote_batches].count("input_error") == 1
+
+
+# -- job identity: results are accepted only for requests this job sent ----------------------
+
+
+def other_job(root: Path, fake: FakeProvider, n: int) -> overnight.Job:
+    """Another job of the same workspace: the same ids, other prompts."""
+    folder = root / "other"
+    folder.mkdir()
+    (folder / "in.jsonl").write_bytes(
+        b"".join(orjson.dumps({"id": f"r{i}", "text": f"OTHER job {i}"}) + b"\n" for i in range(n))
+    )
+    return llm_job(folder, "anthropic-batch", fake.anthropic_url)
+
+
+def assert_own_answers(job: overnight.Job, n: int) -> None:
+    rows = read_jsonl(job.output_path)
+    assert [r["id"] for r in rows] == [f"r{i}" for i in range(n)]
+    assert [r["output"] for r in rows] == [
+        f"echo: ticket {i}: the invoice is wrong" for i in range(n)
+    ]
+
+
+def item_attempts(job: overnight.Job) -> list[int]:
+    with sqlite3.connect(job.state_path) as db:
+        return [r[0] for r in db.execute("SELECT attempts FROM items ORDER BY id")]
+
+
+@pytest.mark.parametrize("case", ["lost_after_acting", "lost_other_live", "lost_other_ended"])
+def test_a_lost_create_never_takes_another_jobs_answers(
+    tmp_path: Path, fake: FakeProvider, case: str
+) -> None:
+    """Anthropic batches carry no metadata: a create whose answer was lost is looked for by
+    creation time and request count. Another job's batch of the same size in that window
+    is either told apart (ended: its first result line is not ours), or taken for ours
+    (running: nothing tells them apart) and then refused line by line at collection: its
+    answers are never written, the items go back to pending without counting an attempt and
+    are sent again. Every custom_id of the job reaches the provider once."""
+    n = 5
+    fake.knobs.batch_seconds = 3.0 if case == "lost_other_live" else 0.2
+    other = other_job(tmp_path, fake, n)
+    assert other.run(detach=True).exit_code == 0  # its batch: 5 requests, in the window
+    if case == "lost_other_ended":
+        fake.complete_batches()
+    fake.knobs.batch_seconds = 0.2
+    fake.knobs.reset_creates = 1  # our create: the connection is reset ...
+    fake.knobs.reset_after_acting = case == "lost_after_acting"  # ... after or before acting
+    write_records(tmp_path, n)
+    job = llm_job(tmp_path, "anthropic-batch", fake.anthropic_url, model={"timeout": 1.0})
+    report = job.run()
+    assert fake.stats.creates_reset == 1
+    assert report.exit_code == 0, report.to_dict()
+    assert_own_answers(job, n)
+    ours = {cid: k for cid, k in fake.stats.batch_items.items() if cid.startswith(tag_prefix(job))}
+    assert sorted(ours) == sorted(f"{tag_prefix(job)}{i}" for i in range(n))
+    assert set(ours.values()) == {1}  # each request of ours sent once
+    assert item_attempts(job) == [1] * n  # the refused batch counted no attempt
+    statuses = [b["status"] for b in report.remote_batches]
+    if case == "lost_other_live":  # taken by mistake, refused, sent again
+        assert statuses == ["not_ours", "ended"]
+        assert any("refused 5 result lines" in note for note in report.notes)
+    else:
+        assert statuses == ["ended"] and not report.notes
+    # the other job's own results are untouched
+    other_report = other.run()
+    assert other_report.exit_code == 0
+    assert [r["output"] for r in read_jsonl(other.output_path)] == [
+        f"echo: OTHER job {i}" for i in range(n)
+    ]
+
+
+def test_max_bytes_per_batch_splits_into_chunks_under_the_limit(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """`[model] max_bytes_per_batch`: each request file stays under it, planned that way
+    (no 413 and no split needed)."""
+    write_records(tmp_path, 20)
+    limit = 1500
+    job = llm_job(tmp_path, "openai-batch", fake.openai_url, model={"max_bytes_per_batch": limit})
+    report = job.run()
+    assert report.exit_code == 0 and report.counts["succeeded"] == 20
+    uploads = [f for f in fake.openai.files.values() if f.obj["purpose"] == "batch"]
+    sizes = [len(f.data) for f in uploads]
+    assert len(sizes) >= 3 and max(sizes) <= limit, sizes
+    assert sum(len(f.data.splitlines()) for f in uploads) == 20
+    assert {b["status"] for b in report.remote_batches} == {"completed"}  # none refused
+    assert set(fake.stats.batch_items.values()) == {1}
+
+
+@pytest.mark.parametrize(
+    ("backend", "status", "error"),
+    [
+        ("openai-batch", 500, "server_error"),
+        ("openai-batch", 429, "server_error"),
+        ("anthropic-batch", 500, "api_error"),
+        ("anthropic-batch", 429, "rate_limit_error"),
+        ("anthropic-batch", 529, "overloaded_error"),
+    ],
+)
+def test_transiently_failed_lines_go_into_a_new_batch_and_succeed(
+    tmp_path: Path, fake: FakeProvider, backend: str, status: int, error: str
+) -> None:
+    """Lines a batch answered with a server error or a rate limit are not the request's
+    fault: they go back to pending and into the next batch; the others are not sent again."""
+    write_records(tmp_path, 8)
+    fake.knobs.fail_batch_lines = 3
+    fake.knobs.fail_batch_status = status
+    url = fake.anthropic_url if "anthropic" in backend else fake.openai_url
+    job = llm_job(tmp_path, backend, url, run={"max_attempts": 2})
+    report = job.run()
+    assert report.exit_code == 0, (report.to_dict(), job.failures())
+    assert report.counts["succeeded"] == 8 and fake.knobs.fail_batch_lines == 0
+    assert fake.stats.batch_creations == 2
+    assert sorted(fake.stats.batch_items.values()) == [1] * 5 + [2] * 3
+    assert_own_answers(job, 8)
+    assert sorted(item_attempts(job)) == [1] * 5 + [2] * 3
+    # With one attempt allowed, the same lines fail, named by the provider's error type.
+    (tmp_path / "once").mkdir()
+    write_records(tmp_path / "once", 8)
+    fake.knobs.fail_batch_lines = 3
+    once = llm_job(tmp_path / "once", backend, url, run={"max_attempts": 1})
+    assert once.run().counts.failed == 3
+    assert {(f.error_class, "gave up after 1 batches" in f.message) for f in once.failures()} == {
+        (error, True)
+    }
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+def test_a_create_that_timed_out_is_not_sent_again_while_it_may_still_land(
+    fake: FakeProvider, provider: str
+) -> None:
+    """The provider takes 7.5 s to make the batch; the client gives up after its 5 s
+    timeout and does not see it at its first look (5.5 s). The create may land until 10 s
+    (the timeout and as long again): the service waits, looks again, finds it, and never
+    sends the create a second time."""
+    if provider == "openai":
+        svc: OpenAIBatch | AnthropicBatch = OpenAIBatch(
+            api_key=KEY, base_url=fake.openai_url, max_requests=10, max_bytes=10**6, timeout=5
+        )
+        endpoint, body = "/v1/chat/completions", {"model": "gpt-4o-mini"}
+    else:
+        svc = AnthropicBatch(
+            api_key=ANT_KEY, base_url=fake.anthropic_url, max_requests=10, max_bytes=10**6
+        )
+        svc.timeout = 5
+        endpoint, body = "/v1/messages", {"model": "claude-3-5-haiku", "max_tokens": 8}
+    body["messages"] = [{"role": "user", "content": "hi"}]
+    fake.knobs.create_delay = 7.5
+    tag = JobTag("job", "0123456789ab", "tok0000000")
+    lines = [Line(i, tag.custom_id(i), endpoint, body) for i in range(3)]
+    attempts: list[float] = []
+    started = time.time()
+    remote, _ = svc.submit(lines, tag, 1, attempts.append)
+    assert fake.stats.creates_received == 1 and fake.stats.batch_creations == 1
+    assert len(attempts) == 1 and attempts[0] >= started + 10  # the timeout, twice
+    assert svc.poll(remote).counts
+
+
+@pytest.mark.parametrize("backend", ["openai-batch", "anthropic-batch"])
+def test_a_project_moved_while_its_batches_run_still_collects_them(
+    tmp_path: Path, fake: FakeProvider, backend: str
+) -> None:
+    """The identity key follows the ledger's location; the requests of a job are known by
+    its token and their seq: moving the folder does not make its own answers foreign."""
+    before, after = tmp_path / "before", tmp_path / "after"
+    before.mkdir()
+    write_records(before, 12)
+    url = fake.anthropic_url if "anthropic" in backend else fake.openai_url
+    fake.knobs.batch_seconds = 60
+    limits = {"max_requests_per_batch": 10}
+    assert llm_job(before, backend, url, model=limits).run(detach=True).exit_code == 0
+    before.rename(after)
+    fake.complete_batches()
+    moved = llm_job(after, backend, url, model=limits)
+    report = moved.run()
+    assert report.exit_code == 0, report.to_dict()
+    assert report.counts["succeeded"] == 12 and not report.notes
+    assert fake.stats.batch_creations == 2 and set(fake.stats.batch_items.values()) == {1}

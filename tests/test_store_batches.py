@@ -10,11 +10,14 @@ The guarantees the batch runner builds on:
 
 from __future__ import annotations
 
+import re
+import sqlite3
+
 import orjson
 import pytest
-from test_store_contract import NOW, Store, lease_at, new_job, result
+from test_store_contract import FP, NOW, Store, lease_at, new_job, result
 
-from overnight.store import Ledger, Outcome
+from overnight.store import Ledger, Outcome, SQLiteLedger
 
 
 @pytest.fixture(params=["sqlite"])
@@ -108,6 +111,75 @@ def test_chunks_are_per_job_and_deleted_with_it(ledger):
     ledger.delete_job(one.id)
     assert ledger.chunks(one.id) == []
     assert len(ledger.chunks(two.id)) == 1
+
+
+def test_plan_chunk_records_no_create_sent_and_tagged_ids(ledger):
+    job = new_job(ledger, ids=IDS)
+    chunk = ledger.plan_chunk(job.id, "anthropic", [0, 1], NOW)
+    (c,) = ledger.chunks(job.id)
+    assert (c.chunk, c.create_until, c.tagged) == (chunk, 0.0, True)
+
+
+def test_set_create_until_is_recorded_before_each_create_and_seen_by_a_rerun(store, ledger):
+    job = new_job(ledger, ids=IDS)
+    chunk = ledger.plan_chunk(job.id, "openai", [0, 1], NOW)
+    ledger.set_create_until(job.id, chunk, NOW + 120)
+    assert store.open().chunks(job.id)[0].create_until == NOW + 120  # another process
+    ledger.set_create_until(job.id, chunk, NOW + 300)  # a second attempt
+    assert ledger.chunks(job.id)[0].create_until == NOW + 300
+    ledger.set_remote(job.id, chunk, "batch_1")
+    ledger.set_create_until(job.id, chunk, NOW + 900)  # live: no longer creating, unchanged
+    assert ledger.chunks(job.id)[0].create_until == NOW + 300
+
+
+# -- the job's identity ----------------------------------------------------------------------
+
+
+def test_every_job_has_its_own_random_token(store, ledger):
+    one, two = new_job(ledger, "one"), new_job(ledger, "two")
+    assert re.fullmatch(r"[a-z0-9]{10}", one.token) and one.token != two.token
+    assert store.open().get_job("one").token == one.token  # kept
+    assert one.discarded_before == 0.0
+    ledger.delete_job(one.id)  # --restart: the new job is marked differently
+    again = ledger.create_job("one", "spec-hash", FP, discarded_before=NOW)
+    assert again.token not in (one.token, two.token) and again.discarded_before == NOW
+
+
+def test_an_old_ledger_gains_tokens_and_keeps_its_chunks_untagged(tmp_path):
+    """A ledger written before tokens: its jobs get one when it is opened; the chunks it
+    already planned keep the ids they were sent with (untagged, create time unknown).
+    SQLite only (a file in the old layout), so not through the `store` fixture."""
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.executescript(
+        """
+        CREATE TABLE jobs (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE,
+            spec_hash TEXT NOT NULL, fp_size INTEGER NOT NULL, fp_mtime_ns INTEGER NOT NULL,
+            fp_digest TEXT NOT NULL, ingest_records INTEGER NOT NULL DEFAULT 0,
+            ingest_line INTEGER NOT NULL DEFAULT 1, ingest_offset INTEGER NOT NULL DEFAULT 0,
+            ingest_done INTEGER NOT NULL DEFAULT 0, cancelled INTEGER NOT NULL DEFAULT 0,
+            created_at REAL NOT NULL);
+        CREATE TABLE remote_batches (job_id INTEGER NOT NULL, chunk INTEGER NOT NULL,
+            provider TEXT NOT NULL, status TEXT NOT NULL, remote_id TEXT,
+            input_file_id TEXT, remote_status TEXT, requests INTEGER NOT NULL, counts TEXT,
+            planned_at REAL NOT NULL, ended_at REAL, PRIMARY KEY (job_id, chunk));
+        INSERT INTO jobs (name, spec_hash, fp_size, fp_mtime_ns, fp_digest, created_at)
+            VALUES ('a', 'h', 1, 1, 'd', 5.0), ('b', 'h', 1, 1, 'd', 6.0);
+        INSERT INTO remote_batches (job_id, chunk, provider, status, requests, planned_at)
+            VALUES (1, 1, 'openai', 'creating', 3, 7.0);
+        """
+    )
+    db.close()
+    opened = [SQLiteLedger(path), SQLiteLedger(path)]  # twice: migrated once
+    a, b = opened[1].get_job("a"), opened[0].get_job("b")
+    assert re.fullmatch(r"[a-z0-9]{10}", a.token) and a.token != b.token
+    assert opened[0].get_job("a").token == a.token
+    (c,) = opened[1].chunks(a.id)
+    assert (c.status, c.create_until, c.tagged) == ("creating", None, False)
+    new = opened[1].plan_chunk(b.id, "openai", [], NOW)
+    assert opened[1].chunks(b.id)[0].chunk == new and opened[1].chunks(b.id)[0].tagged
+    for ledger in opened:
+        ledger.close()
 
 
 # -- the remote side -----------------------------------------------------------------------

@@ -714,6 +714,7 @@ def test_a_new_generation_keeps_unchanged_results_and_replaces_the_job(ledger):
     fp2 = Fingerprint(size=1, mtime_ns=2, digest="e" * 32)
     new = ledger.begin_generation(old, fp2)
     assert new.id != old.id and new.name != "job" and new.spec_hash == "spec"
+    assert (new.token, new.created_at) == (old.token, old.created_at)  # the same job
     assert ledger.get_job("job").id == old.id  # the job is untouched until the swap
     # c changed, a moved after b, e is new, d is gone
     rows2 = [row(1, "b", n=2), row(2, "a", n=1), row(3, "c", n=30), row(4, "e", n=5)]

@@ -1,9 +1,11 @@
 """The batch loop for provider batch APIs: adopt, submit, poll, collect — until nothing is open.
 
 1. Adopt: a chunk recorded as `creating` has no remote id (the process died between planning
-   it and recording the id). Look for its batch on the provider; found → record it; not
-   found → create it now. Its items were marked `submitted` when it was planned, so they can
-   never be in two chunks: an item is never submitted again while a batch holding it lives.
+   it and recording the id). No create was ever sent for it → create it now. Otherwise look
+   for its batch on the provider; found → record it; not found → wait until the last create
+   sent for it can no longer land (recorded before the call), look again, and only then
+   create it. Its items were marked `submitted` when it was planned, so they can never be in
+   two chunks: an item is never submitted again while a batch holding it lives.
 2. Submit: pending items, in input order, become chunks of at most `max_requests` lines and
    `max_bytes` bytes, one endpoint (and, on OpenAI, one model) per chunk; a 413 splits a
    chunk in two. Stops at `max_cost`, Ctrl-C, a deadline or a cancel.
@@ -11,11 +13,19 @@
 4. Collect an ended chunk: every result line → parse, validate, cost at the batch price →
    one transaction. Expired, cancelled and transiently errored lines go back to pending for a
    new batch (up to `max_attempts`); finished results of an expired batch are kept. An OpenAI
-   batch that fails validation as a whole fails the lines it names, the rest go back.
+   batch that fails validation as a whole fails the lines it names, the rest go back. A line
+   whose custom_id is not one this job sent in that batch is never written (a warning, and
+   counted); a batch with no line of ours (taken for the chunk by mistake) sends the chunk's
+   items back to pending without counting an attempt.
+
+Before any of this, `earlier_batches` looks at the provider for batches of earlier runs of
+the job that the ledger does not know (the ledger was deleted or replaced): the job module
+refuses to run over them, and `--restart` cancels them (`cancel_earlier`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -27,11 +37,25 @@ import orjson
 from . import results
 from .errors import InvalidOutput, redact
 from .estimate import ASSUMED_OUTPUT_TOKENS
-from .llm.batch import TRANSIENT_ERRORS, BatchService, Line, Result, TooLarge, _crash, _retryable
+from .llm.batch import (
+    LOOKBACK,
+    TRANSIENT_ERRORS,
+    BatchService,
+    JobTag,
+    Line,
+    Result,
+    Tagged,
+    TooLarge,
+    _crash,
+    _retryable,
+    request_key,
+)
 from .llm.requests import Answer, LLMTask, answer_from_body
 from .llm.tokens import count_request_tokens
 from .runner import Meter, Progress, Usage, Validator
-from .store import Item, JobInfo, Ledger, Outcome
+from .store import Item, JobInfo, Ledger, Outcome, RemoteBatch
+
+log = logging.getLogger(__name__)
 
 
 def _input_error_class(exc: Exception) -> str:
@@ -47,6 +71,7 @@ class BatchRunner:
         task: LLMTask,
         service: BatchService,
         *,
+        tag: JobTag,
         max_attempts: int,
         meter: Meter,
         validate: Validator | None = None,
@@ -66,9 +91,10 @@ class BatchRunner:
         self.stop = stop or threading.Event()
         self.max_cost = max_cost
         self.poll_interval, self.poll_max = poll_interval, poll_max
-        # Identifies this job's batches on the provider (a --restart makes a new job).
-        self.tag = f"{job.name}@{job.created_at:.6f}"
+        self.tag = tag  # this job's mark on every request and batch
         self.created = 0  # remote batches this runner created
+        self.foreign_lines = 0  # result lines refused: not requests of this job's chunk
+        self.notes: list[str] = []  # for the run's report
         # A batch's cost is known only when it ends, so max_cost is held against what is
         # spent plus an upper estimate of the live batches (prompt tokens + max_tokens).
         self.live_estimate: dict[int, float] = {}
@@ -157,31 +183,70 @@ class BatchRunner:
         return True
 
     def _adopt(self) -> None:
-        for c in self.ledger.chunks(self.job.id):
-            if c.remote_id and hasattr(self.service, "claimed"):
-                self.service.claimed.add(c.remote_id)  # type: ignore[attr-defined]
+        chunks = self.ledger.chunks(self.job.id)
+        for c in chunks:
+            if c.remote_id:
+                self._claim(c.remote_id)
             if c.status == "live" and self.max_cost is not None:
                 items = self.ledger.chunk_items(self.job.id, c.chunk)
-                lines = [self._line(it) for it in items]
+                lines = [self._line(it, c.tagged) for it in items]
                 self.live_estimate[c.chunk] = self._estimate(lines)
-        for c in self.ledger.chunks(self.job.id, ("creating",)):
-            remote = self.service.find_orphan(self.tag, c.chunk, c.requests, c.planned_at)
-            if remote is not None:
-                self.ledger.set_remote(self.job.id, c.chunk, remote)
-                if hasattr(self.service, "claimed"):  # never adopted for a second chunk
-                    self.service.claimed.add(remote)  # type: ignore[attr-defined]
+        waiting: list[RemoteBatch] = []
+        for c in chunks:
+            if c.status != "creating":
                 continue
-            items = self.ledger.chunk_items(self.job.id, c.chunk)
-            self._create(c.chunk, [self._line(it) for it in items])
+            if c.create_until == 0:  # no create was ever sent for it: nothing to look for
+                self._create(c.chunk, self._chunk_lines(c))
+            elif not self._found(c):
+                waiting.append(c)
+        if not waiting:
+            return
+        until = max(c.create_until or 0.0 for c in waiting)
+        if until > time.time():
+            log.info(
+                "chunks %s: a create sent by an earlier run may still land for %.0fs; waiting"
+                " before looking again",
+                [c.chunk for c in waiting],
+                until - time.time(),
+            )
+            if self.stop.wait(until - time.time()):
+                return  # Ctrl-C: the chunks stay `creating`, a rerun goes on
+        for c in waiting:
+            if not self._found(c):
+                self._create(c.chunk, self._chunk_lines(c))
 
-    def _line(self, it: Item) -> Line:
+    def _claim(self, remote_id: str) -> None:
+        if hasattr(self.service, "claimed"):  # never adopted for a second chunk
+            self.service.claimed.add(remote_id)  # type: ignore[attr-defined]
+
+    def _chunk_lines(self, c: RemoteBatch) -> list[Line]:
+        return [self._line(it, c.tagged) for it in self.ledger.chunk_items(self.job.id, c.chunk)]
+
+    def _orphan(self, c: RemoteBatch) -> str | None:
+        """The provider batch a `creating` chunk's lost create made, if it can be seen
+        (create_until None: a chunk from before it was recorded, no upper bound)."""
+        ids = {request_key(ln.remote_id) for ln in self._chunk_lines(c)}
+        return self.service.find_orphan(self.tag, c.chunk, ids, c.planned_at, c.create_until)
+
+    def _found(self, c: RemoteBatch) -> bool:
+        remote = self._orphan(c)
+        if remote is None:
+            return False
+        self.ledger.set_remote(self.job.id, c.chunk, remote)
+        self._claim(remote)
+        return True
+
+    def _remote_id(self, it: Item, tagged: bool = True) -> str:
+        if tagged:
+            return self.tag.custom_id(it.seq)
+        return self.service.legacy_remote_id(it.seq, it.custom_id)
+
+    def _line(self, it: Item, tagged: bool = True) -> Line:
         if it.follow_up is not None:  # a repair: the conversation so far + the error
             req = orjson.loads(it.follow_up)
-            return Line(
-                it.seq, self.service.remote_id(it.seq, it.custom_id), req["endpoint"], req["body"]
-            )
+            return Line(it.seq, self._remote_id(it, tagged), req["endpoint"], req["body"])
         req = self.task.build(orjson.loads(it.payload))
-        return Line(it.seq, self.service.remote_id(it.seq, it.custom_id), req.endpoint, req.body)
+        return Line(it.seq, self._remote_id(it, tagged), req.endpoint, req.body)
 
     # Items of another endpoint or (OpenAI) model than a chunk's first wait for a later
     # chunk; after this many of them the chunk is closed, so a mixed input is not rescanned
@@ -259,8 +324,11 @@ class BatchRunner:
         return made
 
     def _create(self, chunk: int, lines: list[Line]) -> None:
+        def before(until: float) -> None:  # committed before the call is sent
+            self.ledger.set_create_until(self.job.id, chunk, until)
+
         try:
-            remote, file_id = self.service.submit(lines, self.tag, chunk)
+            remote, file_id = self.service.submit(lines, self.tag, chunk, before)
         except Exception as exc:
             status = getattr(exc, "status_code", None)
             if isinstance(exc, TooLarge) or status is None or status in (408, 409, 429):
@@ -310,8 +378,7 @@ class BatchRunner:
         if os.environ.get("OVERNIGHT_TEST_CRASH_AT") == "after_create":
             _crash()
         self.ledger.set_remote(self.job.id, chunk, remote, file_id)
-        if hasattr(self.service, "claimed"):
-            self.service.claimed.add(remote)  # type: ignore[attr-defined]
+        self._claim(remote)
 
     def _fail_inputs(self, bad: list[tuple[int, Exception]]) -> None:
         """Records that cannot become a request: failed, through one local chunk."""
@@ -346,13 +413,15 @@ class BatchRunner:
             if os.environ.get("OVERNIGHT_TEST_CRASH_AT") == "while_polling":
                 _crash()
             if poll.ended:
-                self._collect(c.chunk, c.remote_id, poll, leftover)
+                self._collect(c, poll, leftover)
                 collected += 1
         return collected
 
-    def _collect(self, chunk: int, remote_id: str, poll: Any, leftover: str) -> None:
+    def _collect(self, c: RemoteBatch, poll: Any, leftover: str) -> None:
+        chunk, remote_id = c.chunk, c.remote_id
+        assert remote_id is not None
         items = self.ledger.chunk_items(self.job.id, chunk)
-        by_remote = {self.service.remote_id(it.seq, it.custom_id): it for it in items}
+        by_remote = {request_key(self._remote_id(it, c.tagged)): it for it in items}
         outcomes: list[Outcome] = []
         if poll.errors:  # the whole batch failed validation: name each line it names
             for err in poll.errors:
@@ -369,13 +438,19 @@ class BatchRunner:
                         )
                     )
         else:
+            refused: list[str] = []
             for result in self.service.results(remote_id):
-                it = by_remote.get(result.remote_id)
-                if it is not None:
-                    o = self._outcome(it, result)
-                    if o.state == "pending" and leftover == "cancelled":
-                        o = o._replace(state="cancelled")  # type: ignore[arg-type]
-                    outcomes.append(o)
+                # Only this job's requests of this chunk, each once (see request_key).
+                it = by_remote.pop(request_key(result.remote_id), None)
+                if it is None:
+                    refused.append(result.remote_id)
+                    continue
+                o = self._outcome(it, result)
+                if o.state == "pending" and leftover == "cancelled":
+                    o = o._replace(state="cancelled")  # type: ignore[arg-type]
+                outcomes.append(o)
+            if refused and self._refuse(c, refused, outcomes, leftover):
+                return
         failed_at = leftover == "pending"
         # A whole-batch failure naming no line (empty_file, too_many_tasks…): say what it was.
         why = "".join(f": {e.get('message')}" for e in poll.errors[:1])
@@ -400,6 +475,38 @@ class BatchRunner:
             remote_status=poll.status,
         )
         self._count(outcomes)
+
+    def _refuse(
+        self, c: RemoteBatch, refused: list[str], outcomes: list[Outcome], leftover: str
+    ) -> bool:
+        """Result lines that are not requests of this chunk: never written. With no line of
+        ours at all, the batch is not this chunk's (taken for it by mistake): its items go
+        back to pending (or cancelled), no attempt counted; True then."""
+        self.foreign_lines += len(refused)
+        log.warning(
+            "batch %s (chunk %d): %d result lines are not requests of this job's chunk"
+            " (first: %r); they are not written",
+            c.remote_id,
+            c.chunk,
+            len(refused),
+            refused[0],
+        )
+        self.notes.append(
+            f"refused {len(refused)} result lines of provider batch {c.remote_id} that were"
+            " not this job's requests"
+        )
+        if outcomes:
+            return False
+        self.ledger.finish_chunk(
+            self.job.id,
+            c.chunk,
+            [],
+            time.time(),
+            leftover="cancelled" if leftover == "cancelled" else "pending",
+            remote_status="not_ours",
+            count_attempt=False,
+        )
+        return True
 
     def _outcome(self, it: Item, result: Result) -> Outcome:
         seq, attempts = it.seq, it.attempts
@@ -452,6 +559,54 @@ class BatchRunner:
             self.service.cancel(c.remote_id)
         return len(live)
 
+    def live_remote_ids(self) -> set[str]:
+        """The provider batches this job may have running: the live chunks, and the batch
+        of each `creating` chunk whose create was sent (after waiting until that create can
+        no longer land, so that it is not missed)."""
+        ids = {c.remote_id for c in self.ledger.chunks(self.job.id, ("live",)) if c.remote_id}
+        creating = [
+            c for c in self.ledger.chunks(self.job.id, ("creating",)) if c.create_until != 0
+        ]
+        until = max((c.create_until or 0.0 for c in creating), default=0.0)
+        if until > time.time():
+            log.info("waiting %.0fs for a create that may still land", until - time.time())
+            self.stop.wait(until - time.time())
+        for c in creating:
+            remote = self._orphan(c)
+            if remote is not None:
+                ids.add(remote)
+        return ids
+
     def _count(self, outcomes: list[Outcome]) -> None:
         self.progress.count(outcomes)
         self.on_progress(self.progress)
+
+
+# -- batches of earlier runs of the job, as the provider sees them ---------------------------
+
+
+def earlier_batches(service: BatchService, key: str, job: JobInfo | None) -> list[Tagged]:
+    """Batches carrying the job's identity key that the ledger cannot know: made with another
+    token (an earlier run of the job whose ledger entry is gone) after the job's
+    `discarded_before`. OpenAI: by metadata, live or ended; Anthropic: ended ones only."""
+    found = service.tagged(key, time.time() - LOOKBACK)
+    token = job.token if job is not None else None
+    cutoff = job.discarded_before if job is not None else 0.0
+    return [t for t in found if t.token != token and t.created_at >= cutoff]
+
+
+def cancel_earlier(service: BatchService, key: str, known: set[str]) -> int:
+    """`--restart`: cancel `known` (the job's live batches, from its ledger entry) and every
+    live batch the provider shows with the job's key. Returns how many were cancelled."""
+    ids = set(known)
+    ids.update(t.remote_id for t in service.tagged(key, time.time() - LOOKBACK) if t.live)
+    cancelled = 0
+    for remote_id in sorted(ids):
+        try:
+            cancelled += service.cancel(remote_id)
+        except Exception as exc:
+            status = getattr(exc, "status_code", None)
+            if status is None or status >= 500 or status in (408, 429):
+                raise
+            # ended or already cancelling (a 4xx): nothing to stop
+    return cancelled

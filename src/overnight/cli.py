@@ -240,8 +240,6 @@ def _graceful_stop() -> Iterator[threading.Event]:
 
 def _print_report(r: Report) -> None:
     c = r.counts
-    for note in r.notes:
-        out.print(Text(note), soft_wrap=True)
     table = Table(title=Text(f"job {r.job}"), show_header=False, box=None)
     table.add_row("items", str(c.total))
     table.add_row("succeeded", f"[green]{c['succeeded']}")
@@ -286,6 +284,8 @@ def _print_report(r: Report) -> None:
             Text.from_markup(f"deadline {d.get('deadline')}: {held}; ")
             + Text(str(d.get("summary", "")))
         )
+    for note in r.notes:
+        out.print(Text(note), soft_wrap=True)
     if r.detached:
         out.print("batches submitted: run the same command again to collect their results.")
     if r.stop_reason:

@@ -95,7 +95,7 @@ class Report:
     deadline: dict[str, Any] | None = None  # backend = "auto": did the deadline hold
     llm: bool = False  # tokens and cost are worth showing
     detached: bool = False  # batches submitted, not waited for: `run` again collects
-    notes: tuple[str, ...] = ()  # what the run did besides processing (an incremental rerun)
+    notes: tuple[str, ...] = ()  # what the run did besides processing (--restart, incremental)
     activity: Activity | None = None  # `status`: runner, finished or not, throughput, ETA
 
     @property
@@ -625,6 +625,56 @@ class Job:
                 notes=tuple(outcome.notes),
             )
 
+    # -- the provider's record of a batch job ---------------------------------------------
+
+    def _uses_batches(self) -> bool:
+        backend = self.spec.model.backend
+        return backend.endswith("-batch") or backend == "auto"
+
+    @property
+    def identity_key(self) -> str:
+        """This job's mark at the provider, the same for every run of it in this ledger
+        location (see llm/batch.py): how a run finds the batches of earlier runs."""
+        from .llm.batch import identity_key
+
+        return identity_key(str(self.state_path.resolve()), self.name)
+
+    def _tag(self, job: JobInfo) -> Any:
+        from .llm.batch import JobTag
+
+        return JobTag(job.name, self.identity_key, job.token, f"{job.name}@{job.created_at:.6f}")
+
+    def _refuse_earlier_batches(self, job: JobInfo | None) -> None:
+        """Exit 2, before anything is submitted, when the provider holds batches of an
+        earlier run of this job that the ledger does not know."""
+        from .batch_runner import earlier_batches
+
+        found = earlier_batches(self._batch_service(), self.identity_key, job)
+        if not found:
+            return
+        live = sum(t.live for t in found)
+        rows = "\n".join(f"  {t.remote_id}  {t.status}  {t.requests} requests" for t in found[:20])
+        more = f"\n  … and {len(found) - 20} more" if len(found) > 20 else ""
+        raise UsageError(
+            f"job {self.name!r}: the provider holds {len(found)} batches of an earlier run of"
+            f" this job ({live} still running) that the ledger {self.state_path} does not know"
+            f" (was it deleted or replaced?):\n{rows}{more}\nRunning it now would send their"
+            " requests again and pay for them twice. Put the ledger back if you have it; or run"
+            " with --restart to cancel the running ones and start over (what they finished is"
+            " not used)."
+        )
+
+    def _cancel_earlier_batches(self, ledger: Ledger, job: JobInfo | None) -> list[str]:
+        """`--restart`: cancel the job's live provider batches (from its ledger entry, and
+        any the provider shows with its identity) before its entry is deleted."""
+        from .batch_runner import cancel_earlier
+
+        known: set[str] = set()
+        if job is not None:
+            known = self._batch_runner(ledger, job, Progress(), None, None).live_remote_ids()
+        n = cancel_earlier(self._batch_service(), self.identity_key, known)
+        return [f"cancelled {n} live provider batches of the previous run"] if n else []
+
     # -- the three ways to run --------------------------------------------------------
 
     def _reader(self, chunk: int) -> Callable[[sources.Cursor], Iterator[list[sources.Row]]]:
@@ -696,6 +746,8 @@ class Job:
             base_url=self.spec.model.base_url,
             max_requests=requests,
             max_bytes=size,
+            timeout=self.spec.model.timeout,
+            tmp_dir=self.state_path.parent / "tmp",
         )
 
     def _batch_runner(
@@ -713,6 +765,7 @@ class Job:
             job,
             self.task,  # type: ignore[arg-type]
             self._batch_service(),
+            tag=self._tag(job),
             max_attempts=self.spec.run.max_attempts,
             meter=llm_job.meter(self.spec, self.prices, batch=True),
             validate=self.validator,
@@ -759,7 +812,10 @@ class Job:
         if fresh is None:
             return
         runner = self._batch_runner(ledger, fresh, progress, on_progress, stop)
-        runner.run(detach=outcome.detached)
+        try:
+            runner.run(detach=outcome.detached)
+        finally:
+            outcome.notes += runner.notes
         outcome.cancelled = ledger.is_cancelled(job.id)
 
     def _run_auto(
@@ -783,7 +839,10 @@ class Job:
         switched = False
         # Past the cut already (say the machine was off): this only adopts, cancels and
         # collects the live batches, submitting nothing new.
-        batch.run(until=cut)
+        try:
+            batch.run(until=cut)
+        finally:
+            outcome.notes += batch.notes
         if stop is not None and stop.is_set():
             return
         counts = ledger.counts(job.id)
@@ -834,12 +893,27 @@ class Job:
     ) -> JobInfo | None:
         """The job's ledger entry: created, resumed, or (input changed) reconciled."""
         job = ledger.get_job(self.name)
+        discarded_before = 0.0
+        if self._uses_batches():
+            # The provider is a second record of what was sent: look there before anything
+            # is read or submitted.
+            if restart:
+                from .llm.batch import SKEW
+
+                notes += self._cancel_earlier_batches(ledger, job)
+                # Batches of earlier runs, made before now (by the provider's clock, which
+                # may run ahead of ours), are theirs: later runs do not refuse.
+                discarded_before = time.time() + SKEW
+            else:
+                self._refuse_earlier_batches(job)
         if job is not None and restart:
             ledger.delete_job(job.id)
             job = None
         fingerprint = self._fingerprint()
         if job is None:
-            return ledger.create_job(self.name, spec_hash, fingerprint)
+            return ledger.create_job(
+                self.name, spec_hash, fingerprint, discarded_before=discarded_before
+            )
         if spec_hash != job.spec_hash:
             raise InputChangedError(
                 f"the [task] or [model] of job {self.name!r} (or its examples) changed since it "
@@ -1047,6 +1121,7 @@ class Job:
                     job,
                     self.task,  # type: ignore[arg-type]
                     self._batch_service(),
+                    tag=self._tag(job),
                     max_attempts=self.spec.run.max_attempts,
                     meter=llm_job.meter(self.spec, self.prices, batch=True),
                 )

@@ -71,6 +71,12 @@ class JobInfo:
     cursor: Cursor  # where ingest resumes
     ingest_done: bool
     created_at: float
+    # Batch backends: this job's mark on every provider request (custom_ids, metadata),
+    # random, made with the job (a --restart makes a new job, so a new token).
+    token: str = ""
+    # Provider batches carrying this job's identity key and another token, created before
+    # this time, belong to earlier runs that a --restart discarded (0: none discarded).
+    discarded_before: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -127,6 +133,12 @@ class RemoteBatch:
     counts: dict[str, int]
     planned_at: float
     ended_at: float | None
+    # Until when a create call for this chunk may still land at the provider: 0 while no
+    # create was sent; None for a chunk recorded before overnight kept this (unknown).
+    create_until: float | None = 0.0
+    # The chunk's custom_ids carry the job's token (False: a chunk from before tokens,
+    # sent with the old ids: the user's own, or `ovn_<seq>` on Anthropic).
+    tagged: bool = True
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -205,7 +217,9 @@ class Ledger(Protocol):
     # jobs
     def get_job(self, name: str) -> JobInfo | None: ...
     def list_jobs(self) -> list[JobInfo]: ...
-    def create_job(self, name: str, spec_hash: str, fingerprint: Fingerprint) -> JobInfo: ...
+    def create_job(
+        self, name: str, spec_hash: str, fingerprint: Fingerprint, discarded_before: float = 0.0
+    ) -> JobInfo: ...
     def delete_job(self, job_id: int) -> None: ...
     def set_fingerprint(self, job_id: int, fingerprint: Fingerprint) -> None: ...
 
@@ -251,6 +265,7 @@ class Ledger(Protocol):
     # remote batches (provider batch APIs): see SQLiteLedger's section for the guarantees
     def pending_page(self, job_id: int, after_seq: int, limit: int, now: float) -> list[Item]: ...
     def plan_chunk(self, job_id: int, provider: str, seqs: list[int], now: float) -> int: ...
+    def set_create_until(self, job_id: int, chunk: int, until: float) -> None: ...
     def set_remote(
         self, job_id: int, chunk: int, remote_id: str, input_file_id: str | None = None
     ) -> None: ...

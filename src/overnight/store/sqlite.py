@@ -10,7 +10,9 @@ because most items go from ingest straight to a lease and never sit in the queue
 from __future__ import annotations
 
 import os
+import secrets
 import sqlite3
+import string
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -50,7 +52,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     ingest_offset  INTEGER NOT NULL DEFAULT 0,
     ingest_done    INTEGER NOT NULL DEFAULT 0,
     cancelled      INTEGER NOT NULL DEFAULT 0,
-    created_at     REAL NOT NULL
+    created_at     REAL NOT NULL,
+    token          TEXT,                       -- the job's mark on provider requests
+    discarded_before REAL NOT NULL DEFAULT 0   -- see JobInfo.discarded_before
 );
 CREATE TABLE IF NOT EXISTS items (
     id            INTEGER PRIMARY KEY,          -- job_id << 40 | seq
@@ -89,6 +93,8 @@ CREATE TABLE IF NOT EXISTS remote_batches (
     counts        TEXT,
     planned_at    REAL NOT NULL,
     ended_at      REAL,
+    create_until  REAL,                        -- a create may land until then (0: none sent)
+    tagged        INTEGER NOT NULL DEFAULT 0,  -- custom_ids carry the job's token
     PRIMARY KEY (job_id, chunk)
 );
 CREATE TABLE IF NOT EXISTS claims (
@@ -119,6 +125,19 @@ CREATE TABLE IF NOT EXISTS rejects (
     PRIMARY KEY (job_id, seq)
 );
 """
+
+
+_COLUMNS_ADDED = {
+    "jobs": (("token", "TEXT"), ("discarded_before", "REAL NOT NULL DEFAULT 0")),
+    "remote_batches": (("create_until", "REAL"), ("tagged", "INTEGER NOT NULL DEFAULT 0")),
+}
+TOKEN_LENGTH = 10
+_TOKEN_ALPHABET = string.ascii_lowercase + string.digits
+
+
+def new_token() -> str:
+    """A job's random token: 10 of [a-z0-9], about 52 bits."""
+    return "".join(secrets.choice(_TOKEN_ALPHABET) for _ in range(TOKEN_LENGTH))
 
 
 _ITEM_COLUMNS_ADDED = (
@@ -231,18 +250,35 @@ class SQLiteLedger:
         self._db.execute("PRAGMA journal_size_limit=67108864")
         self._db.execute("PRAGMA temp_store=MEMORY")
         self._db.executescript(SCHEMA)
-        self._migrate()
         # The file this connection writes to. A ledger deleted or replaced under a running job
         # would take every later commit with it, silently: each transaction checks first.
         self._inode = os.stat(path).st_ino
+        self._migrate()
 
     def _migrate(self) -> None:
         """Ledgers written by an older overnight gain the columns added since (cheap: SQLite
-        adds a nullable column without rewriting the table)."""
-        have = {r[1] for r in self._db.execute("PRAGMA table_info(items)")}
-        for column, kind in _ITEM_COLUMNS_ADDED:
-            if column not in have:
-                self._db.execute(f"ALTER TABLE items ADD COLUMN {column} {kind}")
+        adds a column without rewriting the table); their jobs get a token. In one
+        transaction, so two processes opening an old ledger at once do not both alter it."""
+        added = {"items": _ITEM_COLUMNS_ADDED, **_COLUMNS_ADDED}
+        if not self._needs_migration(added):
+            return  # the usual case: no write lock taken
+        with self._tx() as db:
+            for table, columns in added.items():
+                have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+                for column, kind in columns:
+                    if column not in have:
+                        db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+            untokened = [r[0] for r in db.execute("SELECT id FROM jobs WHERE token IS NULL")]
+            db.executemany(
+                "UPDATE jobs SET token = ? WHERE id = ?", [(new_token(), i) for i in untokened]
+            )
+
+    def _needs_migration(self, added: dict[str, tuple[tuple[str, str], ...]]) -> bool:
+        for table, columns in added.items():
+            have = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
+            if any(column not in have for column, _ in columns):
+                return True
+        return bool(self._db.execute("SELECT 1 FROM jobs WHERE token IS NULL LIMIT 1").fetchone())
 
     def _check_file(self) -> None:
         try:
@@ -356,7 +392,8 @@ class SQLiteLedger:
     def get_job(self, name: str) -> JobInfo | None:
         row = self._db.execute(
             "SELECT id, name, spec_hash, fp_size, fp_mtime_ns, fp_digest, ingest_records,"
-            " ingest_line, ingest_offset, ingest_done, created_at FROM jobs WHERE name = ?",
+            " ingest_line, ingest_offset, ingest_done, created_at, token, discarded_before"
+            " FROM jobs WHERE name = ?",
             (name,),
         ).fetchone()
         if row is None:
@@ -369,15 +406,20 @@ class SQLiteLedger:
             cursor=Cursor(row[6], row[7], row[8]),
             ingest_done=bool(row[9]),
             created_at=row[10],
+            token=row[11],
+            discarded_before=row[12],
         )
 
-    def create_job(self, name: str, spec_hash: str, fingerprint: Fingerprint) -> JobInfo:
+    def create_job(
+        self, name: str, spec_hash: str, fingerprint: Fingerprint, discarded_before: float = 0.0
+    ) -> JobInfo:
         with self._tx() as db:
             # ON CONFLICT: two processes creating one job at once get the same row, not an
             # IntegrityError (the claim keeps them apart before this in `run`).
             db.execute(
-                "INSERT INTO jobs (name, spec_hash, fp_size, fp_mtime_ns, fp_digest, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO NOTHING",
+                "INSERT INTO jobs (name, spec_hash, fp_size, fp_mtime_ns, fp_digest, created_at,"
+                " token, discarded_before) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (name) DO NOTHING",
                 (
                     name,
                     spec_hash,
@@ -385,6 +427,8 @@ class SQLiteLedger:
                     fingerprint.mtime_ns,
                     fingerprint.digest,
                     time.time(),
+                    new_token(),
+                    discarded_before,
                 ),
             )
         job = self.get_job(name)
@@ -428,8 +472,9 @@ class SQLiteLedger:
             self.delete_job(stale.id)
         with self._tx() as db:
             db.execute(
-                "INSERT INTO jobs (name, spec_hash, fp_size, fp_mtime_ns, fp_digest, created_at)"
-                " SELECT ?, spec_hash, ?, ?, ?, created_at FROM jobs WHERE id = ?",
+                "INSERT INTO jobs (name, spec_hash, fp_size, fp_mtime_ns, fp_digest, created_at,"
+                " token, discarded_before) SELECT ?, spec_hash, ?, ?, ?, created_at, token,"
+                " discarded_before FROM jobs WHERE id = ?",
                 (hidden, fingerprint.size, fingerprint.mtime_ns, fingerprint.digest, job.id),
             )
         new = self.get_job(hidden)
@@ -872,10 +917,21 @@ class SQLiteLedger:
             )
             db.execute(
                 "INSERT INTO remote_batches (job_id, chunk, provider, status, requests,"
-                " planned_at) VALUES (?, ?, ?, 'creating', ?, ?)",
+                " planned_at, create_until, tagged) VALUES (?, ?, ?, 'creating', ?, ?, 0, 1)",
                 (job_id, chunk, provider, len(seqs), now),
             )
         return chunk
+
+    def set_create_until(self, job_id: int, chunk: int, until: float) -> None:
+        """Recorded before each create call of a `creating` chunk: until when that call
+        could still make a batch at the provider (a rerun waits that long before it creates
+        the chunk again)."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE remote_batches SET create_until = ? WHERE job_id = ? AND chunk = ?"
+                " AND status = 'creating'",
+                (until, job_id, chunk),
+            )
 
     def set_remote(
         self, job_id: int, chunk: int, remote_id: str, input_file_id: str | None = None
@@ -900,7 +956,8 @@ class SQLiteLedger:
     def chunks(self, job_id: int, statuses: tuple[str, ...] | None = None) -> list[RemoteBatch]:
         sql = (
             "SELECT chunk, provider, status, remote_id, input_file_id, remote_status, requests,"
-            " counts, planned_at, ended_at FROM remote_batches WHERE job_id = ?"
+            " counts, planned_at, ended_at, create_until, tagged FROM remote_batches"
+            " WHERE job_id = ?"
         )
         args: tuple = (job_id,)
         if statuses:
@@ -918,6 +975,8 @@ class SQLiteLedger:
                 orjson.loads(r[7]) if r[7] else {},
                 r[8],
                 r[9],
+                r[10],
+                bool(r[11]),
             )
             for r in self._db.execute(sql + " ORDER BY chunk", args)
         ]

@@ -14,6 +14,7 @@ the results.
 
 from __future__ import annotations
 
+import asyncio
 import random
 import re
 import time
@@ -33,6 +34,7 @@ from overnight.testing.fake_state import (
     limit_param,
     list_page,
     rfc3339,
+    take_batch_failure,
 )
 
 CUSTOM_ID = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
@@ -56,6 +58,7 @@ class AnthropicBatches:
         self.batches: dict[str, _AnthropicBatch] = {}
 
     async def create(self, request: Request) -> Response:
+        self.o.stats.bump("creates_received")
         raw = await request.body()
         limit = min(self.o.knobs.max_batch_bytes or MAX_BYTES, MAX_BYTES)
         if len(raw) > limit:
@@ -80,6 +83,12 @@ class AnthropicBatches:
             if not isinstance(r.get("params"), dict):
                 raise ProviderError(400, f"requests.{i}.params: Field required")
             seen.add(cid)
+        # Shielded: a client that goes away during create_delay does not stop the batch.
+        return await asyncio.shield(asyncio.ensure_future(self._create(reqs)))
+
+    async def _create(self, reqs: list[dict[str, Any]]) -> Response:
+        if self.o.knobs.create_delay:
+            await asyncio.sleep(self.o.knobs.create_delay)
         now = time.time()
         with self.o.lock:
             bid = self.o.ids.new("msgbatch_")
@@ -134,6 +143,9 @@ class AnthropicBatches:
                 st, body = answer_message(
                     r["params"], invalid_rate=self.o.knobs.invalid_json_rate, ids=self.o.ids
                 )
+                failure = take_batch_failure(self.o)
+                if failure is not None:
+                    st, body = failure, ProviderError(failure, "injected").body("anthropic")
                 ok = st == 200
                 result = (
                     {"type": "succeeded", "message": body}

@@ -15,6 +15,7 @@ ones that never ran (response null, error.code).
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from overnight.testing.fake_state import (
     jsonl,
     limit_param,
     list_page,
+    take_batch_failure,
 )
 
 FINISHED = ("completed", "failed", "expired", "cancelled")
@@ -105,6 +107,9 @@ class OpenAIBatches:
         return f
 
     async def upload(self, request: Request) -> Response:
+        self.o.stats.bump("uploads_received")
+        if self.o.knobs.upload_delay:
+            await asyncio.sleep(self.o.knobs.upload_delay)
         form = await request.form(max_part_size=1 << 31)
         upload, purpose = form.get("file"), form.get("purpose")
         if not isinstance(upload, UploadFile) or not isinstance(purpose, str) or not purpose:
@@ -168,7 +173,14 @@ class OpenAIBatches:
     # -- batches ----------------------------------------------------------------------------
 
     async def create_batch(self, request: Request) -> Response:
+        self.o.stats.bump("creates_received")
         body = await json_body(request)
+        # Shielded: a client that goes away during create_delay does not stop the batch.
+        return await asyncio.shield(asyncio.ensure_future(self._create_batch(body)))
+
+    async def _create_batch(self, body: dict[str, Any]) -> Response:
+        if self.o.knobs.create_delay:
+            await asyncio.sleep(self.o.knobs.create_delay)
         for key in ("input_file_id", "endpoint", "completion_window"):
             if not body.get(key):
                 raise ProviderError(
@@ -342,6 +354,10 @@ class OpenAIBatches:
         )
 
     def _answer(self, endpoint: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        failure = take_batch_failure(self.o)
+        if failure is not None:
+            kind = {429: "rate_limit_exceeded"}.get(failure, "server_error")
+            return failure, ProviderError(failure, "injected", type=kind).body("openai")
         if endpoint == "/v1/chat/completions":
             return answer_chat(body, invalid_rate=self.o.knobs.invalid_json_rate, ids=self.o.ids)
         if endpoint == "/v1/embeddings":

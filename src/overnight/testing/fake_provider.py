@@ -295,8 +295,26 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+_CREATES = (b"POST /v1/batches ", b"POST /v1/batches?", b"POST /v1/messages/batches ")
+_CREATES += (b"POST /v1/messages/batches?",)
+
+
+class _AnswerLost:
+    """A transport that resets the connection instead of writing the answer."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+
+    def write(self, data: bytes) -> None:
+        self._transport.abort()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 def _refusing(fake: FakeProvider) -> type[asyncio.Protocol]:
-    """uvicorn's HTTP protocol, resetting connections while `refuse_connections` is set."""
+    """uvicorn's HTTP protocol, resetting connections while `refuse_connections` is set, and
+    the batch creates that `reset_creates` picks."""
 
     class Refusing(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -310,7 +328,22 @@ def _refusing(fake: FakeProvider) -> type[asyncio.Protocol]:
                 fake.stats.bump("connections_refused")
                 self.transport.abort()
                 return
+            if data.startswith(_CREATES) and self._reset_this_create():
+                if not fake.knobs.reset_after_acting:
+                    self.transport.abort()
+                    return
+                # The request goes through (the request cycle takes the transport from
+                # here); its answer resets the connection instead.
+                self.transport = _AnswerLost(self.transport)
             super().data_received(data)
+
+        def _reset_this_create(self) -> bool:
+            with fake.lock:
+                if fake.knobs.reset_creates <= 0:
+                    return False
+                fake.knobs.reset_creates -= 1
+            fake.stats.bump("creates_reset")
+            return True
 
     return Refusing
 

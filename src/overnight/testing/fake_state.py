@@ -26,7 +26,7 @@ class Knobs:
 
     "Real-time" requests are chat completions, embeddings and Anthropic messages; the files,
     batches and message-batches endpoints only see `require_key`, the batch knobs and
-    `refuse_connections`."""
+    `refuse_connections`. "Batch creates" are POST /v1/batches and POST /v1/messages/batches."""
 
     latency: float = 0.0  # seconds added to each real-time request (asyncio.sleep)
     rpm_limit: int | None = None  # real-time requests per sliding minute; over it → 429
@@ -49,6 +49,19 @@ class Knobs:
     fail_validation: bool = False  # the next OpenAI batch fails validation (line 1), once
     max_batch_bytes: int | None = None  # Anthropic create body / OpenAI upload over → 413
     max_batch_requests: int | None = None  # more requests in one batch → 400 at create
+    # The next N batch creates get no answer: their connection is reset, after the batch was
+    # created (`reset_after_acting`, an answer lost on the way back) or before it reached
+    # the handler (nothing created). The SDKs raise APIConnectionError.
+    reset_creates: int = 0
+    reset_after_acting: bool = True
+    # Every batch create takes this long before its batch exists; the batch is created when
+    # the delay ends even if the client has gone (killed, timed out) in the meantime.
+    create_delay: float = 0.0
+    upload_delay: float = 0.0  # every OpenAI file upload hangs this long before it is read
+    # The next N batch lines that run fail with this HTTP status (500: OpenAI server_error,
+    # Anthropic api_error; 429: rate limit; 529: Anthropic overloaded_error).
+    fail_batch_lines: int = 0
+    fail_batch_status: int = 500
     require_key: str | None = None  # requests without this exact key get 401
 
 
@@ -60,6 +73,9 @@ class Stats:
     requests: collections.Counter[str] = field(default_factory=collections.Counter)  # by path
     status_counts: collections.Counter[int] = field(default_factory=collections.Counter)
     batch_creations: int = 0  # OpenAI and Anthropic batches created
+    creates_received: int = 0  # batch creates that reached a handler (before create_delay)
+    creates_reset: int = 0  # batch creates whose connection reset_creates reset
+    uploads_received: int = 0  # OpenAI file uploads that reached the handler
     batch_items: collections.Counter[str] = field(default_factory=collections.Counter)
     files_uploaded: int = 0
     bytes_uploaded: int = 0
@@ -196,6 +212,15 @@ def list_page(items: list[dict[str, Any]], has_more: bool, openai: bool) -> JSON
         "last_id": items[-1]["id"] if items else None,
     }
     return JSONResponse({"object": "list", **body} if openai else body)
+
+
+def take_batch_failure(owner: Owner) -> int | None:
+    """The status a batch line fails with under `fail_batch_lines`, or None (under lock)."""
+    k = owner.knobs
+    if k.fail_batch_lines <= 0:
+        return None
+    k.fail_batch_lines -= 1
+    return k.fail_batch_status
 
 
 def jsonl(records: list[dict[str, Any]]) -> bytes:
