@@ -33,13 +33,22 @@ def provider(spec: JobSpec) -> str:
 
 
 def api_key(spec: JobSpec) -> str:
-    """The key from the environment: never from the job file, never stored anywhere."""
+    """The key from the environment: never from the job file, never stored anywhere.
+
+    Whitespace around it goes (a key read from a file keeps its newline, which no HTTP header
+    may hold); a key with whitespace, control or non-ASCII characters inside is refused,
+    naming the variable, never the value."""
     env = spec.model.api_key_env or DEFAULT_KEY_ENV[provider(spec)]
-    key = os.environ.get(env, "")
+    key = os.environ.get(env, "").strip()
     if not key:
         raise UsageError(
             f"[model] backend = {spec.model.backend!r} needs an API key in the environment "
             f"variable {env} (set it, or name another variable with [model] api_key_env)"
+        )
+    if not (key.isascii() and key.isprintable()) or " " in key:
+        raise UsageError(
+            f"the API key in the environment variable {env} holds whitespace, control or "
+            "non-ASCII characters (no HTTP header may carry them): set it to the key alone"
         )
     return key
 
