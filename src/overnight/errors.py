@@ -11,6 +11,9 @@ class OvernightError(Exception):
     """Base class of every error overnight raises on purpose."""
 
     exit_code = 1
+    # Tries made for the item before this error, by a backend that retries on its own (the
+    # real-time LLM predictor); the ledger adds it to the item's `attempts`.
+    attempts = 1
 
 
 class UsageError(OvernightError):

@@ -125,8 +125,8 @@ def price_table(spec: JobSpec, base_dir: Path) -> PriceTable:
 
 
 def meter(spec: JobSpec, prices: PriceTable, *, batch: bool) -> Meter:
-    """Answer -> usage and cost. A cached answer costs nothing now; its list cost still
-    counts, so the report shows what the cache saved."""
+    """Answer -> usage, cost and the requests it took (its attempts). A cached answer costs
+    nothing now; its list cost still counts, so the report shows what the cache saved."""
     default_model = spec.model.name or ""
 
     def measure(answer: Answer) -> Usage:
@@ -134,8 +134,9 @@ def meter(spec: JobSpec, prices: PriceTable, *, batch: bool) -> Meter:
         tin, tout = answer.input_tokens, answer.output_tokens
         list_cost = prices.cost(model, tin, tout, batch=False)
         if answer.cached:
-            return Usage(tin, tout, 0.0, list_cost)
-        return Usage(tin, tout, prices.cost(model, tin, tout, batch=batch), list_cost)
+            return Usage(tin, tout, 0.0, list_cost, answer.attempts)
+        cost = prices.cost(model, tin, tout, batch=batch)
+        return Usage(tin, tout, cost, list_cost, answer.attempts)
 
     return measure
 

@@ -30,6 +30,7 @@ from .errors import (
     EndpointDown,
     InputError,
     InvalidOutput,
+    OvernightError,
     UsageError,
     error_class,
     is_transient,
@@ -49,6 +50,7 @@ class Usage(NamedTuple):
     output_tokens: int = 0
     cost: float | None = None  # USD actually paid (None: price unknown)
     list_cost: float | None = None  # the same tokens at the real-time price
+    attempts: int = 1  # requests the answer took (a backend that retries counts its own)
 
 
 Meter = Callable[[Any], Usage]  # an answer -> what it cost
@@ -396,7 +398,7 @@ class Runner:
                 pass
             else:
                 return [
-                    _tuple(Outcome, (w[0], "succeeded", r, None, None, 0.0, 0, 0, None, None))
+                    _tuple(Outcome, (w[0], "succeeded", r, None, None, 0.0, 0, 0, None, None, 1))
                     for w, r in zip(works, results, strict=True)
                 ]
         return [self._finish(w, answer) for w, answer in zip(works, answers, strict=True)]
@@ -419,8 +421,9 @@ class Runner:
         return Outcome(w.seq, "succeeded", result, None, None, 0.0, *usage)
 
     def _error(self, w: Work, exc: BaseException, usage: Usage | None = None) -> Outcome:
-        usage = usage or Usage()
-        attempts = w.attempts + 1
+        # The tries this error stands for: 1, or what a backend that retries on its own counted.
+        usage = usage or Usage(attempts=exc.attempts if isinstance(exc, OvernightError) else 1)
+        attempts = w.attempts + usage.attempts
         cls, msg = error_class(exc), redact(str(exc) or error_class(exc))
         if isinstance(exc, InvalidOutput):  # the model answered, wrongly: not a failure to retry
             return Outcome(w.seq, "invalid", None, cls, msg, 0.0, *usage)

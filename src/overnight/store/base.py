@@ -75,6 +75,9 @@ class Outcome(NamedTuple):
     output_tokens: int = 0
     cost: float | None = None
     list_cost: float | None = None
+    # Tries this outcome stands for, added to the item's `attempts`: 1, or what a backend that
+    # retries on its own counted (the real-time LLM predictor: requests sent; 0: a cache hit).
+    attempts: int = 1
 
 
 @dataclass(frozen=True)

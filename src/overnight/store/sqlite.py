@@ -243,7 +243,7 @@ class SQLiteLedger:
         else:
             now = time.time()
         if now is not None and all(
-            o[1] == "succeeded" and not o[6] and o[8] is None for o in outcomes
+            o[1] == "succeeded" and not o[6] and o[8] is None and o[10] == 1 for o in outcomes
         ):
             # The common case, and the per-record cost of ingest: bind only what varies.
             sql = (
@@ -269,7 +269,7 @@ class SQLiteLedger:
                     r[0],
                     r[2],
                     o[1],
-                    0 if now is None else 1,
+                    0 if now is None else o[10],
                     o[5],
                     o[3],
                     o[4],
@@ -360,12 +360,13 @@ class SQLiteLedger:
         """Commit results and errors; only for items this owner still holds (no double write)."""
         base = job_id << SEQ_BITS
         done = [
-            (o.state, o.result, o.error_class, o.message, now, *_usage(o), base + o.seq, owner)
+            (o.state, o.result, o.error_class, o.message, now, *_usage(o), o.attempts)
+            + (base + o.seq, owner)
             for o in outcomes
             if o.state != "pending"
         ]
         again = [
-            (o.error_class, o.message, o.not_before, *_usage(o), base + o.seq, owner)
+            (o.error_class, o.message, o.not_before, *_usage(o), o.attempts, base + o.seq, owner)
             for o in outcomes
             if o.state == "pending"
         ]
@@ -374,7 +375,7 @@ class SQLiteLedger:
             if done:
                 db.executemany(
                     "UPDATE items SET state = ?, result = ?, error_class = ?, message = ?,"
-                    " finished_at = ?, " + _ADD_USAGE + ", attempts = attempts + 1,"
+                    " finished_at = ?, " + _ADD_USAGE + ", attempts = attempts + ?,"
                     " lease_owner = NULL, lease_expires = NULL"
                     " WHERE id = ? AND state = 'leased' AND lease_owner = ?",
                     done,
@@ -382,7 +383,7 @@ class SQLiteLedger:
             if again:
                 db.executemany(
                     "UPDATE items SET state = 'pending', error_class = ?, message = ?,"
-                    " not_before = ?, " + _ADD_USAGE + ", attempts = attempts + 1,"
+                    " not_before = ?, " + _ADD_USAGE + ", attempts = attempts + ?,"
                     " lease_owner = NULL, lease_expires = NULL"
                     " WHERE id = ? AND state = 'leased' AND lease_owner = ?",
                     again,
