@@ -188,14 +188,15 @@ def request_windows(times: list[float], amounts: list[int], seconds: float) -> i
 def test_rpm_is_held_at_the_server(tmp_path: Path, fake: FakeProvider) -> None:
     """rpm 600: 10 a second, a second's worth (10) at once at most. Measured where it
     matters, at the server: 40 requests take at least 3 s, and no second holds more than
-    10 + 10 (a burst, then the rate)."""
+    10 + 10 (a burst, then the rate), give or take 0.5 s of transport jitter (the first
+    burst opens 10 connections and may land late, beside the requests sent after it)."""
     write_records(tmp_path, 40)
     job = llm_job(tmp_path, "openai", fake.openai_url, model={"concurrency": 16, "rpm": 600})
     assert job.run().exit_code == 0
     times = [s.arrived for s in fake.stats.realtime]
     assert len(times) == 40
     assert max(times) - min(times) >= 3.0 - 0.5  # (40 - 10) / 10 s; 0.5 s for jitter
-    assert request_windows(times, [1] * 40, 1.0) <= 10 + 10 + 1
+    assert request_windows(times, [1] * 40, 1.0) <= 10 + 10 + 5  # unlimited: 40
 
 
 def test_tpm_is_held_at_the_server(tmp_path: Path, fake: FakeProvider) -> None:
