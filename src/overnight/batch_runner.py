@@ -52,7 +52,7 @@ from .llm.batch import (
 )
 from .llm.requests import Answer, LLMTask, answer_from_body
 from .llm.tokens import count_request_tokens
-from .runner import Meter, Progress, Usage, Validator
+from .runner import Meter, Progress, Validator, outcome
 from .store import Item, JobInfo, Ledger, Outcome, RemoteBatch
 
 log = logging.getLogger(__name__)
@@ -520,21 +520,21 @@ class BatchRunner:
                     ask = self.task.build(orjson.loads(it.payload))
                     follow = self.task.repair(ask, answer, exc.reason)
                     body = orjson.dumps({"endpoint": follow.endpoint, "body": follow.body})
-                    return Outcome(seq, "pending", body, "repair", redact(exc.reason), 0.0, *usage)
-                return Outcome(
-                    seq, "invalid", None, exc.error_class, redact(exc.reason), 0.0, *usage
+                    return outcome(seq, "pending", body, "repair", redact(exc.reason), usage=usage)
+                return outcome(
+                    seq, "invalid", None, exc.error_class, redact(exc.reason), usage=usage
                 )
             result_json, vector = results.encode(fields, self.task.kind == "embed")
             if self.validate is not None:
                 reason = self.validate(fields["output"])
                 if reason is not None:
-                    return Outcome(seq, "invalid", None, "schema_error", reason, 0.0, *usage)
-            return Outcome(seq, "succeeded", result_json, None, None, 0.0, *usage, vector)
+                    return outcome(seq, "invalid", None, "schema_error", reason, usage=usage)
+            return outcome(seq, "succeeded", result_json, usage=usage, vector=vector)
         message = redact(result.message or result.kind)
         cls = result.error_type or result.kind
         transient = result.kind in ("expired", "cancelled") or cls in TRANSIENT_ERRORS
         if transient and attempts + 1 < self.max_attempts:
-            return Outcome(seq, "pending", None, cls, message, 0.0, *Usage())
+            return outcome(seq, "pending", None, cls, message)
         if transient:
             message = f"{message} (gave up after {attempts + 1} batches)"
         return Outcome(seq, "failed", None, cls, message)

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import functools
+import json
+import urllib.parse
+
 
 class OvernightError(Exception):
     """Base class of every error overnight raises on purpose."""
 
     exit_code = 1
+    # Tries made for the item before this error, by a backend that retries on its own (the
+    # real-time LLM predictor); the ledger adds it to the item's `attempts`.
+    attempts = 1
 
 
 class UsageError(OvernightError):
@@ -58,15 +65,41 @@ class EndpointDown(OvernightError):
     exit_code = 3
 
 
-def redact(text: str) -> str:
-    """Remove secret values found in the environment from a message before it is stored,
-    logged or printed: keys must never reach the ledger, the errors file or a traceback."""
+def redact(text: str, *secrets: str) -> str:
+    """Remove secret values from a message before it is stored, logged or printed: the values
+    of environment variables whose names look secret (`*_API_KEY`, `*_TOKEN`, ...) and
+    `secrets`, in every form a message may hold them (see `secret_forms`). Keys must never
+    reach the ledger, the errors file, the output or a traceback."""
     import os
 
-    for name, value in os.environ.items():
-        if len(value) >= 8 and name.endswith(_SECRET_SUFFIXES) and value in text:
-            text = text.replace(value, "***")
+    values = [v for name, v in os.environ.items() if name.endswith(_SECRET_SUFFIXES)]
+    for value in (*secrets, *values):
+        for form in secret_forms(value):
+            if form in text:
+                text = text.replace(form, "***")
     return text
+
+
+@functools.lru_cache(maxsize=256)
+def secret_forms(secret: str) -> tuple[str, ...]:
+    """The ways a secret can be written into a message, longest first (a longer form is
+    replaced before a part of it): as is and stripped of the whitespace around it (a key read
+    from a file keeps its newline), each escaped as repr and JSON write it (a newline as the two
+    characters `\\n`), quoted, and URL-encoded. Forms under 8 characters are left alone: they
+    would blank out ordinary words."""
+    forms: set[str] = set()
+    for value in (secret, secret.strip()):
+        forms.update(
+            (
+                value,
+                repr(value)[1:-1],  # quoted forms hold these: no need to list them too
+                ascii(value)[1:-1],
+                json.dumps(value)[1:-1],
+                urllib.parse.quote(value, safe=""),
+                urllib.parse.quote_plus(value),
+            )
+        )
+    return tuple(sorted((f for f in forms if len(f) >= 8), key=len, reverse=True))
 
 
 _SECRET_SUFFIXES = ("_API_KEY", "_TOKEN", "_SECRET", "_KEY")

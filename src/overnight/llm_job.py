@@ -33,13 +33,22 @@ def provider(spec: JobSpec) -> str:
 
 
 def api_key(spec: JobSpec) -> str:
-    """The key from the environment: never from the job file, never stored anywhere."""
+    """The key from the environment: never from the job file, never stored anywhere.
+
+    Whitespace around it goes (a key read from a file keeps its newline, which no HTTP header
+    may hold); a key with whitespace, control or non-ASCII characters inside is refused,
+    naming the variable, never the value."""
     env = spec.model.api_key_env or DEFAULT_KEY_ENV[provider(spec)]
-    key = os.environ.get(env, "")
+    key = os.environ.get(env, "").strip()
     if not key:
         raise UsageError(
             f"[model] backend = {spec.model.backend!r} needs an API key in the environment "
             f"variable {env} (set it, or name another variable with [model] api_key_env)"
+        )
+    if not (key.isascii() and key.isprintable()) or " " in key:
+        raise UsageError(
+            f"the API key in the environment variable {env} holds whitespace, control or "
+            "non-ASCII characters (no HTTP header may carry them): set it to the key alone"
         )
     return key
 
@@ -117,8 +126,8 @@ def price_table(spec: JobSpec, base_dir: Path) -> PriceTable:
 
 
 def meter(spec: JobSpec, prices: PriceTable, *, batch: bool) -> Meter:
-    """Answer -> usage and cost. A cached answer costs nothing now; its list cost still
-    counts, so the report shows what the cache saved."""
+    """Answer -> usage, cost and the requests it took (its attempts). A cached answer costs
+    nothing now; its list cost still counts, so the report shows what the cache saved."""
     default_model = spec.model.name or ""
 
     def measure(answer: Answer) -> Usage:
@@ -126,8 +135,9 @@ def meter(spec: JobSpec, prices: PriceTable, *, batch: bool) -> Meter:
         tin, tout = answer.input_tokens, answer.output_tokens
         list_cost = prices.cost(model, tin, tout, batch=False)
         if answer.cached:
-            return Usage(tin, tout, 0.0, list_cost)
-        return Usage(tin, tout, prices.cost(model, tin, tout, batch=batch), list_cost)
+            return Usage(tin, tout, 0.0, list_cost, answer.attempts)
+        cost = prices.cost(model, tin, tout, batch=batch)
+        return Usage(tin, tout, cost, list_cost, answer.attempts)
 
     return measure
 

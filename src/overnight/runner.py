@@ -31,6 +31,7 @@ from .errors import (
     EndpointDown,
     InputError,
     InvalidOutput,
+    OvernightError,
     UsageError,
     error_class,
     is_transient,
@@ -50,9 +51,37 @@ class Usage(NamedTuple):
     output_tokens: int = 0
     cost: float | None = None  # USD actually paid (None: price unknown)
     list_cost: float | None = None  # the same tokens at the real-time price
+    attempts: int = 1  # requests the answer took (a backend that retries counts its own)
 
 
 Meter = Callable[[Any], Usage]  # an answer -> what it cost
+
+
+def outcome(
+    seq: int,
+    state: str,
+    result: bytes | None = None,
+    error_class: str | None = None,
+    message: str | None = None,
+    not_before: float = 0.0,
+    usage: Usage = Usage(),  # noqa: B008 - an immutable NamedTuple
+    vector: bytes | None = None,
+) -> Outcome:
+    """An Outcome with what its answer cost, by name (the tuple's order is the ledger's)."""
+    return Outcome(
+        seq,
+        state,  # type: ignore[arg-type]
+        result,
+        error_class,
+        message,
+        not_before,
+        usage.input_tokens,
+        usage.output_tokens,
+        usage.cost,
+        usage.list_cost,
+        vector,
+        usage.attempts,
+    )
 
 
 @dataclass
@@ -398,7 +427,9 @@ class Runner:
                 pass
             else:
                 return [
-                    _tuple(Outcome, (w[0], "succeeded", r, None, None, 0.0, 0, 0, None, None, None))
+                    _tuple(
+                        Outcome, (w[0], "succeeded", r, None, None, 0.0, 0, 0, None, None, None, 1)
+                    )
                     for w, r in zip(works, results, strict=True)
                 ]
         return [self._finish(w, answer) for w, answer in zip(works, answers, strict=True)]
@@ -411,7 +442,7 @@ class Runner:
             fields = self.task.parse(answer)
             result, vector = results.encode(fields, self.vectors)
         except orjson.JSONEncodeError as exc:
-            return Outcome(w.seq, "invalid", None, "unserialisable_output", str(exc), 0.0, *usage)
+            return outcome(w.seq, "invalid", None, "unserialisable_output", str(exc), usage=usage)
         except Exception as exc:
             return self._error(w, exc, usage)
         if self.validate is not None:
@@ -420,21 +451,22 @@ class Runner:
                 plain = results.decode(result, vector)["output"].tolist()
             reason = self.validate(plain)
             if reason is not None:
-                return Outcome(w.seq, "invalid", None, "schema_error", reason, 0.0, *usage)
-        return Outcome(w.seq, "succeeded", result, None, None, 0.0, *usage, vector)
+                return outcome(w.seq, "invalid", None, "schema_error", reason, usage=usage)
+        return outcome(w.seq, "succeeded", result, usage=usage, vector=vector)
 
     def _error(self, w: Work, exc: BaseException, usage: Usage | None = None) -> Outcome:
-        usage = usage or Usage()
-        attempts = w.attempts + 1
+        # The tries this error stands for: 1, or what a backend that retries on its own counted.
+        usage = usage or Usage(attempts=exc.attempts if isinstance(exc, OvernightError) else 1)
+        attempts = w.attempts + usage.attempts
         cls, msg = error_class(exc), redact(str(exc) or error_class(exc))
         if isinstance(exc, InvalidOutput):  # the model answered, wrongly: not a failure to retry
-            return Outcome(w.seq, "invalid", None, cls, msg, 0.0, *usage)
+            return outcome(w.seq, "invalid", None, cls, msg, usage=usage)
         if is_transient(exc):
             if self.backoff.can_retry(attempts):
                 due = time.time() + self.backoff.delay(attempts)
-                return Outcome(w.seq, "pending", None, cls, msg, due, *usage)
+                return outcome(w.seq, "pending", None, cls, msg, due, usage=usage)
             msg = f"{msg} (gave up after {attempts} attempts)"
-        return Outcome(w.seq, "failed", None, cls, msg, 0.0, *usage)
+        return outcome(w.seq, "failed", None, cls, msg, usage=usage)
 
     # -- bookkeeping --------------------------------------------------------------------
 

@@ -58,6 +58,7 @@ class RateLimiter:
         self.tokens = TokenBucket(tpm / 60, max(1.0, tpm / 60), clock) if tpm else None
         self.paused_until = 0.0
         self._lock = asyncio.Lock()
+        self._refunded: asyncio.Event | None = None  # set when settle() gives tokens back
 
     async def acquire(self, tokens: int = 0) -> None:
         async with self._lock:  # first come, first served: no starvation of big requests
@@ -69,11 +70,29 @@ class RateLimiter:
                     wait = max(wait, self.tokens.wait_time(tokens))
                 if wait <= 0:
                     break
-                await self._sleep(wait)
+                await self._nap(wait)
             if self.requests is not None:
                 self.requests.take(1)
             if self.tokens is not None and tokens:
                 self.tokens.take(tokens)
+
+    async def _nap(self, seconds: float) -> None:
+        """Sleep `seconds`, or less if an answer gives tokens back meanwhile: estimates are
+        high (they count `max_tokens`), and a waiter that slept its whole estimated wait would
+        hold throughput well under `tpm`."""
+        if self.tokens is None:
+            await self._sleep(seconds)
+            return
+        if self._refunded is None:  # created inside the running loop
+            self._refunded = asyncio.Event()
+        self._refunded.clear()
+        refunded = asyncio.ensure_future(self._refunded.wait())
+        slept = asyncio.ensure_future(self._sleep(seconds))
+        try:
+            await asyncio.wait({refunded, slept}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            refunded.cancel()
+            slept.cancel()
 
     def settle(self, estimate: int, actual: int) -> None:
         """Correct the token bucket by what the request really used."""
@@ -82,6 +101,8 @@ class RateLimiter:
                 self.tokens.take(actual - estimate)
             else:
                 self.tokens.give(estimate - actual)
+                if self._refunded is not None:
+                    self._refunded.set()  # the waiter looks again
 
     def penalize(self, seconds: float) -> None:
         """The server said wait (retry-after): nobody sends before then."""

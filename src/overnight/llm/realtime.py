@@ -5,12 +5,18 @@ request alone. One event loop in a background thread owns the client, the rate l
 the AIMD concurrency, so they carry over from one call to the next.
 
 Retries live here, not in the SDK (`max_retries=0`), so that every try goes through the
-limiter: 408/409/429/5xx, timeouts, connection errors and unreadable bodies are retried up to
-`max_attempts` with exponential backoff and full jitter, honouring `retry-after-ms` and
-`retry-after` (at most 120 s, as the OpenAI SDK does) and `x-should-retry`; a 429 also cuts
-concurrency and pauses every sender. What still fails comes back as a permanent error
-("gave up after N attempts"), so the runner does not multiply the tries. Other 4xx fail the
-item at once with the server's message.
+limiter, and the limiter is the last thing a request passes before it is sent: a wait the
+server asks for (`retry-after-ms`, `retry-after`; at most 120 s, as the OpenAI SDK does)
+holds back every request to the endpoint, including those that were already waiting for a
+concurrency slot. 408/409/5xx, timeouts, connection errors and unreadable bodies are failed
+attempts, retried up to `max_attempts` with `retry.Backoff` (exponential, jittered), at
+least as late as the server asked; `x-should-retry` overrides the status. A 429 is not a
+failed attempt: it halves concurrency (AIMD) and is retried for as long as the server keeps
+answering 429, up to `MAX_THROTTLED` seconds in a row for one request; then the job pauses
+(`EndpointDown`), items pending, as it does at once for OpenAI's `insufficient_quota`.
+What still fails comes back as a permanent error ("gave up after N attempts"), so the runner
+does not multiply the tries; every answer and error carries `attempts`, the requests sent
+for it, which the ledger records. Other 4xx fail the item at once with the server's message.
 
 `down_after` connection failures in a row (refused, DNS, connect timeouts; not read timeouts,
 which mean a slow server) raise `EndpointDown` from `process()`, after cancelling what is in
@@ -22,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import json
-import random
 import threading
 import time
 import urllib.parse
@@ -30,6 +35,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ..errors import EndpointDown, InvalidOutput, PermanentError, TransientError, redact
+from ..retry import Backoff
 from .cache import ResponseCache
 from .limits import AIMD, RateLimiter
 from .requests import Answer, LLMTask, Request, answer_from_body
@@ -37,6 +43,9 @@ from .tokens import count_request_tokens
 
 RETRY_STATUSES = {408, 409, 429}
 MAX_SERVER_WAIT = 120.0  # a longer retry-after is capped (the OpenAI SDK gives up instead)
+# One request answered 429 for this long in a row: the server is not going to let us in soon
+# (a daily quota, an account limit). The job pauses, items pending, rather than failing them.
+MAX_THROTTLED = 1800.0
 
 
 class APIError(PermanentError):
@@ -118,13 +127,11 @@ class RealtimePredictor:
         task: LLMTask | None = None,
         repair: bool = False,
         down_after: int = 20,
+        max_throttled: float = MAX_THROTTLED,
     ) -> None:
         self.provider, self.base_url = provider, base_url
-        self.max_attempts, self.backoff_base, self.backoff_max = (
-            max_attempts,
-            backoff_base,
-            backoff_max,
-        )
+        self.backoff = Backoff(max_attempts, backoff_base, backoff_max)
+        self.max_throttled = max_throttled
         self.cache, self.task, self.repair, self.down_after = cache, task, repair, down_after
         self.model = task.model if task is not None else ""
         self._secret = api_key
@@ -182,11 +189,8 @@ class RealtimePredictor:
 
     def _redact(self, text: str) -> str:
         """Environment secrets and this client's own key (it may not come from the
-        environment, or from a variable whose name does not look secret)."""
-        text = redact(text)
-        if len(self._secret) >= 8:
-            text = text.replace(self._secret, "***")
-        return text
+        environment, or from a variable whose name does not look secret), in every form."""
+        return redact(text, self._secret)
 
     def process(self, inputs: list[Request], batch_size: int = 0) -> list[Any]:
         if not self._loop.is_running():
@@ -225,12 +229,12 @@ class RealtimePredictor:
         paid: set[str] = set()
         for r in requests:
             if r.key in cached:
-                out.append(cached[r.key])
+                out.append(replace(cached[r.key], attempts=0))  # nothing sent for it
                 continue
             future = tasks[r.key]
             result = future.exception() or future.result()  # a bug fails its item, not all
             if isinstance(result, Answer) and r.key in paid:
-                result = replace(result, cached=True)  # sent once, paid once
+                result = replace(result, cached=True, attempts=0)  # sent once, paid once
             paid.add(r.key)
             out.append(result)
         return out
@@ -264,12 +268,15 @@ class RealtimePredictor:
         except InvalidOutput as exc:
             self.stats.repairs += 1
             second = await self._send(self.task.repair(request, answer, exc.reason), cache=False)
+            tries = answer.attempts + _attempts(second)
             if isinstance(second, BaseException):
-                return answer  # the first answer stands, and will be recorded invalid
+                # The first answer stands, and will be recorded invalid.
+                return replace(answer, attempts=tries)
             fixed = Answer(
                 second.body,
                 answer.input_tokens + second.input_tokens,
                 answer.output_tokens + second.output_tokens,
+                attempts=tries,
             )
             if self.cache is not None:  # the repaired answer is the answer to this request
                 self.cache.put(request.key, fixed.body, fixed.input_tokens, fixed.output_tokens)
@@ -278,13 +285,19 @@ class RealtimePredictor:
     async def _send(self, request: Request, cache: bool = True) -> Answer | BaseException:
         estimate = count_request_tokens(request.endpoint, request.body, self.model)
         estimate += int(request.body.get("max_tokens") or 0)
+        tries = failures = throttles = 0  # requests sent; failed attempts; 429s in a row
+        throttled_since = 0.0
         last = ""
-        for attempt in range(1, self.max_attempts + 1):
-            if self._down:
-                return TransientError(self._down)
-            await self.limiter.acquire(estimate)
-            delay: float | None = None
+        while True:
+            server_wait: float | None = None
+            throttled = False
             async with self.aimd.slot():
+                # The limiter last, right before the send: a retry-after that came back while
+                # this request waited for its slot holds it back too.
+                await self.limiter.acquire(estimate)
+                if self._down:  # it went down while this request waited
+                    return _tried(TransientError(self._down), tries)
+                tries += 1
                 self.stats.sent += 1
                 try:
                     body = await self._post(request)
@@ -293,8 +306,8 @@ class RealtimePredictor:
                 except Exception as exc:
                     verdict = self._classify(exc)
                     if isinstance(verdict, BaseException):
-                        return verdict
-                    last, delay = verdict
+                        return _tried(verdict, tries)
+                    last, server_wait, throttled = verdict
                 else:
                     self._consecutive_down = 0
                     self.stats.ok += 1
@@ -304,12 +317,31 @@ class RealtimePredictor:
                     self.limiter.settle(estimate, answer.input_tokens + answer.output_tokens)
                     if cache and self.cache is not None:
                         self.cache.put(request.key, body, answer.input_tokens, answer.output_tokens)
-                    return answer
-            if attempt < self.max_attempts:
-                self.stats.retries += 1
-                backoff = random.uniform(0, min(self.backoff_max, self.backoff_base * 2**attempt))
-                await asyncio.sleep(max(backoff, delay or 0.0))
-        return RetriesExhausted(self._redact(f"gave up after {self.max_attempts} attempts: {last}"))
+                    return replace(answer, attempts=tries)
+            if throttled:  # not a failed attempt: wait, for as long as the server says so
+                now = time.monotonic()
+                throttles += 1
+                throttled_since = throttled_since or now
+                if now - throttled_since >= self.max_throttled:
+                    self._pause(
+                        f"rate limited for {now - throttled_since:.0f} s in a row ({last}); "
+                        "the job is paused, items stay pending: run it again later"
+                    )
+                    return _tried(TransientError(self._down or last), tries)
+                wait = self.backoff.delay(throttles)
+            else:
+                throttles, throttled_since = 0, 0.0
+                failures += 1
+                if not self.backoff.can_retry(failures):
+                    break
+                wait = self.backoff.delay(failures)
+            self.stats.retries += 1
+            await asyncio.sleep(max(wait, server_wait or 0.0))
+        message = f"gave up after {tries} attempts"
+        if tries > failures:
+            message += f" ({tries - failures} answered 429, not counted toward max_attempts)"
+        message += f": {last}"
+        return _tried(RetriesExhausted(self._redact(message)), tries)
 
     async def _post(self, request: Request) -> dict[str, Any]:
         path = request.endpoint
@@ -320,52 +352,73 @@ class RealtimePredictor:
             raise ValueError(f"the answer is not a JSON object: {str(body)[:80]!r}")
         return body
 
-    def _classify(self, exc: Exception) -> tuple[str, float | None] | BaseException:
-        """(message, server-asked delay) to retry, or the exception that fails the item."""
+    def _classify(self, exc: Exception) -> tuple[str, float | None, bool] | BaseException:
+        """(message, server-asked delay, answered 429) to retry, or the exception that ends
+        the item's tries."""
         status = getattr(exc, "status_code", None)
         name = type(exc).__name__
         if status is not None:  # APIStatusError of either SDK
             self._consecutive_down = 0
             message = self._redact(getattr(exc, "message", None) or str(exc))
             headers = getattr(getattr(exc, "response", None), "headers", None)
+            should = (headers.get("x-should-retry") or "").lower() if headers is not None else ""
+            if should == "false":  # the server's word beats the status code
+                return APIError(status, message)
+            if status == 429 and getattr(exc, "code", None) == "insufficient_quota":
+                self._pause(
+                    f"HTTP 429: {message} (the account is out of credit); the job is paused,"
+                    " items stay pending: run it again once the quota is raised"
+                )
+                return TransientError(self._down or message)
             wait = _retry_after(headers)
             if wait is not None:
                 wait = min(wait, MAX_SERVER_WAIT)
-            should = (headers.get("x-should-retry") or "").lower() if headers is not None else ""
+                self.limiter.penalize(wait)  # everyone waits, not just this request
             if status == 429:
                 self.stats.throttled += 1
                 self.aimd.on_throttle()
                 self.stats.concurrency = self.aimd.limit
-                if wait is not None:
-                    self.limiter.penalize(wait)  # everyone waits, not just this request
-            if should == "false":  # the server's word beats the status code
-                return APIError(status, message)
             if should == "true" or status in RETRY_STATUSES or status >= 500:
-                return f"HTTP {status}: {message}", wait
+                return f"HTTP {status}: {message}", wait, status == 429
             return APIError(status, message)
         cause = exc.__cause__
         if name == "APITimeoutError" or isinstance(exc, TimeoutError):
             if type(cause).__name__ != "ConnectTimeout":  # a slow answer: the server is up
                 self._consecutive_down = 0
-                return "timed out", None
+                return "timed out", None, False
             return self._unreachable("connect timed out")
         if name == "APIConnectionError" or isinstance(exc, ConnectionError | OSError):
             detail = cause or exc
             return self._unreachable(f"{type(detail).__name__}: {detail}")
         if isinstance(exc, json.JSONDecodeError | ValueError):  # a proxy's HTML page, say
             self._consecutive_down = 0
-            return f"unreadable answer: {self._redact(str(exc))[:120]}", None
+            return f"unreadable answer: {self._redact(str(exc))[:120]}", None, False
         return PermanentError(self._redact(f"{name}: {exc}"))
 
-    def _unreachable(self, detail: str) -> tuple[str, None]:
+    def _unreachable(self, detail: str) -> tuple[str, None, bool]:
         """One more connection failure in a row; `down_after` of them: the endpoint is down."""
         self._consecutive_down += 1
         detail = self._redact(detail)
         if self._down is None and self._consecutive_down >= self.down_after:
             where = _safe_url(self.base_url) if self.base_url else f"the {self.provider} API"
-            self._down = (
+            self._pause(
                 f"cannot reach {where}: {detail} ({self._consecutive_down} requests in a row); "
                 "the job is paused, items stay pending: run it again to resume"
             )
+        return f"connection error: {detail}", None, False
+
+    def _pause(self, reason: str) -> None:
+        """Stop sending: what is in flight is cancelled, `process()` raises EndpointDown."""
+        if self._down is None:
+            self._down = self._redact(reason)
             self._down_event.set()
-        return f"connection error: {detail}", None
+
+
+def _tried(exc: BaseException, tries: int) -> BaseException:
+    """The error, marked with the requests sent for the item (the ledger counts them)."""
+    exc.attempts = tries  # type: ignore[attr-defined]
+    return exc
+
+
+def _attempts(result: Answer | BaseException) -> int:
+    return result.attempts if isinstance(result, Answer) else getattr(result, "attempts", 1)

@@ -57,6 +57,7 @@ class Answer:
     input_tokens: int
     output_tokens: int
     cached: bool = False  # served from the cache: costs nothing now
+    attempts: int = 1  # requests sent for it (retries and 429s included; 0: from the cache)
 
 
 def answer_from_body(provider: str, endpoint: str, body: dict[str, Any]) -> Answer:

@@ -117,6 +117,9 @@ class Outcome(NamedTuple):
     list_cost: float | None = None
     # An embedding's `output`, as float32 bytes kept beside the JSON result (results.py).
     vector: bytes | None = None
+    # Tries this outcome stands for, added to the item's `attempts`: 1, or what a backend that
+    # retries on its own counted (the real-time LLM predictor: requests sent; 0: a cache hit).
+    attempts: int = 1
 
 
 @dataclass(frozen=True)

@@ -559,23 +559,31 @@ class SQLiteLedger:
         else:
             now = time.time()
         if now is not None and all(
-            o[1] == "succeeded" and not o[6] and o[8] is None and o.vector is None for o in outcomes
+            o[1] == "succeeded"
+            and not o[6]
+            and o[8] is None
+            and o.vector is None
+            and o.attempts == 1
+            for o in outcomes
         ):
             # The common case, and the per-record cost of ingest: bind only what varies.
             sql = (
-                "INSERT OR IGNORE INTO items (id, custom_id, line, payload, result, job_id, state,"
+                "INSERT INTO items (id, custom_id, line, payload, result, job_id, state,"
                 f" attempts, started_at, finished_at) VALUES (?, ?, ?, ?, ?, {int(job_id)},"
-                f" 'succeeded', 1, {float(now)!r}, {float(now)!r})"
+                f" 'succeeded', 1, {float(now)!r}, {float(now)!r}) ON CONFLICT DO NOTHING"
             )
             params = [
                 (i, r[1], r[0], r[2], o[2]) for i, r, o in zip(ids, good, outcomes, strict=True)
             ]
         else:
             sql = (
-                "INSERT OR IGNORE INTO items (id, job_id, custom_id, line, payload, state,"
+                "INSERT INTO items (id, job_id, custom_id, line, payload, state,"
                 " attempts, not_before, error_class, message, result, started_at, finished_at,"
                 " input_tokens, output_tokens, cost, list_cost, vector)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                # Only a repeated id is skipped (see _duplicates); a NULL where a value belongs
+                # must raise, never silently drop the row (OR IGNORE would).
+                " ON CONFLICT DO NOTHING"
             )
             params = [
                 (
@@ -585,7 +593,7 @@ class SQLiteLedger:
                     r[0],
                     r[2],
                     o[1],
-                    0 if now is None else 1,
+                    0 if now is None else o.attempts,
                     o[5],
                     o[3],
                     o[4],
@@ -629,7 +637,7 @@ class SQLiteLedger:
     def _duplicates(
         db: sqlite3.Connection, job_id: int, first_seq: int, rows: list[Row], accepted: list[bool]
     ) -> list[tuple[int, int, int, str | None, str]]:
-        """Rows the INSERT OR IGNORE skipped: their id was taken by an earlier record."""
+        """Rows the INSERT skipped (ON CONFLICT): their id was taken by an earlier record."""
         base = job_id << SEQ_BITS
         out = []
         for i, r in enumerate(rows):
@@ -685,6 +693,7 @@ class SQLiteLedger:
                 o.message,
                 now,
                 *_usage(o),
+                o.attempts,
                 base + o.seq,
                 owner,
             )
@@ -692,7 +701,7 @@ class SQLiteLedger:
             if o.state != "pending"
         ]
         again = [
-            (o.error_class, o.message, o.not_before, *_usage(o), base + o.seq, owner)
+            (o.error_class, o.message, o.not_before, *_usage(o), o.attempts, base + o.seq, owner)
             for o in outcomes
             if o.state == "pending"
         ]
@@ -701,7 +710,7 @@ class SQLiteLedger:
             if done:
                 db.executemany(
                     "UPDATE items SET state = ?, result = ?, vector = ?, error_class = ?,"
-                    " message = ?, finished_at = ?, " + _ADD_USAGE + ", attempts = attempts + 1,"
+                    " message = ?, finished_at = ?, " + _ADD_USAGE + ", attempts = attempts + ?,"
                     " lease_owner = NULL, lease_expires = NULL"
                     " WHERE id = ? AND state = 'leased' AND lease_owner = ?",
                     done,
@@ -709,7 +718,7 @@ class SQLiteLedger:
             if again:
                 db.executemany(
                     "UPDATE items SET state = 'pending', error_class = ?, message = ?,"
-                    " not_before = ?, " + _ADD_USAGE + ", attempts = attempts + 1,"
+                    " not_before = ?, " + _ADD_USAGE + ", attempts = attempts + ?,"
                     " lease_owner = NULL, lease_expires = NULL"
                     " WHERE id = ? AND state = 'leased' AND lease_owner = ?",
                     again,

@@ -8,6 +8,7 @@ Tests and benchmarks point the official SDKs at it, so they exercise the real wi
         ant = anthropic.Anthropic(base_url=fake.anthropic_url, api_key="any")  # no /v1
         fake.knobs.fail_next = 2          # the live Knobs: change them at any time
         fake.stats.batch_items["r1"]      # what was seen (Stats)
+        fake.stats.realtime[0].arrived    # each real-time request: arrival, answer, status
         fake.complete_batches()           # every live batch ends at its next read
 
 Served: POST /v1/chat/completions, /v1/embeddings, /v1/messages (real time: the fault knobs
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import random
 import socket
 import threading
@@ -34,6 +36,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import orjson
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -45,9 +48,17 @@ from uvicorn.protocols.http.auto import AutoHTTPProtocol
 from overnight.testing.fake_answers import answer_chat, answer_embeddings, answer_message
 from overnight.testing.fake_anthropic import AnthropicBatches
 from overnight.testing.fake_openai import OpenAIBatches
-from overnight.testing.fake_state import Ids, Knobs, Provider, ProviderError, Stats, json_body
+from overnight.testing.fake_state import (
+    Ids,
+    Knobs,
+    Provider,
+    ProviderError,
+    Seen,
+    Stats,
+    json_body,
+)
 
-__all__ = ["FakeProvider", "Knobs", "Stats"]
+__all__ = ["FakeProvider", "Knobs", "Seen", "Stats"]
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -170,22 +181,46 @@ class FakeProvider:
     def _wrap(self, handler: Handler, provider: Provider, realtime: bool) -> Handler:
         async def endpoint(request: Request) -> Response:
             rid = self.ids.new("req_")
+            arrived = time.monotonic()
+            if realtime:
+                self.stats.bump("requests", request.url.path)
+                self._entered(1)
             try:
-                if realtime:
-                    self.stats.bump("requests", request.url.path)
                 self._auth(request)
                 response = (await self._faults()) if realtime else None
                 if response is None:
                     response = await handler(request)
             except ProviderError as exc:
                 response = JSONResponse(exc.body(provider, rid), exc.status, headers=exc.headers)
+            finally:
+                if realtime:
+                    self._entered(-1)
             response.headers["request-id" if provider == "anthropic" else "x-request-id"] = rid
             if realtime:
                 self._rate_headers(response, provider)
+                self._record(request.url.path, arrived, response)
             self.stats.bump("status_counts", response.status_code)
             return response
 
         return endpoint
+
+    def _entered(self, n: int) -> None:
+        with self.stats.lock:
+            self.stats.in_flight += n
+            self.stats.peak_in_flight = max(self.stats.peak_in_flight, self.stats.in_flight)
+
+    def _record(self, path: str, arrived: float, response: Response) -> None:
+        tokens = 0
+        if response.status_code == 200:
+            with contextlib.suppress(orjson.JSONDecodeError):
+                usage = orjson.loads(bytes(response.body)).get("usage") or {}
+                tokens = usage.get("total_tokens") or sum(
+                    int(usage.get(k) or 0)
+                    for k in ("prompt_tokens", "completion_tokens", "input_tokens", "output_tokens")
+                )
+        seen = Seen(path, arrived, time.monotonic(), response.status_code, tokens)
+        with self.stats.lock:
+            self.stats.realtime.append(seen)
 
     async def _no_route(self, request: Request, exc: HTTPException) -> Response:
         """Unknown paths and methods, in the provider's error shape (not starlette's text)."""
@@ -237,6 +272,14 @@ class FakeProvider:
             if k.throttle_next > 0:
                 k.throttle_next -= 1
                 raise self._throttled(k.throttle_seconds, "throttle_next")
+            if k.out_of_quota:  # OpenAI's words; no retry-after: waiting will not help
+                self.stats.bump("rate_limited")
+                raise ProviderError(
+                    429,
+                    "You exceeded your current quota, please check your plan and billing details.",
+                    code="insufficient_quota",
+                    type="insufficient_quota",
+                )
             fail = k.fail_next > 0 or (k.fail_rate > 0 and self._rng.random() < k.fail_rate)
             k.fail_next = max(0, k.fail_next - 1)
             hang, malformed = k.timeout_next > 0, k.malformed_next > 0
@@ -247,7 +290,9 @@ class FakeProvider:
         if k.latency:
             await asyncio.sleep(k.latency)
         if fail:
-            raise ProviderError(500, "The server had an error while processing your request.")
+            status = k.fail_status
+            message = "The server had an error while processing your request."
+            raise ProviderError(status, message if status >= 500 else f"HTTP {status} (fail_next)")
         if malformed:  # what a confused proxy sends
             return Response(b"<html>502 Bad Gateway</html>", 200, media_type="application/json")
         return None
@@ -312,9 +357,18 @@ class _AnswerLost:
         return getattr(self._transport, name)
 
 
+_REALTIME_REQUEST_LINES = (
+    b"POST /v1/chat/completions ",
+    b"POST /v1/embeddings ",
+    b"POST /v1/messages ",
+    b"POST /v1/messages?",
+)
+
+
 def _refusing(fake: FakeProvider) -> type[asyncio.Protocol]:
-    """uvicorn's HTTP protocol, resetting connections while `refuse_connections` is set, and
-    the batch creates that `reset_creates` picks."""
+    """uvicorn's HTTP protocol, resetting connections while `refuse_connections` is set, the
+    batch creates that `reset_creates` picks, and those of the next `drop_next` real-time
+    requests once they are read."""
 
     class Refusing(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -335,6 +389,16 @@ def _refusing(fake: FakeProvider) -> type[asyncio.Protocol]:
                 # The request goes through (the request cycle takes the transport from
                 # here); its answer resets the connection instead.
                 self.transport = _AnswerLost(self.transport)
+            if fake.knobs.drop_next > 0 and data.startswith(_REALTIME_REQUEST_LINES):
+                with fake.lock:
+                    drop = fake.knobs.drop_next > 0
+                    fake.knobs.drop_next -= drop
+                if drop:  # the request arrived; its answer never leaves
+                    path = data.split(b" ", 2)[1].split(b"?")[0].decode()
+                    fake.stats.bump("requests", path)
+                    fake.stats.bump("connections_dropped")
+                    self.transport.abort()
+                    return
             super().data_received(data)
 
         def _reset_this_create(self) -> bool:

@@ -32,8 +32,10 @@ class Knobs:
     rpm_limit: int | None = None  # real-time requests per sliding minute; over it → 429
     throttle_next: int = 0  # the next N real-time requests get 429 with retry-after ...
     throttle_seconds: float = 0.2  # ... of this many seconds
+    out_of_quota: bool = False  # every real-time request: 429 insufficient_quota, no retry-after
     fail_rate: float = 0.0  # fraction of real-time requests answered 500 (seeded RNG)
-    fail_next: int = 0  # the next N real-time requests get a 500
+    fail_next: int = 0  # the next N real-time requests get a 500 ...
+    fail_status: int = 500  # ... or this status (408, 409, 503, ...) instead
     timeout_next: int = 0  # the next N real-time requests hang `hang_seconds`, then answer
     hang_seconds: float = 5.0
     malformed_next: int = 0  # the next N real-time requests get 200 with a non-JSON body
@@ -42,6 +44,9 @@ class Knobs:
     # answer: the SDKs raise APIConnectionError. (A listening port that is gone, ECONNREFUSED,
     # is `fake.stop()`; `fake.start()` comes back on the same port with the same state.)
     refuse_connections: bool = False
+    # The next N real-time requests are read, then their connection is closed with no answer
+    # (an answer lost on the way: the SDKs raise APIConnectionError).
+    drop_next: int = 0
     batch_seconds: float = 0.5  # a batch runs this long, then ends
     expire_batches: bool = False  # batches end expired instead of completed ...
     expire_fraction: float = 0.5  # ... with this fraction of their requests finished
@@ -65,6 +70,18 @@ class Knobs:
     require_key: str | None = None  # requests without this exact key get 401
 
 
+@dataclass(frozen=True)
+class Seen:
+    """One real-time request as the fake saw it (times are `time.monotonic()` of the fake's
+    process: comparable with a test's own when the fake runs inside it)."""
+
+    path: str
+    arrived: float
+    answered: float  # when its answer left
+    status: int
+    tokens: int  # what its answer billed: input + output tokens (0 for an error)
+
+
 @dataclass
 class Stats:
     """What the fake saw. Counters are plain Counters (read them freely); the server updates
@@ -81,6 +98,10 @@ class Stats:
     bytes_uploaded: int = 0
     rate_limited: int = 0  # 429s sent (rpm_limit and throttle_next)
     connections_refused: int = 0  # connections reset by refuse_connections
+    connections_dropped: int = 0  # requests read, then closed unanswered (drop_next)
+    realtime: list[Seen] = field(default_factory=list)  # every answered real-time request
+    in_flight: int = 0  # real-time requests inside the fake now ...
+    peak_in_flight: int = 0  # ... and the most there were at once
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def bump(self, counter: str, key: Any = None, n: int = 1) -> None:
