@@ -169,12 +169,14 @@ class WorkerProcess:
         self.starts = 0  # children started so far (1 + restarts)
         self._proc: subprocess.Popen[bytes] | None = None
         self._conn: Connection | None = None
+        self._busy = False  # a call is in flight (interrupted while waiting: kill, not wait)
         self._start()  # loading the model counts as setup, not as processing
 
     def process(self, inputs: list[bytes], batch_size: int) -> list[Any]:
         if self._conn is None:
             self._start()
         assert self._conn is not None
+        self._busy = True
         try:
             self._conn.send_bytes(_CALL.pack(batch_size) + b"[" + b",".join(inputs) + b"]")
         except OSError:  # the child died between calls (say, killed from outside)
@@ -189,6 +191,7 @@ class WorkerProcess:
             reply = self._conn.recv_bytes()
         except (EOFError, OSError):
             raise self._crashed() from None
+        self._busy = False
         body = pickle.loads(memoryview(reply)[1:])
         if reply[:1] == _ERROR:
             raise _rebuild(body)
@@ -197,7 +200,7 @@ class WorkerProcess:
         return [r if type(r) is bytes else _rebuild(r) for r in body]
 
     def close(self) -> None:
-        self._stop(kill=False)
+        self._stop(kill=self._busy)  # a call cut short (Ctrl-C twice) is not waited for
 
     @property
     def pid(self) -> int | None:
@@ -245,6 +248,7 @@ class WorkerProcess:
         """Wait for a child that is dying anyway; its exit code (negative: a signal)."""
         proc = self._proc
         self._close_conn()
+        self._busy = False
         if proc is None:
             return 0
         try:
@@ -258,6 +262,7 @@ class WorkerProcess:
     def _stop(self, kill: bool) -> None:
         proc = self._proc
         self._close_conn()  # a child waiting for work sees the end of input and exits
+        self._busy = False
         if proc is None:
             return
         if kill:
