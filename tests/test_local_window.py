@@ -65,7 +65,8 @@ def test_over_matches_the_real_count_at_the_edge(window: TokenWindow) -> None:
 
 
 @pytest.mark.slow
-def test_a_run_warns_how_many_texts_were_cut_and_where(tmp_path: Path) -> None:
+@pytest.mark.parametrize("isolation", ["process", "none"])
+def test_a_run_warns_how_many_texts_were_cut_and_where(tmp_path: Path, isolation: str) -> None:
     pytest.importorskip("sentence_transformers")
     texts = ["short", "also short", "word " * 400, "fine", "x " * 300, "ok"]
     lines = [orjson.dumps({"id": str(i), "text": t}) for i, t in enumerate(texts)]
@@ -75,6 +76,7 @@ def test_a_run_warns_how_many_texts_were_cut_and_where(tmp_path: Path) -> None:
     (tmp_path / "job.toml").write_text(
         '[source]\npath = "in.jsonl"\nid = "id"\n[task]\nkind = "embed"\n'
         '[model]\nbackend = "local"\ndevice = "cpu"\n'
+        f'[run]\nisolation = "{isolation}"\n'
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(

@@ -220,7 +220,7 @@ def test_bad_input_lines_are_failures_not_crashes(tmp_path):
     assert errors[3]["message"] == "line 7: record has no 'id'"
 
 
-def test_wrong_number_of_outputs_is_a_permanent_failure(tmp_path):
+def test_wrong_number_of_outputs_fails_the_batch(tmp_path):
     write_jsonl(tmp_path / "in.jsonl", records(4))
     body = """
 def fn(records):
@@ -230,9 +230,10 @@ def fn(records):
     report = make_job(tmp_path, make_function(tmp_path, body), run={"batch_size": 4}).run()
     assert report.exit_code == 3
     assert report.counts.by_state == {"failed": 4}
+    assert calls(tmp_path) == [["k0", "k1", "k2", "k3"]]  # not split into single records
     errors = read_jsonl(tmp_path / "out.errors.jsonl")
-    assert {e["error_class"] for e in errors} == {"PermanentError"}
-    assert errors[0]["message"].startswith("function returned 0 outputs for 1 records")
+    assert {e["error_class"] for e in errors} == {"wrong_output_count"}
+    assert errors[0]["message"].startswith("function returned 0 outputs for 4 records")
 
 
 def test_unserialisable_output_is_invalid(tmp_path):
@@ -268,9 +269,7 @@ def fn(records):
 def test_transient_errors_are_retried_within_one_run(tmp_path):
     write_jsonl(tmp_path / "in.jsonl", records(6))
     job = make_job(tmp_path, make_function(tmp_path, TRANSIENT_ONCE), run={"batch_size": 1})
-    t0 = time.monotonic()
     report = job.run()
-    assert time.monotonic() - t0 < 10
     assert report.exit_code == 0
     assert report.counts.by_state == {"succeeded": 6}
     assert read_jsonl(tmp_path / "out.jsonl") == [

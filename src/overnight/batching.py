@@ -3,9 +3,22 @@ thrown away: every measured batch is committed) and keep the best one under a me
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import psutil
+
+
+def _rss_mb() -> float:
+    """Resident memory of this process and its children: the worker process that holds the
+    model or runs the function (`[run] isolation = "process"`) is where a batch's memory
+    goes, not the runner."""
+    me = psutil.Process()
+    total = me.memory_info().rss
+    for child in me.children(recursive=True):
+        with contextlib.suppress(psutil.Error):  # it ended in between
+            total += child.memory_info().rss
+    return total / 2**20
 
 
 @dataclass
@@ -56,7 +69,7 @@ class BatchSizer:
             return
         rate = self._items / self._seconds
         self.trials.append((self.size, rate))
-        rss_mb = psutil.Process().memory_info().rss / 2**20
+        rss_mb = _rss_mb()
         if rate > self.best_rate * 1.03:
             self.best, self.best_rate, self._misses = self.size, rate, 0
         else:

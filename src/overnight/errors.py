@@ -57,6 +57,33 @@ class InvalidOutput(PermanentError):
         self.answer = answer
 
 
+class OutputCountError(PermanentError):
+    """A function returned a different number of outputs than it was given records.
+
+    The fault is the batch's, not one record's: the runner fails the whole batch with it
+    instead of splitting the batch (each half alone might "succeed" with wrong outputs)."""
+
+    error_class = "wrong_output_count"
+
+
+class WorkerCrashed(TransientError):
+    """The worker process running user code or the local model died during a call (a signal
+    such as SIGSEGV or the OOM killer's SIGKILL, or an exit). Retried like a transient error;
+    the runner splits the batch until the record that kills it is alone."""
+
+    error_class = "worker_crashed"
+
+
+class WorkerTimeout(TransientError):
+    """A call to the worker process ran past `[run] timeout`; the worker was killed."""
+
+    error_class = "worker_timeout"
+
+
+class WorkerStartError(OvernightError):
+    """The worker process could not load the function or the model at all."""
+
+
 class EndpointDown(OvernightError):
     """The endpoint fails every request (connection refused, DNS, ...): pause the job.
 

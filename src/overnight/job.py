@@ -469,20 +469,39 @@ class Job:
             extra = hashlib.blake2b(self._path(self.spec.task.examples).read_bytes()).digest()
         return semantic_hash(self.spec, extra)
 
-    def _predictor(self) -> Predictor:
-        model = self.spec.model
+    def _recipe(self) -> Any:
+        """The predictor as plain data: a worker process builds it from this on its own."""
+        from .worker import Recipe
+
+        model, task = self.spec.model, self.spec.task
+        labels = task.label_descriptions() if task.kind == "classify" else {}
+        shape = (task.kind, task.text, list(labels))
         if model.backend == "python":
-            from .backends.python import PythonFunction, load_function
+            kwargs = {"function": model.function or "", "base_dir": str(self.base_dir)}
+            return Recipe("overnight.backends.python:build", kwargs, shape)
+        texts, ys = self.examples if task.examples else (None, None)
+        kwargs = {
+            "name": model.name or "all-MiniLM-L6-v2",
+            "device": model.device,
+            "kind": task.kind,
+            "labels": labels,
+            "example_texts": texts,
+            "example_labels": ys,
+        }
+        return Recipe(
+            "overnight.backends.sentence:build", kwargs, shape, window_model=kwargs["name"]
+        )
 
-            return PythonFunction(load_function(model.function or "", self.base_dir))
-        from .backends.local import LocalModel
-        from .backends.sentence import LocalClassify, LocalEmbed, build_head
+    def _predictor(self) -> Predictor:
+        """The python function or the local model: in a supervised worker process (the
+        default; see worker.py), or in this process with `[run] isolation = "none"`."""
+        recipe = self._recipe()
+        if self.spec.isolation == "none":
+            return recipe.build()  # type: ignore[no-any-return]
+        from .worker import DEFAULT_TIMEOUT, WorkerProcess
 
-        lm = LocalModel(model.name or "all-MiniLM-L6-v2", device=model.device)
-        if self.spec.task.kind == "embed":
-            return LocalEmbed(lm)
-        texts, labels = self.examples if self.spec.task.examples else (None, None)
-        return LocalClassify(lm, build_head(lm, self.spec.task.label_descriptions(), texts, labels))
+        timeout = self.spec.run.timeout or DEFAULT_TIMEOUT
+        return WorkerProcess(recipe, self._predictor_class(), timeout)  # type: ignore[return-value]
 
     def _predictor_class(self) -> type:
         """The predictor's class, for its batching hints, without loading any model."""
@@ -709,11 +728,17 @@ class Job:
         task = self.task
         if self.spec.model.backend == "local":  # texts over the model's window: warn
             task = TruncationWatch(task, TokenWindow(self.spec.model.name or "all-MiniLM-L6-v2"))
+        made: list[Predictor] = []  # an isolated local model counts truncations in its worker
+
+        def predictor() -> Predictor:
+            made.append(self._realtime_predictor() if llm else self._predictor())
+            return made[-1]
+
         runner = Runner(
             ledger,
             job,
             task,
-            self._realtime_predictor if llm else self._predictor,
+            predictor,
             reader=self._reader(chunk),
             sizer=sizer,
             window=window,
@@ -726,12 +751,16 @@ class Job:
             meter=llm_job.meter(self.spec, self.prices, batch=False) if llm else None,
             max_cost=self.spec.run.max_cost,
             commit_each_call=llm,
+            # A record can kill the process running user code or a local model (in process,
+            # or the runner itself): count attempts when they start.
+            count_starts=not llm,
         )
         try:
             runner.run()
         finally:
             outcome.cancelled = runner.cancelled
             if isinstance(task, TruncationWatch):
+                task.truncated += sum(getattr(p, "truncated", 0) for p in made)
                 task.warn(self.origin, lambda: self._reader(sources.CHUNK)(sources.Cursor()))
             outcome.batch_size = None if llm else sizer.size
             outcome.batch_trials = () if llm else tuple(sizer.trials)

@@ -8,11 +8,19 @@ twice, exactly as with a lease.
 
 Everything else (items left pending by a crash or Ctrl-C, retries after backoff, `retry`) is
 leased from the ledger, batch by batch.
+
+An attempt counts when it starts, not only when it ends (`count_starts`): before computing
+a batch, fresh or leased, the runner marks its records in the ledger as in flight. A runner
+that dies while computing (a record that crashes the process, kill -9, the OOM killer)
+leaves the mark, and the next run counts an attempt for exactly those records. They become
+suspects: computed one at a time, so a death names its record, which fails once it has
+died `max_attempts` times; every other record goes on.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import threading
@@ -31,6 +39,7 @@ from .errors import (
     EndpointDown,
     InputError,
     InvalidOutput,
+    OutputCountError,
     OvernightError,
     UsageError,
     error_class,
@@ -41,6 +50,8 @@ from .retry import Backoff
 from .sources import Cursor, Row, cursor_after
 from .store import ConcurrentIngest, JobInfo, Lease, Ledger, Outcome
 from .tasks import Task
+
+log = logging.getLogger(__name__)
 
 Reader = Callable[[Cursor], Iterator[list[Row]]]
 Validator = Callable[[Any], str | None]  # output -> reason it is invalid, or None
@@ -151,11 +162,18 @@ class Work(NamedTuple):
     seq: int
     line: int
     attempts: int
-    record: dict[str, Any] | None  # parsed already (fresh from the source) ...
-    payload: bytes | None  # ... or still as stored in the ledger
+    record: dict[str, Any] | None  # parsed already (fresh from the source), or None
+    payload: bytes  # the record as JSON, as stored in the ledger
 
 
 _tuple = tuple.__new__  # builds a NamedTuple without its Python-level __new__
+
+# The error class of an attempt that died with its runner; such an item is a suspect.
+PROCESS_DIED = "process_died"
+DIED_MESSAGE = (
+    "the process died while computing this record (a crash in the function or the model,"
+    " kill -9, or the out-of-memory killer)"
+)
 
 
 def lease_owner() -> str:
@@ -265,6 +283,7 @@ class Runner:
         meter: Meter | None = None,
         max_cost: float | None = None,
         commit_each_call: bool = False,
+        count_starts: bool = False,
     ) -> None:
         self.ledger, self.job, self.task = ledger, job, task
         self.vectors = task.kind == "embed"  # outputs stored as float32 bytes (results.py)
@@ -272,6 +291,11 @@ class Runner:
         # Paid answers are committed as soon as their call returns, not grouped.
         self.commit_each_call = commit_each_call
         self._make_predictor, self._predictor = predictor, None
+        self._runs_task = False  # the predictor takes records and returns rows, as JSON
+        # Mark what is computed before computing it (see the module's docstring). Worth it
+        # where a record can kill the process: user code and local models, not HTTP calls.
+        self.count_starts = count_starts
+        self._suspects: list[tuple[str, int, int]] = []  # dead runners' marks of fresh records
         self.reader, self.sizer, self.backoff = reader, sizer, backoff
         self.window = window  # items per backend call at least (see Predictor.window)
         self.lease_seconds, self.validate = lease_seconds, validate
@@ -293,8 +317,11 @@ class Runner:
             if not self._stopping():
                 self._drain()
         finally:
-            # Whatever this runner still holds (Ctrl-C, an error) goes back to pending.
+            # Whatever this runner still holds (Ctrl-C, an error) goes back to pending; an
+            # attempt cut short by an exception is not a death, so the mark goes too.
             self.ledger.release(self.job.id, self.owner)
+            if self.count_starts:
+                self.ledger.clear_inflight(self.job.id, self.owner)
             if self._predictor is not None:
                 self._predictor.close()
 
@@ -311,15 +338,26 @@ class Runner:
                     window = rows[i : i + self._window_size()]
                     i += len(window)
                     t0 = time.perf_counter()
+                    last = seq + len(window) - 1
+                    if self._suspects and any(f <= last and seq <= t for _, f, t in self._suspects):
+                        pending.add(seq, window, self._fresh_with_suspects(seq, window))
+                        pending.flush()  # the suspects are items now: their marks can go
+                        self._drop_suspects(seq + len(window))
+                        seq += len(window)
+                        continue
                     works = [
-                        _tuple(Work, (seq + k, r.line, 0, r.record, None))
+                        _tuple(Work, (seq + k, r.line, 0, r.record, r.payload))
                         for k, r in enumerate(window)
                         if r.error is None
                     ]
+                    if works and self.count_starts:
+                        self.ledger.mark_inflight(self.job.id, self.owner, seq, last)
                     pending.add(seq, window, self._attempt(works) if works else [])
                     seq += len(window)
                     self.sizer.observe(len(window), time.perf_counter() - t0)
             pending.flush()
+            if self.count_starts:
+                self.ledger.clear_inflight(self.job.id, self.owner)
             completed = True
         except ConcurrentIngest:
             pending.discard()  # those records are another runner's now
@@ -334,6 +372,45 @@ class Runner:
         self.ledger.finish_ingest(self.job.id)
         self.progress.ingest_done = True
         self.on_progress(self.progress)
+
+    def _fresh_with_suspects(self, seq: int, window: list[Row]) -> list[Outcome]:
+        """A window holding records a dead runner was computing: those are not computed but
+        inserted with that attempt counted (the drain computes them alone); the others are
+        computed in runs between them, each marked as usual."""
+        last = seq + len(window) - 1
+        suspect = {s for _, f, t in self._suspects for s in range(max(f, seq), min(t, last) + 1)}
+        outcomes: dict[int, Outcome] = {}
+        run: list[Work] = []
+
+        def compute() -> None:
+            if run:
+                if self.count_starts:
+                    self.ledger.mark_inflight(self.job.id, self.owner, run[0].seq, run[-1].seq)
+                outcomes.update((o.seq, o) for o in self._attempt(run))
+                run.clear()
+
+        for k, r in enumerate(window):
+            if r.error is not None:
+                continue
+            if seq + k in suspect:
+                compute()
+                outcomes[seq + k] = self._died(seq + k)
+            else:
+                run.append(Work(seq + k, r.line, 0, r.record, r.payload))
+        compute()
+        return [outcomes[seq + k] for k, r in enumerate(window) if r.error is None]
+
+    def _died(self, seq: int) -> Outcome:
+        if self.backoff.can_retry(1):
+            return Outcome(seq, "pending", None, PROCESS_DIED, DIED_MESSAGE)
+        message = f"{DIED_MESSAGE} (gave up after 1 attempts)"
+        return Outcome(seq, "failed", None, PROCESS_DIED, message)
+
+    def _drop_suspects(self, cursor: int) -> None:
+        """Dead runners' marks whose records are all items now (below the cursor) go."""
+        for mark in [m for m in self._suspects if m[2] < cursor]:
+            self.ledger.clear_inflight(self.job.id, mark[0])
+            self._suspects.remove(mark)
 
     def _commit_fresh(self, seq: int, window: list[Row], outcomes: list[Outcome]) -> None:
         """Insert computed batches and move the ingest cursor past them, in one transaction."""
@@ -352,7 +429,8 @@ class Runner:
             items = self.ledger.lease(self.job.id, self._window_size(), self._lease())
             if items:
                 self._process(
-                    [Work(it.seq, it.line, it.attempts, None, it.payload) for it in items]
+                    [Work(it.seq, it.line, it.attempts, None, it.payload) for it in items],
+                    {it.seq for it in items if it.error_class == PROCESS_DIED},
                 )
                 continue
             due = self.ledger.next_due(self.job.id)
@@ -364,13 +442,19 @@ class Runner:
                 due = time.time() + 1.0
             self.stop.wait(min(max(0.0, due - time.time()), 5.0))
 
-    def _process(self, works: list[Work]) -> None:
+    def _process(self, works: list[Work], alone: set[int]) -> None:
+        """Leased items, a window at a time; suspects (`alone`) one at a time."""
         i = 0
         while i < len(works):
             if self._stopping():
                 return
             batch = works[i : i + self._window_size()]
+            if alone:
+                cut = next((k for k, w in enumerate(batch) if w.seq in alone), len(batch))
+                batch = batch[: max(cut, 1)]
             i += len(batch)
+            if self.count_starts:  # the leased items this runner holds in this range
+                self.ledger.mark_inflight(self.job.id, self.owner, batch[0].seq, batch[-1].seq)
             t0 = time.perf_counter()
             outcomes = self._attempt(batch)
             self.sizer.observe(len(batch), time.perf_counter() - t0)
@@ -383,6 +467,13 @@ class Runner:
 
     def _attempt(self, batch: list[Work]) -> list[Outcome]:
         """One outcome per item of the batch, in the batch's order."""
+        if self._predictor is None:  # the model loads only if there is work
+            t0 = time.monotonic()
+            self._predictor = self._make_predictor()
+            self._runs_task = getattr(self._predictor, "runs_task", False)
+            self.progress.setup_seconds += time.monotonic() - t0
+        if self._runs_task:  # records go as they are stored; build and parse happen there
+            return self._predict(batch, [w.payload for w in batch])
         build, loads = self.task.build, orjson.loads
         try:  # the common case, kept tight: every record builds
             inputs = [build(w.record if w.record is not None else loads(w.payload)) for w in batch]
@@ -403,14 +494,15 @@ class Runner:
         return [outcomes[w.seq] for w in batch]
 
     def _predict(self, works: list[Work], inputs: list[Any]) -> list[Outcome]:
-        if self._predictor is None:  # the model loads only if there is work
-            t0 = time.monotonic()
-            self._predictor = self._make_predictor()
-            self.progress.setup_seconds += time.monotonic() - t0
+        assert self._predictor is not None
         try:
             answers = self._predictor.process(inputs, self.sizer.size)
         except EndpointDown:
             raise  # nothing is wrong with these items: the job pauses, they stay pending
+        except OutputCountError as exc:
+            # The batch answered wrongly as a whole: split, each half might "succeed" with
+            # outputs that are not its own. The whole batch fails, with the message.
+            return [self._error(w, exc) for w in works]
         except Exception as exc:
             if len(works) == 1:
                 return [self._error(works[0], exc)]
@@ -419,10 +511,19 @@ class Runner:
             return self._predict(works[:mid], inputs[:mid]) + self._predict(
                 works[mid:], inputs[mid:]
             )
-        if self.validate is None and self.meter is None and not self.vectors:
+        if self._runs_task:  # output rows as JSON bytes (or an exception per record)
+            plain = self.validate is None and self.meter is None
+            if plain and all(type(a) is bytes for a in answers):
+                return [
+                    _tuple(
+                        Outcome, (w[0], "succeeded", r, None, None, 0.0, 0, 0, None, None, None, 1)
+                    )
+                    for w, r in zip(works, answers, strict=True)
+                ]
+        elif self.validate is None and self.meter is None and not self.vectors:
             parse, dumps, numpy = self.task.parse, orjson.dumps, orjson.OPT_SERIALIZE_NUMPY
             try:  # the common case again: serialise the whole batch in one comprehension
-                results = [dumps(parse(a), option=numpy) for a in answers]
+                rows = [dumps(parse(a), option=numpy) for a in answers]
             except Exception:
                 pass
             else:
@@ -430,7 +531,7 @@ class Runner:
                     _tuple(
                         Outcome, (w[0], "succeeded", r, None, None, 0.0, 0, 0, None, None, None, 1)
                     )
-                    for w, r in zip(works, results, strict=True)
+                    for w, r in zip(works, rows, strict=True)
                 ]
         return [self._finish(w, answer) for w, answer in zip(works, answers, strict=True)]
 
@@ -438,13 +539,18 @@ class Runner:
         if isinstance(answer, BaseException):  # the backend failed this item alone
             return self._error(w, answer)
         usage = self.meter(answer) if self.meter is not None else Usage()
-        try:
-            fields = self.task.parse(answer)
-            result, vector = results.encode(fields, self.vectors)
-        except orjson.JSONEncodeError as exc:
-            return outcome(w.seq, "invalid", None, "unserialisable_output", str(exc), usage=usage)
-        except Exception as exc:
-            return self._error(w, exc, usage)
+        if self._runs_task:  # the worker's row: JSON, or (JSON, an embedding's bytes)
+            result, vector = answer if type(answer) is tuple else (answer, None)
+        else:
+            try:
+                fields = self.task.parse(answer)
+                result, vector = results.encode(fields, self.vectors)
+            except orjson.JSONEncodeError as exc:
+                return outcome(
+                    w.seq, "invalid", None, "unserialisable_output", str(exc), usage=usage
+                )
+            except Exception as exc:
+                return self._error(w, exc, usage)
         if self.validate is not None:
             plain = orjson.loads(result).get("output")  # plain JSON, not numpy
             if vector is not None:
@@ -487,12 +593,27 @@ class Runner:
             self._renewed = now
 
     def _reclaim(self) -> None:
-        """Items held by a runner that died (kill -9, crash) go back to pending at once;
-        those of a runner on another host wait for their lease to expire."""
-        for owner in self.ledger.lease_owners(self.job.id):
-            if owner != self.owner and owner_alive(owner) is False:
-                self.ledger.release(self.job.id, owner)
-        self.ledger.reclaim_expired(self.job.id, time.time())
+        """Items held by a runner that died (kill -9, crash) go back to pending at once, an
+        attempt counted for those it was computing; those of a runner on another host wait
+        for their lease to expire. Fresh records a dead runner was computing are noted, to
+        be inserted as suspects when ingest reaches them."""
+        job_id = self.job.id
+        marks = self.ledger.inflight(job_id)
+        owners = set(self.ledger.lease_owners(job_id)) | {m[0] for m in marks}
+        dead = {o for o in owners if o != self.owner and owner_alive(o) is False}
+        for owner in sorted(dead):
+            counted = self.ledger.release_dead(
+                job_id, owner, self.backoff.max_attempts, PROCESS_DIED, DIED_MESSAGE
+            )
+            if counted:
+                log.warning("%d item(s) were being computed when runner %s died", counted, owner)
+        self._suspects = [m for m in self.ledger.inflight(job_id) if m[0] in dead]
+        if self._suspects:
+            log.warning(
+                "%d record(s) were being computed when a runner died; each is computed alone",
+                sum(t - f + 1 for _, f, t in self._suspects),
+            )
+        self.ledger.reclaim_expired(job_id, time.time())
 
     def _stopping(self) -> bool:
         if self.progress.budget_reached(self.max_cost, "work"):

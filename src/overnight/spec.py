@@ -189,6 +189,11 @@ class RunSpec(_Section):
     backoff_base: float = Field(0.5, ge=0)
     backoff_max: float = Field(60.0, ge=0)
     memory_limit_mb: int = Field(2048, gt=0)
+    # backend = "python" / "local": run the function or the model in a supervised worker
+    # process ("process", their default) or in the runner's own ("none"); and how long one
+    # call to it may take, in seconds (default: worker.DEFAULT_TIMEOUT).
+    isolation: Literal["process", "none"] | None = None
+    timeout: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _check(self) -> RunSpec:
@@ -250,7 +255,26 @@ class JobSpec(_Section):
                 raise ValueError("[task] examples apply to backend = 'local' only")
         if self.run.deadline is not None and backend != "auto":
             raise ValueError("[run] deadline needs [model] backend = 'auto'")
+        if backend not in ("python", "local"):
+            if self.run.isolation is not None or self.run.timeout is not None:
+                key = "isolation" if self.run.isolation is not None else "timeout"
+                raise ValueError(
+                    f"[run] {key} applies to backend = 'python' and 'local' (an LLM request's"
+                    " time limit is [model] timeout)"
+                )
+        elif self.run.isolation == "none" and self.run.timeout is not None:
+            raise ValueError(
+                "[run] timeout needs isolation = 'process' (a call in the runner's own process"
+                " cannot be stopped)"
+            )
         return self
+
+    @property
+    def isolation(self) -> str:
+        """[run] isolation with its default: a worker process for user code and local models."""
+        if self.run.isolation is not None:
+            return self.run.isolation
+        return "process" if self.model.backend in ("python", "local") else "none"
 
 
 # Parts of a pydantic error location that name a union branch or a validator, not a key.

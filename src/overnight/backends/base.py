@@ -2,6 +2,11 @@
 
 Local models, python functions and (next) real-time APIs are predictors. Provider batch APIs
 will be the second shape, a batch service (submit, poll, collect, cancel).
+
+A predictor with `runs_task = True` (the worker process, worker.py) runs the task as well:
+`process` takes the records as stored (JSON bytes) and returns per record its output row as
+JSON bytes, or the exception that record raised. The runner looks the attribute up with a
+default of False.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..errors import PermanentError, UsageError
+from ..errors import OutputCountError, UsageError
 
 
 def load_function(ref: str, base_dir: Path) -> Callable[[list[Any]], list[Any]]:
@@ -51,7 +51,7 @@ class PythonFunction:
         outputs = self.fn(inputs)
         if not isinstance(outputs, list | tuple) or len(outputs) != len(inputs):
             got = len(outputs) if isinstance(outputs, list | tuple) else type(outputs).__name__
-            raise PermanentError(
+            raise OutputCountError(
                 f"function returned {got} outputs for {len(inputs)} records (expected a list of "
                 "the same length)"
             )
@@ -59,3 +59,8 @@ class PythonFunction:
 
     def close(self) -> None:
         pass
+
+
+def build(function: str, base_dir: str) -> PythonFunction:
+    """The predictor from plain data: what a worker process is handed to build it itself."""
+    return PythonFunction(load_function(function, Path(base_dir)))

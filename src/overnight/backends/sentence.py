@@ -50,3 +50,19 @@ def build_head(
         return ClassifierHead.zero_shot(model, labels)
     embeddings = model.embed(example_texts, batch_size=32)
     return ClassifierHead.fit(embeddings, example_labels or [], label_set=list(labels))
+
+
+def build(
+    name: str,
+    device: str,
+    kind: str,
+    labels: dict[str, str],
+    example_texts: list[str] | None = None,
+    example_labels: list[str] | None = None,
+) -> LocalEmbed:
+    """The predictor from plain data (what a worker process is handed to build it itself):
+    loading the model imports torch, so only the process that computes calls this."""
+    model = LocalModel(name, device=device)
+    if kind == "embed":
+        return LocalEmbed(model)
+    return LocalClassify(model, build_head(model, labels, example_texts, example_labels))

@@ -116,6 +116,13 @@ CREATE TABLE IF NOT EXISTS runs (
     setup_seconds REAL NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS runs_name ON runs (name, id);
+CREATE TABLE IF NOT EXISTS inflight (       -- what each runner is computing right now
+    job_id    INTEGER NOT NULL,
+    owner     TEXT NOT NULL,
+    first_seq INTEGER NOT NULL,
+    last_seq  INTEGER NOT NULL,
+    PRIMARY KEY (job_id, owner)
+);
 CREATE TABLE IF NOT EXISTS rejects (
     job_id    INTEGER NOT NULL,
     seq       INTEGER NOT NULL,
@@ -450,6 +457,7 @@ class SQLiteLedger:
         with self._tx() as db:
             db.execute("DELETE FROM items WHERE id BETWEEN ? AND ?", (lo, hi))
             db.execute("DELETE FROM rejects WHERE job_id = ?", (job_id,))
+            db.execute("DELETE FROM inflight WHERE job_id = ?", (job_id,))
             db.execute("DELETE FROM remote_batches WHERE job_id = ?", (job_id,))
             db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
 
@@ -514,6 +522,9 @@ class SQLiteLedger:
             db.execute("UPDATE remote_batches SET job_id = ? WHERE job_id = ?", (new.id, old.id))
             db.execute("DELETE FROM items WHERE id BETWEEN ? AND ?", (lo, hi))
             db.execute("DELETE FROM rejects WHERE job_id = ?", (old.id,))
+            # In-flight marks name the old positions; the records they name are pending in
+            # the new generation (never finished), so they are computed again anyway.
+            db.execute("DELETE FROM inflight WHERE job_id = ?", (old.id,))
             db.execute("DELETE FROM jobs WHERE id = ?", (old.id,))
             db.execute("UPDATE jobs SET name = ? WHERE id = ?", (old.name, new.id))
         job = self.get_job(old.name)
@@ -674,10 +685,10 @@ class SQLiteLedger:
                 "UPDATE items SET state = 'leased', lease_owner = ?, lease_expires = ?,"
                 " started_at = ? WHERE id IN (SELECT id FROM items WHERE state = 'pending'"
                 " AND id BETWEEN ? AND ? AND not_before <= ? ORDER BY id LIMIT ?)"
-                " RETURNING id, custom_id, line, payload, attempts",
+                " RETURNING id, custom_id, line, payload, attempts, error_class",
                 (lease.owner, lease.expires, lease.now, lo, hi, lease.now, limit),
             ).fetchall()
-        items = [Item(r[0] & _SEQ_MASK, r[1], r[2], r[3], r[4]) for r in rows]
+        items = [Item(r[0] & _SEQ_MASK, r[1], r[2], r[3], r[4], None, r[5]) for r in rows]
         items.sort(key=lambda it: it.seq)  # RETURNING order is not guaranteed
         return items
 
@@ -769,6 +780,86 @@ class SQLiteLedger:
             (lo, hi),
         ).fetchall()
         return [r[0] for r in rows if r[0]]
+
+    # -- attempts counted when they start ------------------------------------------------
+    # Before computing, a runner marks the range of seqs it is computing: fresh records past
+    # the ingest cursor, or items it holds leased. The mark is one small row per runner,
+    # replaced per call. A runner that dies (a crash in user code, kill -9, the OOM killer)
+    # leaves its mark behind, and the next runner counts an attempt for exactly those records.
+
+    def mark_inflight(self, job_id: int, owner: str, first_seq: int, last_seq: int) -> None:
+        # One statement, its own small transaction (autocommit); an UPDATE of the runner's
+        # row costs about half an INSERT OR REPLACE (measured: ~22 vs ~45 us).
+        args = (first_seq, last_seq, job_id, owner)
+        if not self._db.execute(
+            "UPDATE inflight SET first_seq = ?, last_seq = ? WHERE job_id = ? AND owner = ?", args
+        ).rowcount:
+            self._db.execute(
+                "INSERT INTO inflight (first_seq, last_seq, job_id, owner) VALUES (?, ?, ?, ?)",
+                args,
+            )
+
+    def clear_inflight(self, job_id: int, owner: str) -> None:
+        self._db.execute("DELETE FROM inflight WHERE job_id = ? AND owner = ?", (job_id, owner))
+
+    def inflight(self, job_id: int) -> list[tuple[str, int, int]]:
+        return [
+            (r[0], r[1], r[2])
+            for r in self._db.execute(
+                "SELECT owner, first_seq, last_seq FROM inflight WHERE job_id = ?"
+                " ORDER BY first_seq",
+                (job_id,),
+            )
+        ]
+
+    def release_dead(
+        self, job_id: int, owner: str, max_attempts: int, error_class: str, message: str
+    ) -> int:
+        """Give back the leases of a runner that died. Those it was computing (inside its
+        mark) had an attempt: it is counted, with `error_class` and `message`, and an item
+        that reaches `max_attempts` fails. Its other leased items go back untouched. The mark
+        goes once no fresh record is left in it (past the ingest cursor: the next runner
+        inserts those as suspects itself). Returns the items that had an attempt counted."""
+        lo, hi = _range(job_id)
+        counted = 0
+        with self._tx() as db:
+            mark = db.execute(
+                "SELECT first_seq, last_seq FROM inflight WHERE job_id = ? AND owner = ?",
+                (job_id, owner),
+            ).fetchone()
+            if mark is not None:
+                counted = db.execute(
+                    "UPDATE items SET attempts = attempts + 1,"
+                    " state = CASE WHEN attempts + 1 >= ? THEN 'failed' ELSE 'pending' END,"
+                    " message = CASE WHEN attempts + 1 >= ?"
+                    " THEN ? || ' (gave up after ' || (attempts + 1) || ' attempts)' ELSE ? END,"
+                    " finished_at = CASE WHEN attempts + 1 >= ? THEN ? ELSE NULL END,"
+                    " error_class = ?, not_before = 0, lease_owner = NULL, lease_expires = NULL"
+                    " WHERE id BETWEEN ? AND ? AND state = 'leased' AND lease_owner = ?",
+                    (
+                        max_attempts,
+                        max_attempts,
+                        message,
+                        message,
+                        max_attempts,
+                        time.time(),
+                        error_class,
+                        lo + mark[0],
+                        lo + mark[1],
+                        owner,
+                    ),
+                ).rowcount
+            db.execute(
+                "UPDATE items SET state = 'pending', lease_owner = NULL, lease_expires = NULL"
+                " WHERE id BETWEEN ? AND ? AND state = 'leased' AND lease_owner = ?",
+                (lo, hi, owner),
+            )
+            db.execute(
+                "DELETE FROM inflight WHERE job_id = ? AND owner = ? AND last_seq <"
+                " (SELECT ingest_records FROM jobs WHERE id = ?)",
+                (job_id, owner, job_id),
+            )
+        return counted
 
     def next_due(self, job_id: int) -> float | None:
         lo, hi = _range(job_id)
