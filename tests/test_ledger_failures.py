@@ -6,56 +6,26 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import orjson
 import pytest
+from job_helpers import calls, slow_python_job, start, wait_for_calls
 
 pytestmark = pytest.mark.slow
 
-SLOW = """
-import time
-def fn(records):
-    time.sleep(0.05)
-    with open("calls.log", "a") as f:
-        f.write("x\\n")
-    return [r["n"] for r in records]
-"""
-
 
 def make_job(folder: Path, n: int = 600) -> Path:
-    (folder / "in.jsonl").write_bytes(
-        b"".join(orjson.dumps({"id": f"r{i}", "n": i}) + b"\n" for i in range(n))
-    )
-    (folder / "slowfn.py").write_text(SLOW)
-    job = folder / "job.toml"
-    job.write_text(
-        '[source]\npath = "in.jsonl"\nid = "id"\n'
-        '[model]\nbackend = "python"\nfunction = "slowfn:fn"\n'
-        '[run]\nbatch_size = 10\n[output]\npath = "out.jsonl"\n'
-    )
-    return job
+    return slow_python_job(folder, n, batch_size=10, sleep=0.05)
 
 
 def overnight(folder: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "overnight", *args],
-        cwd=folder,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    return start(folder, *args)
 
 
 def until_computing(folder: Path, proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 60
-    while not (folder / "calls.log").exists() or len((folder / "calls.log").read_text()) < 40:
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_for_calls(folder, proc, 200)
 
 
 def immutable_supported(folder: Path) -> bool:
@@ -137,7 +107,7 @@ def test_a_read_only_ledger_is_exit_2_before_anything_runs(tmp_path: Path) -> No
         out, err = proc.communicate(timeout=60)
     assert proc.returncode == 2, (out, err)
     assert "read-only" in err and "Traceback" not in err
-    assert not (tmp_path / "calls.log").exists()
+    assert calls(tmp_path) == []
 
 
 @pytest.mark.parametrize("what", ["folder", "garbage"])
@@ -152,4 +122,4 @@ def test_a_ledger_path_that_is_not_a_ledger_is_exit_2(tmp_path: Path, what: str)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 2, (out, err)
     assert str(state) in err and "Traceback" not in err
-    assert not (tmp_path / "calls.log").exists()
+    assert calls(tmp_path) == []

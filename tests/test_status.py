@@ -10,33 +10,16 @@ import sys
 import time
 from pathlib import Path
 
+import job_helpers
 import orjson
 import pytest
+from job_helpers import slow_python_job, wait_for_calls
 
 pytestmark = pytest.mark.slow
 
-SLOW = """
-import time
-def fn(records):
-    time.sleep(0.02)
-    with open("calls.log", "a") as f:
-        f.write("x\\n")
-    return [r["n"] for r in records]
-"""
-
 
 def make_job(folder: Path, n: int) -> Path:
-    (folder / "in.jsonl").write_bytes(
-        b"".join(orjson.dumps({"id": f"r{i}", "n": i}) + b"\n" for i in range(n))
-    )
-    (folder / "slowfn.py").write_text(SLOW)
-    job = folder / "job.toml"
-    job.write_text(
-        '[source]\npath = "in.jsonl"\nid = "id"\n'
-        '[model]\nbackend = "python"\nfunction = "slowfn:fn"\n'
-        '[run]\nbatch_size = 4\n[output]\npath = "out.jsonl"\n'
-    )
-    return job
+    return slow_python_job(folder, n, batch_size=4)
 
 
 def cli(folder: Path, *args: str) -> subprocess.CompletedProcess:
@@ -51,21 +34,11 @@ def cli(folder: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def start(folder: Path, job: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "overnight", "run", str(job)],
-        cwd=folder,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    return job_helpers.start(folder, "run", str(job))
 
 
-def wait_calls(folder: Path, proc: subprocess.Popen, at_least: int) -> None:
-    deadline = time.monotonic() + 60
-    log = folder / "calls.log"
-    while not log.exists() or len(log.read_text().split()) < at_least:
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
+def wait_calls(folder: Path, proc: subprocess.Popen, batches: int) -> None:
+    wait_for_calls(folder, proc, 4 * batches)
 
 
 def status(folder: Path, job: Path) -> dict:
