@@ -11,10 +11,12 @@ from pathlib import Path
 import orjson
 
 SLOW_FUNCTION = """
+import os
 import time
+LOG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "calls.log")
 def fn(records):
     time.sleep({sleep})
-    with open("calls.log", "a") as f:
+    with open(LOG, "a") as f:
         f.write("".join(str(r["id"]) + "\\n" for r in records))
     return [r["n"] for r in records]
 """
