@@ -334,8 +334,10 @@ class BatchRunner:
             if isinstance(exc, TooLarge) or status is None or status in (408, 409, 429):
                 self._split_or_raise(chunk, lines, exc)
                 return
-            if status >= 500:
-                raise  # the provider is unwell: a rerun adopts or creates this chunk
+            if status >= 500 or status in (401, 403):
+                # The provider is unwell, or refuses the key (no fault of these lines): the
+                # run stops (llm_job.provider_failure); a rerun adopts or creates this chunk.
+                raise
             # Refused as a whole (a 4xx): every line fails with the provider's message,
             # rather than the next run sending the same refused batch again.
             message = redact(f"the provider refused the batch: HTTP {status}: {exc}")

@@ -77,6 +77,9 @@ class JobInfo:
     # Provider batches carrying this job's identity key and another token, created before
     # this time, belong to earlier runs that a --restart discarded (0: none discarded).
     discarded_before: float = 0.0
+    # The fingerprint was stored before its digest covered how the input is read (the id
+    # column, delimiter, format): by an older overnight, as the content hash alone.
+    legacy_fingerprint: bool = False
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     cancelled      INTEGER NOT NULL DEFAULT 0,
     created_at     REAL NOT NULL,
     token          TEXT,                       -- the job's mark on provider requests
-    discarded_before REAL NOT NULL DEFAULT 0   -- see JobInfo.discarded_before
+    discarded_before REAL NOT NULL DEFAULT 0,  -- see JobInfo.discarded_before
+    fp_how         INTEGER NOT NULL DEFAULT 0  -- 1: fp_digest covers how the input is read
 );
 CREATE TABLE IF NOT EXISTS items (
     id            INTEGER PRIMARY KEY,          -- job_id << 40 | seq
@@ -135,7 +136,12 @@ CREATE TABLE IF NOT EXISTS rejects (
 
 
 _COLUMNS_ADDED = {
-    "jobs": (("token", "TEXT"), ("discarded_before", "REAL NOT NULL DEFAULT 0")),
+    "jobs": (
+        ("token", "TEXT"),
+        ("discarded_before", "REAL NOT NULL DEFAULT 0"),
+        # Rows of older ledgers get 0 (see JobInfo.legacy_fingerprint); every write sets 1.
+        ("fp_how", "INTEGER NOT NULL DEFAULT 0"),
+    ),
     "remote_batches": (("create_until", "REAL"), ("tagged", "INTEGER NOT NULL DEFAULT 0")),
 }
 TOKEN_LENGTH = 10
@@ -399,8 +405,8 @@ class SQLiteLedger:
     def get_job(self, name: str) -> JobInfo | None:
         row = self._db.execute(
             "SELECT id, name, spec_hash, fp_size, fp_mtime_ns, fp_digest, ingest_records,"
-            " ingest_line, ingest_offset, ingest_done, created_at, token, discarded_before"
-            " FROM jobs WHERE name = ?",
+            " ingest_line, ingest_offset, ingest_done, created_at, token, discarded_before,"
+            " fp_how FROM jobs WHERE name = ?",
             (name,),
         ).fetchone()
         if row is None:
@@ -415,6 +421,7 @@ class SQLiteLedger:
             created_at=row[10],
             token=row[11],
             discarded_before=row[12],
+            legacy_fingerprint=not row[13],
         )
 
     def create_job(
@@ -425,7 +432,7 @@ class SQLiteLedger:
             # IntegrityError (the claim keeps them apart before this in `run`).
             db.execute(
                 "INSERT INTO jobs (name, spec_hash, fp_size, fp_mtime_ns, fp_digest, created_at,"
-                " token, discarded_before) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+                " token, discarded_before, fp_how) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1)"
                 " ON CONFLICT (name) DO NOTHING",
                 (
                     name,
@@ -481,8 +488,8 @@ class SQLiteLedger:
         with self._tx() as db:
             db.execute(
                 "INSERT INTO jobs (name, spec_hash, fp_size, fp_mtime_ns, fp_digest, created_at,"
-                " token, discarded_before) SELECT ?, spec_hash, ?, ?, ?, created_at, token,"
-                " discarded_before FROM jobs WHERE id = ?",
+                " token, discarded_before, fp_how) SELECT ?, spec_hash, ?, ?, ?, created_at,"
+                " token, discarded_before, 1 FROM jobs WHERE id = ?",
                 (hidden, fingerprint.size, fingerprint.mtime_ns, fingerprint.digest, job.id),
             )
         new = self.get_job(hidden)
@@ -534,7 +541,8 @@ class SQLiteLedger:
     def set_fingerprint(self, job_id: int, fingerprint: Fingerprint) -> None:
         with self._tx() as db:
             db.execute(
-                "UPDATE jobs SET fp_size = ?, fp_mtime_ns = ?, fp_digest = ? WHERE id = ?",
+                "UPDATE jobs SET fp_size = ?, fp_mtime_ns = ?, fp_digest = ?, fp_how = 1"
+                " WHERE id = ?",
                 (fingerprint.size, fingerprint.mtime_ns, fingerprint.digest, job_id),
             )
 

@@ -26,7 +26,7 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from overnight.testing.fake_answers import answer_chat, answer_embeddings
+from overnight.testing.fake_answers import answer_chat, answer_embeddings, prompt_of
 from overnight.testing.fake_state import (
     DAY,
     Owner,
@@ -251,7 +251,9 @@ class OpenAIBatches:
             self.batches[bid] = _OpenAIBatch(
                 obj, lines, errors, time.monotonic(), knobs.batch_seconds, knobs.expire_batches
             )
-        self.o.stats.batch_created([str(ln.get("custom_id")) for ln in lines])
+        self.o.stats.batch_created(
+            [str(ln.get("custom_id")) for ln in lines], [prompt_of(ln.get("body")) for ln in lines]
+        )
         return JSONResponse(obj)
 
     def _batch(self, bid: str) -> _OpenAIBatch:

@@ -94,6 +94,10 @@ class Stats:
     creates_reset: int = 0  # batch creates whose connection reset_creates reset
     uploads_received: int = 0  # OpenAI file uploads that reached the handler
     batch_items: collections.Counter[str] = field(default_factory=collections.Counter)
+    # What was sent, by prompt (the last user message; an embedding's input): every real-time
+    # request that reached its handler and every line of a created batch. A record sent twice
+    # (paid twice) counts 2 here whatever custom_id or job token it went under.
+    prompts: collections.Counter[str] = field(default_factory=collections.Counter)
     files_uploaded: int = 0
     bytes_uploaded: int = 0
     rate_limited: int = 0  # 429s sent (rpm_limit and throttle_next)
@@ -112,10 +116,11 @@ class Stats:
             else:
                 getattr(self, counter)[key] += n
 
-    def batch_created(self, custom_ids: list[str]) -> None:
+    def batch_created(self, custom_ids: list[str], prompts: list[str] | None = None) -> None:
         with self.lock:
             self.batch_creations += 1
             self.batch_items.update(custom_ids)
+            self.prompts.update(prompts or [])
 
     def snapshot(self) -> Stats:
         with self.lock:
