@@ -513,10 +513,14 @@ class BatchRunner:
     def _outcome(self, it: Item, result: Result) -> Outcome:
         seq, attempts = it.seq, it.attempts
         if result.kind == "succeeded":
-            answer = answer_from_body(self.service.provider, "", result.body or {})
-            usage = self.meter(answer)
             try:
+                answer = answer_from_body(self.service.provider, "", result.body or {})
+                usage = self.meter(answer)
                 fields = self.task.parse(answer)
+            except (AttributeError, KeyError, TypeError, ValueError) as exc:
+                # An answer of a shape the API does not document: this item's, not the run's.
+                why = redact(f"the provider's answer cannot be read: {type(exc).__name__}: {exc}")
+                return Outcome(seq, "invalid", None, "unreadable_answer", why)
             except InvalidOutput as exc:
                 if self.repair and it.follow_up is None:  # ask again, once, in the next batch
                     ask = self.task.build(orjson.loads(it.payload))

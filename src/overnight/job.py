@@ -585,6 +585,22 @@ class Job:
         finally:
             ledger.close()
 
+    def _job_or_starting(self, ledger: Ledger, wait: float = 120.0) -> JobInfo:
+        """The job's ledger entry; while a run that holds the job's claim has not made it yet
+        (it hashes the input, or asks the provider about earlier batches), wait for it."""
+        deadline = time.monotonic() + wait
+        while (job := ledger.get_job(self.name)) is None:
+            claim = ledger.get_claim(self.name)
+            if claim is None or not holder_alive(claim):
+                break
+            if time.monotonic() > deadline:
+                raise UsageError(
+                    f"job {self.name!r} is starting ({describe(claim.owner)}) and has no"
+                    " ledger entry yet; try again in a moment"
+                )
+            time.sleep(0.1)
+        return job or self._job_info(ledger)
+
     def _job_info(self, ledger: Ledger) -> JobInfo:
         job = ledger.get_job(self.name)
         if job is None:
@@ -645,8 +661,9 @@ class Job:
             if job is None:  # stopped while reading a changed input: the old job is intact
                 run.finish("interrupted", 0, 0.0, 0.0)
                 return Report(job=self.name, counts=Counts(), interrupted=True, notes=tuple(notes))
-            if ledger.is_cancelled(job.id):
-                ledger.reopen(job.id)
+            # Running a cancelled job resumes it; a cancel made while this run was starting
+            # (it held the claim, `cancel` waited for its ledger entry) stands.
+            ledger.reopen(job.id, before=run.claim.since)
             before = ledger.counts(job.id)
             progress = Progress(
                 succeeded=before["succeeded"],
@@ -1226,7 +1243,7 @@ class Job:
         provider batches are cancelled remotely and what they finished is kept (collected
         by the running run or the next `run`). `run` resumes the job."""
         with self.ledger() as ledger:
-            job = self._job_info(ledger)
+            job = self._job_or_starting(ledger)
             counts = ledger.counts(job.id)
             activity = self._activity(ledger, job, counts)
             n = ledger.cancel(job.id)

@@ -51,7 +51,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     ingest_line    INTEGER NOT NULL DEFAULT 1,
     ingest_offset  INTEGER NOT NULL DEFAULT 0,
     ingest_done    INTEGER NOT NULL DEFAULT 0,
-    cancelled      INTEGER NOT NULL DEFAULT 0,
+    cancelled      INTEGER NOT NULL DEFAULT 0, -- when `cancel` ran (epoch seconds; 1: before)
     created_at     REAL NOT NULL,
     token          TEXT,                       -- the job's mark on provider requests
     discarded_before REAL NOT NULL DEFAULT 0,  -- see JobInfo.discarded_before
@@ -532,6 +532,12 @@ class SQLiteLedger:
             # In-flight marks name the old positions; the records they name are pending in
             # the new generation (never finished), so they are computed again anyway.
             db.execute("DELETE FROM inflight WHERE job_id = ?", (old.id,))
+            # A cancel made while the new generation was read stands.
+            db.execute(
+                "UPDATE jobs SET cancelled = (SELECT cancelled FROM jobs WHERE id = ?)"
+                " WHERE id = ?",
+                (old.id, new.id),
+            )
             db.execute("DELETE FROM jobs WHERE id = ?", (old.id,))
             db.execute("UPDATE jobs SET name = ? WHERE id = ?", (old.name, new.id))
         job = self.get_job(old.name)
@@ -969,7 +975,8 @@ class SQLiteLedger:
         """Stop the job: open items become cancelled; a running runner sees the flag and stops."""
         lo, hi = _range(job_id)
         with self._tx() as db:
-            db.execute("UPDATE jobs SET cancelled = 1 WHERE id = ?", (job_id,))
+            # The time: a run that started before it obeys it; one started after undoes it.
+            db.execute("UPDATE jobs SET cancelled = ? WHERE id = ?", (time.time(), job_id))
             return db.execute(
                 "UPDATE items SET state = 'cancelled', lease_owner = NULL, lease_expires = NULL"
                 " WHERE id BETWEEN ? AND ? AND state IN ('pending', 'leased')",
@@ -980,11 +987,17 @@ class SQLiteLedger:
         row = self._db.execute("SELECT cancelled FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return bool(row and row[0])
 
-    def reopen(self, job_id: int) -> int:
-        """Undo a cancel: running a cancelled job again resumes it."""
+    def reopen(self, job_id: int, before: float = float("inf")) -> int:
+        """Undo a cancel made before `before`: running a cancelled job again resumes it (a
+        cancel made while that run was starting stands)."""
         lo, hi = _range(job_id)
         with self._tx() as db:
-            db.execute("UPDATE jobs SET cancelled = 0 WHERE id = ?", (job_id,))
+            undone = db.execute(
+                "UPDATE jobs SET cancelled = 0 WHERE id = ? AND cancelled != 0 AND cancelled < ?",
+                (job_id, before),
+            ).rowcount
+            if not undone:
+                return 0
             return db.execute(
                 "UPDATE items SET state = 'pending'"
                 " WHERE id BETWEEN ? AND ? AND state = 'cancelled'",

@@ -149,6 +149,8 @@ class AnthropicBatches:
                 if failure is not None:
                     st, body = failure, ProviderError(failure, "injected").body("anthropic")
                 ok = st == 200
+                if ok:
+                    self.o.stats.bump("billed", prompt_of(r["params"]))
                 result = (
                     {"type": "succeeded", "message": body}
                     if ok
@@ -157,7 +159,7 @@ class AnthropicBatches:
             counts[result["type"]] += 1
             lines.append({"custom_id": r["custom_id"], "result": result})
         random.Random(b.obj["id"]).shuffle(lines)
-        b.results = jsonl(lines)
+        b.results = jsonl(lines, self.o)
         b.obj.update(
             processing_status="ended",
             request_counts=counts,

@@ -320,19 +320,24 @@ class FakeProvider:
         body = await json_body(request)
         self.stats.bump("prompts", prompt_of(body))
         status, answer = answer_chat(body, invalid_rate=self.knobs.invalid_json_rate, ids=self.ids)
-        return JSONResponse(answer, status)
+        return self._answered(body, status, answer)
 
     async def _embeddings(self, request: Request) -> Response:
         body = await json_body(request)
         self.stats.bump("prompts", prompt_of(body))
         status, answer = answer_embeddings(body)
-        return JSONResponse(answer, status)
+        return self._answered(body, status, answer)
 
     async def _messages(self, request: Request) -> Response:
         body = await json_body(request)
         self.stats.bump("prompts", prompt_of(body))
         rate = self.knobs.invalid_json_rate
         status, answer = answer_message(body, invalid_rate=rate, ids=self.ids)
+        return self._answered(body, status, answer)
+
+    def _answered(self, body: dict[str, Any], status: int, answer: dict[str, Any]) -> Response:
+        if status == 200:
+            self.stats.bump("billed", prompt_of(body))
         return JSONResponse(answer, status)
 
 
