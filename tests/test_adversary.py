@@ -196,6 +196,19 @@ def test_values_no_run_can_use_are_job_file_errors(
     assert done.returncode == 2 and key in done.stderr, done.stderr
 
 
+def test_two_jobs_in_one_process_each_run_their_own_function(tmp_path: Path) -> None:
+    """Two projects, each with its `fn.py`, run one after the other from one Python process
+    (a notebook, a script): on main the second job imported `fn` from the module cache, ran
+    the first job's function and recorded its answers as the second's, exit 0."""
+    for name, word in (("a", "from a"), ("b", "from b")):
+        folder = tmp_path / name
+        folder.mkdir()
+        job_file = python_job(folder)
+        (folder / "fn.py").write_text(f"def f(records):\n    return [{word!r} for r in records]\n")
+        assert overnight.Job.from_file(job_file).run().exit_code == 0
+        assert [r["output"] for r in read_jsonl(folder / "out.jsonl")] == [word, word]
+
+
 # -- user code in the worker --------------------------------------------------------------------
 
 FORK_AND_CRASH = """
