@@ -28,7 +28,7 @@ from llm_helpers import KEY, read_jsonl, write_records
 
 import overnight
 from overnight import sources
-from overnight.errors import JobFileError, UsageError
+from overnight.errors import InputChangedError, JobFileError, UsageError
 from overnight.store import SQLiteLedger
 from overnight.testing.fake_provider import FakeProvider
 
@@ -559,48 +559,60 @@ def test_two_job_files_of_one_name_in_one_ledger_do_not_mix(tmp_path: Path) -> N
     assert [r["output"] for r in read_jsonl(a_dir / "out.jsonl")] == ["x", "y"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the input's fingerprint is taken once, when a run starts: a file rewritten in"
-    " place while it is read gives an output of two inputs (and spurious input errors where"
-    " the cursor lands mid-line), and if the first content is put back the mix is never read"
-    " again. Fix: hash what is read as it is read and compare at the end of ingest",
-)
-def test_an_input_rewritten_during_a_run_does_not_mix_two_inputs(tmp_path: Path) -> None:
-    (tmp_path / "fn.py").write_text(
-        textwrap.dedent(
-            """
-            import time
-            from pathlib import Path
-            HERE = Path(__file__).parent
-            def f(records):
-                if any(r["id"] == "r3000" for r in records):  # halfway: the input is rewritten
-                    old = (HERE / "in.jsonl").read_bytes()
-                    (HERE / "old.jsonl").write_bytes(old)
-                    with open(HERE / "in.jsonl", "r+b") as f:
-                        f.truncate(0)
-                        f.write(old.replace(b"old", b"newer"))
-                return [r["text"] for r in records]
-            """
-        )
-    )
-    n = 3 * sources.CHUNK  # read in chunks: the last is read after the rewrite
-    (tmp_path / "in.jsonl").write_bytes(
+REWRITER = """
+from pathlib import Path
+HERE = Path(__file__).parent
+def f(records):
+    if any(r["id"] == "r3000" for r in records):  # halfway through, the input changes
+        old = (HERE / "in.jsonl").read_bytes()
+        (HERE / "old.jsonl").write_bytes(old)
+        with open(HERE / "in.jsonl", "{mode}") as f:
+            {change}
+    return [r["text"] for r in records]
+"""
+
+
+def rewriter_job(folder: Path, mode: str, change: str) -> tuple[Path, int]:
+    n = 3 * sources.CHUNK  # read in chunks: the last is read after the change
+    (folder / "in.jsonl").write_bytes(
         b"".join(orjson.dumps({"id": f"r{i}", "text": f"old{i}"}) + b"\n" for i in range(n))
     )
-    path = tmp_path / "job.toml"
+    (folder / "fn.py").write_text(REWRITER.format(mode=mode, change=change))
+    path = folder / "job.toml"
     path.write_text(
         '[source]\npath = "in.jsonl"\nid = "id"\n[task]\nkind = "map"\n[model]\n'
         'backend = "python"\nfunction = "fn:f"\n[run]\nisolation = "none"\nbatch_size = 10\n'
         '[output]\npath = "out.jsonl"\n'
     )
-    overnight.Job.from_file(path).run()
-    # The first content is put back: the output must be all of it.
-    (tmp_path / "in.jsonl").write_bytes((tmp_path / "old.jsonl").read_bytes())
+    return path, n
+
+
+def test_an_input_rewritten_while_it_is_read_is_never_exported_as_one(tmp_path: Path) -> None:
+    """On main the run exported records of two inputs (and input errors where reading went
+    on mid-line), exit 3; and with the first content put back, the mix was never read again:
+    the output stayed wrong for good."""
+    path, n = rewriter_job(
+        tmp_path, "r+b", 'f.truncate(0)\n            f.write(old.replace(b"old", b"newer"))'
+    )
+    with pytest.raises(InputChangedError, match="changed while this run read it"):
+        overnight.Job.from_file(path).run()
+    assert not (tmp_path / "out.jsonl").exists()
+    (tmp_path / "in.jsonl").write_bytes((tmp_path / "old.jsonl").read_bytes())  # put back
     (tmp_path / "fn.py").write_text("def f(records):\n    return [r['text'] for r in records]\n")
-    overnight.Job.from_file(path).run()
+    report = overnight.Job.from_file(path).run()
+    assert report.exit_code == 0
     outputs = [r["output"] for r in read_jsonl(tmp_path / "out.jsonl")]
     assert outputs == [f"old{i}" for i in range(n)]
+    assert report.processed < n  # what was read before the change kept its results
+
+
+def test_an_input_appended_to_while_it_is_read_is_fine(tmp_path: Path) -> None:
+    path, n = rewriter_job(tmp_path, "ab", 'f.write(b\'{"id": "late", "text": "late"}\\n\')')
+    report = overnight.Job.from_file(path).run()
+    assert report.exit_code == 0
+    again = overnight.Job.from_file(path).run()
+    outputs = [r["output"] for r in read_jsonl(tmp_path / "out.jsonl")]
+    assert again.exit_code == 0 and outputs == [f"old{i}" for i in range(n)] + ["late"]
 
 
 @pytest.mark.xfail(

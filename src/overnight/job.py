@@ -852,6 +852,9 @@ class Job:
         )
         try:
             runner.run()
+            now = ledger.get_job(self.name)
+            if not job.ingest_done and now is not None and now.ingest_done:
+                self._verify_read(ledger, now)
         finally:
             outcome.cancelled = runner.cancelled
             if isinstance(task, TruncationWatch):
@@ -920,7 +923,11 @@ class Job:
             stop=stop,
         ):
             return None
-        return ledger.get_job(self.name)
+        fresh = ledger.get_job(self.name)
+        assert fresh is not None
+        if not job.ingest_done:
+            self._verify_read(ledger, fresh)
+        return fresh
 
     def _run_batch(
         self,
@@ -997,11 +1004,36 @@ class Job:
         format turns the same bytes into other records, so it is a changed input too. With
         the content hash alone, which is what older ledgers hold."""
         fp = sources.fingerprint(self.source_path)
+        return sources.Fingerprint(fp.size, fp.mtime_ns, self._how(fp.digest)), fp.digest
+
+    def _how(self, content: str) -> str:
+        """A content hash, mixed with how the input is read (unless that is the default)."""
         how = self.spec.source.model_dump(exclude={"path"})
         if not any(how.values()):  # the defaults: the plain content hash
-            return fp, fp.digest
-        mixed = hashlib.blake2b(fp.digest.encode() + orjson.dumps(how, option=orjson.OPT_SORT_KEYS))
-        return sources.Fingerprint(fp.size, fp.mtime_ns, mixed.hexdigest()[:32]), fp.digest
+            return content
+        mixed = hashlib.blake2b(content.encode() + orjson.dumps(how, option=orjson.OPT_SORT_KEYS))
+        return mixed.hexdigest()[:32]
+
+    def _verify_read(self, ledger: Ledger, job: JobInfo) -> None:
+        """After this run read the input to its end: were the bytes it read those it started
+        with? A file rewritten in place while it was read gives records of two inputs (and
+        lines cut in two where reading went on): nothing of it is exported, and the job is
+        marked so that the next run reads the input again (an incremental run). Appending
+        to the input is fine: the next run reads what was added."""
+        size = job.fingerprint.size
+        try:
+            intact = self._how(sources.digest_of_prefix(self.source_path, size))
+        except OSError:
+            intact = ""
+        if self.source_path.stat().st_size >= size and intact == job.fingerprint.digest:
+            return
+        if job.name == self.name:  # (a generation being read is simply not used)
+            ledger.set_fingerprint(job.id, sources.Fingerprint(0, 0, "changed while read"))
+        raise InputChangedError(
+            f"{self.source_path} changed while this run read it, so what was read mixes two"
+            " versions of it; nothing was exported. Run again: the input is read again, and"
+            " records that did not change keep their results"
+        )
 
     def _connect(self) -> Ledger:
         """Another connection to this job's ledger (the claim's heartbeat thread)."""
@@ -1088,6 +1120,7 @@ class Job:
             stop=stop,
         ):
             return None
+        self._verify_read(ledger, new)
         before = ledger.counts(job.id).total
         kept, gone = ledger.carry_results(job.id, new.id)
         job = ledger.replace_generation(job, new)

@@ -81,6 +81,18 @@ def fingerprint(path: Path, known: Fingerprint | None = None) -> Fingerprint:
     return Fingerprint(st.st_size, st.st_mtime_ns, h.hexdigest())
 
 
+def digest_of_prefix(path: Path, size: int) -> str:
+    """The content hash (as `fingerprint` makes it) of the file's first `size` bytes: the
+    input as it was when a run started, if it was only appended to since."""
+    h = hashlib.blake2b(digest_size=16)
+    left = size
+    with path.open("rb") as f:
+        while left > 0 and (block := f.read(min(left, 1 << 20))):
+            h.update(block)
+            left -= len(block)
+    return h.hexdigest()
+
+
 def estimate_records(fmt: str, path: Path, delimiter: str = ",") -> int:
     """About how many records the input holds, for a progress bar's ETA before ingest ends.
     Parquet: its row count. JSONL: its lines (~50 ms per 100 MB). CSV: records may span
