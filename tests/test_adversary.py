@@ -536,16 +536,11 @@ def test_cancel_while_a_changed_input_is_read_again_stops_the_run(
 # -- open defects ------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a job is known by its name alone in a ledger: two job files of one name sharing"
-    " a ledger (`--state`, or a copied job file with its `name`) are taken for one job; the"
-    " second silently replaces the first's results ('the input changed'), and `export` of"
-    " the first then writes the second's results into the first's output. Needs the job's"
-    " identity (its job file, relative to the ledger) in the ledger, and a decision on what"
-    " a moved or renamed job file means",
-)
 def test_two_job_files_of_one_name_in_one_ledger_do_not_mix(tmp_path: Path) -> None:
+    """Two projects sharing a ledger (--state), or a job file copied beside the first with the
+    same `name` and another input. On main the second run said "the input changed since the
+    last run: 0 of 2 records kept their results" and replaced the first job's results; an
+    `export` of the first job then wrote the second's results into the first's output."""
     state = tmp_path / "shared" / "ledger.db"
     a_dir, b_dir = tmp_path / "a", tmp_path / "b"
     a_dir.mkdir()
@@ -553,10 +548,34 @@ def test_two_job_files_of_one_name_in_one_ledger_do_not_mix(tmp_path: Path) -> N
     a, b = python_job(a_dir), python_job(b_dir)
     (b_dir / "in.jsonl").write_bytes(RECORDS.replace(b'"x"', b'"B"'))
     assert overnight.Job.from_file(a, state=state).run().exit_code == 0
-    with contextlib.suppress(UsageError):  # refusing would be fine; mixing is not
+    with pytest.raises(UsageError, match="already holds a job named 'job'"):
         overnight.Job.from_file(b, state=state).run()
+    with pytest.raises(UsageError, match="already holds a job named 'job'"):
+        overnight.Job.from_file(b, state=state).export()
     overnight.Job.from_file(a, state=state).export()
     assert [r["output"] for r in read_jsonl(a_dir / "out.jsonl")] == ["x", "y"]
+    # A copy of the job file beside it, with the same name and another input: refused too.
+    copy = a_dir / "copy.toml"
+    copy.write_text(a.read_text().replace("in.jsonl", "b.jsonl").replace("out.", "copy."))
+    (a_dir / "b.jsonl").write_bytes(RECORDS.replace(b'"x"', b'"B"'))
+    done = cli("run", str(copy))
+    assert done.returncode == 0  # its own ledger entry: the name is the file's stem, "copy"
+    copy.write_text('name = "job"\n' + copy.read_text())
+    done = cli("run", "--state", str(state), str(copy))
+    assert done.returncode == 2 and "already holds a job named 'job'" in done.stderr
+
+
+def test_a_project_moved_with_its_ledger_is_still_the_same_job(tmp_path: Path) -> None:
+    old = tmp_path / "old"
+    old.mkdir()
+    python_job(old)
+    assert overnight.Job.from_file(old / "job.toml").run().exit_code == 0
+    new = tmp_path / "new"
+    old.rename(new)
+    with open(new / "in.jsonl", "ab") as f:
+        f.write(b'{"id": "c", "text": "z"}\n')
+    report = overnight.Job.from_file(new / "job.toml").run()
+    assert report.exit_code == 0 and report.processed == 1  # a and b kept their results
 
 
 REWRITER = """

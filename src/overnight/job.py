@@ -607,7 +607,35 @@ class Job:
             raise UsageError(
                 f"job {self.name!r} has not been run yet (no ledger entry in {self.state_path})"
             )
+        self._check_origin(job)
         return job
+
+    @property
+    def _origin(self) -> str | None:
+        """The job file, relative to the ledger's folder: a project moved with its ledger
+        inside it is still the same job."""
+        if self.job_file is None:
+            return None
+        return os.path.relpath(self.job_file.resolve(), self.state_path.resolve().parent)
+
+    def _check_origin(self, job: JobInfo) -> bool:
+        """The ledger's entry of this name must be this job's: another job file of the same
+        name (a copied job file, another project sharing the ledger through --state) would
+        replace its results, and `export` would write them as its own. The same job moved or
+        renamed (its input unchanged) is this job. True when the entry should learn this
+        job file (it did not know one, or the job moved)."""
+        mine = self._origin
+        if mine is None or job.origin == mine:
+            return False
+        if job.origin is not None and self._fingerprint()[0].digest != job.fingerprint.digest:
+            raise self._usage(
+                f"the ledger {self.state_path} already holds a job named {self.name!r}, run"
+                f" from another job file ({os.path.normpath(self.state_path.parent / job.origin)})"
+                " over another input; run here it would"
+                " replace that job's results. Give this job a name of its own (`name = ...`),"
+                " or a ledger of its own (--state)"
+            )
+        return True
 
     # -- commands -----------------------------------------------------------------------
 
@@ -1050,6 +1078,8 @@ class Job:
     ) -> JobInfo | None:
         """The job's ledger entry: created, resumed, or (input changed) reconciled."""
         job = ledger.get_job(self.name)
+        if job is not None and self._check_origin(job):
+            ledger.set_origin(job.id, self._origin or "")
         discarded_before = 0.0
         if self._uses_batches():
             # The provider is a second record of what was sent: look there before anything
@@ -1069,7 +1099,11 @@ class Job:
         fingerprint, content = self._fingerprint()
         if job is None:
             return ledger.create_job(
-                self.name, spec_hash, fingerprint, discarded_before=discarded_before
+                self.name,
+                spec_hash,
+                fingerprint,
+                discarded_before=discarded_before,
+                origin=self._origin,
             )
         if spec_hash != job.spec_hash:
             raise InputChangedError(

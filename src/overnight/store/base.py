@@ -80,6 +80,10 @@ class JobInfo:
     # The fingerprint was stored before its digest covered how the input is read (the id
     # column, delimiter, format): by an older overnight, as the content hash alone.
     legacy_fingerprint: bool = False
+    # The job file it was run from, relative to the ledger's folder; None when unknown (the
+    # Python API without a file, older ledgers): two job files of one name must not share a
+    # ledger entry.
+    origin: str | None = None
 
 
 @dataclass(frozen=True)
@@ -227,10 +231,16 @@ class Ledger(Protocol):
     def get_job(self, name: str) -> JobInfo | None: ...
     def list_jobs(self) -> list[JobInfo]: ...
     def create_job(
-        self, name: str, spec_hash: str, fingerprint: Fingerprint, discarded_before: float = 0.0
+        self,
+        name: str,
+        spec_hash: str,
+        fingerprint: Fingerprint,
+        discarded_before: float = 0.0,
+        origin: str | None = None,
     ) -> JobInfo: ...
     def delete_job(self, job_id: int) -> None: ...
     def set_fingerprint(self, job_id: int, fingerprint: Fingerprint) -> None: ...
+    def set_origin(self, job_id: int, origin: str) -> None: ...
 
     # incremental runs: the changed input read into a new generation that replaces the job
     def begin_generation(self, job: JobInfo, fingerprint: Fingerprint) -> JobInfo: ...

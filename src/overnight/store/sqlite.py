@@ -55,7 +55,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     created_at     REAL NOT NULL,
     token          TEXT,                       -- the job's mark on provider requests
     discarded_before REAL NOT NULL DEFAULT 0,  -- see JobInfo.discarded_before
-    fp_how         INTEGER NOT NULL DEFAULT 0  -- 1: fp_digest covers how the input is read
+    fp_how         INTEGER NOT NULL DEFAULT 0, -- 1: fp_digest covers how the input is read
+    origin         TEXT                        -- its job file (see JobInfo.origin)
 );
 CREATE TABLE IF NOT EXISTS items (
     id            INTEGER PRIMARY KEY,          -- job_id << 40 | seq
@@ -141,6 +142,7 @@ _COLUMNS_ADDED = {
         ("discarded_before", "REAL NOT NULL DEFAULT 0"),
         # Rows of older ledgers get 0 (see JobInfo.legacy_fingerprint); every write sets 1.
         ("fp_how", "INTEGER NOT NULL DEFAULT 0"),
+        ("origin", "TEXT"),
     ),
     "remote_batches": (("create_until", "REAL"), ("tagged", "INTEGER NOT NULL DEFAULT 0")),
 }
@@ -406,7 +408,7 @@ class SQLiteLedger:
         row = self._db.execute(
             "SELECT id, name, spec_hash, fp_size, fp_mtime_ns, fp_digest, ingest_records,"
             " ingest_line, ingest_offset, ingest_done, created_at, token, discarded_before,"
-            " fp_how FROM jobs WHERE name = ?",
+            " fp_how, origin FROM jobs WHERE name = ?",
             (name,),
         ).fetchone()
         if row is None:
@@ -422,17 +424,23 @@ class SQLiteLedger:
             token=row[11],
             discarded_before=row[12],
             legacy_fingerprint=not row[13],
+            origin=row[14],
         )
 
     def create_job(
-        self, name: str, spec_hash: str, fingerprint: Fingerprint, discarded_before: float = 0.0
+        self,
+        name: str,
+        spec_hash: str,
+        fingerprint: Fingerprint,
+        discarded_before: float = 0.0,
+        origin: str | None = None,
     ) -> JobInfo:
         with self._tx() as db:
             # ON CONFLICT: two processes creating one job at once get the same row, not an
             # IntegrityError (the claim keeps them apart before this in `run`).
             db.execute(
                 "INSERT INTO jobs (name, spec_hash, fp_size, fp_mtime_ns, fp_digest, created_at,"
-                " token, discarded_before, fp_how) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1)"
+                " token, discarded_before, fp_how, origin) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?)"
                 " ON CONFLICT (name) DO NOTHING",
                 (
                     name,
@@ -443,6 +451,7 @@ class SQLiteLedger:
                     time.time(),
                     new_token(),
                     discarded_before,
+                    origin,
                 ),
             )
         job = self.get_job(name)
@@ -488,8 +497,8 @@ class SQLiteLedger:
         with self._tx() as db:
             db.execute(
                 "INSERT INTO jobs (name, spec_hash, fp_size, fp_mtime_ns, fp_digest, created_at,"
-                " token, discarded_before, fp_how) SELECT ?, spec_hash, ?, ?, ?, created_at,"
-                " token, discarded_before, 1 FROM jobs WHERE id = ?",
+                " token, discarded_before, fp_how, origin) SELECT ?, spec_hash, ?, ?, ?,"
+                " created_at, token, discarded_before, 1, origin FROM jobs WHERE id = ?",
                 (hidden, fingerprint.size, fingerprint.mtime_ns, fingerprint.digest, job.id),
             )
         new = self.get_job(hidden)
@@ -543,6 +552,10 @@ class SQLiteLedger:
         job = self.get_job(old.name)
         assert job is not None
         return job
+
+    def set_origin(self, job_id: int, origin: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET origin = ? WHERE id = ?", (origin, job_id))
 
     def set_fingerprint(self, job_id: int, fingerprint: Fingerprint) -> None:
         with self._tx() as db:
