@@ -25,9 +25,12 @@ pytestmark = pytest.mark.slow
 
 SLOW_FUNCTION = """
 import time
+from pathlib import Path
 def fn(records):
     time.sleep(0.02)
-    with open("calls.log", "a") as f:
+    # Beside this file, not in the current folder: a run in the test's own process (the
+    # repository's root) must log where the test looks.
+    with open(Path(__file__).parent / "calls.log", "a") as f:
         f.write("".join(str(r["id"]) + "\\n" for r in records))
     return [r["n"] for r in records]
 """
