@@ -334,8 +334,10 @@ class BatchRunner:
             if isinstance(exc, TooLarge) or status is None or status in (408, 409, 429):
                 self._split_or_raise(chunk, lines, exc)
                 return
-            if status >= 500:
-                raise  # the provider is unwell: a rerun adopts or creates this chunk
+            if status >= 500 or status in (401, 403):
+                # The provider is unwell, or refuses the key (no fault of these lines): the
+                # run stops (llm_job.provider_failure); a rerun adopts or creates this chunk.
+                raise
             # Refused as a whole (a 4xx): every line fails with the provider's message,
             # rather than the next run sending the same refused batch again.
             message = redact(f"the provider refused the batch: HTTP {status}: {exc}")
@@ -511,10 +513,14 @@ class BatchRunner:
     def _outcome(self, it: Item, result: Result) -> Outcome:
         seq, attempts = it.seq, it.attempts
         if result.kind == "succeeded":
-            answer = answer_from_body(self.service.provider, "", result.body or {})
-            usage = self.meter(answer)
             try:
+                answer = answer_from_body(self.service.provider, "", result.body or {})
+                usage = self.meter(answer)
                 fields = self.task.parse(answer)
+            except (AttributeError, KeyError, TypeError, ValueError) as exc:
+                # An answer of a shape the API does not document: this item's, not the run's.
+                why = redact(f"the provider's answer cannot be read: {type(exc).__name__}: {exc}")
+                return Outcome(seq, "invalid", None, "unreadable_answer", why)
             except InvalidOutput as exc:
                 if self.repair and it.follow_up is None:  # ask again, once, in the next batch
                     ask = self.task.build(orjson.loads(it.payload))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -34,6 +35,16 @@ from .store import Counts, Failure, JobInfo, Ledger, open_ledger
 from .tasks import Task, make_task
 
 log = logging.getLogger(__name__)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """The same file: one path, through symlinks and `..`, or hard links of one file."""
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
 
 
 def _clock(ts: float) -> str:
@@ -73,17 +84,20 @@ class Job:
         self.name = spec.name or name or "job"
         self.origin = origin or "Job(...)"  # named in every message about the job's settings
         self.state_path = Path(state) if state else self.base_dir / ".overnight" / "ledger.db"
+        self.job_file: Path | None = None  # the TOML file, when the job came from one
 
     @classmethod
     def from_file(cls, path: str | Path, state: str | Path | None = None) -> Job:
         path = Path(path)
-        return cls(
+        job = cls(
             load_job_file(path),
             base_dir=path.resolve().parent,
             state=state,
             name=path.stem,
             origin=str(path),
         )
+        job.job_file = path
+        return job
 
     def _usage(self, message: str) -> UsageError:
         return UsageError(f"{self.origin}: {message}")
@@ -129,25 +143,7 @@ class Job:
             raise self._usage(f"[source] path: input file not found: {src}")
         self.source_format  # noqa: B018 - validates the format
         self._check_input()
-        out = self.spec.output
-        bad = [c for c in out.include if c in sinks.RESERVED or c == self.id_name]
-        if bad:
-            raise self._usage(f"[output] include: {bad[0]!r} is a name the output row already uses")
-        if self.spec.output.path and self.output_path.suffix.lower() not in (
-            ".jsonl",
-            ".ndjson",
-            ".csv",
-            ".parquet",
-        ):
-            raise self._usage(
-                f"[output] path: {self.output_path.name}: use .jsonl, .csv or .parquet"
-            )
-        for key, path in (("path", self.output_path), ("errors", self.errors_path)):
-            if path.is_dir():
-                raise self._usage(f"[output] {key}: {path} is a folder; name a file")
-            blocked = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
-            if blocked is not None:
-                raise self._usage(f"[output] {key}: {path}: {blocked} is a file, not a folder")
+        self._check_output()
         self.validator  # noqa: B018 - loads and checks the schema
         if self.spec.task.examples:
             self.examples  # noqa: B018 - reads and renders the labelled examples
@@ -179,6 +175,64 @@ class Job:
                 check_installed(name)
             except ValueError as exc:
                 raise self._usage(f"[model] name: {exc}") from None
+
+    def _check_output(self) -> None:
+        """The output and errors files can be written, and replace nothing the job needs."""
+        out = self.spec.output
+        bad = [c for c in out.include if c in sinks.RESERVED or c == self.id_name]
+        if bad:
+            raise self._usage(f"[output] include: {bad[0]!r} is a name the output row already uses")
+        if self.spec.output.path and self.output_path.suffix.lower() not in (
+            ".jsonl",
+            ".ndjson",
+            ".csv",
+            ".parquet",
+        ):
+            raise self._usage(
+                f"[output] path: {self.output_path.name}: use .jsonl, .csv or .parquet"
+            )
+        if self.spec.output.errors and self.errors_path.suffix.lower() not in (".jsonl", ".ndjson"):
+            raise self._usage(
+                f"[output] errors: {self.errors_path.name}: the errors file is JSON lines;"
+                " name it .jsonl"
+            )
+        for key, path in (("path", self.output_path), ("errors", self.errors_path)):
+            if path.is_dir():
+                raise self._usage(f"[output] {key}: {path} is a folder; name a file")
+            blocked = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+            if blocked is not None:
+                raise self._usage(f"[output] {key}: {path}: {blocked} is a file, not a folder")
+            # Exports replace their files whole: never one the job reads or keeps its state in.
+            clash = next((what for what, p in self._kept_files() if _same_file(path, p)), None)
+            if clash is not None:
+                raise self._usage(
+                    f"[output] {key}: {path} is {clash}; writing the results there would"
+                    " destroy it. Name another file"
+                )
+        if _same_file(self.output_path, self.errors_path):
+            raise self._usage(
+                f"[output] errors: {self.errors_path} is also [output] path; the errors file"
+                " would replace the results. Name another file"
+            )
+
+    def _kept_files(self) -> Iterator[tuple[str, Path]]:
+        """The files a run reads or keeps its state in (what an output must never replace)."""
+        spec = self.spec
+        yield "the input ([source] path)", self.source_path
+        if self.job_file is not None:
+            yield "the job file", self.job_file
+        if spec.task.examples:
+            yield "the labelled examples ([task] examples)", self._path(spec.task.examples)
+        if spec.task.schema_:  # a file, or a pydantic model "module:Model" (no such path)
+            yield "the schema ([task] schema)", self._path(spec.task.schema_)
+        if isinstance(spec.output.schema_, str):
+            yield "the schema ([output] schema)", self._path(spec.output.schema_)
+        if spec.run.prices:
+            yield "the price table ([run] prices)", self._path(spec.run.prices)
+        if spec.run.cache:
+            yield "the response cache ([run] cache)", self._path(spec.run.cache)
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            yield "the ledger", self.state_path.with_name(self.state_path.name + suffix)
 
     def _check_input(self) -> None:
         """The input opens and parses, and has the id column; an empty one is worth a word."""
@@ -371,13 +425,57 @@ class Job:
         finally:
             ledger.close()
 
+    def _job_or_starting(self, ledger: Ledger, wait: float = 120.0) -> JobInfo:
+        """The job's ledger entry; while a run that holds the job's claim has not made it yet
+        (it hashes the input, or asks the provider about earlier batches), wait for it."""
+        deadline = time.monotonic() + wait
+        while (job := ledger.get_job(self.name)) is None:
+            claim = ledger.get_claim(self.name)
+            if claim is None or not holder_alive(claim):
+                break
+            if time.monotonic() > deadline:
+                raise UsageError(
+                    f"job {self.name!r} is starting ({describe(claim.owner)}) and has no"
+                    " ledger entry yet; try again in a moment"
+                )
+            time.sleep(0.1)
+        return job or self._job_info(ledger)
+
     def _job_info(self, ledger: Ledger) -> JobInfo:
         job = ledger.get_job(self.name)
         if job is None:
             raise UsageError(
                 f"job {self.name!r} has not been run yet (no ledger entry in {self.state_path})"
             )
+        self._check_origin(job)
         return job
+
+    @property
+    def _origin(self) -> str | None:
+        """The job file, relative to the ledger's folder: a project moved with its ledger
+        inside it is still the same job."""
+        if self.job_file is None:
+            return None
+        return os.path.relpath(self.job_file.resolve(), self.state_path.resolve().parent)
+
+    def _check_origin(self, job: JobInfo) -> bool:
+        """The ledger's entry of this name must be this job's: another job file of the same
+        name (a copied job file, another project sharing the ledger through --state) would
+        replace its results, and `export` would write them as its own. The same job moved or
+        renamed (its input unchanged) is this job. True when the entry should learn this
+        job file (it did not know one, or the job moved)."""
+        mine = self._origin
+        if mine is None or job.origin == mine:
+            return False
+        if job.origin is not None and self._fingerprint()[0].digest != job.fingerprint.digest:
+            raise self._usage(
+                f"the ledger {self.state_path} already holds a job named {self.name!r}, run"
+                f" from another job file ({os.path.normpath(self.state_path.parent / job.origin)})"
+                " over another input; run here it would"
+                " replace that job's results. Give this job a name of its own (`name = ...`),"
+                " or a ledger of its own (--state)"
+            )
+        return True
 
     # -- commands -----------------------------------------------------------------------
 
@@ -396,6 +494,30 @@ class Job:
         if detach and not (self.spec.model.backend.endswith("-batch")):
             raise self._usage("--detach applies to the batch backends (openai-batch, ...)")
         self.check()
+        with self._provider_errors():
+            return self._run(restart, on_progress, stop, detach)
+
+    @contextmanager
+    def _provider_errors(self) -> Iterator[None]:
+        """The batch API's SDK errors that stop a job, as a clear message (see
+        llm_job.provider_failure), not an unexpected error."""
+        try:
+            yield
+        except Exception as exc:
+            failure = llm_job.provider_failure(self.spec, exc) if self.is_llm else None
+            if failure is None:
+                raise
+            if isinstance(failure, UsageError):
+                raise self._usage(str(failure)) from None
+            raise failure from None
+
+    def _run(
+        self,
+        restart: bool,
+        on_progress: Callable[[Progress], None] | None,
+        stop: threading.Event | None,
+        detach: bool,
+    ) -> Report:
         spec_hash = self._spec_hash()
         stop = stop or threading.Event()
         with (
@@ -407,8 +529,9 @@ class Job:
             if job is None:  # stopped while reading a changed input: the old job is intact
                 run.finish("interrupted", 0, 0.0, 0.0)
                 return Report(job=self.name, counts=Counts(), interrupted=True, notes=tuple(notes))
-            if ledger.is_cancelled(job.id):
-                ledger.reopen(job.id)
+            # Running a cancelled job resumes it; a cancel made while this run was starting
+            # (it held the claim, `cancel` waited for its ledger entry) stands.
+            ledger.reopen(job.id, before=run.claim.since)
             before = ledger.counts(job.id)
             progress = Progress(
                 succeeded=before["succeeded"],
@@ -597,6 +720,9 @@ class Job:
         )
         try:
             runner.run()
+            now = ledger.get_job(self.name)
+            if not job.ingest_done and now is not None and now.ingest_done:
+                self._verify_read(ledger, now)
         finally:
             outcome.cancelled = runner.cancelled
             if isinstance(task, TruncationWatch):
@@ -665,7 +791,11 @@ class Job:
             stop=stop,
         ):
             return None
-        return ledger.get_job(self.name)
+        fresh = ledger.get_job(self.name)
+        assert fresh is not None
+        if not job.ingest_done:
+            self._verify_read(ledger, fresh)
+        return fresh
 
     def _run_batch(
         self,
@@ -737,15 +867,41 @@ class Job:
     def _remote_batches(self, ledger: Ledger, job_id: int) -> list[dict[str, Any]]:
         return [c.to_dict() for c in ledger.chunks(job_id)]
 
-    def _fingerprint(self) -> sources.Fingerprint:
+    def _fingerprint(self) -> tuple[sources.Fingerprint, str]:
         """The input's content hash, and how it is read: another id column, delimiter or
-        format turns the same bytes into other records, so it is a changed input too."""
+        format turns the same bytes into other records, so it is a changed input too. With
+        the content hash alone, which is what older ledgers hold."""
         fp = sources.fingerprint(self.source_path)
+        return sources.Fingerprint(fp.size, fp.mtime_ns, self._how(fp.digest)), fp.digest
+
+    def _how(self, content: str) -> str:
+        """A content hash, mixed with how the input is read (unless that is the default)."""
         how = self.spec.source.model_dump(exclude={"path"})
-        if not any(how.values()):  # the defaults: the plain content hash, as older ledgers have
-            return fp
-        mixed = hashlib.blake2b(fp.digest.encode() + orjson.dumps(how, option=orjson.OPT_SORT_KEYS))
-        return sources.Fingerprint(fp.size, fp.mtime_ns, mixed.hexdigest()[:32])
+        if not any(how.values()):  # the defaults: the plain content hash
+            return content
+        mixed = hashlib.blake2b(content.encode() + orjson.dumps(how, option=orjson.OPT_SORT_KEYS))
+        return mixed.hexdigest()[:32]
+
+    def _verify_read(self, ledger: Ledger, job: JobInfo) -> None:
+        """After this run read the input to its end: were the bytes it read those it started
+        with? A file rewritten in place while it was read gives records of two inputs (and
+        lines cut in two where reading went on): nothing of it is exported, and the job is
+        marked so that the next run reads the input again (an incremental run). Appending
+        to the input is fine: the next run reads what was added."""
+        size = job.fingerprint.size
+        try:
+            intact = self._how(sources.digest_of_prefix(self.source_path, size))
+        except OSError:
+            intact = ""
+        if self.source_path.stat().st_size >= size and intact == job.fingerprint.digest:
+            return
+        if job.name == self.name:  # (a generation being read is simply not used)
+            ledger.set_fingerprint(job.id, sources.Fingerprint(0, 0, "changed while read"))
+        raise InputChangedError(
+            f"{self.source_path} changed while this run read it, so what was read mixes two"
+            " versions of it; nothing was exported. Run again: the input is read again, and"
+            " records that did not change keep their results"
+        )
 
     def _connect(self) -> Ledger:
         """Another connection to this job's ledger (the claim's heartbeat thread)."""
@@ -762,6 +918,8 @@ class Job:
     ) -> JobInfo | None:
         """The job's ledger entry: created, resumed, or (input changed) reconciled."""
         job = ledger.get_job(self.name)
+        if job is not None and self._check_origin(job):
+            ledger.set_origin(job.id, self._origin or "")
         discarded_before = 0.0
         if self._uses_batches():
             # The provider is a second record of what was sent: look there before anything
@@ -778,10 +936,14 @@ class Job:
         if job is not None and restart:
             ledger.delete_job(job.id)
             job = None
-        fingerprint = self._fingerprint()
+        fingerprint, content = self._fingerprint()
         if job is None:
             return ledger.create_job(
-                self.name, spec_hash, fingerprint, discarded_before=discarded_before
+                self.name,
+                spec_hash,
+                fingerprint,
+                discarded_before=discarded_before,
+                origin=self._origin,
             )
         if spec_hash != job.spec_hash:
             raise InputChangedError(
@@ -789,8 +951,14 @@ class Job:
                 "started; results would mix two configurations. Undo the change, give the job a "
                 "new name, or run with --restart to start over."
             )
-        if fingerprint.digest == job.fingerprint.digest:  # by content: size and mtime can lie
-            if fingerprint != job.fingerprint:
+        same = fingerprint.digest == job.fingerprint.digest  # by content: size and mtime lie
+        if not same and job.legacy_fingerprint:
+            # Stored by an older overnight, as the content hash alone: compare as it did
+            # (calling the input changed would refuse to collect its live batches), then
+            # store the full fingerprint.
+            same = content == job.fingerprint.digest
+        if same:
+            if fingerprint != job.fingerprint or job.legacy_fingerprint:
                 ledger.set_fingerprint(job.id, fingerprint)
             return job
         return self._reconcile(ledger, job, fingerprint, notes, on_progress, stop)
@@ -826,6 +994,7 @@ class Job:
             stop=stop,
         ):
             return None
+        self._verify_read(ledger, new)
         before = ledger.counts(job.id).total
         kept, gone = ledger.carry_results(job.id, new.id)
         job = ledger.replace_generation(job, new)
@@ -957,27 +1126,31 @@ class Job:
             return RetryResult(moved, unread, tuple(ledger.reject_lines(job.id, 10)))
 
     def export(self) -> sinks.Exported:
+        self._check_output()
         with self.ledger() as ledger:
             job = self._job_info(ledger)
             return self._export(ledger, job.id)
 
     def _export(self, ledger: Ledger, job_id: int) -> sinks.Exported:
-        return sinks.export(
-            ledger,
-            job_id,
-            self.output_path,
-            self.errors_path,
-            self.id_name,
-            self.spec.output.include,
-            vectors=self.spec.task.kind == "embed",
-        )
+        try:
+            return sinks.export(
+                ledger,
+                job_id,
+                self.output_path,
+                self.errors_path,
+                self.id_name,
+                self.spec.output.include,
+                vectors=self.spec.task.kind == "embed",
+            )
+        except sinks.OutputUnwritable as exc:
+            raise sinks.OutputUnwritable(f"{self.origin}: {exc}") from None
 
     def cancel(self) -> CancelResult:
         """Open items become cancelled; a running run stops after its batch in flight; live
         provider batches are cancelled remotely and what they finished is kept (collected
         by the running run or the next `run`). `run` resumes the job."""
         with self.ledger() as ledger:
-            job = self._job_info(ledger)
+            job = self._job_or_starting(ledger)
             counts = ledger.counts(job.id)
             activity = self._activity(ledger, job, counts)
             n = ledger.cancel(job.id)
@@ -994,7 +1167,8 @@ class Job:
                     max_attempts=self.spec.run.max_attempts,
                     meter=llm_job.meter(self.spec, self.prices, batch=True),
                 )
-                batches = runner.cancel_remote()
+                with self._provider_errors():
+                    batches = runner.cancel_remote()
             unread = None
             if not job.ingest_done and activity.remaining is not None:
                 unread = max(0, activity.remaining - counts.open)

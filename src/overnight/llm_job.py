@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from .errors import UsageError
+from .errors import EndpointDown, OvernightError, UsageError, redact
 from .runner import Meter, Usage
 from .spec import JobSpec
 
@@ -51,6 +51,35 @@ def api_key(spec: JobSpec) -> str:
             "non-ASCII characters (no HTTP header may carry them): set it to the key alone"
         )
     return key
+
+
+def provider_failure(spec: JobSpec, exc: BaseException) -> OvernightError | None:
+    """An error of a provider's SDK that stops a batch job (the batch API is called outside
+    the real-time predictor, which handles these itself), as the error users get: the key
+    refused (401/403) is exit 2 naming its variable; the API unreachable, timing out or
+    failing (5xx) pauses the job, exit 3, items as they were: a rerun resumes. None for
+    anything else."""
+    status = getattr(exc, "status_code", None)
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    where = spec.model.base_url or f"the {provider(spec)} API"
+    body = getattr(exc, "body", None)  # the provider's error object, or the whole answer
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        body = body["error"]
+    said = body.get("message") if isinstance(body, dict) else None
+    detail = redact(str(said or getattr(exc, "message", None) or exc))
+    if status in (401, 403):
+        env = spec.model.api_key_env or DEFAULT_KEY_ENV[provider(spec)]
+        return UsageError(
+            f"[model] {where} refused the API key in {env} (HTTP {status}: {detail}); nothing"
+            " more was sent: set the right key and run again"
+        )
+    if (status is not None and status >= 500) or names & {"APIConnectionError", "APITimeoutError"}:
+        what = f"HTTP {status}: {detail}" if status is not None else detail
+        return EndpointDown(
+            f"cannot reach the batch API at {where} ({what}); the job is paused, items stay"
+            " as they were: run it again to resume"
+        )
+    return None
 
 
 def load_schema(ref: str, base_dir: Path) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import orjson
 import psutil
 
 from . import results
-from .errors import OvernightError
+from .errors import OvernightError, UsageError
 from .store import Ledger
 
 RESERVED = ("output", "scores", "usage")
@@ -28,6 +28,23 @@ RESERVED = ("output", "scores", "usage")
 
 class ExportError(OvernightError, ValueError):
     """The results cannot be written in the format asked for; they stay in the ledger."""
+
+
+class OutputUnwritable(UsageError):
+    """An output or errors file cannot be written (a read-only or missing folder, a full
+    disk): exit 2, naming the key and the file. The results stay in the ledger."""
+
+
+@contextmanager
+def _writing(key: str, path: Path) -> Iterator[None]:
+    """An OS error while writing `path` as one clear message, not an unexpected error."""
+    try:
+        yield
+    except OSError as exc:
+        raise OutputUnwritable(
+            f"[output] {key}: cannot write {path}: {exc.strerror or exc}. The results are kept"
+            " in the ledger: once this is fixed, `overnight export` writes them"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -224,13 +241,16 @@ def export(
     """(Re)write the output and errors files. `vectors`: the job's outputs are embeddings
     (stored as float32 bytes; Parquet gets a fixed_size_list<float32> column)."""
     fmt = output.suffix.lower()
-    if fmt == ".csv":
-        with atomic_write(output, "w") as f:
-            rows = _write_csv(f, ledger, job_id, id_name, include)
-    elif fmt == ".parquet":
-        with atomic_path(output) as tmp:
-            rows = _write_parquet(tmp, output, ledger, job_id, id_name, include)
-    else:
-        with atomic_write(output) as f:
-            rows = _write_jsonl(f, ledger, job_id, id_name, include, vectors)
-    return Exported(output, errors, rows, write_errors(errors, ledger, job_id))
+    with _writing("path", output):
+        if fmt == ".csv":
+            with atomic_write(output, "w") as f:
+                rows = _write_csv(f, ledger, job_id, id_name, include)
+        elif fmt == ".parquet":
+            with atomic_path(output) as tmp:
+                rows = _write_parquet(tmp, output, ledger, job_id, id_name, include)
+        else:
+            with atomic_write(output) as f:
+                rows = _write_jsonl(f, ledger, job_id, id_name, include, vectors)
+    with _writing("errors", errors):
+        errors_rows = write_errors(errors, ledger, job_id)
+    return Exported(output, errors, rows, errors_rows)

@@ -81,6 +81,18 @@ def fingerprint(path: Path, known: Fingerprint | None = None) -> Fingerprint:
     return Fingerprint(st.st_size, st.st_mtime_ns, h.hexdigest())
 
 
+def digest_of_prefix(path: Path, size: int) -> str:
+    """The content hash (as `fingerprint` makes it) of the file's first `size` bytes: the
+    input as it was when a run started, if it was only appended to since."""
+    h = hashlib.blake2b(digest_size=16)
+    left = size
+    with path.open("rb") as f:
+        while left > 0 and (block := f.read(min(left, 1 << 20))):
+            h.update(block)
+            left -= len(block)
+    return h.hexdigest()
+
+
 def estimate_records(fmt: str, path: Path, delimiter: str = ",") -> int:
     """About how many records the input holds, for a progress bar's ETA before ingest ends.
     Parquet: its row count. JSONL: its lines (~50 ms per 100 MB). CSV: records may span
@@ -162,6 +174,7 @@ def content_id(payload: bytes) -> str:
     return hashlib.blake2b(payload, digest_size=12).hexdigest()
 
 
+_BOM = b"\xef\xbb\xbf"  # UTF-8's byte order mark
 _new = tuple.__new__  # builds a Row without the Python-level __new__: ~3x cheaper per record
 
 
@@ -186,6 +199,11 @@ def read_jsonl(
         f.seek(start.offset)
         rows: list[Row] = []
         line, offset = start.line, start.offset
+        if offset == 0:  # a byte order mark (Windows tools write one) is not part of line 1
+            if f.read(len(_BOM)) == _BOM:
+                offset = len(_BOM)
+            else:
+                f.seek(0)
         for raw in f:
             offset += len(raw)
             payload = raw.strip()
@@ -215,8 +233,13 @@ def read_csv(
     # surrogateescape keeps a row with bad bytes readable, so it fails alone (below).
     with _open_binary(path) as raw, _read_errors(path):
         f = io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape", newline="")
-        reader = csv.reader(f, delimiter=delimiter)
-        header = next(reader, None)
+        # strict: a quote that is never closed is an error, not a field that swallows every
+        # line after it (and their records) without a word.
+        reader = csv.reader(f, delimiter=delimiter, strict=True)
+        try:
+            header = next(reader, None)
+        except csv.Error as exc:
+            raise SourceError(f"{path}: the header is not readable CSV ({exc})") from None
         if header is None:
             return
         header = [h.removeprefix("\ufeff") for h in header]
@@ -227,7 +250,7 @@ def read_csv(
         rows: list[Row] = []
         records = 0
         prev_end = reader.line_num
-        for values in reader:
+        for values in _records(reader):
             line = prev_end + 1
             prev_end = reader.line_num
             if not values:  # a blank line is not a record
@@ -235,7 +258,12 @@ def read_csv(
             records += 1
             if records <= start.records:
                 continue
-            if len(values) != width:
+            if type(values) is not list:  # a csv.Error: malformed quoting
+                through = f" (through line {prev_end})" if prev_end > line else ""
+                rows.append(
+                    Row(line, None, None, None, f"line {line}: malformed CSV{through}: {values}")
+                )
+            elif len(values) != width:
                 rows.append(
                     Row(
                         line,
@@ -258,6 +286,17 @@ def read_csv(
                 rows = []
         if rows:
             yield rows
+
+
+def _records(reader: Any) -> Iterator[list[str] | csv.Error]:
+    """The reader's records; a record it cannot parse comes as its csv.Error, and reading
+    goes on after it."""
+    while True:
+        try:
+            yield from reader
+            return
+        except csv.Error as exc:
+            yield exc
 
 
 def read_parquet(

@@ -20,13 +20,14 @@ _SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "
 
 
 class _Section(BaseModel):
-    # strict: a string where a number belongs is an error, not a silent coercion.
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    # strict: a string where a number belongs is an error, not a silent coercion. No inf or
+    # nan: `timeout = inf` would overflow where it is used, `backoff_max = inf` never retry.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 class SourceSpec(_Section):
-    path: str
-    id: str | None = None
+    path: str = Field(min_length=1)
+    id: str | None = Field(None, min_length=1)  # "" would fail every record alone
     format: Literal["jsonl", "csv", "parquet"] | None = None
     delimiter: str | None = None  # CSV only: "," unless set (";" and "\t" are common)
 

@@ -34,6 +34,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -66,6 +67,8 @@ DEFAULT_TIMEOUT = 600.0
 # Loading the function or the model is not a call; it gets at least this long.
 START_TIMEOUT = 600.0
 
+# Seconds between checks that the child is alive while waiting for its answer.
+_LIVENESS_CHECK = 0.5
 _CALL = struct.Struct("<I")  # a call: the batch size, then the records as one JSON array
 _RESULTS, _ERROR = b"R", b"E"  # an answer: per-record rows or errors, or the call's error
 
@@ -184,7 +187,7 @@ class WorkerProcess:
             self._conn.send_bytes(_CALL.pack(batch_size) + b"[" + b",".join(inputs) + b"]")
         except OSError:  # the child died between calls (say, killed from outside)
             raise self._crashed() from None
-        if not self._conn.poll(self.timeout):
+        if not self._wait(self.timeout):
             self._stop(kill=True)
             raise WorkerTimeout(
                 f"no answer within [run] timeout = {self.timeout:g} s; the worker process was "
@@ -222,6 +225,9 @@ class WorkerProcess:
                 [sys.executable, "-c", _BOOT, str(child.fileno()), root],
                 pass_fds=(child.fileno(),),
                 stdin=subprocess.DEVNULL,
+                # What user code prints goes to stderr, beside the progress lines: the
+                # runner's stdout carries its report (`--json`) and must stay parseable.
+                stdout=_stderr_fd(),
             )
         finally:
             child.close()
@@ -231,7 +237,7 @@ class WorkerProcess:
         what = self.recipe.factory
         try:
             conn.send({"sys_path": sys.path, "recipe": self.recipe, "ppid": os.getpid()})
-            if not conn.poll(max(self.timeout, START_TIMEOUT)):
+            if not self._wait(max(self.timeout, START_TIMEOUT)):
                 self._stop(kill=True)
                 raise WorkerStartError(f"the worker process did not finish loading ({what})")
             status, detail = conn.recv()
@@ -240,6 +246,8 @@ class WorkerProcess:
             raise WorkerStartError(
                 f"the worker process {_death(code)} while loading ({what})"
             ) from None
+        except WorkerCrashed as exc:  # died, while something it forked holds the socket
+            raise WorkerStartError(f"{exc} while loading ({what})") from None
         if status != "ready":
             self._stop(kill=True)
             exc = _rebuild(detail)
@@ -247,6 +255,24 @@ class WorkerProcess:
                 raise exc
             raise WorkerStartError(f"the worker process could not load ({what}): {detail[2]}")
         log.debug("worker process %d ready (%s)", proc.pid, what)
+
+    def _wait(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for the child's answer: True when there is one to
+        read (or the socket's end: the child died), False when time ran out. A child that
+        died raises WorkerCrashed at once, even when a process it forked still holds the
+        socket open (which it may do until it exits, however long that is)."""
+        assert self._conn is not None and self._proc is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if self._conn.poll(min(max(left, 0.0), _LIVENESS_CHECK)):
+                return True
+            if self._proc.poll() is not None:
+                if self._conn.poll(0):  # its last words arrived as it went
+                    return True
+                raise self._crashed()
+            if left <= 0:
+                return False
 
     def _crashed(self) -> WorkerCrashed:
         code = self._reap()
@@ -286,6 +312,16 @@ class WorkerProcess:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+def _stderr_fd() -> int | None:
+    """This process's stderr as a file descriptor for the child's stdout (None, inherit
+    stdout, when there is no usable one)."""
+    try:
+        os.fstat(2)
+    except OSError:
+        return None
+    return 2
 
 
 # -- the child's side ------------------------------------------------------------------------

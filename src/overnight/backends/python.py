@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +17,7 @@ def load_function(ref: str, base_dir: Path) -> Callable[[list[Any]], list[Any]]:
     module_name, _, attr = ref.partition(":")
     if str(base_dir) not in sys.path:
         sys.path.insert(0, str(base_dir))
+    _forget_other_folders(module_name, base_dir)
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:
@@ -30,6 +32,21 @@ def load_function(ref: str, base_dir: Path) -> Callable[[list[Any]], list[Any]]:
     if not callable(fn):
         raise UsageError(f"[model] function: {ref!r} is not callable")
     return fn  # type: ignore[return-value]
+
+
+def _forget_other_folders(module_name: str, base_dir: Path) -> None:
+    """A module of this name that lives in the job's folder, while one of the same name from
+    another folder is already imported in this process (an earlier job's `fn.py`, through the
+    Python API): that one is dropped, so that this job imports its own rather than silently
+    run the other job's function."""
+    top = module_name.partition(".")[0]
+    spec = importlib.machinery.PathFinder.find_spec(top, [str(base_dir)])
+    loaded = sys.modules.get(top)
+    if spec is None or spec.origin is None or loaded is None:
+        return
+    if getattr(loaded, "__file__", None) != spec.origin:
+        for name in [n for n in sys.modules if n == top or n.startswith(top + ".")]:
+            del sys.modules[name]
 
 
 class PythonFunction:

@@ -56,6 +56,7 @@ TRANSIENT_ERRORS = {
     "server_error",
     "batch_expired",
     "batch_cancelled",
+    "unreadable_result",  # its result line came back garbled (see _read_line)
 }
 SKEW = 300.0  # seconds a provider's clock may differ from ours
 LOOKBACK = 3 * 86_400.0  # how far back `tagged` looks for a job's batches
@@ -128,6 +129,36 @@ class Result:
     body: dict[str, Any] | None  # the response body when succeeded
     error_type: str | None = None
     message: str | None = None
+
+
+# A custom_id in a results line that is not JSON any more (cut short, mangled).
+_CUSTOM_ID_FIELD = re.compile(r'"custom_id"\s*:\s*"([A-Za-z0-9_.:-]{1,128})"')
+
+
+def _read_line(raw: str | bytes, to_result: Callable[[dict[str, Any]], Result]) -> Result | None:
+    """One line of a batch's results. A line that cannot be read (not JSON, or not the shape
+    the API documents: a download cut short, a proxy that mangles) must not stop the others
+    being collected: it becomes an `unreadable_result` error of its request (tried again in
+    a later batch, like a server error) when its custom_id can still be seen, else None (its
+    request has no line, and is tried again too)."""
+    rec: Any = None
+    try:
+        rec = orjson.loads(raw)
+        if not isinstance(rec, dict):
+            raise TypeError("not a JSON object")
+        return to_result(rec)
+    except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError) as exc:
+        problem = str(exc)
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+    cid = rec.get("custom_id") if isinstance(rec, dict) else None
+    if not isinstance(cid, str):
+        found = _CUSTOM_ID_FIELD.search(text)
+        cid = found.group(1) if found else None
+    log.warning("a batch result line cannot be read (%s): %.100s", problem, text)
+    if cid is None:
+        return None
+    message = f"the provider's result line cannot be read ({problem})"
+    return Result(cid, "errored", None, "unreadable_result", message)
 
 
 @dataclass(frozen=True)
@@ -392,15 +423,18 @@ class OpenAIBatch:
                         tmp.write(part)
                 tmp.seek(0)
                 for raw in tmp:
-                    if raw.strip():
-                        yield self._result(orjson.loads(raw))
+                    if raw.strip() and (result := _read_line(raw, self._result)) is not None:
+                        yield result
 
     @staticmethod
     def _result(rec: dict[str, Any]) -> Result:
         cid = str(rec.get("custom_id"))
         response, error = rec.get("response"), rec.get("error")
         if response and response.get("status_code") == 200:
-            return Result(cid, "succeeded", response.get("body") or {})
+            body = response.get("body") or {}
+            if not isinstance(body, dict):
+                raise TypeError("the response body is not a JSON object")
+            return Result(cid, "succeeded", body)
         if error:
             code = error.get("code") or "error"
             kind: ResultKind = {"batch_expired": "expired", "batch_cancelled": "cancelled"}.get(
@@ -514,8 +548,10 @@ class AnthropicBatch:
                 return None  # no results (archived, deleted): nothing to tell
             raise
         try:
-            for rec in decoder:
-                return rec.custom_id
+            for raw in decoder.http_response.iter_lines():
+                if raw.strip():
+                    result = _read_line(raw, self._result)
+                    return result.remote_id if result is not None else None
             return None
         finally:
             decoder.close()
@@ -548,17 +584,31 @@ class AnthropicBatch:
         )
 
     def results(self, remote_id: str) -> Iterator[Result]:
-        for rec in self.client.messages.batches.results(remote_id):
-            r = rec.result
-            if r.type == "succeeded":
-                yield Result(rec.custom_id, "succeeded", r.message.model_dump(mode="json"))
-            elif r.type == "errored":
-                err = r.error.error
-                yield Result(rec.custom_id, "errored", None, err.type, err.message)
-            elif r.type == "canceled":
-                yield Result(rec.custom_id, "cancelled", None, "batch_cancelled", "cancelled")
-            else:
-                yield Result(rec.custom_id, "expired", None, "batch_expired", "expired")
+        # The lines are read here, not by the SDK's decoder, which stops at the first line it
+        # cannot parse: one garbled line would leave every other result uncollected.
+        decoder = self.client.messages.batches.results(remote_id)
+        try:
+            for raw in decoder.http_response.iter_lines():
+                if raw.strip() and (result := _read_line(raw, self._result)) is not None:
+                    yield result
+        finally:
+            decoder.close()
+
+    @staticmethod
+    def _result(rec: dict[str, Any]) -> Result:
+        cid, r = rec["custom_id"], rec["result"]
+        if not isinstance(cid, str):
+            raise TypeError("custom_id is not a string")
+        if r["type"] == "succeeded":
+            if not isinstance(r["message"], dict):
+                raise TypeError("the message is not a JSON object")
+            return Result(cid, "succeeded", r["message"])
+        if r["type"] == "errored":
+            err = (r.get("error") or {}).get("error") or {}
+            return Result(cid, "errored", None, err.get("type") or "error", err.get("message"))
+        if r["type"] == "canceled":
+            return Result(cid, "cancelled", None, "batch_cancelled", "cancelled")
+        return Result(cid, "expired", None, "batch_expired", "expired")
 
     def cancel(self, remote_id: str) -> bool:
         """Cancel a batch; True if it was running (it is now being cancelled)."""

@@ -51,10 +51,12 @@ CREATE TABLE IF NOT EXISTS jobs (
     ingest_line    INTEGER NOT NULL DEFAULT 1,
     ingest_offset  INTEGER NOT NULL DEFAULT 0,
     ingest_done    INTEGER NOT NULL DEFAULT 0,
-    cancelled      INTEGER NOT NULL DEFAULT 0,
+    cancelled      INTEGER NOT NULL DEFAULT 0, -- when `cancel` ran (epoch seconds; 1: before)
     created_at     REAL NOT NULL,
     token          TEXT,                       -- the job's mark on provider requests
-    discarded_before REAL NOT NULL DEFAULT 0   -- see JobInfo.discarded_before
+    discarded_before REAL NOT NULL DEFAULT 0,  -- see JobInfo.discarded_before
+    fp_how         INTEGER NOT NULL DEFAULT 0, -- 1: fp_digest covers how the input is read
+    origin         TEXT                        -- its job file (see JobInfo.origin)
 );
 CREATE TABLE IF NOT EXISTS items (
     id            INTEGER PRIMARY KEY,          -- job_id << 40 | seq
@@ -135,7 +137,13 @@ CREATE TABLE IF NOT EXISTS rejects (
 
 
 _COLUMNS_ADDED = {
-    "jobs": (("token", "TEXT"), ("discarded_before", "REAL NOT NULL DEFAULT 0")),
+    "jobs": (
+        ("token", "TEXT"),
+        ("discarded_before", "REAL NOT NULL DEFAULT 0"),
+        # Rows of older ledgers get 0 (see JobInfo.legacy_fingerprint); every write sets 1.
+        ("fp_how", "INTEGER NOT NULL DEFAULT 0"),
+        ("origin", "TEXT"),
+    ),
     "remote_batches": (("create_until", "REAL"), ("tagged", "INTEGER NOT NULL DEFAULT 0")),
 }
 TOKEN_LENGTH = 10
@@ -399,8 +407,8 @@ class SQLiteLedger:
     def get_job(self, name: str) -> JobInfo | None:
         row = self._db.execute(
             "SELECT id, name, spec_hash, fp_size, fp_mtime_ns, fp_digest, ingest_records,"
-            " ingest_line, ingest_offset, ingest_done, created_at, token, discarded_before"
-            " FROM jobs WHERE name = ?",
+            " ingest_line, ingest_offset, ingest_done, created_at, token, discarded_before,"
+            " fp_how, origin FROM jobs WHERE name = ?",
             (name,),
         ).fetchone()
         if row is None:
@@ -415,17 +423,24 @@ class SQLiteLedger:
             created_at=row[10],
             token=row[11],
             discarded_before=row[12],
+            legacy_fingerprint=not row[13],
+            origin=row[14],
         )
 
     def create_job(
-        self, name: str, spec_hash: str, fingerprint: Fingerprint, discarded_before: float = 0.0
+        self,
+        name: str,
+        spec_hash: str,
+        fingerprint: Fingerprint,
+        discarded_before: float = 0.0,
+        origin: str | None = None,
     ) -> JobInfo:
         with self._tx() as db:
             # ON CONFLICT: two processes creating one job at once get the same row, not an
             # IntegrityError (the claim keeps them apart before this in `run`).
             db.execute(
                 "INSERT INTO jobs (name, spec_hash, fp_size, fp_mtime_ns, fp_digest, created_at,"
-                " token, discarded_before) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+                " token, discarded_before, fp_how, origin) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?)"
                 " ON CONFLICT (name) DO NOTHING",
                 (
                     name,
@@ -436,6 +451,7 @@ class SQLiteLedger:
                     time.time(),
                     new_token(),
                     discarded_before,
+                    origin,
                 ),
             )
         job = self.get_job(name)
@@ -481,8 +497,8 @@ class SQLiteLedger:
         with self._tx() as db:
             db.execute(
                 "INSERT INTO jobs (name, spec_hash, fp_size, fp_mtime_ns, fp_digest, created_at,"
-                " token, discarded_before) SELECT ?, spec_hash, ?, ?, ?, created_at, token,"
-                " discarded_before FROM jobs WHERE id = ?",
+                " token, discarded_before, fp_how, origin) SELECT ?, spec_hash, ?, ?, ?,"
+                " created_at, token, discarded_before, 1, origin FROM jobs WHERE id = ?",
                 (hidden, fingerprint.size, fingerprint.mtime_ns, fingerprint.digest, job.id),
             )
         new = self.get_job(hidden)
@@ -525,16 +541,27 @@ class SQLiteLedger:
             # In-flight marks name the old positions; the records they name are pending in
             # the new generation (never finished), so they are computed again anyway.
             db.execute("DELETE FROM inflight WHERE job_id = ?", (old.id,))
+            # A cancel made while the new generation was read stands.
+            db.execute(
+                "UPDATE jobs SET cancelled = (SELECT cancelled FROM jobs WHERE id = ?)"
+                " WHERE id = ?",
+                (old.id, new.id),
+            )
             db.execute("DELETE FROM jobs WHERE id = ?", (old.id,))
             db.execute("UPDATE jobs SET name = ? WHERE id = ?", (old.name, new.id))
         job = self.get_job(old.name)
         assert job is not None
         return job
 
+    def set_origin(self, job_id: int, origin: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET origin = ? WHERE id = ?", (origin, job_id))
+
     def set_fingerprint(self, job_id: int, fingerprint: Fingerprint) -> None:
         with self._tx() as db:
             db.execute(
-                "UPDATE jobs SET fp_size = ?, fp_mtime_ns = ?, fp_digest = ? WHERE id = ?",
+                "UPDATE jobs SET fp_size = ?, fp_mtime_ns = ?, fp_digest = ?, fp_how = 1"
+                " WHERE id = ?",
                 (fingerprint.size, fingerprint.mtime_ns, fingerprint.digest, job_id),
             )
 
@@ -961,7 +988,8 @@ class SQLiteLedger:
         """Stop the job: open items become cancelled; a running runner sees the flag and stops."""
         lo, hi = _range(job_id)
         with self._tx() as db:
-            db.execute("UPDATE jobs SET cancelled = 1 WHERE id = ?", (job_id,))
+            # The time: a run that started before it obeys it; one started after undoes it.
+            db.execute("UPDATE jobs SET cancelled = ? WHERE id = ?", (time.time(), job_id))
             return db.execute(
                 "UPDATE items SET state = 'cancelled', lease_owner = NULL, lease_expires = NULL"
                 " WHERE id BETWEEN ? AND ? AND state IN ('pending', 'leased')",
@@ -972,11 +1000,17 @@ class SQLiteLedger:
         row = self._db.execute("SELECT cancelled FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return bool(row and row[0])
 
-    def reopen(self, job_id: int) -> int:
-        """Undo a cancel: running a cancelled job again resumes it."""
+    def reopen(self, job_id: int, before: float = float("inf")) -> int:
+        """Undo a cancel made before `before`: running a cancelled job again resumes it (a
+        cancel made while that run was starting stands)."""
         lo, hi = _range(job_id)
         with self._tx() as db:
-            db.execute("UPDATE jobs SET cancelled = 0 WHERE id = ?", (job_id,))
+            undone = db.execute(
+                "UPDATE jobs SET cancelled = 0 WHERE id = ? AND cancelled != 0 AND cancelled < ?",
+                (job_id, before),
+            ).rowcount
+            if not undone:
+                return 0
             return db.execute(
                 "UPDATE items SET state = 'pending'"
                 " WHERE id BETWEEN ? AND ? AND state = 'cancelled'",

@@ -64,6 +64,16 @@ def last_user_text(messages: list[Any]) -> str:
     return ""
 
 
+def prompt_of(body: Any) -> str:
+    """What a request asks, for counting (Stats.prompts): the last user message of a chat or
+    Anthropic message, an embedding's input."""
+    if not isinstance(body, dict):
+        return ""
+    if isinstance(body.get("messages"), list):
+        return last_user_text(body["messages"])
+    return text_of(body.get("input")) if not isinstance(body.get("input"), str) else body["input"]
+
+
 # -- values valid against a JSON schema ---------------------------------------------------
 
 

@@ -24,7 +24,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from overnight.testing.fake_answers import answer_message
+from overnight.testing.fake_answers import answer_message, prompt_of
 from overnight.testing.fake_state import (
     DAY,
     Owner,
@@ -111,7 +111,9 @@ class AnthropicBatches:
                 self.o.knobs.batch_seconds,
                 self.o.knobs.expire_batches,
             )
-        self.o.stats.batch_created([r["custom_id"] for r in reqs])
+        self.o.stats.batch_created(
+            [r["custom_id"] for r in reqs], [prompt_of(r["params"]) for r in reqs]
+        )
         return JSONResponse(obj)
 
     def _batch(self, bid: str) -> _AnthropicBatch:
@@ -147,6 +149,8 @@ class AnthropicBatches:
                 if failure is not None:
                     st, body = failure, ProviderError(failure, "injected").body("anthropic")
                 ok = st == 200
+                if ok:
+                    self.o.stats.bump("billed", prompt_of(r["params"]))
                 result = (
                     {"type": "succeeded", "message": body}
                     if ok
@@ -155,7 +159,7 @@ class AnthropicBatches:
             counts[result["type"]] += 1
             lines.append({"custom_id": r["custom_id"], "result": result})
         random.Random(b.obj["id"]).shuffle(lines)
-        b.results = jsonl(lines)
+        b.results = jsonl(lines, self.o)
         b.obj.update(
             processing_status="ended",
             request_counts=counts,

@@ -26,7 +26,7 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from overnight.testing.fake_answers import answer_chat, answer_embeddings
+from overnight.testing.fake_answers import answer_chat, answer_embeddings, prompt_of
 from overnight.testing.fake_state import (
     DAY,
     Owner,
@@ -251,7 +251,9 @@ class OpenAIBatches:
             self.batches[bid] = _OpenAIBatch(
                 obj, lines, errors, time.monotonic(), knobs.batch_seconds, knobs.expire_batches
             )
-        self.o.stats.batch_created([str(ln.get("custom_id")) for ln in lines])
+        self.o.stats.batch_created(
+            [str(ln.get("custom_id")) for ln in lines], [prompt_of(ln.get("body")) for ln in lines]
+        )
         return JSONResponse(obj)
 
     def _batch(self, bid: str) -> _OpenAIBatch:
@@ -293,6 +295,8 @@ class OpenAIBatches:
         """Answer the lines up to `done` that have not been answered yet."""
         for line in b.lines[len(b.answers) : done]:
             b.answers.append(self._answer(b.obj["endpoint"], line["body"]))
+            if b.answers[-1][0] == 200:
+                self.o.stats.bump("billed", prompt_of(line["body"]))
 
     def _finish(self, b: _OpenAIBatch, status: str, done: int) -> None:
         """End the batch: its first `done` lines run, the rest never will; write the files."""
@@ -327,7 +331,8 @@ class OpenAIBatches:
         bid = b.obj["id"]
         out_id = err_id = None
         if outputs:
-            out_id = self._new_file(f"{bid}_output.jsonl", "batch_output", jsonl(outputs), 30 * DAY)
+            data = jsonl(outputs, self.o)
+            out_id = self._new_file(f"{bid}_output.jsonl", "batch_output", data, 30 * DAY)
         if errors:
             err_id = self._new_file(f"{bid}_error.jsonl", "batch_output", jsonl(errors), 30 * DAY)
         stamp = {"completed": "completed_at", "expired": "expired_at", "cancelled": "cancelled_at"}

@@ -45,7 +45,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
-from overnight.testing.fake_answers import answer_chat, answer_embeddings, answer_message
+from overnight.testing.fake_answers import (
+    answer_chat,
+    answer_embeddings,
+    answer_message,
+    prompt_of,
+)
 from overnight.testing.fake_anthropic import AnthropicBatches
 from overnight.testing.fake_openai import OpenAIBatches
 from overnight.testing.fake_state import (
@@ -313,17 +318,26 @@ class FakeProvider:
 
     async def _chat(self, request: Request) -> Response:
         body = await json_body(request)
+        self.stats.bump("prompts", prompt_of(body))
         status, answer = answer_chat(body, invalid_rate=self.knobs.invalid_json_rate, ids=self.ids)
-        return JSONResponse(answer, status)
+        return self._answered(body, status, answer)
 
     async def _embeddings(self, request: Request) -> Response:
-        status, answer = answer_embeddings(await json_body(request))
-        return JSONResponse(answer, status)
+        body = await json_body(request)
+        self.stats.bump("prompts", prompt_of(body))
+        status, answer = answer_embeddings(body)
+        return self._answered(body, status, answer)
 
     async def _messages(self, request: Request) -> Response:
         body = await json_body(request)
+        self.stats.bump("prompts", prompt_of(body))
         rate = self.knobs.invalid_json_rate
         status, answer = answer_message(body, invalid_rate=rate, ids=self.ids)
+        return self._answered(body, status, answer)
+
+    def _answered(self, body: dict[str, Any], status: int, answer: dict[str, Any]) -> Response:
+        if status == 200:
+            self.stats.bump("billed", prompt_of(body))
         return JSONResponse(answer, status)
 
 

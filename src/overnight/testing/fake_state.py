@@ -68,6 +68,9 @@ class Knobs:
     fail_batch_lines: int = 0
     fail_batch_status: int = 500
     require_key: str | None = None  # requests without this exact key get 401
+    # The next N lines written to batch results (OpenAI output files, Anthropic results) are
+    # cut in half: not JSON, as a truncated download or a mangling proxy would leave them.
+    garble_result_lines: int = 0
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,13 @@ class Stats:
     creates_reset: int = 0  # batch creates whose connection reset_creates reset
     uploads_received: int = 0  # OpenAI file uploads that reached the handler
     batch_items: collections.Counter[str] = field(default_factory=collections.Counter)
+    # What was sent, by prompt (the last user message; an embedding's input): every real-time
+    # request that reached its handler and every line of a created batch. A record sent twice
+    # (paid twice) counts 2 here whatever custom_id or job token it went under.
+    prompts: collections.Counter[str] = field(default_factory=collections.Counter)
+    # What was paid for, by prompt: real-time requests answered 200, and batch lines that ran
+    # and succeeded (a line of a cancelled or expired batch that never ran costs nothing).
+    billed: collections.Counter[str] = field(default_factory=collections.Counter)
     files_uploaded: int = 0
     bytes_uploaded: int = 0
     rate_limited: int = 0  # 429s sent (rpm_limit and throttle_next)
@@ -112,10 +122,11 @@ class Stats:
             else:
                 getattr(self, counter)[key] += n
 
-    def batch_created(self, custom_ids: list[str]) -> None:
+    def batch_created(self, custom_ids: list[str], prompts: list[str] | None = None) -> None:
         with self.lock:
             self.batch_creations += 1
             self.batch_items.update(custom_ids)
+            self.prompts.update(prompts or [])
 
     def snapshot(self) -> Stats:
         with self.lock:
@@ -244,7 +255,13 @@ def take_batch_failure(owner: Owner) -> int | None:
     return k.fail_batch_status
 
 
-def jsonl(records: list[dict[str, Any]]) -> bytes:
+def jsonl(records: list[dict[str, Any]], owner: Owner | None = None) -> bytes:
     """JSON lines, each ending in a newline, no blank lines (the Anthropic SDK's decoder
-    fails on one)."""
-    return b"".join(orjson.dumps(r) + b"\n" for r in records)
+    fails on one). With `owner`: results, garbled as its `garble_result_lines` knob says."""
+    lines = [orjson.dumps(r) for r in records]
+    if owner is not None:
+        with owner.lock:
+            n = min(owner.knobs.garble_result_lines, len(lines))
+            owner.knobs.garble_result_lines -= n
+        lines[:n] = [line[: len(line) // 2] for line in lines[:n]]
+    return b"".join(line + b"\n" for line in lines)
