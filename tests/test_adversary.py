@@ -360,14 +360,6 @@ def test_a_garbled_result_line_costs_its_request_not_the_job(
     assert cli("run", str(other), OPENAI_API_KEY=KEY, ANTHROPIC_API_KEY=KEY).returncode == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="real time: a wrong API key is a 401 for each item, so every record is sent and"
-    " fails (exit 3), and a rerun with the right key does nothing until `overnight retry`."
-    " A 401/403 is the job's key, not a record: it should stop the job, exit 2 naming the"
-    " variable, items pending. test_realtime::test_wrong_key_is_a_401_for_the_item and"
-    " test_llm_jobs::test_secrets_never_stored assert the current behaviour: the lead decides",
-)
 def test_a_wrong_key_in_real_time_stops_the_job_instead_of_failing_every_record(
     tmp_path: Path, fake: FakeProvider
 ) -> None:
@@ -660,14 +652,6 @@ def test_identical_requests_in_batches_are_paid_once(
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="with [run] isolation = 'process' a record cannot kill the runner (it kills the"
-    " worker, which the runner sees), yet each kill -9 of the runner counts an attempt"
-    " (process_died) against the records it was computing: three kills while one record is"
-    " computed alone fail that good record, exit 3. Documented ('counted the same way, in"
-    " either mode'); a decision for the lead",
-)
 def test_kill_9_of_the_runner_never_fails_a_good_record_under_process_isolation(
     tmp_path: Path,
 ) -> None:

@@ -22,6 +22,7 @@ from starlette.routing import Route
 from overnight.errors import (
     EndpointDown,
     InvalidOutput,
+    KeyRefused,
     PermanentError,
     is_transient,
     secret_forms,
@@ -316,12 +317,21 @@ def test_client_error_fails_the_item_at_once_with_the_message(
     assert fake.stats.status_counts[404] == 1  # not retried
 
 
-def test_wrong_key_is_a_401_for_the_item(fake: FakeProvider) -> None:
+def test_a_wrong_key_stops_the_predictor_at_the_first_401(fake: FakeProvider) -> None:
+    """A 401 is the key's fault, not the record's: nothing more is sent (every request would
+    be refused), and the job stops with its items pending (exit 2, see test_adversary)."""
     fake.knobs.require_key = "sk-the-right-one-000"
     task = task_for("openai")
-    (answer,) = run(predictor("openai", fake.openai_url, task), [task.build({"text": "x"})])
-    assert isinstance(answer, APIError) and answer.status == 401
-    assert fake.stats.status_counts[401] == 1  # not retried
+    p = predictor("openai", fake.openai_url, task, concurrency=1)
+    try:
+        with pytest.raises(KeyRefused, match="401"):
+            p.process([task.build({"text": f"x{i}"}) for i in range(20)], 20)
+        assert fake.stats.status_counts[401] == 1  # not retried, the other 19 never sent
+        with pytest.raises(KeyRefused):
+            p.process([task.build({"text": "later"})], 1)
+        assert fake.stats.status_counts[401] == 1
+    finally:
+        p.close()
 
 
 # -- repair ------------------------------------------------------------------------------------

@@ -321,9 +321,10 @@ def wait_for(cond, timeout: float = 60.0) -> None:
 
 @pytest.mark.parametrize("isolation", ["process", "none"])
 def test_kill_9_of_the_runner_counts_an_attempt_for_what_was_in_flight(tmp_path, isolation):
-    """The runner is killed while its function computes one window: the rerun counts an
-    attempt for exactly that window's records, computes them one by one, and (isolated) the
-    worker did not outlive the runner."""
+    """The runner is killed while its function computes one window. In its own process
+    (isolation none) the rerun counts an attempt for exactly that window's records and
+    computes them one by one; isolated, nothing is counted and the worker did not outlive
+    the runner."""
     n, bad = 60, 25
     setup(tmp_path, n, bad, "none", batch_size=10, run=f'isolation = "{isolation}"')
     (tmp_path / "sleep.txt").write_text("60")
@@ -345,9 +346,14 @@ def test_kill_9_of_the_runner_counts_an_attempt_for_what_was_in_flight(tmp_path,
     assert done.returncode == 0, done.stderr
     assert [r["id"] for r in read_jsonl(tmp_path / "out.jsonl")] == [f"k{i}" for i in range(n)]
     counts = attempts(tmp_path)
+    rerun = logged(tmp_path, "started.jsonl")[before:]
+    if isolation == "process":
+        # A record cannot kill an isolated runner: its death costs the records nothing.
+        assert set(counts.values()) == {1}
+        assert [c for c in rerun if set(c) & set(in_flight)] == [in_flight]
+        return
     assert {k for k, a in counts.items() if a == 2} == set(in_flight)  # the death, then success
     assert {k for k, a in counts.items() if a != 2} == {f"k{i}" for i in range(n)} - set(in_flight)
-    rerun = logged(tmp_path, "started.jsonl")[before:]
     assert [c for c in rerun if set(c) & set(in_flight)] == [[k] for k in in_flight]
 
 
@@ -355,7 +361,7 @@ def test_kill_9_during_a_leased_batch_counts_that_batch_only(tmp_path):
     """Items computed again (retry) are leased: a death counts an attempt for the leased
     items being computed, not for everything the runner held."""
     n, bad = 40, 15
-    setup(tmp_path, n, bad, "none", batch_size=10)
+    setup(tmp_path, n, bad, "none", batch_size=10, run='isolation = "none"')
     edit_function(
         tmp_path,
         "def fn(records):",

@@ -92,6 +92,19 @@ class EndpointDown(OvernightError):
     exit_code = 3
 
 
+class KeyRefused(OvernightError):
+    """The provider refused the API key (HTTP 401): the job stops at once with its items
+    pending, instead of sending every record to be refused. Shown as exit 2 naming the
+    key's variable (llm_job.provider_failure)."""
+
+    exit_code = 2
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.status_code = status
+        self.message = message
+
+
 def redact(text: str, *secrets: str) -> str:
     """Remove secret values from a message before it is stored, logged or printed: the values
     of environment variables whose names look secret (`*_API_KEY`, `*_TOKEN`, ...) and

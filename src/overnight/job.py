@@ -714,9 +714,9 @@ class Job:
             meter=llm_job.meter(self.spec, self.prices, batch=False) if llm else None,
             max_cost=self.spec.run.max_cost,
             commit_each_call=llm,
-            # A record can kill the process running user code or a local model (in process,
-            # or the runner itself): count attempts when they start.
-            count_starts=not llm,
+            # In the runner's own process a record can kill it: count attempts when they
+            # start. In a worker it kills the worker only, which the runner sees.
+            count_starts=not llm and self.spec.isolation == "none",
         )
         try:
             runner.run()

@@ -39,6 +39,7 @@ from .errors import (
     EndpointDown,
     InputError,
     InvalidOutput,
+    KeyRefused,
     OutputCountError,
     OvernightError,
     UsageError,
@@ -497,8 +498,8 @@ class Runner:
         assert self._predictor is not None
         try:
             answers = self._predictor.process(inputs, self.sizer.size)
-        except EndpointDown:
-            raise  # nothing is wrong with these items: the job pauses, they stay pending
+        except (EndpointDown, KeyRefused):
+            raise  # nothing is wrong with these items: the job stops, they stay pending
         except OutputCountError as exc:
             # The batch answered wrongly as a whole: split, each half might "succeed" with
             # outputs that are not its own. The whole batch fails, with the message.

@@ -34,7 +34,7 @@ import urllib.parse
 from dataclasses import dataclass, replace
 from typing import Any
 
-from ..errors import EndpointDown, InvalidOutput, PermanentError, TransientError, redact
+from ..errors import EndpointDown, InvalidOutput, KeyRefused, PermanentError, TransientError, redact
 from ..retry import Backoff
 from .cache import ResponseCache
 from .limits import AIMD, RateLimiter
@@ -140,6 +140,7 @@ class RealtimePredictor:
         self.aimd = AIMD(concurrency, maximum=concurrency)
         self._consecutive_down = 0
         self._down: str | None = None
+        self._refused: KeyRefused | None = None  # the key was refused: nothing more is sent
         self._down_event = asyncio.Event()
         self._inflight: dict[str, asyncio.Future[Answer | BaseException]] = {}
         self._loop = asyncio.new_event_loop()
@@ -203,6 +204,8 @@ class RealtimePredictor:
             raise
 
     async def _process(self, requests: list[Request]) -> list[Any]:
+        if self._refused:
+            raise self._refused
         if self._down:
             raise EndpointDown(self._down)
         cached = self.cache.get_many([r.key for r in requests]) if self.cache else {}
@@ -223,6 +226,8 @@ class RealtimePredictor:
         finally:
             for key in tasks:
                 self._inflight.pop(key, None)
+        if self._refused:
+            raise self._refused
         if self._down:
             raise EndpointDown(self._down)
         out: list[Any] = []
@@ -362,6 +367,11 @@ class RealtimePredictor:
             message = self._redact(getattr(exc, "message", None) or str(exc))
             headers = getattr(getattr(exc, "response", None), "headers", None)
             should = (headers.get("x-should-retry") or "").lower() if headers is not None else ""
+            if status == 401:  # the key, not this record: stop sending (all would be refused)
+                if self._refused is None:
+                    self._refused = KeyRefused(status, message)
+                self._pause(f"HTTP 401: {message}")
+                return KeyRefused(status, message)
             if should == "false":  # the server's word beats the status code
                 return APIError(status, message)
             if status == 429 and getattr(exc, "code", None) == "insufficient_quota":
