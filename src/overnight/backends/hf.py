@@ -77,11 +77,16 @@ def _status_kb(field: str) -> int | None:
 
 
 class MemoryBudget:
-    """Tokens one batch may hold, from the memory batches were measured to take."""
+    """Tokens one batch may hold, from the memory batches were measured to take.
+
+    Until a batch has been measured, a prior from the model's shape stands in: twice its KV
+    cache per token. A measurement counts from batches of `MIN_MEASURED` tokens on: in a
+    smaller one, costs per row and one-off allocations swamp what the tokens take."""
 
     SAFETY = 0.8  # of the room left: allocator slack, a longer answer than measured
+    MIN_MEASURED = 512
 
-    def __init__(self, torch: Any, device: str, limit_mb: int, start_tokens: int = 8192) -> None:
+    def __init__(self, torch: Any, device: str, limit_mb: int, prior_per_token: float) -> None:
         self.torch, self.device = torch, device
         self.gpu = device.startswith("cuda")
         if self.gpu:
@@ -91,7 +96,11 @@ class MemoryBudget:
             self.limit = limit_mb * 2**20
         self.base = self._current()  # the model, loaded
         self.per_token = 0.0  # bytes a token of a batch took at most, measured
-        self.tokens = start_tokens
+        self.tokens = self._fit(prior_per_token)
+
+    def _fit(self, per_token: float) -> int:
+        room = max(0, self.limit - self.base)
+        return max(1, int(room * self.SAFETY / max(per_token, 1.0)))
 
     def _current(self) -> int:
         if self.gpu:
@@ -117,16 +126,28 @@ class MemoryBudget:
     @contextmanager
     def measure(self, tokens: int) -> Iterator[None]:
         """Measure one batch of `tokens` tokens and update the budget."""
+        if tokens < self.MIN_MEASURED:
+            yield
+            return
         before = self._current()
         measurable = self._reset_peak()
         yield
-        if not measurable or tokens <= 0:
+        if not measurable:
             return
         grew = max(0, self._peak() - before)
         self.per_token = max(self.per_token, grew / tokens)
         if self.per_token > 0:
-            room = max(0, self.limit - self.base)
-            self.tokens = max(1, int(room * self.SAFETY / self.per_token))
+            self.tokens = self._fit(self.per_token)
+
+
+def _kv_bytes_per_token(config: Any, dtype_bytes: int) -> float:
+    """Keys and values of one token over all layers: the KV cache's size per token."""
+    layers = int(getattr(config, "num_hidden_layers", 0) or 0)
+    heads = int(getattr(config, "num_attention_heads", 0) or 0)
+    kv_heads = int(getattr(config, "num_key_value_heads", 0) or heads)
+    hidden = int(getattr(config, "hidden_size", 0) or 0)
+    head_dim = int(getattr(config, "head_dim", 0) or (hidden // heads if heads else 0))
+    return float(2 * layers * kv_heads * head_dim * dtype_bytes) or 65536.0
 
 
 # -- the model -------------------------------------------------------------------------------
@@ -278,7 +299,8 @@ class CausalLM:
         elif task.kind == "extract" and task.schema is not None:
             self.instruction = schema_hint(task.schema)
         self.stats = HFStats()
-        self.budget = MemoryBudget(torch, self.device, memory_limit_mb)
+        kv = _kv_bytes_per_token(self.model.config, self.model.dtype.itemsize)
+        self.budget = MemoryBudget(torch, self.device, memory_limit_mb, prior_per_token=2 * kv)
         self._generate([_Prompt(self._ids([{"role": "user", "content": "Hi"}]), Sampling(1))])
 
     # -- the predictor ----------------------------------------------------------------------
@@ -439,6 +461,9 @@ class CausalLM:
         for batch in plan_batches([len(s) for s in seqs], 0, batch_size * n, self.budget.tokens):
             ids, mask, width = self._left_padded([seqs[r] for r in batch])
             keep = max(len(self.label_ids[rows[r][1]]) for r in batch) + 1
+            # Each row counts its positions from its first real token. (A rotary model such as
+            # SmolLM2 only sees distances, so it would not notice; a model with absolute
+            # positions would score a padded row wrongly without them.)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             with self.budget.measure(len(batch) * width), torch.inference_mode():
                 logits = self.model(
@@ -499,7 +524,10 @@ class Encoder:
             self.pooling = "cls"
         self.labels = ref.labels() if kind == "classify" else []
         self.stats = HFStats()
-        self.budget = MemoryBudget(torch, self.device, memory_limit_mb)
+        # An encoder keeps no cache: a token's activations, a few times its hidden state.
+        hidden = int(getattr(self.model.config, "hidden_size", 0) or 1024)
+        prior = 16.0 * hidden * self.model.dtype.itemsize
+        self.budget = MemoryBudget(torch, self.device, memory_limit_mb, prior_per_token=prior)
         self.process(["warm up"], 1)
 
     def process(self, inputs: list[str], batch_size: int) -> list[Any]:
