@@ -39,7 +39,7 @@ test: setup setup-llama
 test-fast: setup
 	$(PY) -m pytest -q -ra -m "not slow"
 
-bench: setup
+bench: setup setup-llama
 	$(PY) benchmarks/run_all.py
 
 lint: setup
