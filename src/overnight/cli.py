@@ -260,6 +260,8 @@ def _print_report(r: Report) -> None:
         )
     if r.batch_size and r.processed:
         table.add_row("batch size", str(r.batch_size))
+    if r.tokens:
+        table.add_row("tokens", f"{c.input_tokens:,} in, {c.output_tokens:,} out")
     if r.llm:
         table.add_row("tokens", f"{c.input_tokens:,} in, {c.output_tokens:,} out")
         cost = usd(c.cost)

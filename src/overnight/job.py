@@ -30,7 +30,15 @@ from .estimate import usd
 from .report import Activity, CancelResult, Report, RetryResult
 from .retry import Backoff
 from .runner import Progress, Runner, ingest_only
-from .spec import JobSpec, SourceSpec, load_job_file, parse_spec, semantic_hash, source_format
+from .spec import (
+    SELF_HOSTED,
+    JobSpec,
+    SourceSpec,
+    load_job_file,
+    parse_spec,
+    semantic_hash,
+    source_format,
+)
 from .store import Counts, Failure, JobInfo, Ledger, open_ledger
 from .tasks import Task, make_task
 
@@ -163,6 +171,8 @@ class Job:
                 self.prices  # noqa: B018 - loads the user's price file
             except UsageError as exc:
                 raise self._usage(str(exc)) from None
+        elif self.self_hosted:
+            self._check_self_hosted()
         elif model.backend == "local":
             from .backends.local import KNOWN_MODELS, check_installed
 
@@ -234,6 +244,67 @@ class Job:
         for suffix in ("", "-wal", "-shm", "-journal"):
             yield "the ledger", self.state_path.with_name(self.state_path.name + suffix)
 
+    @property
+    def _counts_tokens(self) -> bool:
+        return self.self_hosted and self.spec.task.kind != "embed"
+
+    @property
+    def self_hosted(self) -> bool:
+        """backend = "transformers" or "vllm": a model in the process."""
+        return self.spec.model.backend in SELF_HOSTED
+
+    @cached_property
+    def model_ref(self) -> Any:
+        """A self-hosted model's files (backends/hf_files.py); exit 2 when they are not there."""
+        from .backends.hf_files import resolve
+
+        try:
+            return resolve(self.spec.model.name or "", self.base_dir)
+        except ValueError as exc:
+            raise self._usage(f"[model] name: {exc}") from None
+
+    @property
+    def self_hosted_llm(self) -> bool:
+        """A self-hosted causal LM: the LLM tasks' requests, answers and token counts."""
+        return self.self_hosted and self.model_ref.kind == "causal"
+
+    def _check_self_hosted(self) -> None:
+        from .backends.hf_files import check_libraries
+
+        model, kind = self.spec.model, self.spec.task.kind
+        ref = self.model_ref
+        try:
+            if model.backend == "vllm":
+                from .backends.vllm_offline import check_installed
+
+                check_installed()
+            else:
+                check_libraries(ref)
+        except ValueError as exc:
+            raise self._usage(f"[model] backend: {exc}") from None
+        what = {"causal": "a causal LM", "classifier": "a sequence classifier"}
+        allowed = {
+            "causal": ("generate", "extract", "classify"),
+            "classifier": ("classify",),
+            "encoder": ("embed",),
+        }[ref.kind]
+        if model.backend == "vllm" and kind == "embed":
+            allowed = ("embed",)  # vLLM pools any model it can load as an embedder
+        if kind not in allowed:
+            raise self._usage(
+                f"[model] name: {ref.name!r} is {what.get(ref.kind, 'an encoder')}: it runs"
+                f" kind = {', '.join(repr(k) for k in allowed)}, not {kind!r}"
+            )
+        if ref.kind == "classifier":
+            own, asked = ref.labels(), list(self.spec.task.label_descriptions())
+            if sorted(own) != sorted(asked):
+                raise self._usage(
+                    f"[task] labels: {ref.name!r} is a sequence classifier with its own labels"
+                    f" ({', '.join(own)}); the task's must be the same"
+                )
+        if self.self_hosted_llm:
+            self.task  # noqa: B018 - builds the LLM task: loads the schema
+
     def _check_input(self) -> None:
         """The input opens and parses, and has the id column; an empty one is worth a word."""
         try:
@@ -262,6 +333,8 @@ class Job:
         t = self.spec.task
         if self.is_llm:
             return llm_job.build_task(self.spec, self.base_dir)  # type: ignore[return-value]
+        if self.self_hosted_llm:
+            return llm_job.build_self_hosted_task(self.spec, self.base_dir)  # type: ignore[return-value]
         return make_task(t.kind, t.text, list(t.label_descriptions()))
 
     @cached_property
@@ -373,6 +446,25 @@ class Job:
         if model.backend == "python":
             kwargs = {"function": model.function or "", "base_dir": str(self.base_dir)}
             return Recipe("overnight.backends.python:build", kwargs, shape)
+        if self.self_hosted:
+            ref = self.model_ref
+            llm_task = (
+                llm_job.self_hosted_task_args(self.spec, self.base_dir)
+                if self.self_hosted_llm
+                else None
+            )
+            kwargs = {
+                "name": ref.name,
+                "path": str(ref.path),
+                "gguf": ref.gguf,
+                "device": model.device,
+                "kind": task.kind,
+                "task": llm_task,
+                "repair": task.repair,
+                "memory_limit_mb": self.spec.run.memory_limit_mb,
+            }
+            module = "vllm_offline" if model.backend == "vllm" else "hf"
+            return Recipe(f"overnight.backends.{module}:build", kwargs, shape, llm_task=llm_task)
         texts, ys = self.examples if task.examples else (None, None)
         kwargs = {
             "name": model.name or "all-MiniLM-L6-v2",
@@ -403,6 +495,14 @@ class Job:
             from .backends.python import PythonFunction
 
             return PythonFunction
+        if self.spec.model.backend == "vllm":
+            from .backends.vllm_offline import VLLMChat
+
+            return VLLMChat
+        if self.self_hosted:
+            from .backends.hf import CausalLM, Encoder
+
+            return CausalLM if self.self_hosted_llm else Encoder
         from .backends.sentence import LocalEmbed
 
         return LocalEmbed
@@ -604,6 +704,7 @@ class Job:
                 remote_batches=tuple(self._remote_batches(ledger, job.id)),
                 deadline=outcome.deadline,
                 llm=self.is_llm,
+                tokens=self._counts_tokens,
                 notes=tuple(outcome.notes),
             )
 
@@ -711,7 +812,11 @@ class Job:
             on_progress=on_progress,
             stop=stop,
             progress=progress,
-            meter=llm_job.meter(self.spec, self.prices, batch=False) if llm else None,
+            meter=llm_job.meter(self.spec, self.prices, batch=False)
+            if llm
+            else llm_job.token_meter()
+            if self.self_hosted_llm
+            else None,
             max_cost=self.spec.run.max_cost,
             commit_each_call=llm,
             # In the runner's own process a record can kill it: count attempts when they
@@ -1055,6 +1160,7 @@ class Job:
                 ingest_done=job.ingest_done,
                 remote_batches=tuple(self._remote_batches(ledger, job.id)),
                 llm=self.is_llm,
+                tokens=self._counts_tokens,
                 activity=activity,
             )
 

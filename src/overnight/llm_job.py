@@ -142,6 +142,49 @@ def build_task(spec: JobSpec, base_dir: Path) -> LLMTask:
         raise UsageError(f"[task] {exc}") from None
 
 
+def self_hosted_task_args(spec: JobSpec, base_dir: Path) -> dict[str, Any]:
+    """make_llm_task's arguments for a self-hosted LLM (plain data: a worker process builds
+    the same task from them). Its requests are OpenAI chat bodies, as for `openai`; the
+    model's own context window is checked where the model is (backends/hf.py)."""
+    t, m = spec.task, spec.model
+    return {
+        "kind": t.kind,
+        "provider": "openai",
+        "model": m.name or "",
+        "text": t.text,
+        "system": t.system,
+        "params": dict(m.params),
+        "schema": load_schema(t.schema_, base_dir) if t.schema_ else None,
+        "labels": list(t.label_descriptions()) if t.kind == "classify" else None,
+    }
+
+
+def build_self_hosted_task(spec: JobSpec, base_dir: Path) -> LLMTask:
+    from .llm.requests import make_llm_task
+
+    args = self_hosted_task_args(spec, base_dir)
+    try:
+        return make_llm_task(**args)
+    except UsageError as exc:
+        raise UsageError(f"[task] {exc}") from None
+
+
+def token_meter() -> Meter:
+    """A self-hosted LLM's answer -> its tokens; no price, so it costs nothing. An answer
+    comes as an Answer (in this process) or as the output row a worker process made."""
+    from .llm.requests import Answer
+
+    def measure(answer: Any) -> Usage:
+        if isinstance(answer, Answer):
+            return Usage(answer.input_tokens, answer.output_tokens, 0.0, 0.0)
+        row = answer[0] if isinstance(answer, tuple) else answer
+        usage = orjson.loads(row).get("usage") or {}
+        tin, tout = int(usage.get("input_tokens", 0)), int(usage.get("output_tokens", 0))
+        return Usage(tin, tout, 0.0, 0.0)
+
+    return measure
+
+
 def price_table(spec: JobSpec, base_dir: Path) -> PriceTable:
     from .llm.prices import PriceTable
 

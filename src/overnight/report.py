@@ -65,6 +65,7 @@ class Report:
     remote_batches: tuple[dict[str, Any], ...] = ()  # provider batches of the job
     deadline: dict[str, Any] | None = None  # backend = "auto": did the deadline hold
     llm: bool = False  # tokens and cost are worth showing
+    tokens: bool = False  # a self-hosted LLM: tokens are worth showing (it has no price)
     detached: bool = False  # batches submitted, not waited for: `run` again collects
     notes: tuple[str, ...] = ()  # what the run did besides processing (--restart, incremental)
     activity: Activity | None = None  # `status`: runner, finished or not, throughput, ETA

@@ -92,9 +92,51 @@ class TaskSpec(_Section):
 
 
 Backend = Literal[
-    "local", "python", "openai", "anthropic", "openai-batch", "anthropic-batch", "auto"
+    "local",
+    "python",
+    "transformers",
+    "vllm",
+    "openai",
+    "anthropic",
+    "openai-batch",
+    "anthropic-batch",
+    "auto",
 ]
 LLM_BACKENDS = ("openai", "anthropic", "openai-batch", "anthropic-batch", "auto")
+# Models in the process (the worker process by default): a Hugging Face model, or vLLM's engine.
+SELF_HOSTED = ("transformers", "vllm")
+SELF_HOSTED_KINDS = ("generate", "extract", "classify", "embed")
+# Backends whose work runs in a supervised worker process ([run] isolation, [run] timeout).
+WORKER_BACKENDS = ("python", "local", *SELF_HOSTED)
+
+
+def _check_self_hosted_params(params: dict[str, Any]) -> None:
+    """`[model] params` of a self-hosted model: the generation settings it understands."""
+    for key, value in params.items():
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if key == "max_tokens":
+            ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
+            want = "a positive whole number"
+        elif key == "temperature":
+            ok, want = number and value >= 0, "a number >= 0 (0: greedy)"
+        elif key == "top_p":
+            ok, want = number and 0 < value <= 1, "a number in (0, 1]"
+        elif key == "seed":
+            ok, want = isinstance(value, int) and not isinstance(value, bool), "a whole number"
+        elif key == "stop":
+            ok = isinstance(value, str) or (
+                isinstance(value, list) and all(isinstance(v, str) and v for v in value)
+            )
+            want = "a string or a list of strings"
+        else:
+            raise ValueError(
+                f"`params` key {key!r} is not understood by a self-hosted model; it takes"
+                " max_tokens, temperature, top_p, seed and stop"
+            )
+        if not ok:
+            raise ValueError(f"`params` {key} must be {want} (got {value!r})")
+
+
 _REALTIME_KEYS = ("rpm", "tpm", "concurrency")
 _BATCH_KEYS = ("max_requests_per_batch", "max_bytes_per_batch", "poll_interval")
 # Tasks each provider can run (Anthropic has no embeddings endpoint).
@@ -142,13 +184,15 @@ class ModelSpec(_Section):
         if self.backend != "auto" and self.provider is not None:
             raise ValueError("`provider` only applies to backend = 'auto'")
         set_keys = self.model_fields_set
+        if self.backend in SELF_HOSTED:
+            _check_self_hosted_params(self.params)
         if not llm:
             extra = [
                 k
                 for k in (
                     "base_url",
                     "api_key_env",
-                    "params",
+                    *(() if self.backend in SELF_HOSTED else ("params",)),
                     "structured_output",
                     *_REALTIME_KEYS,
                     *_BATCH_KEYS,
@@ -190,9 +234,9 @@ class RunSpec(_Section):
     backoff_base: float = Field(0.5, ge=0)
     backoff_max: float = Field(60.0, ge=0)
     memory_limit_mb: int = Field(2048, gt=0)
-    # backend = "python" / "local": run the function or the model in a supervised worker
-    # process ("process", their default) or in the runner's own ("none"); and how long one
-    # call to it may take, in seconds (default: worker.DEFAULT_TIMEOUT).
+    # backend = "python", "local", "transformers", "vllm": run the function or the model in a
+    # supervised worker process ("process", their default) or in the runner's own ("none");
+    # and how long one call to it may take, in seconds (default: worker.DEFAULT_TIMEOUT).
     isolation: Literal["process", "none"] | None = None
     timeout: float | None = Field(None, gt=0)
 
@@ -243,6 +287,19 @@ class JobSpec(_Section):
             raise ValueError(f"backend = 'python' runs kind = 'map', not {kind!r}")
         if backend == "local" and kind not in ("embed", "classify"):
             raise ValueError(f"backend = 'local' runs kind = 'embed' or 'classify', not {kind!r}")
+        if backend in SELF_HOSTED:
+            if kind not in SELF_HOSTED_KINDS:
+                raise ValueError(
+                    f"backend = {backend!r} runs kind = "
+                    f"{', '.join(repr(k) for k in SELF_HOSTED_KINDS)}, not {kind!r}"
+                )
+            if not self.model.name:
+                raise ValueError(
+                    f"backend = {backend!r} needs [model] name: a model folder, a .gguf file,"
+                    ' or "smollm2"'
+                )
+            if self.task.examples:
+                raise ValueError("[task] examples apply to backend = 'local' only")
         provider = self.model.provider_name
         if provider is not None:
             if kind not in PROVIDER_KINDS[provider]:
@@ -256,12 +313,12 @@ class JobSpec(_Section):
                 raise ValueError("[task] examples apply to backend = 'local' only")
         if self.run.deadline is not None and backend != "auto":
             raise ValueError("[run] deadline needs [model] backend = 'auto'")
-        if backend not in ("python", "local"):
+        if backend not in WORKER_BACKENDS:
             if self.run.isolation is not None or self.run.timeout is not None:
                 key = "isolation" if self.run.isolation is not None else "timeout"
                 raise ValueError(
-                    f"[run] {key} applies to backend = 'python' and 'local' (an LLM request's"
-                    " time limit is [model] timeout)"
+                    f"[run] {key} applies to backend = 'python', 'local', 'transformers' and"
+                    " 'vllm' (an LLM request's time limit is [model] timeout)"
                 )
         elif self.run.isolation == "none" and self.run.timeout is not None:
             raise ValueError(
@@ -275,7 +332,7 @@ class JobSpec(_Section):
         """[run] isolation with its default: a worker process for user code and local models."""
         if self.run.isolation is not None:
             return self.run.isolation
-        return "process" if self.model.backend in ("python", "local") else "none"
+        return "process" if self.model.backend in WORKER_BACKENDS else "none"
 
 
 # Parts of a pydantic error location that name a union branch or a validator, not a key.

@@ -1,4 +1,5 @@
-"""A supervised worker process for user code and the local model (`[run] isolation = "process"`).
+"""A supervised worker process for user code and models in the process (`backend = "local"`,
+`"transformers"`, `"vllm"`; `[run] isolation = "process"`).
 
 A python function or a native library can kill the process it runs in (a segfault, the OOM
 killer's SIGKILL, `os._exit`) or never return. Run in the runner's own process, one such
@@ -89,10 +90,21 @@ class Recipe:
     kwargs: dict[str, Any] = field(default_factory=dict)
     task: tuple[str, str, list[str]] = ("map", "", [])
     window_model: str | None = None  # a local model whose window texts are counted against
+    # A self-hosted LLM's task: make_llm_task's arguments (then `task` is not used).
+    llm_task: dict[str, Any] | None = None
 
     def build(self) -> Any:
         module, _, name = self.factory.partition(":")
         return getattr(importlib.import_module(module), name)(**self.kwargs)
+
+    def make_task(self) -> Any:
+        if self.llm_task is not None:
+            from .llm.requests import make_llm_task
+
+            return make_llm_task(**self.llm_task)
+        from .tasks import make_task
+
+        return make_task(*self.task)
 
 
 # -- errors across the process boundary -----------------------------------------------------
@@ -407,10 +419,8 @@ def child_main(fd: int) -> None:
     sys.path[:] = init["sys_path"]
     recipe: Recipe = init["recipe"]
     try:
-        from .tasks import make_task
-
         predictor = recipe.build()
-        task = make_task(*recipe.task)
+        task = recipe.make_task()
         if recipe.window_model:  # the local model: count texts over its window
             from .backends.local import TokenWindow, TruncationWatch
 

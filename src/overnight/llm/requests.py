@@ -246,7 +246,10 @@ class LLMTask:
             where = "/".join(str(p) for p in err.absolute_path) or "output"
             raise InvalidOutput(f"schema: {where}: {err.message}{_cut(body)}", answer)
         if self.kind == "classify":
-            return {"output": value["label"], "usage": _usage(answer)}
+            out = {"output": value["label"], "usage": _usage(answer)}
+            if isinstance(body.get("scores"), dict):  # a self-hosted model scored every label
+                out["scores"] = body["scores"]
+            return out
         return {"output": value, "usage": _usage(answer)}
 
     def _text(self, answer: Answer) -> str:
