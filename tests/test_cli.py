@@ -401,7 +401,11 @@ def test_version(tmp_path):
     assert proc.stdout.strip() == f"overnight {overnight.__version__}"
 
 
-def test_shell_completion_script_and_completions(tmp_path):
+def test_shell_completion_script_and_completions(tmp_path, monkeypatch):
+    # Typer detects the user's shell from the process tree, which under pytest may hold no
+    # shell at all ("Shell  not supported"); its own switch for tests makes --show-completion
+    # take the shell by name instead.
+    monkeypatch.setenv("_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION", "1")
     proc = cli(tmp_path, "--show-completion", "bash")
     assert proc.returncode == 0, proc.stderr
     assert "_OVERNIGHT_COMPLETE=complete_bash" in proc.stdout  # registered for `overnight`

@@ -254,7 +254,7 @@ class SQLiteLedger:
         # 16 KiB pages: fewer B-tree pages per million rows (measured ~5% faster end to end
         # than 4 KiB). Only takes effect on a new file, before WAL is switched on.
         self._db.execute(f"PRAGMA page_size={PAGE_SIZE}")
-        self._db.execute("PRAGMA journal_mode=WAL")
+        self._switch_to_wal(timeout=30.0)
         # NORMAL in WAL mode survives a killed process; only an OS crash can lose the last
         # commits, and those items are then simply computed again, never lost.
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -269,6 +269,24 @@ class SQLiteLedger:
         # would take every later commit with it, silently: each transaction checks first.
         self._inode = os.stat(path).st_ino
         self._migrate()
+
+    def _switch_to_wal(self, timeout: float) -> None:
+        """PRAGMA journal_mode=WAL, retried while another process holds a lock: SQLite does
+        not call the busy handler for a journal-mode change, so two runs that create one new
+        ledger at the same instant saw "database is locked" at once (exit 2) in place of
+        waiting. Once a ledger is in WAL mode the pragma takes no lock and returns at once."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                sqlite3.Connection.execute(self._db, "PRAGMA journal_mode=WAL").fetchall()
+                return
+            except sqlite3.OperationalError as exc:
+                busy = getattr(exc, "sqlite_errorname", "").startswith("SQLITE_BUSY")
+                if not busy or time.monotonic() > deadline:
+                    raise _translate(self.path, exc) from None
+                time.sleep(0.05)
+            except sqlite3.Error as exc:
+                raise _translate(self.path, exc) from None
 
     def _migrate(self) -> None:
         """Ledgers written by an older overnight gain the columns added since (cheap: SQLite
