@@ -19,13 +19,14 @@ import bench_transformers
 from common import ROOT, machine
 
 
-def ledger_section(r: dict) -> str:
+def ledger_section(r: dict, when: str | None = None, cmd: str | None = None) -> str:
+    measured = f"\nMeasured by `{cmd}` on {when}.\n" if when else ""
     ratio_orjson = r["overnight_items_per_s"] / r["plain_orjson_items_per_s"]
     ratio_json = r["overnight_items_per_s"] / r["plain_json_items_per_s"]
     goal = "met" if r["overnight_items_per_s"] >= 100_000 else "NOT met"
     rss = "met" if r["overnight_peak_rss_mb"] < 400 else "NOT met"
     return f"""## Ledger cost
-
+{measured}
 {r["records"]:,} records (`{{"id", "text", "n"}}`, ~90 bytes) through a python function that
 returns its input: JSONL in, JSONL out, end to end (`overnight run` as a process: start-up,
 ingest, process, export, SQLite WAL ledger), against plain streaming loops with no ledger
@@ -275,7 +276,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=200)
     ap.add_argument(
         "--only",
-        choices=["llm", "isolation", "transformers"],
+        choices=["ledger", "llm", "isolation", "transformers"],
         help="run one part; keep the others' figures",
     )
     a = ap.parse_args()
@@ -292,6 +293,15 @@ def main() -> None:
         path = ROOT / "BENCHMARKS.md"
         path.write_text(replace_section(path.read_text(), "transformers", tr_text))
         print(tr_text)
+        return
+    if a.only == "ledger":
+        ledger = bench_ledger.main(a.records)
+        print(ledger, file=sys.stderr)
+        path = ROOT / "BENCHMARKS.md"
+        path.write_text(
+            replace_section(path.read_text(), "ledger", ledger_section(ledger, when, cmd))
+        )
+        print(ledger_section(ledger, when, cmd))
         return
     if a.only == "isolation":
         iso = bench_isolation.main(a.records, a.texts)
@@ -328,7 +338,9 @@ Written by `{cmd}` on {when}.
 Machine: {machine()}. The machine is shared and noisy: compare the ratios within one run,
 not absolute times across runs.
 
-{ledger_section(ledger)}
+<!-- section:ledger -->
+{ledger_section(ledger)}<!-- /section:ledger -->
+
 {local_section(local)}
 {accuracy}"""
     text = replace_section(text, "isolation", isolation_section(iso, when, cmd))

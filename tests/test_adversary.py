@@ -4,7 +4,7 @@ Tried as a new user and as an adversary would: job files that point the output a
 exports onto a disk that cannot take them, inputs written by Windows tools or with a quote
 never closed, user code that forks and crashes or prints, numbers TOML allows that no timeout
 can take, a ledger written by an older overnight with batches still running, two job files
-sharing one ledger. The tests marked xfail are defects left open (see their reasons)."""
+sharing one ledger."""
 
 from __future__ import annotations
 
@@ -626,15 +626,6 @@ def test_an_input_appended_to_while_it_is_read_is_fine(tmp_path: Path) -> None:
     assert again.exit_code == 0 and outputs == [f"old{i}" for i in range(n)] + ["late"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="README (Cache): 'Identical requests … are sent once per job', and --restart keeps"
-    " the cache so that identical requests are never paid twice: true in real time only. The"
-    " batch backends neither read nor fill the response cache: 20 records with one prompt are"
-    " 20 paid batch lines, and a --restart pays for every line again. Needs the batch runner"
-    " to answer cached requests from the cache, send one line per distinct request, and put"
-    " collected answers in the cache",
-)
 @pytest.mark.parametrize("backend", ["openai-batch", "anthropic-batch"])
 def test_identical_requests_in_batches_are_paid_once(
     tmp_path: Path, fake: FakeProvider, backend: str
@@ -644,11 +635,22 @@ def test_identical_requests_in_batches_are_paid_once(
     (tmp_path / "in.jsonl").write_bytes(
         b"".join(orjson.dumps({"id": f"r{i}", "text": "refund please"}) + b"\n" for i in range(20))
     )
-    assert cli("run", str(job_file), OPENAI_API_KEY=KEY, ANTHROPIC_API_KEY=KEY).returncode == 0
+    first = cli("run", "--json", str(job_file), OPENAI_API_KEY=KEY, ANTHROPIC_API_KEY=KEY)
+    assert first.returncode == 0, first.stderr
     assert len(read_jsonl(tmp_path / "out.jsonl")) == 20
-    again = cli("run", "--restart", str(job_file), OPENAI_API_KEY=KEY, ANTHROPIC_API_KEY=KEY)
-    assert again.returncode == 0
-    assert fake.stats.billed["refund please"] == 1
+    assert fake.stats.billed["refund please"] == 1  # one line for 20 identical requests
+    paid = json.loads(first.stdout)["cost"]
+    assert paid > 0
+    again = cli(
+        "run", "--json", "--restart", str(job_file), OPENAI_API_KEY=KEY, ANTHROPIC_API_KEY=KEY
+    )
+    assert again.returncode == 0, again.stderr
+    assert fake.stats.billed["refund please"] == 1  # --restart keeps the cache: nothing sent
+    assert fake.stats.batch_creations == 1
+    report = json.loads(again.stdout)
+    assert report["succeeded"] == 20 and report["cost"] == 0
+    assert report["cost_at_realtime_prices"] > paid  # what the cache saved, at list prices
+    assert len(read_jsonl(tmp_path / "out.jsonl")) == 20
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ from contextlib import closing
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import orjson
 import pytest
 from llm_helpers import ANT_KEY, KEY, read_jsonl, write_records
 
@@ -400,3 +401,31 @@ path = "out.jsonl"
     assert len(read_jsonl(tmp_path / "out.jsonl")) == 60
     # At most the 4 requests in flight at the kill were sent twice.
     assert fake.stats.requests["/v1/chat/completions"] <= 60 + 4
+
+
+@pytest.mark.parametrize("backend", ["openai-batch", "anthropic-batch"])
+def test_kill_9_while_a_batch_is_live_then_rerun_pays_each_distinct_request_once(
+    tmp_path: Path, fake: FakeProvider, backend: str
+) -> None:
+    """25 records, 3 distinct prompts: one line per distinct request goes out; the identical
+    ones wait for its answer. Killed while that batch is live, the rerun knows which requests
+    are out (from the ledger's live chunk) and sends none of them again; the collected answers
+    settle every record through the response cache."""
+    prompts = ["refund please", "where is my parcel", "cancel my order"]
+    (tmp_path / "in.jsonl").write_bytes(
+        b"".join(orjson.dumps({"id": f"r{i}", "text": prompts[i % 3]}) + b"\n" for i in range(25))
+    )
+    url = fake.anthropic_url if "anthropic" in backend else fake.openai_url
+    job = job_file(tmp_path, backend, url)
+    fake.knobs.batch_seconds = 3.0
+    proc = start(job)
+    wait_for(lambda: fake.stats.batch_creations >= 1)
+    time.sleep(0.5)  # the run goes on planning: the identical records must not be sent
+    kill(proc)
+    assert fake.stats.batch_creations == 1
+    done = run(job)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = read_jsonl(tmp_path / "out.jsonl")
+    assert [r["id"] for r in rows] == [f"r{i}" for i in range(25)]
+    assert {p: fake.stats.billed[p] for p in prompts} == {p: 1 for p in prompts}
+    assert fake.stats.batch_creations == 1

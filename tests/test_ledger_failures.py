@@ -127,29 +127,36 @@ def test_a_ledger_path_that_is_not_a_ledger_is_exit_2(tmp_path: Path, what: str)
     assert calls(tmp_path) == []
 
 
-def _open_at(path: Path, start_at: float, answers) -> None:  # runs in a forked process
+def _open_at(path: Path, start_at: float, answers, what: str) -> None:  # a forked process
+    from overnight.llm.cache import ResponseCache
     from overnight.store.sqlite import SQLiteLedger
 
     while time.time() < start_at:
         pass
     try:
-        SQLiteLedger(path)
+        SQLiteLedger(path) if what == "ledger" else ResponseCache(path, scope="job:x")
         answers.put("ok")
     except Exception as exc:  # the answer the test reads
         answers.put(f"{type(exc).__name__}: {exc}")
 
 
-def test_runs_that_create_one_new_ledger_at_the_same_instant_all_open_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize("what", ["ledger", "response cache"])
+def test_runs_that_create_one_new_ledger_at_the_same_instant_all_open_it(
+    tmp_path: Path, what: str
+) -> None:
     """SQLite does not wait on a lock while it switches a new file to WAL: two runs creating
     one ledger at the same instant saw "database is locked" (exit 2) about one time in six
-    (4 processes, measured 5 of 30 trials before the switch was retried)."""
+    (4 processes, measured 5 of 30 trials before the switch was retried). The same for a
+    response cache shared by two jobs (`[run] cache`)."""
     fork = multiprocessing.get_context("fork")
     answers = fork.Queue()
     failed = []
     for trial in range(20):
         path = tmp_path / f"{trial}.sqlite"
         start_at = time.time() + 0.3
-        procs = [fork.Process(target=_open_at, args=(path, start_at, answers)) for _ in range(4)]
+        procs = [
+            fork.Process(target=_open_at, args=(path, start_at, answers, what)) for _ in range(4)
+        ]
         for p in procs:
             p.start()
         for p in procs:

@@ -18,6 +18,12 @@
    counted); a batch with no line of ours (taken for the chunk by mistake) sends the chunk's
    items back to pending without counting an attempt.
 
+The response cache (as in real time): a pending item whose request has an answer in the cache
+is settled from it, sending nothing; one line goes out per distinct request, and items whose
+request is already in a live chunk wait for its answer, which goes into the cache when the
+chunk is collected. So identical records, a `--restart` and a batch job after a real-time one
+pay once.
+
 Before any of this, `earlier_batches` looks at the provider for batches of earlier runs of
 the job that the ledger does not know (the ledger was deleted or replaced): the job module
 refuses to run over them, and `--restart` cancels them (`cancel_earlier`).
@@ -30,6 +36,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -50,6 +57,7 @@ from .llm.batch import (
     _retryable,
     request_key,
 )
+from .llm.cache import ResponseCache
 from .llm.requests import Answer, LLMTask, answer_from_body
 from .llm.tokens import count_request_tokens
 from .runner import Meter, Progress, Validator, outcome
@@ -82,8 +90,15 @@ class BatchRunner:
         poll_interval: float = 30.0,
         poll_max: float = 600.0,
         repair: bool = False,
+        cache: ResponseCache | None = None,
     ) -> None:
         self.repair = repair
+        self.cache = cache
+        # Cache keys of the requests in this job's creating and live chunks (key -> chunk),
+        # and each such chunk's keys: an item whose request is among them is not sent again.
+        self.inflight: dict[str, int] = {}
+        self.chunk_keys: dict[int, list[str]] = {}
+        self.cache_hits = 0
         self.ledger, self.job, self.task, self.service = ledger, job, task, service
         self.max_attempts, self.meter, self.validate = max_attempts, meter, validate
         self.progress = progress or Progress()
@@ -187,6 +202,8 @@ class BatchRunner:
         for c in chunks:
             if c.remote_id:
                 self._claim(c.remote_id)
+            if self.cache is not None and c.status in ("creating", "live"):
+                self._hold(c.chunk, self._chunk_lines(c))
             if c.status == "live" and self.max_cost is not None:
                 items = self.ledger.chunk_items(self.job.id, c.chunk)
                 lines = [self._line(it, c.tagged) for it in items]
@@ -246,7 +263,46 @@ class BatchRunner:
             req = orjson.loads(it.follow_up)
             return Line(it.seq, self._remote_id(it, tagged), req["endpoint"], req["body"])
         req = self.task.build(orjson.loads(it.payload))
-        return Line(it.seq, self._remote_id(it, tagged), req.endpoint, req.body)
+        return Line(it.seq, self._remote_id(it, tagged), req.endpoint, req.body, req.key)
+
+    # -- the response cache -------------------------------------------------------------
+
+    def _hold(self, chunk: int, lines: list[Line]) -> None:
+        """The chunk's requests are out: the same requests wait for their answers."""
+        if self.cache is None or chunk in self.chunk_keys:
+            return
+        keys = [ln.key for ln in lines if ln.key is not None]
+        self.chunk_keys[chunk] = keys
+        for key in keys:
+            self.inflight.setdefault(key, chunk)
+
+    def _finish_chunk(self, chunk: int, outcomes: list[Outcome], **kwargs: Any) -> None:
+        """ledger.finish_chunk, and the chunk's requests are no longer out."""
+        self.ledger.finish_chunk(self.job.id, chunk, outcomes, time.time(), **kwargs)
+        for key in self.chunk_keys.pop(chunk, ()):
+            if self.inflight.get(key) == chunk:
+                del self.inflight[key]
+
+    def _remember(self, it: Item, answer: Answer, o: Outcome) -> None:
+        """A collected answer goes into the cache under its request's key, as real time puts
+        an answer there on arrival; a repaired one that is valid, under the first request's
+        key (the answer to it), as real time does."""
+        if self.cache is None:
+            return
+        if it.follow_up is None or o.state == "succeeded":
+            key = self.task.build(orjson.loads(it.payload)).key
+            self.cache.put(key, answer.body, answer.input_tokens, answer.output_tokens)
+
+    def _from_cache(self, hits: list[tuple[Item, Answer]]) -> None:
+        """Items answered by the cache: settled through one local chunk, nothing sent, no
+        attempt counted, at no cost (their list cost still shows what the cache saved)."""
+        self.cache_hits += len(hits)
+        chunk = self.ledger.plan_chunk(
+            self.job.id, self.service.provider, [it.seq for it, _ in hits], time.time()
+        )
+        outcomes = [self._answered(it, replace(a, cached=True, attempts=0)) for it, a in hits]
+        self._finish_chunk(chunk, outcomes, remote_status="cache", count_attempt=False)
+        self._count(outcomes)
 
     # Items of another endpoint or (OpenAI) model than a chunk's first wait for a later
     # chunk; after this many of them the chunk is closed, so a mixed input is not rescanned
@@ -260,19 +316,28 @@ class BatchRunner:
         svc = self.service
         lines: list[Line] = []
         bad: list[tuple[int, Exception]] = []
+        hits: list[tuple[Item, Answer]] = []
+        sending: set[str] = set()  # cache keys of this chunk's lines
         size, key, skipped, after = 0, None, 0, -1
         try:
             while True:
                 page = self.ledger.pending_page(self.job.id, after, 1000, time.time())
                 if not page:
                     return lines
+                built: list[tuple[Item, Line]] = []
                 for it in page:
-                    after = it.seq
                     try:
-                        line = self._line(it)
+                        built.append((it, self._line(it)))
                     except Exception as exc:
                         bad.append((it.seq, exc))
+                cached = self._cached([ln.key for _, ln in built])
+                for it, line in built:
+                    after = it.seq
+                    if line.key is not None and line.key in cached:
+                        hits.append((it, cached[line.key]))
                         continue
+                    if line.key is not None and (line.key in self.inflight or line.key in sending):
+                        continue  # the same request is out: this item waits for its answer
                     model = line.body.get("model") if svc.provider == "openai" else None
                     if key is not None and (line.endpoint, model) != key:
                         skipped += 1
@@ -284,12 +349,22 @@ class BatchRunner:
                         return lines
                     key = (line.endpoint, model)
                     lines.append(line)
+                    if line.key is not None and self.cache is not None:
+                        sending.add(line.key)
                     size += n
                     if len(lines) >= svc.max_requests:
                         return lines
+                after = page[-1].seq
         finally:
             if bad:
                 self._fail_inputs(bad)
+            if hits:
+                self._from_cache(hits)
+
+    def _cached(self, keys: list[str | None]) -> dict[str, Answer]:
+        if self.cache is None:
+            return {}
+        return self.cache.get_many(k for k in keys if k is not None)
 
     def _submit(self) -> bool:
         """Plan and create chunks from the pending items; True if any was created."""
@@ -307,11 +382,9 @@ class BatchRunner:
             if self.ledger.is_cancelled(self.job.id):
                 # Cancelled from another process since the page was read: some of these
                 # items are cancelled, not in the chunk; create nothing.
-                self.ledger.finish_chunk(
-                    self.job.id,
+                self._finish_chunk(
                     chunk,
                     [],
-                    time.time(),
                     leftover="cancelled",
                     remote_status="cancelled",
                     count_attempt=False,
@@ -327,6 +400,8 @@ class BatchRunner:
         def before(until: float) -> None:  # committed before the call is sent
             self.ledger.set_create_until(self.job.id, chunk, until)
 
+        self._hold(chunk, lines)
+
         try:
             remote, file_id = self.service.submit(lines, self.tag, chunk, before)
         except Exception as exc:
@@ -341,11 +416,9 @@ class BatchRunner:
             # Refused as a whole (a 4xx): every line fails with the provider's message,
             # rather than the next run sending the same refused batch again.
             message = redact(f"the provider refused the batch: HTTP {status}: {exc}")
-            self.ledger.finish_chunk(
-                self.job.id,
+            self._finish_chunk(
                 chunk,
                 [Outcome(ln.seq, "failed", None, f"batch_http_{status}", message) for ln in lines],
-                time.time(),
                 remote_status="refused",
             )
             return
@@ -356,19 +429,15 @@ class BatchRunner:
             raise exc  # connection trouble, throttling: a rerun adopts or creates the chunk
         if len(lines) == 1:
             message = "the provider refused this single request as too large (413)"
-            self.ledger.finish_chunk(
-                self.job.id,
+            self._finish_chunk(
                 chunk,
                 [Outcome(lines[0].seq, "failed", None, "request_too_large", message)],
-                time.time(),
                 remote_status="refused",
             )
             return
         # Split: this chunk is closed ("split") and each half becomes a chunk of its own.
         half = len(lines) // 2
-        self.ledger.finish_chunk(
-            self.job.id, chunk, [], time.time(), remote_status="split", count_attempt=False
-        )
+        self._finish_chunk(chunk, [], remote_status="split", count_attempt=False)
         for part in (lines[:half], lines[half:]):
             sub = self.ledger.plan_chunk(
                 self.job.id, self.service.provider, [ln.seq for ln in part], time.time()
@@ -386,14 +455,12 @@ class BatchRunner:
         """Records that cannot become a request: failed, through one local chunk."""
         now = time.time()
         chunk = self.ledger.plan_chunk(self.job.id, self.service.provider, [s for s, _ in bad], now)
-        self.ledger.finish_chunk(
-            self.job.id,
+        self._finish_chunk(
             chunk,
             [
                 Outcome(seq, "failed", None, _input_error_class(exc), redact(str(exc)))
                 for seq, exc in bad
             ],
-            now,
             remote_status="input_error",
         )
         self.progress.failed += len(bad)
@@ -468,11 +535,9 @@ class BatchRunner:
                         f"no result after {it.attempts + 1} batches ({poll.status}{why})",
                     )
                 )
-        self.ledger.finish_chunk(
-            self.job.id,
+        self._finish_chunk(
             chunk,
             outcomes,
-            time.time(),
             leftover=leftover,
             remote_status=poll.status,
         )
@@ -499,11 +564,9 @@ class BatchRunner:
         )
         if outcomes:
             return False
-        self.ledger.finish_chunk(
-            self.job.id,
+        self._finish_chunk(
             c.chunk,
             [],
-            time.time(),
             leftover="cancelled" if leftover == "cancelled" else "pending",
             remote_status="not_ours",
             count_attempt=False,
@@ -515,27 +578,11 @@ class BatchRunner:
         if result.kind == "succeeded":
             try:
                 answer = answer_from_body(self.service.provider, "", result.body or {})
-                usage = self.meter(answer)
-                fields = self.task.parse(answer)
             except (AttributeError, KeyError, TypeError, ValueError) as exc:
-                # An answer of a shape the API does not document: this item's, not the run's.
-                why = redact(f"the provider's answer cannot be read: {type(exc).__name__}: {exc}")
-                return Outcome(seq, "invalid", None, "unreadable_answer", why)
-            except InvalidOutput as exc:
-                if self.repair and it.follow_up is None:  # ask again, once, in the next batch
-                    ask = self.task.build(orjson.loads(it.payload))
-                    follow = self.task.repair(ask, answer, exc.reason)
-                    body = orjson.dumps({"endpoint": follow.endpoint, "body": follow.body})
-                    return outcome(seq, "pending", body, "repair", redact(exc.reason), usage=usage)
-                return outcome(
-                    seq, "invalid", None, exc.error_class, redact(exc.reason), usage=usage
-                )
-            result_json, vector = results.encode(fields, self.task.kind == "embed")
-            if self.validate is not None:
-                reason = self.validate(fields["output"])
-                if reason is not None:
-                    return outcome(seq, "invalid", None, "schema_error", reason, usage=usage)
-            return outcome(seq, "succeeded", result_json, usage=usage, vector=vector)
+                return _unreadable(seq, exc)
+            o = self._answered(it, answer)
+            self._remember(it, answer, o)
+            return o
         message = redact(result.message or result.kind)
         cls = result.error_type or result.kind
         transient = result.kind in ("expired", "cancelled") or cls in TRANSIENT_ERRORS
@@ -544,6 +591,29 @@ class BatchRunner:
         if transient:
             message = f"{message} (gave up after {attempts + 1} batches)"
         return Outcome(seq, "failed", None, cls, message)
+
+    def _answered(self, it: Item, answer: Answer) -> Outcome:
+        """An answer (collected, or from the cache) → the item's outcome: parsed, validated,
+        costed; invalid → a repair in the next batch when asked for."""
+        seq = it.seq
+        try:
+            usage = self.meter(answer)
+            fields = self.task.parse(answer)
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            return _unreadable(seq, exc)
+        except InvalidOutput as exc:
+            if self.repair and it.follow_up is None:  # ask again, once, in the next batch
+                ask = self.task.build(orjson.loads(it.payload))
+                follow = self.task.repair(ask, answer, exc.reason)
+                body = orjson.dumps({"endpoint": follow.endpoint, "body": follow.body})
+                return outcome(seq, "pending", body, "repair", redact(exc.reason), usage=usage)
+            return outcome(seq, "invalid", None, exc.error_class, redact(exc.reason), usage=usage)
+        result_json, vector = results.encode(fields, self.task.kind == "embed")
+        if self.validate is not None:
+            reason = self.validate(fields["output"])
+            if reason is not None:
+                return outcome(seq, "invalid", None, "schema_error", reason, usage=usage)
+        return outcome(seq, "succeeded", result_json, usage=usage, vector=vector)
 
     def _cancel_live(self) -> None:
         for c in self.ledger.chunks(self.job.id, ("live",)):
@@ -586,6 +656,12 @@ class BatchRunner:
     def _count(self, outcomes: list[Outcome]) -> None:
         self.progress.count(outcomes)
         self.on_progress(self.progress)
+
+
+def _unreadable(seq: int, exc: Exception) -> Outcome:
+    """An answer of a shape the API does not document: this item's failure, not the run's."""
+    why = redact(f"the provider's answer cannot be read: {type(exc).__name__}: {exc}")
+    return Outcome(seq, "invalid", None, "unreadable_answer", why)
 
 
 # -- batches of earlier runs of the job, as the provider sees them ---------------------------

@@ -857,6 +857,7 @@ class Job:
         progress: Progress,
         on_progress: Callable[[Progress], None] | None,
         stop: threading.Event | None,
+        cache: Any = None,
     ) -> Any:
         from .batch_runner import BatchRunner
 
@@ -876,6 +877,7 @@ class Job:
             poll_interval=self.spec.model.poll_interval,
             poll_max=max(self.spec.model.poll_interval, 600.0),
             repair=self.spec.task.repair,
+            cache=cache,
         )
 
     def _ingest(
@@ -915,11 +917,12 @@ class Job:
         fresh = self._ingest(ledger, job, progress, on_progress, stop)
         if fresh is None:
             return
-        runner = self._batch_runner(ledger, fresh, progress, on_progress, stop)
-        try:
-            runner.run(detach=outcome.detached)
-        finally:
-            outcome.notes += runner.notes
+        with self._cache() as cache:
+            runner = self._batch_runner(ledger, fresh, progress, on_progress, stop, cache)
+            try:
+                runner.run(detach=outcome.detached)
+            finally:
+                outcome.notes += runner.notes
         outcome.cancelled = ledger.is_cancelled(job.id)
 
     def _run_auto(
@@ -939,14 +942,15 @@ class Job:
             return
         deadline = self.spec.run.deadline_at
         cut = deadline.timestamp() - self.spec.run.deadline_margin if deadline else None
-        batch = self._batch_runner(ledger, fresh, progress, on_progress, stop)
         switched = False
         # Past the cut already (say the machine was off): this only adopts, cancels and
         # collects the live batches, submitting nothing new.
-        try:
-            batch.run(until=cut)
-        finally:
-            outcome.notes += batch.notes
+        with self._cache() as cache:
+            batch = self._batch_runner(ledger, fresh, progress, on_progress, stop, cache)
+            try:
+                batch.run(until=cut)
+            finally:
+                outcome.notes += batch.notes
         if stop is not None and stop.is_set():
             return
         counts = ledger.counts(job.id)

@@ -112,6 +112,7 @@ class Line:
     remote_id: str  # the custom_id sent to the provider
     endpoint: str
     body: dict[str, Any]
+    key: str | None = None  # its response-cache key (None: a repair follow-up, not cached)
 
 
 @dataclass(frozen=True)

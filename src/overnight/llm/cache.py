@@ -21,6 +21,7 @@ from typing import Any
 import orjson
 
 from ..errors import UsageError
+from ..store.sqlite import switch_to_wal
 from .requests import Answer, cache_key
 
 __all__ = ["SCHEMA", "Answer", "ResponseCache", "cache_key"]
@@ -54,7 +55,7 @@ class ResponseCache:
             self._db = sqlite3.connect(
                 self.path, isolation_level=None, timeout=30.0, check_same_thread=False
             )
-            self._db.execute("PRAGMA journal_mode=WAL")
+            switch_to_wal(self._db, timeout=30.0)
             # NORMAL in WAL mode: a commit survives the process being killed (the OS has the
             # WAL); only a power cut can lose the last ones, which costs at most a re-send.
             self._db.execute("PRAGMA synchronous=NORMAL")
