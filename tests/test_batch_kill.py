@@ -3,11 +3,14 @@ batch it created before it died (found by metadata on OpenAI, by shape on Anthro
 creates nothing new for those items; every result is collected once. And the other ways a
 batch job meets its past through the CLI: a deleted ledger, --restart, --detach and cancel.
 
-Every process here is a real `python -m overnight` killed with a real SIGKILL."""
+Every process here is a real `python -m overnight` killed with a real SIGKILL: by the test,
+or by the fake provider the moment it has acted on a request (`run_killed_at`)."""
 
 from __future__ import annotations
 
 import os
+import re
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -57,22 +60,16 @@ path = "out.jsonl"
     return path
 
 
-def environment(crash_at: str | None = None, **extra: str) -> dict[str, str]:
-    env = {**os.environ, "OPENAI_API_KEY": KEY, "ANTHROPIC_API_KEY": ANT_KEY, **extra}
-    env.pop("OVERNIGHT_TEST_CRASH_AT", None)
-    if crash_at:
-        env["OVERNIGHT_TEST_CRASH_AT"] = crash_at
-    return env
+def environment(**extra: str) -> dict[str, str]:
+    return {**os.environ, "OPENAI_API_KEY": KEY, "ANTHROPIC_API_KEY": ANT_KEY, **extra}
 
 
-def run(
-    job: Path, crash_at: str | None = None, *args: str, command: str = "run", **env: str
-) -> subprocess.CompletedProcess:
+def run(job: Path, *args: str, command: str = "run", **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "overnight", command, str(job), *args],
         capture_output=True,
         text=True,
-        env=environment(crash_at, **env),
+        env=environment(**env),
         timeout=180,
     )
 
@@ -82,8 +79,36 @@ def start(job: Path, **env: str) -> subprocess.Popen:
         [sys.executable, "-m", "overnight", "run", str(job)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        env=environment(None, **env),
+        env=environment(**env),
     )
+
+
+# Where a run is killed: the request the fake has just acted on (method, path), before the
+# run reads its answer. "after_create": the batch exists, its id never reached the ledger.
+KILL_POINTS = {
+    "after_upload": ("POST", r"/v1/files"),
+    "after_create": ("POST", r"/v1/(batches|messages/batches)"),
+    "while_polling": ("GET", r"/v1/(batches|messages/batches)/[^/]+"),
+}
+
+
+def run_killed_at(job: Path, fake: FakeProvider, point: str, **env: str) -> int:
+    """`overnight run`, killed with SIGKILL by the fake the moment it has acted on the
+    request `point` names: the run's exit status (-9)."""
+    method, pattern = KILL_POINTS[point]
+    proc = start(job, **env)
+    fired = threading.Event()
+
+    def kill_the_client(m: str, path: str) -> None:
+        if m == method and re.fullmatch(pattern, path) and not fired.is_set():
+            fired.set()
+            os.kill(proc.pid, signal.SIGKILL)
+
+    fake.knobs.after_acting = kill_the_client
+    try:
+        return proc.wait(timeout=180)
+    finally:
+        fake.knobs.after_acting = None
 
 
 def wait_for(condition, timeout: float = 60.0) -> None:
@@ -107,8 +132,7 @@ def test_kill_then_rerun_never_creates_twice(
     url = fake.anthropic_url if "anthropic" in backend else fake.openai_url
     job = job_file(tmp_path, backend, url)
     fake.knobs.batch_seconds = 0.5
-    died = run(job, crash_at)
-    assert died.returncode == -9, died.stderr
+    assert run_killed_at(job, fake, crash_at) == -9
     created_before = fake.stats.batch_creations
     assert created_before >= 1
     done = run(job)
@@ -139,8 +163,7 @@ def test_kill_around_the_upload_leaves_no_prompt_file_and_resubmits_once(
     system_tmp.mkdir()
     state_tmp = tmp_path / ".overnight" / "tmp"
     if how == "after_upload":
-        died = run(job, "after_upload", TMPDIR=str(system_tmp))
-        assert died.returncode == -9
+        assert run_killed_at(job, fake, "after_upload", TMPDIR=str(system_tmp)) == -9
         assert fake.stats.files_uploaded == 1
     else:
         fake.knobs.upload_delay = 60
@@ -194,7 +217,7 @@ def test_a_rerun_never_takes_another_jobs_batch_for_its_own(
     fake.knobs.batch_seconds = 600.0  # both batches running until the rerun adopts one
     write_records(tmp_path, 5)
     job = job_file(tmp_path, "anthropic-batch", fake.anthropic_url)
-    assert run(job, "after_create").returncode == -9
+    assert run_killed_at(job, fake, "after_create") == -9
     other_dir = tmp_path / "other"
     other_dir.mkdir()
     (other_dir / "in.jsonl").write_text(
@@ -217,7 +240,7 @@ def test_a_rerun_never_takes_another_jobs_batch_for_its_own(
 
     watcher = threading.Thread(target=end_once_adopted, daemon=True)
     watcher.start()
-    done = run(job, None, "--json")
+    done = run(job, "--json")
     watcher.join()
     assert done.returncode == 0, done.stdout + done.stderr
     rows = read_jsonl(tmp_path / "out.jsonl")
@@ -251,7 +274,7 @@ def test_a_deleted_ledger_stops_the_rerun_and_restart_starts_over(
     url = fake.anthropic_url if anthropic else fake.openai_url
     job = job_file(tmp_path, backend, url)
     fake.knobs.batch_seconds = 60
-    assert run(job, None, "--detach").returncode == 0
+    assert run(job, "--detach").returncode == 0
     assert fake.stats.batch_creations == 2
     if anthropic:
         fake.complete_batches()  # Anthropic tells whose a batch is only once it ended
@@ -268,7 +291,7 @@ def test_a_deleted_ledger_stops_the_rerun_and_restart_starts_over(
     assert not (tmp_path / "out.jsonl").exists()
 
     fake.knobs.batch_seconds = 0.2
-    restarted = run(job, None, "--restart")
+    restarted = run(job, "--restart")
     assert restarted.returncode == 0, restarted.stdout + restarted.stderr
     if anthropic:  # ended already: nothing to cancel
         assert "live provider batches" not in restarted.stdout
@@ -290,11 +313,11 @@ def test_restart_cancels_the_jobs_live_batches_first(
     anthropic = "anthropic" in backend
     job = job_file(tmp_path, backend, fake.anthropic_url if anthropic else fake.openai_url)
     fake.knobs.batch_seconds = 60
-    assert run(job, None, "--detach").returncode == 0
+    assert run(job, "--detach").returncode == 0
     old = set(fake.anthropic.batches if anthropic else fake.openai.batches)
     assert len(old) == 2
     fake.knobs.batch_seconds = 0.2
-    restarted = run(job, None, "--restart")
+    restarted = run(job, "--restart")
     assert restarted.returncode == 0, restarted.stdout + restarted.stderr
     assert "cancelled 2 live provider batches of the previous run" in restarted.stdout
     if anthropic:
@@ -309,11 +332,11 @@ def test_detach_cancel_and_run_again_through_the_cli(tmp_path: Path, fake: FakeP
     write_records(tmp_path, 12)
     job = job_file(tmp_path, "openai-batch", fake.openai_url)
     fake.knobs.batch_seconds = 60
-    detached = run(job, None, "--detach")
+    detached = run(job, "--detach")
     assert detached.returncode == 0, detached.stdout + detached.stderr
     assert "batches submitted" in detached.stdout
     assert fake.stats.batch_creations == 2 and not (tmp_path / "out.jsonl").exists()
-    cancelled = run(job, None, command="cancel")
+    cancelled = run(job, command="cancel")
     assert cancelled.returncode == 0, cancelled.stdout + cancelled.stderr
     assert {b.obj["status"] for b in fake.openai.batches.values()} == {"cancelling"}
     fake.knobs.batch_seconds = 0.2
@@ -343,8 +366,7 @@ def test_auto_past_the_cut_collects_live_batches_then_real_time(
         )
 
     job = auto(datetime.now(UTC) + timedelta(hours=5))
-    died = run(job, "while_polling")  # killed right after submitting, at its first poll
-    assert died.returncode == -9, died.stdout + died.stderr
+    assert run_killed_at(job, fake, "while_polling") == -9  # killed at its first poll
     assert fake.stats.batch_creations == 1
     job = auto(datetime.now(UTC) + timedelta(seconds=30))
     done = run(job)

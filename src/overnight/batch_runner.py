@@ -32,7 +32,6 @@ refuses to run over them, and `--restart` cancels them (`cancel_earlier`).
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -53,7 +52,6 @@ from .llm.batch import (
     Result,
     Tagged,
     TooLarge,
-    _crash,
     _retryable,
     request_key,
 )
@@ -446,8 +444,6 @@ class BatchRunner:
 
     def _created(self, chunk: int, remote: str, file_id: str | None) -> None:
         self.created += 1
-        if os.environ.get("OVERNIGHT_TEST_CRASH_AT") == "after_create":
-            _crash()
         self.ledger.set_remote(self.job.id, chunk, remote, file_id)
         self._claim(remote)
 
@@ -479,8 +475,6 @@ class BatchRunner:
                     continue  # (the SDK retried already) try again at the next poll
                 raise
             self.ledger.update_chunk(self.job.id, c.chunk, poll.status, poll.counts)
-            if os.environ.get("OVERNIGHT_TEST_CRASH_AT") == "while_polling":
-                _crash()
             if poll.ended:
                 self._collect(c, poll, leftover)
                 collected += 1

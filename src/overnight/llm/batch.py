@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
 import tempfile
 import time
@@ -337,8 +336,6 @@ class OpenAIBatch:
                 if _is_413(exc):
                     raise TooLarge(str(exc)) from None
                 raise
-            if os.environ.get("OVERNIGHT_TEST_CRASH_AT") == "after_upload":
-                _crash()
         since = time.time()
         metadata = {
             "overnight_job": tag.name[:512],
@@ -614,10 +611,3 @@ class AnthropicBatch:
     def cancel(self, remote_id: str) -> bool:
         """Cancel a batch; True if it was running (it is now being cancelled)."""
         return self.client.messages.batches.cancel(remote_id).processing_status == "canceling"
-
-
-def _crash() -> None:
-    """Test hook: die like `kill -9` at a named point (OVERNIGHT_TEST_CRASH_AT)."""
-    import signal
-
-    os.kill(os.getpid(), signal.SIGKILL)

@@ -195,6 +195,8 @@ class FakeProvider:
                 response = (await self._faults()) if realtime else None
                 if response is None:
                     response = await handler(request)
+                if self.knobs.after_acting is not None:
+                    self.knobs.after_acting(request.method, request.url.path)
             except ProviderError as exc:
                 response = JSONResponse(exc.body(provider, rid), exc.status, headers=exc.headers)
             finally:

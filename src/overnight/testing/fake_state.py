@@ -8,6 +8,7 @@ import hashlib
 import itertools
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
@@ -71,6 +72,11 @@ class Knobs:
     # The next N lines written to batch results (OpenAI output files, Anthropic results) are
     # cut in half: not JSON, as a truncated download or a mangling proxy would leave them.
     garble_result_lines: int = 0
+    # Called with (method, path) once the server has acted on a request, before its answer
+    # is sent. A test kills its client here: the upload, create or poll took effect and the
+    # answer is never read (kill -9 between a create and its record, with no hook in the
+    # client).
+    after_acting: Callable[[str, str], None] | None = None
 
 
 @dataclass(frozen=True)
