@@ -273,6 +273,9 @@ def test_non_tty_progress_is_plain_lines(tmp_path):
     assert lines[0].startswith("cj: ")
     assert "done" in proc.stderr
     assert "━" not in proc.stderr  # no rich bar
+    (tmp_path / "out.jsonl").unlink()
+    quiet = cli(tmp_path, "-q", "run", "job.toml", "--restart")
+    assert quiet.returncode == 0 and quiet.stderr == ""  # -q: no progress
 
 
 def test_non_tty_progress_line_is_one_line(tmp_path):
@@ -618,6 +621,10 @@ def test_empty_input_warns_and_exits_0(tmp_path):
         " ".join(proc.stderr.split())
     )
     assert (tmp_path / "out.jsonl").read_bytes() == b""
+    quiet = cli(tmp_path, "-q", "run", "job.toml")  # errors and the result only
+    assert quiet.returncode == 0 and quiet.stderr == "" and "succeeded" in quiet.stdout
+    both = cli(tmp_path, "-q", "-v", "run", "job.toml")
+    assert both.returncode == 2 and "--verbose and --quiet" in both.stderr
     checked = cli(tmp_path, "check", "job.toml", "--json")
     assert (
         checked.returncode == 0

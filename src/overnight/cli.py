@@ -50,10 +50,13 @@ class _Warnings(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
         self.seen: list[str] = []
+        self.quiet = False  # -q: kept for --json, not printed
 
     def emit(self, record: logging.LogRecord) -> None:
         msg = record.getMessage()
         self.seen.append(msg)
+        if self.quiet:
+            return
         err.print(Text.assemble(("warning: ", "yellow"), msg), highlight=False, soft_wrap=True)
 
 
@@ -80,11 +83,22 @@ def _main(
             "--verbose", "-v", help="Log what overnight does (and an unexpected error's traceback)."
         ),
     ] = False,
+    quiet: Annotated[
+        bool,
+        typer.Option(
+            "--quiet",
+            "-q",
+            help="Print errors and the command's result only: no progress, no warnings.",
+        ),
+    ] = False,
 ) -> None:
     """Run a model over a data set in batches; lose nothing, pay for nothing twice."""
+    if verbose and quiet:
+        raise typer.BadParameter("choose one of --verbose and --quiet", param_hint="-v/-q")
     logger = logging.getLogger("overnight")
     if warnings not in logger.handlers:
         logger.addHandler(warnings)
+    warnings.quiet = quiet
     if verbose:
         handler = logging.StreamHandler(sys.stderr)
         handler.setLevel(logging.DEBUG)
@@ -146,7 +160,9 @@ class _Reporter:
     and the counts, speed, failures and ETA are never cut (tests/test_cli.py renders it)."""
 
     def __init__(self, name: str, live: bool, every: float = 5.0) -> None:
-        self.name, self.live, self.every = name, live, every
+        # -q: no progress at all, neither the bar nor the plain lines.
+        self.quiet = warnings.quiet
+        self.name, self.live, self.every = name, live and not self.quiet, every
         self._last = 0.0
         self._bar: Progress | None = None
         self._task: Any = None
@@ -170,7 +186,7 @@ class _Reporter:
         if self._bar is not None:
             known = p.total if (p.total or p.ingest_done) else None  # None: "?" until known
             self._bar.update(self._task, completed=p.finished, total=known, **bar_fields(p))
-        elif now - self._last >= self.every:
+        elif not self.quiet and now - self._last >= self.every:
             self._last = now
             total = f"/{p.total}" if p.ingest_done else f"/~{p.total}"
             extra = f", batch size {p.batch_size}" if p.batch_size else ""
