@@ -260,3 +260,16 @@ def test_aimd_halves_an_odd_concurrency_down_to_whole_requests() -> None:
 
     asyncio.run(go())
     assert peak == 2
+
+
+def test_aimd_defaults_cut_once_a_second_down_to_one_request_at_a_time() -> None:
+    """The real-time predictor's AIMD (start = maximum = concurrency, the other defaults):
+    429s a second apart each halve it, down to one request at a time, never to none."""
+    clock = Clock()
+    aimd = AIMD(8, maximum=8, clock=clock)
+    limits = []
+    for second in range(5):
+        clock.now = float(second)
+        aimd.on_throttle()
+        limits.append(aimd.limit)
+    assert limits == [4, 2, 1, 1, 1]
