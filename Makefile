@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup setup-llama demo test test-fast bench lint format clean
+.PHONY: setup setup-llama demo test test-fast mutate bench lint format clean
 
 setup: $(VENV)/.installed
 
@@ -38,6 +38,14 @@ test: setup setup-llama
 
 test-fast: setup
 	$(PY) -m pytest -q -ra -m "not slow"
+
+# Mutation testing (docs/mutation.md; not part of `make test`, slow): config in pyproject.toml
+# [tool.mutmut]. MUTANTS picks mutants by name glob, e.g. make mutate MUTANTS='overnight.retry*'.
+# PYTHONPATH: a subprocess started by a test imports the mutated copy, as the tests do.
+MUTANTS ?=
+mutate: setup
+	PYTHONPATH=$(CURDIR)/mutants/src $(BIN)/mutmut run --max-children 2 $(MUTANTS)
+	$(BIN)/mutmut results
 
 bench: setup setup-llama
 	$(PY) benchmarks/run_all.py

@@ -11,6 +11,9 @@ import orjson
 import pytest
 
 import overnight
+from overnight.claim import JobBusy, claimed
+from overnight.runner import Progress
+from overnight.store import SQLiteLedger
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:
@@ -300,3 +303,47 @@ def test_a_second_concurrent_run_is_refused_and_the_first_completes(tmp_path):
     assert result["report"].exit_code == 0
     rows = read_jsonl(tmp_path / "out.jsonl")
     assert [r["output"] for r in rows] == list(range(n))
+
+
+# -- the claim's heartbeat (claim.py), with a short ttl: beats every ttl / 4 -----------------
+
+
+def test_a_runs_heartbeat_keeps_its_claim_past_the_ttl_and_records_its_progress(tmp_path):
+    path = tmp_path / "ledger.db"
+    ledger = SQLiteLedger(path)
+    with claimed(ledger, "j", lambda: SQLiteLedger(path), ttl=0.4) as run:
+        first = ledger.get_claim("j")
+        run.progress = Progress(processed=7)
+        time.sleep(0.7)  # the first expiry has passed: only the heartbeat keeps the claim
+        assert ledger.get_claim("j").expires > first.expires
+        second = SQLiteLedger(path)
+        with pytest.raises(JobBusy), claimed(second, "j", lambda: second):
+            pass  # a second run is refused, not let in by an expired claim
+        second.close()
+        live = ledger.last_run("j")
+        assert (live.processed, live.ended_at, live.outcome) == (7, None, None)
+        assert live.updated_at > live.started_at  # `status` sees the run's last beat
+        run.finish("finished", 9, 1.5, 0.25)
+    ended = ledger.last_run("j")
+    assert (ended.outcome, ended.processed, ended.seconds, ended.setup_seconds) == (
+        "finished",
+        9,
+        1.5,
+        0.25,
+    )
+    assert ended.ended_at is not None
+    assert ledger.get_claim("j") is None  # released: the next run may start
+    ledger.close()
+
+
+def test_a_run_whose_claim_is_taken_over_is_told_and_leaves_the_new_holders_claim(tmp_path):
+    path = tmp_path / "ledger.db"
+    ledger, other = SQLiteLedger(path), SQLiteLedger(path)
+    lost = threading.Event()
+    with claimed(ledger, "j", lambda: SQLiteLedger(path), on_lost=lost.set, ttl=0.4):
+        mine, now = ledger.get_claim("j").owner, time.time()
+        other.claim("j", "elsewhere:4242:1700000000/abcd", now, now + 60, take_from=mine)
+        assert lost.wait(2.0)  # the heartbeat found the claim gone and said so
+    assert ledger.get_claim("j").owner == "elsewhere:4242:1700000000/abcd"
+    ledger.close()
+    other.close()

@@ -235,3 +235,41 @@ def test_aimd_defaults_halve_and_grow_back_after_exactly_20_successes() -> None:
     clock.now = 5.5  # within the cooldown: a second 429 of the same burst is no second cut
     aimd.on_throttle()
     assert aimd.limit == 3 and aimd.cuts == 2
+
+
+def test_aimd_halves_an_odd_concurrency_down_to_whole_requests() -> None:
+    """Concurrency 5 cut by a 429 lets 2 requests run at once, not 3 (half of 5 rounded
+    up would still overload the server that just said "too many")."""
+    aimd = AIMD(5, clock=Clock())
+    aimd.on_throttle()
+    peak = 0
+
+    async def worker(hold: asyncio.Event) -> None:
+        nonlocal peak
+        async with aimd.slot():
+            peak = max(peak, aimd.in_flight)
+            await hold.wait()
+
+    async def go() -> None:
+        hold = asyncio.Event()
+        tasks = [asyncio.create_task(worker(hold)) for _ in range(5)]
+        await asyncio.sleep(0.01)
+        assert aimd.in_flight == 2
+        hold.set()
+        await asyncio.gather(*tasks)
+
+    asyncio.run(go())
+    assert peak == 2
+
+
+def test_aimd_defaults_cut_once_a_second_down_to_one_request_at_a_time() -> None:
+    """The real-time predictor's AIMD (start = maximum = concurrency, the other defaults):
+    429s a second apart each halve it, down to one request at a time, never to none."""
+    clock = Clock()
+    aimd = AIMD(8, maximum=8, clock=clock)
+    limits = []
+    for second in range(5):
+        clock.now = float(second)
+        aimd.on_throttle()
+        limits.append(aimd.limit)
+    assert limits == [4, 2, 1, 1, 1]

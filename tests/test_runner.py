@@ -7,18 +7,24 @@ from __future__ import annotations
 import collections
 import csv
 import os
+import socket
+import sqlite3
+import subprocess
+import sys
 import threading
 import time
 import uuid
 from pathlib import Path
 
 import orjson
+import psutil
 import pyarrow.parquet as pq
 import pytest
 
 import overnight
 from overnight import sources
 from overnight.errors import InputChangedError
+from overnight.store import Lease, SQLiteLedger
 
 # -- helpers ---------------------------------------------------------------------------------
 
@@ -875,3 +881,95 @@ def test_parquet_export_of_mixed_output_types_explains_itself(tmp_path):
     job = make_job(tmp_path, make_function(tmp_path, body), output={"path": "out.parquet"})
     with pytest.raises(ValueError, match="do not share one type"):
         job.run()
+
+
+# -- a runner that died ----------------------------------------------------------------------
+# What a runner killed while computing (kill -9, a crash in the function, the OOM killer)
+# leaves in the ledger, made here by hand so that the next run is this test's own process:
+# its mark of the records in flight and, for leased items, the leases. The same through a
+# real kill -9 of the CLI: tests/test_worker.py.
+
+
+def dead_runner() -> str:
+    """The lease owner of a runner on this host that is gone (its pid is no longer it)."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    owner = f"{socket.gethostname()}:{proc.pid}:{int(psutil.Process(proc.pid).create_time())}"
+    proc.kill()
+    proc.wait()
+    return owner
+
+
+def ledger_attempts(folder: Path) -> dict[str, int]:
+    with sqlite3.connect(folder / ".overnight" / "ledger.db") as db:
+        return dict(db.execute("SELECT custom_id, attempts FROM items"))
+
+
+def unrun_job(folder: Path, n: int, **run) -> tuple[overnight.Job, SQLiteLedger, int]:
+    """A job whose first run stopped before it read anything: no item, the cursor at 0."""
+    write_jsonl(folder / "in.jsonl", records(n))
+    job = make_job(
+        folder, make_function(folder, DOUBLE), run={"batch_size": 5, "isolation": "none", **run}
+    )
+    stop = threading.Event()
+    stop.set()
+    assert job.run(stop=stop).exit_code == 130
+    ledger = SQLiteLedger(folder / ".overnight" / "ledger.db")
+    return job, ledger, ledger.get_job("rt").id
+
+
+def test_fresh_records_a_dead_runner_was_computing_cost_an_attempt_and_run_alone(tmp_path):
+    job, ledger, job_id = unrun_job(tmp_path, 30)
+    ledger.mark_inflight(job_id, dead_runner(), 12, 14)  # k12..k14, past the ingest cursor
+    ledger.close()
+    report = job.run()
+    assert report.exit_code == 0 and report.counts.by_state == {"succeeded": 30}
+    suspects = {"k12", "k13", "k14"}
+    assert [c for c in calls(tmp_path) if suspects & set(c)] == [["k12"], ["k13"], ["k14"]]
+    assert called_ids(tmp_path) == {f"k{i}": 1 for i in range(30)}
+    assert {k for k, a in ledger_attempts(tmp_path).items() if a == 2} == suspects  # death + 1
+    assert {k for k, a in ledger_attempts(tmp_path).items() if a != 2} == {
+        f"k{i}" for i in range(30)
+    } - suspects
+    ledger = SQLiteLedger(tmp_path / ".overnight" / "ledger.db")
+    assert ledger.inflight(job_id) == []  # the dead runner's mark went with its records
+    ledger.close()
+
+
+def test_with_max_attempts_1_a_dead_runners_record_fails_without_running_again(tmp_path):
+    job, ledger, job_id = unrun_job(tmp_path, 20, max_attempts=1)
+    ledger.mark_inflight(job_id, dead_runner(), 7, 7)
+    ledger.close()
+    report = job.run()
+    assert report.counts.by_state == {"succeeded": 19, "failed": 1}
+    assert "k7" not in called_ids(tmp_path)
+    (failure,) = job.failures()
+    assert (failure.custom_id, failure.error_class, failure.attempts) == ("k7", "process_died", 1)
+    assert "gave up after 1 attempts" in failure.message
+
+
+def test_leased_items_of_a_dead_runner_come_back_at_once_an_attempt_counted_inside_its_mark(
+    tmp_path,
+):
+    """It held ten items (leases good for ten more minutes) and was computing three: those
+    three count an attempt and run alone; the other seven come back as they were."""
+    write_jsonl(tmp_path / "in.jsonl", records(20))
+    (tmp_path / "mode.txt").write_text("broken")
+    fn = make_function(tmp_path, BROKEN_UNTIL_FIXED)
+    job = make_job(tmp_path, fn, run={"batch_size": 5, "isolation": "none", "max_attempts": 1})
+    assert job.run().counts.by_state == {"failed": 20}
+    assert job.retry().moved == 20  # pending again, attempts 0
+    (tmp_path / "mode.txt").write_text("ok")
+    ledger = SQLiteLedger(tmp_path / ".overnight" / "ledger.db")
+    job_id = ledger.get_job("rt").id
+    dead, now = dead_runner(), time.time()
+    assert len(ledger.lease(job_id, 10, Lease(dead, now + 600, now))) == 10  # k0..k9
+    ledger.mark_inflight(job_id, dead, 4, 6)
+    ledger.close()
+    report = make_job(tmp_path, fn, run={"batch_size": 5, "isolation": "none"}).run()
+    assert report.exit_code == 0 and report.counts.by_state == {"succeeded": 20}
+    in_flight = {"k4", "k5", "k6"}
+    assert [c for c in calls(tmp_path) if in_flight & set(c)] == [["k4"], ["k5"], ["k6"]]
+    assert called_ids(tmp_path) == {f"k{i}": 1 for i in range(20)}
+    attempts = ledger_attempts(tmp_path)
+    assert {k for k, a in attempts.items() if a == 2} == in_flight
+    assert {k for k, a in attempts.items() if a == 1} == {f"k{i}" for i in range(20)} - in_flight

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 
 import job_helpers
+import psutil
 import pytest
 from job_helpers import finish, slow_python_job, wait_for_calls
 from llm_helpers import ANT_KEY, KEY, read_jsonl, write_records
@@ -121,6 +123,26 @@ def test_a_claim_from_another_host_holds_until_its_heartbeat_stops(tmp_path: Pat
         db.execute("UPDATE claims SET expires = ?", (now - 1,))
     ledger.close()
     assert job.run().exit_code == 0
+
+
+def test_a_claim_of_a_run_that_died_on_this_host_is_taken_over_before_it_expires(
+    tmp_path: Path,
+) -> None:
+    """A run killed a moment ago left its claim with most of its heartbeat's time to go:
+    the next run on this host sees that the process is gone and takes the job at once (no
+    wait for the heartbeat to stop, as for a claim from another host)."""
+    python_job(tmp_path, 5)
+    job = overnight.Job.from_file(tmp_path / "job.toml")
+    dead = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    owner = f"{socket.gethostname()}:{dead.pid}:{int(psutil.Process(dead.pid).create_time())}"
+    dead.kill()
+    dead.wait()
+    ledger = SQLiteLedger(tmp_path / ".overnight" / "ledger.db")
+    now = time.time()
+    ledger.claim("job", f"{owner}/abcd", now, now + 60)
+    ledger.close()
+    assert job.run().exit_code == 0
+    assert len(read_jsonl(tmp_path / "out.jsonl")) == 5
 
 
 @pytest.mark.parametrize("backend", ["openai", "openai-batch", "anthropic-batch"])
