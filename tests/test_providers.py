@@ -79,3 +79,16 @@ def test_no_answer_and_not_the_sdks() -> None:
         down = sdk_failure(exc)
     assert down is not None and down.kind == "unreachable" and down.cause == "ConnectError: refused"
     assert sdk_failure(OSError("disk full")) is None  # a local error is not the provider's
+
+
+@pytest.mark.parametrize("backend", ["anthropic", "anthropic-batch"])
+def test_init_for_anthropic_names_its_model_key_and_url(tmp_path, backend: str) -> None:
+    """`overnight init --backend anthropic` wrote gpt-4.1-mini, OPENAI_API_KEY and /v1."""
+    from overnight import scaffold
+
+    job = tmp_path / "job.toml"
+    text = scaffold.build(job, backend, "generate").files[job]
+    assert 'name = "claude-haiku-4-5"' in text and '"ANTHROPIC_API_KEY"' in text
+    assert '"http://127.0.0.1:8000"' in text
+    lines = scaffold.build(job, backend, "passthrough").files[tmp_path / "job.input.jsonl"]
+    assert '"url":"/v1/messages"' in lines and "claude-haiku-4-5" in lines

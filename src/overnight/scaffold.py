@@ -32,7 +32,7 @@ class Scaffold:
     files: dict[Path, str]  # every file to write, the job file first
 
 
-def tasks_for(backend: str, provider: str = "openai") -> tuple[str, ...]:
+def tasks_for(backend: str, provider: str = DEFAULT_PROVIDER) -> tuple[str, ...]:
     if backend == "local":
         return ("classify", "embed")
     if backend == "python":
@@ -80,6 +80,8 @@ def build(
     provider = provider or DEFAULT_PROVIDER
     if provider not in PROVIDERS:
         raise UsageError(f"--provider: {provider!r} is not one of {', '.join(PROVIDERS)}")
+    if backend in LLM_BACKENDS:  # anthropic, anthropic-batch: their own model, key, URL
+        provider = LLM_BACKENDS[backend].provider or provider
     kinds = tasks_for(backend, provider)
     if task is None:
         task = kinds[0] if backend in ("local", "python") else "generate"
