@@ -5,11 +5,13 @@ llama.cpp's) and Anthropic's: the key's variable, the batch limits, the endpoint
 kinds it runs, a chat task's request body (where the system prompt goes, how a schema is
 forced, a default max_tokens), how an answer is read (usage, text, structured output), the
 real-time SDK client and the batch service. The SDKs' errors are translated into overnight's
-kinds here, once (`failure`), for the real-time predictor, the batch services and the job.
+kinds here, once (`sdk_failure`), for the real-time predictor, the batch services, the batch
+runner and the job.
 
 `PROVIDERS` is the registry, `provider(name)` the lookup; `BACKENDS` derives the job file's
 LLM backends from it (`openai`, `openai-batch`, ..., `auto`). Nothing here imports an SDK
-or another overnight module at load time: `spec.py` reads the registry for its vocabulary.
+or another overnight module but `errors` at load time: `spec.py` reads the registry for its
+vocabulary.
 """
 
 from __future__ import annotations
