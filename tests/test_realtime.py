@@ -28,13 +28,8 @@ from overnight.errors import (
     secret_forms,
 )
 from overnight.llm.cache import ResponseCache
-from overnight.llm.realtime import (
-    APIError,
-    RealtimePredictor,
-    RetriesExhausted,
-    _retry_after,
-    _safe_url,
-)
+from overnight.llm.providers import retry_after as _retry_after
+from overnight.llm.realtime import APIError, RealtimePredictor, RetriesExhausted, _safe_url
 from overnight.llm.requests import Answer, LLMTask, make_llm_task
 from overnight.testing.fake_provider import FakeProvider
 

@@ -52,10 +52,10 @@ from .llm.batch import (
     Result,
     Tagged,
     TooLarge,
-    _retryable,
     request_key,
 )
 from .llm.cache import ResponseCache
+from .llm.providers import sdk_failure
 from .llm.requests import Answer, LLMTask, answer_from_body
 from .llm.tokens import count_request_tokens
 from .runner import Meter, Progress, Validator, outcome
@@ -336,7 +336,7 @@ class BatchRunner:
                         continue
                     if line.key is not None and (line.key in self.inflight or line.key in sending):
                         continue  # the same request is out: this item waits for its answer
-                    model = line.body.get("model") if svc.provider == "openai" else None
+                    model = line.body.get("model") if svc.one_model_per_batch else None
                     if key is not None and (line.endpoint, model) != key:
                         skipped += 1
                         if skipped >= self.LOOKAHEAD:
@@ -403,16 +403,18 @@ class BatchRunner:
         try:
             remote, file_id = self.service.submit(lines, self.tag, chunk, before)
         except Exception as exc:
-            status = getattr(exc, "status_code", None)
-            if isinstance(exc, TooLarge) or status is None or status in (408, 409, 429):
-                self._split_or_raise(chunk, lines, exc)
+            if isinstance(exc, TooLarge):
+                self._split(chunk, lines)
                 return
-            if status >= 500 or status in (401, 403):
-                # The provider is unwell, or refuses the key (no fault of these lines): the
-                # run stops (llm_job.provider_failure); a rerun adopts or creates this chunk.
+            failure = sdk_failure(exc)
+            if failure is None or failure.kind != "client_error":
+                # Connection trouble, throttling, the provider unwell, or the key refused (no
+                # fault of these lines): the run stops (llm_job.provider_failure); a rerun
+                # adopts or creates this chunk.
                 raise
             # Refused as a whole (a 4xx): every line fails with the provider's message,
             # rather than the next run sending the same refused batch again.
+            status = failure.status
             message = redact(f"the provider refused the batch: HTTP {status}: {exc}")
             self._finish_chunk(
                 chunk,
@@ -422,9 +424,8 @@ class BatchRunner:
             return
         self._created(chunk, remote, file_id)
 
-    def _split_or_raise(self, chunk: int, lines: list[Line], exc: Exception) -> None:
-        if not isinstance(exc, TooLarge):
-            raise exc  # connection trouble, throttling: a rerun adopts or creates the chunk
+    def _split(self, chunk: int, lines: list[Line]) -> None:
+        """The provider refused the chunk as too large."""
         if len(lines) == 1:
             message = "the provider refused this single request as too large (413)"
             self._finish_chunk(
@@ -471,7 +472,8 @@ class BatchRunner:
             try:
                 poll = self.service.poll(c.remote_id)
             except Exception as exc:
-                if _retryable(exc):
+                failure = sdk_failure(exc)
+                if failure is not None and failure.retryable:
                     continue  # (the SDK retried already) try again at the next poll
                 raise
             self.ledger.update_chunk(self.job.id, c.chunk, poll.status, poll.counts)
@@ -615,9 +617,7 @@ class BatchRunner:
             try:
                 self.service.cancel(c.remote_id)
             except Exception as exc:
-                # Already cancelling or ended (a 4xx): the poll sees it end either way.
-                status = getattr(exc, "status_code", None)
-                if status is None or status >= 500 or status in (408, 429):
+                if not _ended_already(exc):  # else the poll sees it end either way
                     raise
 
     def cancel_remote(self) -> int:
@@ -681,8 +681,14 @@ def cancel_earlier(service: BatchService, key: str, known: set[str]) -> int:
         try:
             cancelled += service.cancel(remote_id)
         except Exception as exc:
-            status = getattr(exc, "status_code", None)
-            if status is None or status >= 500 or status in (408, 429):
+            if not _ended_already(exc):  # else nothing to stop
                 raise
-            # ended or already cancelling (a 4xx): nothing to stop
     return cancelled
+
+
+def _ended_already(exc: Exception) -> bool:
+    """A cancel refused with a 4xx (not 408 or 429): the batch ended or is already being
+    cancelled."""
+    failure = sdk_failure(exc)
+    status = failure.status if failure is not None else None
+    return status is not None and status < 500 and status not in (408, 429)

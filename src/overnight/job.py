@@ -355,7 +355,7 @@ class Job:
 
         m, run = self.spec.model, self.spec.run
         return RealtimePredictor(  # type: ignore[return-value]
-            llm_job.provider(self.spec),
+            llm_job.provider(self.spec).name,
             base_url=m.base_url,
             api_key=llm_job.api_key(self.spec),
             rpm=m.rpm,
@@ -591,7 +591,7 @@ class Job:
 
         `detach` (batch backends): submit every batch and return without waiting; a later
         `run` re-attaches, collects and exports."""
-        if detach and not (self.spec.model.backend.endswith("-batch")):
+        if detach and self.spec.model.mode != "batch":
             raise self._usage("--detach applies to the batch backends (openai-batch, ...)")
         self.check()
         with self._provider_errors():
@@ -652,9 +652,9 @@ class Job:
                 on_progress(progress)
             outcome = _RunOutcome(detached=detach, notes=notes)
             try:
-                if self.spec.model.backend == "auto":
+                if self.spec.model.mode == "auto":
                     self._run_auto(ledger, job, progress, outcome, on_progress, stop)
-                elif self.spec.model.backend.endswith("-batch"):
+                elif self.spec.model.mode == "batch":
                     self._run_batch(ledger, job, progress, outcome, on_progress, stop)
                 else:
                     self._run_predict(ledger, job, progress, outcome, on_progress, stop)
@@ -711,8 +711,7 @@ class Job:
     # -- the provider's record of a batch job ---------------------------------------------
 
     def _uses_batches(self) -> bool:
-        backend = self.spec.model.backend
-        return backend.endswith("-batch") or backend == "auto"
+        return self.spec.model.mode in ("batch", "auto")
 
     @property
     def identity_key(self) -> str:
@@ -837,11 +836,8 @@ class Job:
             outcome.batch_trials = () if llm else tuple(sizer.trials)
 
     def _batch_service(self) -> Any:
-        from .llm.batch import AnthropicBatch, OpenAIBatch
-
         requests, size = llm_job.batch_limits(self.spec)
-        cls = AnthropicBatch if llm_job.provider(self.spec) == "anthropic" else OpenAIBatch
-        return cls(
+        return llm_job.provider(self.spec).batch_service(
             api_key=llm_job.api_key(self.spec),
             base_url=self.spec.model.base_url,
             max_requests=requests,

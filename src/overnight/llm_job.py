@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from .errors import EndpointDown, OvernightError, UsageError, redact
+from .llm import providers
+from .llm.providers import Provider
 from .runner import Meter, Usage
 from .spec import JobSpec
 
@@ -21,15 +23,16 @@ if TYPE_CHECKING:
     from .llm.prices import PriceTable
     from .llm.requests import Answer, LLMTask
 
-DEFAULT_KEY_ENV = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
-# Batch limits per provider (requests, bytes); OpenAI-compatible providers differ: configurable.
-BATCH_LIMITS = {"openai": (50_000, 200 * 1024 * 1024), "anthropic": (100_000, 256 * 1024 * 1024)}
 
-
-def provider(spec: JobSpec) -> str:
+def provider(spec: JobSpec) -> Provider:
     name = spec.model.provider_name
     assert name is not None, "not an LLM backend"
-    return name
+    return providers.provider(name)
+
+
+def key_env(spec: JobSpec) -> str:
+    """The environment variable that holds the key."""
+    return spec.model.api_key_env or provider(spec).key_env
 
 
 def api_key(spec: JobSpec) -> str:
@@ -38,7 +41,7 @@ def api_key(spec: JobSpec) -> str:
     Whitespace around it goes (a key read from a file keeps its newline, which no HTTP header
     may hold); a key with whitespace, control or non-ASCII characters inside is refused,
     naming the variable, never the value."""
-    env = spec.model.api_key_env or DEFAULT_KEY_ENV[provider(spec)]
+    env = key_env(spec)
     key = os.environ.get(env, "").strip()
     if not key:
         raise UsageError(
@@ -59,21 +62,19 @@ def provider_failure(spec: JobSpec, exc: BaseException) -> OvernightError | None
     refused (401/403) is exit 2 naming its variable; the API unreachable, timing out or
     failing (5xx) pauses the job, exit 3, items as they were: a rerun resumes. None for
     anything else."""
-    status = getattr(exc, "status_code", None)
-    names = {cls.__name__ for cls in type(exc).__mro__}
-    where = spec.model.base_url or f"the {provider(spec)} API"
-    body = getattr(exc, "body", None)  # the provider's error object, or the whole answer
-    if isinstance(body, dict) and isinstance(body.get("error"), dict):
-        body = body["error"]
-    said = body.get("message") if isinstance(body, dict) else None
-    detail = redact(str(said or getattr(exc, "message", None) or exc))
-    if status in (401, 403):
-        env = spec.model.api_key_env or DEFAULT_KEY_ENV[provider(spec)]
+    api = provider(spec)
+    failure = providers.sdk_failure(exc)
+    if failure is None:
+        return None
+    status = failure.status
+    where = spec.model.base_url or f"the {api.name} API"
+    detail = redact(failure.said or failure.message or str(exc))
+    if failure.kind in ("key_refused", "forbidden"):
         return UsageError(
-            f"[model] {where} refused the API key in {env} (HTTP {status}: {detail}); nothing"
-            " more was sent: set the right key and run again"
+            f"[model] {where} refused the API key in {key_env(spec)} (HTTP {status}: {detail});"
+            " nothing more was sent: set the right key and run again"
         )
-    if (status is not None and status >= 500) or names & {"APIConnectionError", "APITimeoutError"}:
+    if status is None or status >= 500:  # no answer (unreachable, timed out), or a 5xx
         what = f"HTTP {status}: {detail}" if status is not None else detail
         return EndpointDown(
             f"cannot reach the batch API at {where} ({what}); the job is paused, items stay"
@@ -128,7 +129,7 @@ def build_task(spec: JobSpec, base_dir: Path) -> LLMTask:
     try:
         return make_llm_task(
             t.kind,
-            provider(spec),
+            provider(spec).name,
             m.name or "",
             text=t.text,
             system=t.system,
@@ -149,7 +150,7 @@ def self_hosted_task_args(spec: JobSpec, base_dir: Path) -> dict[str, Any]:
     t, m = spec.task, spec.model
     return {
         "kind": t.kind,
-        "provider": "openai",
+        "provider": providers.OPENAI.name,
         "model": m.name or "",
         "text": t.text,
         "system": t.system,
@@ -230,8 +231,8 @@ def base_url(spec: JobSpec) -> str | None:
 
 
 def batch_limits(spec: JobSpec) -> tuple[int, int]:
-    requests, size = BATCH_LIMITS[provider(spec)]
+    api = provider(spec)
     return (
-        spec.model.max_requests_per_batch or requests,
-        spec.model.max_bytes_per_batch or size,
+        spec.model.max_requests_per_batch or api.max_requests,
+        spec.model.max_bytes_per_batch or api.max_bytes,
     )

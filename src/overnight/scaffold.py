@@ -12,11 +12,11 @@ from pathlib import Path
 import orjson
 
 from .errors import UsageError
-from .spec import LLM_BACKENDS, PROVIDER_KINDS
+from .llm.providers import BACKENDS as LLM_BACKENDS
+from .llm.providers import PROVIDERS
 
-BACKENDS = ("local", "python", "openai", "anthropic", "openai-batch", "anthropic-batch", "auto")
-# The models a starter file names: current ids that the shipped price table prices.
-MODELS = {"openai": "gpt-4.1-mini", "anthropic": "claude-haiku-4-5"}
+BACKENDS = ("local", "python", *LLM_BACKENDS)
+DEFAULT_PROVIDER = "openai"  # --backend auto without --provider
 EMBEDDING_MODEL = "text-embedding-3-small"
 LABELS = ("billing", "bug", "feature request", "other")
 SAMPLES = (
@@ -32,13 +32,12 @@ class Scaffold:
     files: dict[Path, str]  # every file to write, the job file first
 
 
-def tasks_for(backend: str, provider: str = "openai") -> tuple[str, ...]:
+def tasks_for(backend: str, provider: str = DEFAULT_PROVIDER) -> tuple[str, ...]:
     if backend == "local":
         return ("classify", "embed")
     if backend == "python":
         return ("map",)
-    name = provider if backend == "auto" else backend.removesuffix("-batch")
-    return PROVIDER_KINDS[name]
+    return PROVIDERS[LLM_BACKENDS[backend].provider or provider].kinds
 
 
 def _toml(value: object) -> str:
@@ -54,17 +53,17 @@ def _module_name(stem: str) -> str:
 def _records(task: str, backend: str, provider: str) -> list[dict[str, object]]:
     if task != "passthrough":
         return [{"id": str(i), "text": t} for i, t in enumerate(SAMPLES, 1)]
-    model = MODELS[provider]
-    if provider == "anthropic":
-        url, extra = "/v1/messages", {"max_tokens": 100}
-    else:
-        url, extra = "/v1/chat/completions", {"max_tokens": 100}
+    api = PROVIDERS[provider]
     return [
         {
             "custom_id": f"request-{i}",
             "method": "POST",
-            "url": url,
-            "body": {"model": model, "messages": [{"role": "user", "content": t}], **extra},
+            "url": api.chat_endpoint,
+            "body": {
+                "model": api.starter_model,
+                "messages": [{"role": "user", "content": t}],
+                "max_tokens": 100,
+            },
         }
         for i, t in enumerate(SAMPLES, 1)
     ]
@@ -78,9 +77,11 @@ def build(
         raise UsageError(f"--backend: {backend!r} is not one of {', '.join(BACKENDS)}")
     if provider is not None and backend != "auto":
         raise UsageError("--provider applies to --backend auto only")
-    provider = provider or "openai"
-    if provider not in MODELS:
-        raise UsageError(f"--provider: {provider!r} is not one of {', '.join(MODELS)}")
+    provider = provider or DEFAULT_PROVIDER
+    if provider not in PROVIDERS:
+        raise UsageError(f"--provider: {provider!r} is not one of {', '.join(PROVIDERS)}")
+    if backend in LLM_BACKENDS:  # anthropic, anthropic-batch: their own model, key, URL
+        provider = LLM_BACKENDS[backend].provider or provider
     kinds = tasks_for(backend, provider)
     if task is None:
         task = kinds[0] if backend in ("local", "python") else "generate"
@@ -177,18 +178,19 @@ def build(
     else:
         if backend == "auto":
             model.append(f"provider = {_toml(provider)}    # whose batch and real-time APIs")
-        name = EMBEDDING_MODEL if task == "embed" else MODELS[provider]
+        api = PROVIDERS[provider]
+        name = EMBEDDING_MODEL if task == "embed" else api.starter_model
         if task == "passthrough":
             model.append(f"# name = {_toml(name)}    # for lines whose body names no model")
         else:
             model.append(f"name = {_toml(name)}")
-        url = "http://127.0.0.1:8000" + ("" if provider == "anthropic" else "/v1")
+        url = "http://127.0.0.1:8000" + api.base_url_path
         model.append(f'# base_url = "{url}"    # another server; leave out for the provider')
-        key = "ANTHROPIC_API_KEY" if provider == "anthropic" else "OPENAI_API_KEY"
+        key = api.key_env
         model.append(f'# api_key_env = "{key}"    # the variable holding the key (never the key)')
         if task in ("generate", "extract", "classify"):
             model.append("params = { temperature = 0, max_tokens = 300 }")
-        if backend in ("openai", "anthropic"):
+        if LLM_BACKENDS[backend].mode == "realtime":
             model += ["# rpm = 500", "# tpm = 200000", "concurrency = 8"]
         else:
             model.append("# poll_interval = 30    # seconds to the first poll; backs off")

@@ -14,6 +14,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import JobFileError
+from .llm.providers import BACKENDS, PROVIDERS, Mode
 
 FORMATS = ("jsonl", "csv", "parquet")
 _SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet"}
@@ -91,6 +92,8 @@ class TaskSpec(_Section):
         return {label: label for label in self.labels or []}
 
 
+# Literal, for pydantic's message naming every choice; the LLM ones are llm.providers.BACKENDS
+# (tests/test_providers.py holds the two together).
 Backend = Literal[
     "local",
     "python",
@@ -102,7 +105,7 @@ Backend = Literal[
     "anthropic-batch",
     "auto",
 ]
-LLM_BACKENDS = ("openai", "anthropic", "openai-batch", "anthropic-batch", "auto")
+LLM_BACKENDS = tuple(BACKENDS)
 # Models in the process (the worker process by default): a Hugging Face model, or vLLM's engine.
 SELF_HOSTED = ("transformers", "vllm")
 SELF_HOSTED_KINDS = ("generate", "extract", "classify", "embed")
@@ -140,10 +143,7 @@ def _check_self_hosted_params(params: dict[str, Any]) -> None:
 _REALTIME_KEYS = ("rpm", "tpm", "concurrency")
 _BATCH_KEYS = ("max_requests_per_batch", "max_bytes_per_batch", "poll_interval")
 # Tasks each provider can run (Anthropic has no embeddings endpoint).
-PROVIDER_KINDS = {
-    "openai": ("generate", "extract", "classify", "embed", "passthrough"),
-    "anthropic": ("generate", "extract", "classify", "passthrough"),
-}
+PROVIDER_KINDS = {name: p.kinds for name, p in PROVIDERS.items()}
 
 
 class ModelSpec(_Section):
@@ -152,7 +152,7 @@ class ModelSpec(_Section):
     function: str | None = None
     device: str = "auto"
     # LLM backends
-    provider: Literal["openai", "anthropic"] | None = None
+    provider: Literal["openai", "anthropic"] | None = None  # as PROVIDERS, for the message
     base_url: str | None = None
     api_key_env: str | None = None
     params: dict[str, Any] = {}
@@ -177,8 +177,10 @@ class ModelSpec(_Section):
             raise ValueError("`function` only applies to backend = 'python'")
         llm = self.backend in LLM_BACKENDS
         if self.backend == "auto" and self.provider is None:
+            first, *others = PROVIDERS
+            choices = "".join(f' or `"{name}"`' for name in others)
             raise ValueError(
-                'backend = \'auto\' needs `provider = "openai"` or `"anthropic"` (whose batch'
+                f"backend = 'auto' needs `provider = \"{first}\"`{choices} (whose batch"
                 " and real-time APIs it uses)"
             )
         if self.backend != "auto" and self.provider is not None:
@@ -201,11 +203,11 @@ class ModelSpec(_Section):
             ]
             if extra:
                 raise ValueError(f"`{extra[0]}` only applies to the LLM backends")
-        elif self.backend.endswith("-batch"):
+        elif self.mode == "batch":
             extra = [k for k in _REALTIME_KEYS if k in set_keys]
             if extra:
                 raise ValueError(f"`{extra[0]}` applies to real-time backends, not {self.backend}")
-        elif self.backend != "auto":
+        elif self.mode == "realtime":
             extra = [k for k in _BATCH_KEYS if k in set_keys]
             if extra:
                 raise ValueError(f"`{extra[0]}` applies to batch backends, not {self.backend}")
@@ -213,12 +215,17 @@ class ModelSpec(_Section):
 
     @property
     def provider_name(self) -> str | None:
-        """openai or anthropic for the LLM backends, else None."""
-        if self.backend == "auto":
-            return self.provider
-        if self.backend in LLM_BACKENDS:
-            return self.backend.removesuffix("-batch")
-        return None
+        """The provider of an LLM backend (llm.providers.PROVIDERS), else None."""
+        backend = BACKENDS.get(self.backend)
+        if backend is None:
+            return None
+        return self.provider if backend.provider is None else backend.provider
+
+    @property
+    def mode(self) -> Mode | None:
+        """How an LLM backend sends: "realtime", "batch" or "auto" (both); else None."""
+        backend = BACKENDS.get(self.backend)
+        return backend.mode if backend is not None else None
 
 
 class RunSpec(_Section):

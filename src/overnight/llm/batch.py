@@ -38,7 +38,7 @@ from typing import Any, Literal, Protocol
 
 import orjson
 
-from .realtime import _retry_after
+from .providers import sdk_failure
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +178,7 @@ class BatchService(Protocol):
     provider: str
     max_requests: int
     max_bytes: int
+    one_model_per_batch: bool  # a batch's lines must all name the same model
 
     def legacy_remote_id(self, seq: int, custom_id: str) -> str: ...
     def line_bytes(self, line: Line) -> int: ...
@@ -197,30 +198,12 @@ class BatchService(Protocol):
     def cancel(self, remote_id: str) -> bool: ...
 
 
-def _status(exc: Exception) -> int | None:
-    return getattr(exc, "status_code", None)
-
-
 def _is_413(exc: Exception) -> bool:
-    return _status(exc) == 413
+    failure = sdk_failure(exc)
+    return failure is not None and failure.status == 413
 
 
 CREATE_TRIES = 4  # then the error propagates; the chunk stays `creating` for the next run
-
-
-def _retryable(exc: Exception) -> bool:
-    """Worth another try: throttling, conflicts, server errors, timeouts, lost connections."""
-    status = _status(exc)
-    if status is not None:
-        return status in (408, 409, 429) or status >= 500
-    return any(c.__name__ == "APIConnectionError" for c in type(exc).__mro__)
-
-
-def _may_have_landed(exc: Exception) -> bool:
-    """A failure that may hide a batch the provider created: no answer (a dropped
-    connection, a timeout) or a server error (a proxy's 502 after the provider acted)."""
-    status = _status(exc)
-    return status is None or status >= 500
 
 
 def landing(timeout: float, body_bytes: int) -> float:
@@ -247,17 +230,18 @@ def _create(
         try:
             return create()
         except Exception as exc:
-            if _is_413(exc):
+            failure = sdk_failure(exc)
+            if failure is not None and failure.status == 413:
                 raise TooLarge(str(exc)) from None
-            if not _retryable(exc) or attempt + 1 == tries:
+            if failure is None or not failure.retryable or attempt + 1 == tries:
                 raise
-            response = getattr(exc, "response", None)
-            wait = _retry_after(getattr(response, "headers", None))
+            wait = failure.retry_after
             time.sleep(min(60.0, wait) if wait is not None else min(8.0, 0.5 * 2**attempt))
             found = find(until)
             if found is not None:
                 return found
-            if _may_have_landed(exc) and until > time.time():
+            # A failure that may hide a batch the provider created.
+            if failure.may_have_acted and until > time.time():
                 log.info(
                     "a batch create failed (%s); it may still land for %.0fs: waiting before"
                     " looking again",
@@ -284,6 +268,7 @@ class OpenAIBatch:
     the id is found again, and a run finds the batches of earlier runs of its job."""
 
     provider = "openai"
+    one_model_per_batch = True
 
     def __init__(
         self,
@@ -465,6 +450,7 @@ class AnthropicBatch:
     (not ours), and the chunk's items go back to pending, without counting an attempt."""
 
     provider = "anthropic"
+    one_model_per_batch = False
 
     def __init__(
         self,
@@ -541,7 +527,8 @@ class AnthropicBatch:
         try:
             decoder = self.client.messages.batches.results(remote_id)
         except Exception as exc:
-            status = _status(exc)
+            failure = sdk_failure(exc)
+            status = failure.status if failure is not None else None
             if status is not None and 400 <= status < 500 and status not in (408, 429):
                 return None  # no results (archived, deleted): nothing to tell
             raise

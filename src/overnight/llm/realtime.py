@@ -26,7 +26,6 @@ flight: the job pauses with its items pending.
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import json
 import threading
 import time
@@ -36,12 +35,13 @@ from typing import Any
 
 from ..errors import EndpointDown, InvalidOutput, KeyRefused, PermanentError, TransientError, redact
 from ..retry import Backoff
+from . import providers
 from .cache import ResponseCache
 from .limits import AIMD, RateLimiter
+from .providers import Failure, sdk_failure, transport_failure
 from .requests import Answer, LLMTask, Request, answer_from_body
 from .tokens import count_request_tokens
 
-RETRY_STATUSES = {408, 409, 429}
 MAX_SERVER_WAIT = 120.0  # a longer retry-after is capped (the OpenAI SDK gives up instead)
 # One request answered 429 for this long in a row: the server is not going to let us in soon
 # (a daily quota, an account limit). The job pauses, items pending, rather than failing them.
@@ -71,30 +71,6 @@ class RealtimeStats:
     deduplicated: int = 0  # identical requests in flight, sent once
     repairs: int = 0
     concurrency: int = 0  # the AIMD limit now
-
-
-def _retry_after(headers: Any) -> float | None:
-    """Seconds the server asked us to wait: retry-after-ms, then retry-after (secs or date)."""
-    if headers is None:
-        return None
-    ms = headers.get("retry-after-ms")
-    if ms:
-        try:
-            return float(ms) / 1000
-        except ValueError:
-            pass
-    value = headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
 
 
 def _safe_url(url: str) -> str:
@@ -130,6 +106,7 @@ class RealtimePredictor:
         max_throttled: float = MAX_THROTTLED,
     ) -> None:
         self.provider, self.base_url = provider, base_url
+        self.api = providers.provider(provider)
         self.backoff = Backoff(max_attempts, backoff_base, backoff_max)
         self.max_throttled = max_throttled
         self.cache, self.task, self.repair, self.down_after = cache, task, repair, down_after
@@ -158,17 +135,7 @@ class RealtimePredictor:
         return RateLimiter(*self.limiter_args)
 
     async def _make_client(self, api_key: str, timeout: float) -> Any:
-        if self.provider == "anthropic":
-            import anthropic
-
-            return anthropic.AsyncAnthropic(
-                api_key=api_key, base_url=self.base_url, max_retries=0, timeout=timeout
-            )
-        import openai
-
-        return openai.AsyncOpenAI(
-            api_key=api_key, base_url=self.base_url, max_retries=0, timeout=timeout
-        )
+        return self.api.async_client(api_key, self.base_url, timeout)
 
     def close(self) -> None:
         if not self._loop.is_running():
@@ -349,9 +316,7 @@ class RealtimePredictor:
         return _tried(RetriesExhausted(self._redact(message)), tries)
 
     async def _post(self, request: Request) -> dict[str, Any]:
-        path = request.endpoint
-        if self.provider == "openai":  # the OpenAI client's base URL already ends in /v1
-            path = path.removeprefix("/v1")
+        path = request.endpoint.removeprefix(self.api.base_url_path)
         body = await self._client.post(path, cast_to=object, body=request.body)
         if not isinstance(body, dict):
             raise ValueError(f"the answer is not a JSON object: {str(body)[:80]!r}")
@@ -360,50 +325,43 @@ class RealtimePredictor:
     def _classify(self, exc: Exception) -> tuple[str, float | None, bool] | BaseException:
         """(message, server-asked delay, answered 429) to retry, or the exception that ends
         the item's tries."""
-        status = getattr(exc, "status_code", None)
-        name = type(exc).__name__
-        if status is not None:  # APIStatusError of either SDK
-            self._consecutive_down = 0
-            message = self._redact(getattr(exc, "message", None) or str(exc))
-            headers = getattr(getattr(exc, "response", None), "headers", None)
-            should = (headers.get("x-should-retry") or "").lower() if headers is not None else ""
-            if status == 401:  # the key, not this record: stop sending (all would be refused)
-                if self._refused is None:
-                    self._refused = KeyRefused(status, message)
-                self._pause(f"HTTP 401: {message}")
-                return KeyRefused(status, message)
-            if should == "false":  # the server's word beats the status code
-                return APIError(status, message)
-            if status == 429 and getattr(exc, "code", None) == "insufficient_quota":
-                self._pause(
-                    f"HTTP 429: {message} (the account is out of credit); the job is paused,"
-                    " items stay pending: run it again once the quota is raised"
-                )
-                return TransientError(self._down or message)
-            wait = _retry_after(headers)
-            if wait is not None:
-                wait = min(wait, MAX_SERVER_WAIT)
-                self.limiter.penalize(wait)  # everyone waits, not just this request
-            if status == 429:
-                self.stats.throttled += 1
-                self.aimd.on_throttle()
-                self.stats.concurrency = self.aimd.limit
-            if should == "true" or status in RETRY_STATUSES or status >= 500:
-                return f"HTTP {status}: {message}", wait, status == 429
-            return APIError(status, message)
-        cause = exc.__cause__
-        if name == "APITimeoutError" or isinstance(exc, TimeoutError):
-            if type(cause).__name__ != "ConnectTimeout":  # a slow answer: the server is up
+        failure = sdk_failure(exc) or _own_failure(exc)
+        if failure is None:
+            if isinstance(exc, json.JSONDecodeError | ValueError):  # a proxy's HTML page, say
                 self._consecutive_down = 0
-                return "timed out", None, False
-            return self._unreachable("connect timed out")
-        if name == "APIConnectionError" or isinstance(exc, ConnectionError | OSError):
-            detail = cause or exc
-            return self._unreachable(f"{type(detail).__name__}: {detail}")
-        if isinstance(exc, json.JSONDecodeError | ValueError):  # a proxy's HTML page, say
-            self._consecutive_down = 0
-            return f"unreadable answer: {self._redact(str(exc))[:120]}", None, False
-        return PermanentError(self._redact(f"{name}: {exc}"))
+                return f"unreadable answer: {self._redact(str(exc))[:120]}", None, False
+            return PermanentError(self._redact(f"{type(exc).__name__}: {exc}"))
+        if failure.kind == "unreachable":
+            return self._unreachable(failure.cause)
+        self._consecutive_down = 0
+        if failure.status is None:  # timed out: a slow answer, the server is up
+            return failure.cause, None, False
+        status, message = failure.status, self._redact(failure.message)
+        if failure.kind == "key_refused":  # the key, not this record: stop sending
+            if self._refused is None:
+                self._refused = KeyRefused(status, message)
+            self._pause(f"HTTP {status}: {message}")
+            return KeyRefused(status, message)
+        if failure.should_retry is False:  # the server's word beats the status code
+            return APIError(status, message)
+        if failure.kind == "out_of_quota":
+            self._pause(
+                f"HTTP 429: {message} (the account is out of credit); the job is paused,"
+                " items stay pending: run it again once the quota is raised"
+            )
+            return TransientError(self._down or message)
+        wait = failure.retry_after
+        if wait is not None:
+            wait = min(wait, MAX_SERVER_WAIT)
+            self.limiter.penalize(wait)  # everyone waits, not just this request
+        throttled = failure.kind == "throttled"
+        if throttled:
+            self.stats.throttled += 1
+            self.aimd.on_throttle()
+            self.stats.concurrency = self.aimd.limit
+        if failure.should_retry or throttled or failure.kind == "retryable":
+            return f"HTTP {status}: {message}", wait, throttled
+        return APIError(status, message)
 
     def _unreachable(self, detail: str) -> tuple[str, None, bool]:
         """One more connection failure in a row; `down_after` of them: the endpoint is down."""
@@ -422,6 +380,15 @@ class RealtimePredictor:
         if self._down is None:
             self._down = self._redact(reason)
             self._down_event.set()
+
+
+def _own_failure(exc: Exception) -> Failure | None:
+    """The standard library's timeouts and connection errors, as the SDK's would be."""
+    if isinstance(exc, TimeoutError):
+        return transport_failure(exc, timeout=True)
+    if isinstance(exc, ConnectionError | OSError):
+        return transport_failure(exc, timeout=False)
+    return None
 
 
 def _tried(exc: BaseException, tries: int) -> BaseException:

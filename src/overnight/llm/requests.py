@@ -11,23 +11,18 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import jsonschema
 import orjson
 
 from ..errors import InputError, InvalidOutput, UsageError
 from ..tasks import Template
+from . import providers
+from .providers import EMBEDDINGS
 from .tokens import count_request_tokens, encoding_note
 
-Provider = Literal["openai", "anthropic"]
-CHAT, EMBEDDINGS, MESSAGES = "/v1/chat/completions", "/v1/embeddings", "/v1/messages"
-PASSTHROUGH_URLS = {
-    "openai": (CHAT, EMBEDDINGS, "/v1/completions", "/v1/responses", "/v1/moderations"),
-    "anthropic": (MESSAGES,),
-}
-TOOL_NAME = "record_output"  # the one tool an Anthropic structured request forces
-ANTHROPIC_MAX_TOKENS = 1024  # Anthropic requires max_tokens; used when params do not set it
+LLM_KINDS = ("generate", "extract", "classify", "embed", "passthrough")
 
 
 class ContextExceeded(InputError):
@@ -61,38 +56,12 @@ class Answer:
 
 
 def answer_from_body(provider: str, endpoint: str, body: dict[str, Any]) -> Answer:
-    """Usage read from an OpenAI chat/embeddings body or an Anthropic message body."""
-    usage = body.get("usage") or {}
-    if provider == "anthropic":
-        tin = (
-            int(usage.get("input_tokens") or 0)
-            + int(usage.get("cache_read_input_tokens") or 0)
-            + int(usage.get("cache_creation_input_tokens") or 0)
-        )
-        return Answer(body, tin, int(usage.get("output_tokens") or 0))
-    tin = int(usage.get("prompt_tokens") or usage.get("input_tokens") or 0)
-    tout = int(usage.get("completion_tokens") or usage.get("output_tokens") or 0)
-    return Answer(body, tin, tout)
+    """An answer body of that provider, with its usage read."""
+    return Answer(body, *providers.provider(provider).usage(body))
 
 
 def _usage(answer: Answer) -> dict[str, int]:
     return {"input_tokens": answer.input_tokens, "output_tokens": answer.output_tokens}
-
-
-def _strict_ok(schema: Any) -> bool:
-    """OpenAI's strict mode needs every object closed and every property required; a schema
-    that is not so is sent with strict = false rather than rewritten behind the user's back."""
-    if isinstance(schema, dict):
-        if schema.get("type") == "object" or "properties" in schema:
-            props = schema.get("properties", {})
-            if schema.get("additionalProperties") is not False:
-                return False
-            if set(schema.get("required", [])) != set(props):
-                return False
-        return all(_strict_ok(v) for v in schema.values())
-    if isinstance(schema, list):
-        return all(_strict_ok(v) for v in schema)
-    return True
 
 
 class LLMTask:
@@ -101,7 +70,7 @@ class LLMTask:
     def __init__(
         self,
         kind: str,
-        provider: Provider,
+        provider: str,
         model: str,
         *,
         text: str = "{{ text }}",
@@ -113,6 +82,7 @@ class LLMTask:
         context: Callable[[str], int | None] | None = None,
     ) -> None:
         self.kind, self.provider, self.model = kind, provider, model
+        self.api = providers.provider(provider)
         self.structured = structured
         self.context = context  # model id -> its context window in tokens, None if unknown
         self.template = Template(text)
@@ -130,11 +100,9 @@ class LLMTask:
         self._validator = (
             jsonschema.validators.validator_for(schema)(schema) if schema is not None else None
         )
-        if provider == "anthropic":
-            self.params.setdefault("max_tokens", ANTHROPIC_MAX_TOKENS)
-        self.endpoint = {"embed": EMBEDDINGS}.get(
-            kind, MESSAGES if provider == "anthropic" else CHAT
-        )
+        if self.api.default_max_tokens is not None:
+            self.params.setdefault("max_tokens", self.api.default_max_tokens)
+        self.endpoint = EMBEDDINGS if kind == "embed" else self.api.chat_endpoint
 
     # -- record → request ------------------------------------------------------------------
 
@@ -146,38 +114,10 @@ class LLMTask:
             body: dict[str, Any] = {"model": self.model, "input": user, **self.params}
             return self._request(EMBEDDINGS, body)
         system = self.system.render(record) if self.system else None
-        if self.provider == "anthropic":
-            body = {"model": self.model, "messages": [{"role": "user", "content": user}]}
-            if system:
-                body["system"] = system
-            body.update(self.params)
-            if self.schema is not None:
-                body["tools"] = [
-                    {
-                        "name": TOOL_NAME,
-                        "description": "Record the answer in the required structure.",
-                        "input_schema": self.schema,
-                    }
-                ]
-                body["tool_choice"] = {"type": "tool", "name": TOOL_NAME}
-            return self._request(MESSAGES, body)
-        messages = [{"role": "system", "content": system}] if system else []
-        messages.append({"role": "user", "content": user})
-        body = {"model": self.model, "messages": messages, **self.params}
-        if self.schema is not None and self.structured == "json_object":
-            # llama.cpp's server (and other older OpenAI-compatible servers) take the schema
-            # this way; it constrains the grammar the same.
-            body["response_format"] = {"type": "json_object", "schema": self.schema}
-        elif self.schema is not None:
-            body["response_format"] = {
-                "type": "json_schema",
-                "json_schema": {
-                    "name": "output",
-                    "schema": self.schema,
-                    "strict": _strict_ok(self.schema),
-                },
-            }
-        return self._request(CHAT, body)
+        body = self.api.chat_body(
+            self.model, user, system, self.params, self.schema, self.structured
+        )
+        return self._request(self.api.chat_endpoint, body)
 
     def _request(self, endpoint: str, body: dict[str, Any]) -> Request:
         self._check_context(endpoint, body)
@@ -210,7 +150,7 @@ class LLMTask:
         method, url, body = record.get("method", "POST"), record.get("url"), record.get("body")
         if str(method).upper() != "POST":
             raise InputError(f"passthrough: method must be POST, got {method!r}")
-        allowed = PASSTHROUGH_URLS[self.provider]
+        allowed = self.api.endpoints
         if url not in allowed:
             raise InputError(
                 f"passthrough: url {url!r} is not one of {', '.join(allowed)} ({self.provider})"
@@ -238,48 +178,19 @@ class LLMTask:
                 raise InvalidOutput("embeddings answer has no data[0].embedding", answer) from None
             return {"output": vector, "usage": _usage(answer)}
         if self.schema is None:
-            return {"output": self._text(answer), "usage": _usage(answer)}
-        value = self._structured(answer)
+            return {"output": self.api.text(answer), "usage": _usage(answer)}
+        value = self.api.structured(answer)
         errors = sorted(self._validator.iter_errors(value), key=lambda e: list(e.absolute_path))
         if errors:
             err = jsonschema.exceptions.best_match(errors)
             where = "/".join(str(p) for p in err.absolute_path) or "output"
-            raise InvalidOutput(f"schema: {where}: {err.message}{_cut(body)}", answer)
+            raise InvalidOutput(f"schema: {where}: {err.message}{self.api.cut_note(body)}", answer)
         if self.kind == "classify":
             out = {"output": value["label"], "usage": _usage(answer)}
             if isinstance(body.get("scores"), dict):  # a self-hosted model scored every label
                 out["scores"] = body["scores"]
             return out
         return {"output": value, "usage": _usage(answer)}
-
-    def _text(self, answer: Answer) -> str:
-        body = answer.body
-        if self.provider == "anthropic":
-            parts = [b.get("text", "") for b in body.get("content", []) if b.get("type") == "text"]
-            return "".join(parts)
-        try:
-            message = body["choices"][0]["message"]
-        except (KeyError, IndexError, TypeError):
-            raise InvalidOutput("chat answer has no choices[0].message", answer) from None
-        if message.get("refusal"):
-            raise InvalidOutput(f"the model refused: {message['refusal']}", answer)
-        return message.get("content") or ""
-
-    def _structured(self, answer: Answer) -> Any:
-        body = answer.body
-        if self.provider == "anthropic":
-            reason = body.get("stop_reason")
-            if reason == "refusal":
-                raise InvalidOutput("the model refused", answer)
-            for block in body.get("content", []):
-                if block.get("type") == "tool_use":
-                    return block.get("input")
-            raise InvalidOutput(f"no tool_use block in the answer (stop_reason {reason})", answer)
-        text = self._text(answer)
-        try:
-            return orjson.loads(text)
-        except orjson.JSONDecodeError:
-            raise InvalidOutput(f"not JSON{_cut(body)}: {text[:80]!r}", answer) from None
 
     # -- repair ----------------------------------------------------------------------------
 
@@ -290,49 +201,13 @@ class LLMTask:
             f"That answer is invalid: {reason}. Reply again with a corrected answer that "
             "matches the required schema exactly."
         )
-        if self.provider == "anthropic":
-            content = answer.body.get("content") or [{"type": "text", "text": ""}]
-            tool = next((b for b in content if b.get("type") == "tool_use"), None)
-            reply: list[dict[str, Any]] = [{"type": "text", "text": ask}]
-            if tool is not None:
-                reply = [
-                    {
-                        "type": "tool_result",
-                        "tool_use_id": tool.get("id"),
-                        "is_error": True,
-                        "content": ask,
-                    }
-                ]
-            body["messages"] = [
-                *body["messages"],
-                {"role": "assistant", "content": content},
-                {"role": "user", "content": reply},
-            ]
-        else:
-            try:
-                said = self._text(answer)
-            except InvalidOutput:
-                said = ""
-            body["messages"] = [
-                *body["messages"],
-                {"role": "assistant", "content": said},
-                {"role": "user", "content": ask},
-            ]
+        body["messages"] = [*body["messages"], *self.api.repair_messages(answer, ask)]
         return self._request(request.endpoint, body)
-
-
-def _cut(body: dict[str, Any]) -> str:
-    """Why an answer may be broken: the model ran into max_tokens."""
-    finish = body.get("stop_reason")
-    if finish is None:
-        choices = body.get("choices") or [{}]
-        finish = choices[0].get("finish_reason") if isinstance(choices[0], dict) else None
-    return " (cut off at max_tokens)" if finish in ("length", "max_tokens") else ""
 
 
 def make_llm_task(
     kind: str,
-    provider: Provider,
+    provider: str,
     model: str,
     *,
     text: str = "{{ text }}",
@@ -343,10 +218,15 @@ def make_llm_task(
     structured: str = "json_schema",
     context: Callable[[str], int | None] | None = None,
 ) -> LLMTask:
-    if kind == "embed" and provider == "anthropic":
-        raise UsageError("kind: Anthropic has no embeddings endpoint; use an OpenAI-compatible one")
-    if kind not in ("generate", "extract", "classify", "embed", "passthrough"):
+    api = providers.provider(provider)
+    if kind == "embed" and kind not in api.kinds:
+        raise UsageError(
+            f"kind: {api.title} has no embeddings endpoint; use an OpenAI-compatible one"
+        )
+    if kind not in LLM_KINDS:
         raise UsageError(f"kind: {kind!r} does not run on an LLM backend")
+    if kind not in api.kinds:
+        raise UsageError(f"kind: {kind!r} does not run on {api.title}")
     if kind == "extract" and schema is None:
         raise UsageError("schema: kind = 'extract' needs a schema")
     if kind == "classify" and not labels:
