@@ -51,8 +51,8 @@ bench: setup setup-llama
 	$(PY) benchmarks/run_all.py
 
 lint: setup
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks tools
+	$(BIN)/ruff format --check src tests benchmarks tools
 
 format: setup
 	$(BIN)/ruff check --fix src tests benchmarks
