@@ -27,7 +27,7 @@ import pytest
 from llm_helpers import KEY, read_jsonl, write_records
 
 import overnight
-from overnight import sources
+from overnight import records, sources
 from overnight.errors import InputChangedError, JobFileError, UsageError
 from overnight.store import SQLiteLedger
 from overnight.testing.fake_provider import FakeProvider
@@ -160,7 +160,7 @@ def test_a_jsonl_file_with_a_byte_order_mark_loses_no_record(tmp_path: Path) -> 
     rows = [r for chunk in sources.read_jsonl(path, "id") for r in chunk]
     assert [(r.custom_id, r.error) for r in rows] == [("a", None), ("b", None)]
     # Resuming after the first record does not trip over the mark either.
-    again = sources.read_jsonl(path, "id", sources.cursor_after(rows[0], 1))
+    again = sources.read_jsonl(path, "id", records.cursor_after(rows[0], 1))
     assert [r.custom_id for chunk in again for r in chunk] == ["b"]
 
 

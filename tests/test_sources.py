@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from overnight import sources
-from overnight.sources import Cursor, Row, cursor_after, fingerprint
+from overnight.records import Cursor, Row, cursor_after
+from overnight.sources import fingerprint
 
 
 def read_rows(fmt: str, path: Path, id_field: str | None, start: Cursor = Cursor(), chunk=2000):

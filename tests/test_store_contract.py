@@ -9,7 +9,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from overnight.sources import Cursor, Fingerprint, Row
+from overnight.records import Cursor, Fingerprint, Row
 from overnight.store import ConcurrentIngest, Lease, Ledger, Outcome, SQLiteLedger
 
 FP = Fingerprint(size=123, mtime_ns=456, digest="d" * 32)

@@ -584,7 +584,7 @@ def test_isolation_defaults():
 
 
 def test_a_mark_is_one_row_per_runner_and_release_dead_counts_only_inside_it(tmp_path):
-    from overnight.sources import Cursor, Fingerprint, Row
+    from overnight.records import Cursor, Fingerprint, Row
     from overnight.store import Lease
 
     ledger = SQLiteLedger(tmp_path / "l.db")

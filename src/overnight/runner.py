@@ -47,8 +47,8 @@ from .errors import (
     is_transient,
     redact,
 )
+from .records import Cursor, Row, cursor_after
 from .retry import Backoff
-from .sources import Cursor, Row, cursor_after
 from .store import ConcurrentIngest, JobInfo, Lease, Ledger, Outcome
 from .tasks import Task
 

@@ -15,13 +15,13 @@ import io
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import orjson
 
 from .errors import UsageError
+from .records import Cursor, Fingerprint, Row
 
 CHUNK = 2000
 # Delimiters a header may turn out to use when the one in force finds no id column.
@@ -35,38 +35,6 @@ class SourceError(UsageError):
     def __init__(self, detail: str, key: str = "path") -> None:
         super().__init__(f"[source] {key}: {detail}")
         self.detail, self.key = detail, key
-
-
-class Row(NamedTuple):
-    """One input record. Tuples, not dataclasses: a million of them are built per benchmark run."""
-
-    line: int  # 1-based line (JSONL, CSV: where the record starts) or row number (Parquet)
-    custom_id: str | None
-    payload: bytes | None  # the record as a JSON object, stored in the ledger
-    record: dict[str, Any] | None  # the parsed record, handed straight to the task (no re-parse)
-    error: str | None  # why this record could not be read (an input error)
-    end: int = 0  # JSONL: byte offset just past this record, where reading resumes
-
-
-def cursor_after(row: Row, records: int) -> Cursor:
-    """Where to resume once `row`, the `records`-th record, is committed."""
-    return Cursor(records, row.line + 1, row.end)
-
-
-@dataclass(frozen=True)
-class Cursor:
-    """Where reading resumes: records consumed so far, the next line, and a byte offset (JSONL)."""
-
-    records: int = 0
-    line: int = 1
-    offset: int = 0
-
-
-@dataclass(frozen=True)
-class Fingerprint:
-    size: int
-    mtime_ns: int
-    digest: str
 
 
 def fingerprint(path: Path, known: Fingerprint | None = None) -> Fingerprint:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import numpy as np
 
-    from ..sources import Row
+    from ..records import Row
     from ..tasks import Task
 
 logger = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal, NamedTuple, Protocol
 
 from ..errors import UsageError
-from ..sources import Cursor, Fingerprint, Row
+from ..records import Cursor, Fingerprint, Row
 
 State = Literal["pending", "leased", "succeeded", "failed", "invalid", "cancelled", "submitted"]
 STATES: tuple[State, ...] = (

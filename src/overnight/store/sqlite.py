@@ -20,7 +20,7 @@ from pathlib import Path
 
 import orjson
 
-from ..sources import Cursor, Fingerprint, Row
+from ..records import Cursor, Fingerprint, Row
 from .base import (
     Claim,
     ConcurrentIngest,
@@ -56,7 +56,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     token          TEXT,                       -- the job's mark on provider requests
     discarded_before REAL NOT NULL DEFAULT 0,  -- see JobInfo.discarded_before
     fp_how         INTEGER NOT NULL DEFAULT 0, -- 1: fp_digest covers how the input is read
-    origin         TEXT                        -- its job file (see JobInfo.origin)
+    origin         TEXT,                       -- its job file (see JobInfo.origin)
+    ingest_key     TEXT                        -- Cursor.key: a keyset source's resume point
 );
 CREATE TABLE IF NOT EXISTS items (
     id            INTEGER PRIMARY KEY,          -- job_id << 40 | seq
@@ -143,6 +144,7 @@ _COLUMNS_ADDED = {
         # Rows of older ledgers get 0 (see JobInfo.legacy_fingerprint); every write sets 1.
         ("fp_how", "INTEGER NOT NULL DEFAULT 0"),
         ("origin", "TEXT"),
+        ("ingest_key", "TEXT"),
     ),
     "remote_batches": (("create_until", "REAL"), ("tagged", "INTEGER NOT NULL DEFAULT 0")),
 }
@@ -428,7 +430,7 @@ class SQLiteLedger:
         row = self._db.execute(
             "SELECT id, name, spec_hash, fp_size, fp_mtime_ns, fp_digest, ingest_records,"
             " ingest_line, ingest_offset, ingest_done, created_at, token, discarded_before,"
-            " fp_how, origin FROM jobs WHERE name = ?",
+            " fp_how, origin, ingest_key FROM jobs WHERE name = ?",
             (name,),
         ).fetchone()
         if row is None:
@@ -438,7 +440,7 @@ class SQLiteLedger:
             name=row[1],
             spec_hash=row[2],
             fingerprint=Fingerprint(row[3], row[4], row[5]),
-            cursor=Cursor(row[6], row[7], row[8]),
+            cursor=Cursor(row[6], row[7], row[8], row[15]),
             ingest_done=bool(row[9]),
             created_at=row[10],
             token=row[11],
@@ -668,9 +670,9 @@ class SQLiteLedger:
             ]
         with self._tx() as db:
             moved = db.execute(
-                "UPDATE jobs SET ingest_records = ?, ingest_line = ?, ingest_offset = ?"
-                " WHERE id = ? AND ingest_records = ?",
-                (cursor.records, cursor.line, cursor.offset, job_id, first_seq),
+                "UPDATE jobs SET ingest_records = ?, ingest_line = ?, ingest_offset = ?,"
+                " ingest_key = ? WHERE id = ? AND ingest_records = ?",
+                (cursor.records, cursor.line, cursor.offset, cursor.key, job_id, first_seq),
             ).rowcount
             if not moved:
                 raise ConcurrentIngest(f"job {job_id}: another runner is ingesting this job")
