@@ -1,6 +1,11 @@
-"""Two runs of one job: the second one, whenever it starts, never sends a request that the
-first sent or holds. It stops with exit 2 naming the running process, before it reads the
-input or calls the provider — no traceback, no stray temp file, no crash of either."""
+"""Two runs of one job: the second one, whenever it starts, becomes a second worker on it
+(see claim.py) and never sends a request that the first sent or holds: every record is
+computed once, both end with the job's exit code — no traceback, no stray temp file, no
+crash of either. Only `--restart` is refused (exit 2 naming the running process) while
+another run works on the job.
+
+These tests once meant "a second run is refused": they changed meaning when several runs
+of a job became several workers (tests/test_workers.py has the rest)."""
 
 from __future__ import annotations
 
@@ -64,14 +69,11 @@ def start(job: Path, *args: str) -> subprocess.Popen:
     return job_helpers.start(job.parent, "run", str(job), *args, env=env)
 
 
-def both_ran_alone(*results: tuple[int, str, str]) -> None:
-    """Two runs started at once: one refused with exit 2 naming the other — or, on a machine
-    so loaded that the second started after the first had finished, a second run that found
-    nothing to do (exit 0). Never both at work, never a traceback."""
-    (first, _, first_err), (second, _, second_err) = sorted(results, key=lambda r: r[0])
-    assert (first, second) in ((0, 2), (0, 0)), (first_err, second_err)
-    if second == 2:
-        assert "is being run by process" in second_err, second_err
+def both_finished(*results: tuple[int, str, str]) -> None:
+    """Two runs started at once: two workers on the job, both end with its exit code (0);
+    never a traceback."""
+    (first, _, first_err), (second, _, second_err) = results
+    assert (first, second) == (0, 0), (first_err, second_err)
     assert "Traceback" not in first_err + second_err, (first_err, second_err)
 
 
@@ -79,24 +81,27 @@ def test_two_runs_started_at_the_same_instant_compute_everything_once(tmp_path: 
     n = 300
     job = python_job(tmp_path, n)
     a, b = start(job), start(job)
-    both_ran_alone(finish(a), finish(b))
+    both_finished(finish(a), finish(b))
     calls = (tmp_path / "calls.log").read_text().split()
     assert sorted(calls) == sorted(f"r{i}" for i in range(n))  # each record computed once
     assert [r["output"] for r in read_jsonl(tmp_path / "out.jsonl")] == list(range(n))
     assert not list(tmp_path.glob(".*.tmp"))
 
 
-def test_a_second_run_a_moment_later_is_refused_before_it_reads_anything(tmp_path: Path) -> None:
+def test_a_second_run_a_moment_later_joins_and_a_restart_is_refused(tmp_path: Path) -> None:
+    """Was: a second run is refused. Now the second run joins the first as a worker (nothing
+    computed twice); `--restart` is still refused while a run works on the job."""
     job = python_job(tmp_path, 400)
     first = start(job)
     wait_for_calls(tmp_path, first)  # the first run is computing
-    second = start(job, "--restart")  # not even --restart gets past a live run
-    code, _, err = finish(second)
+    code, _, err = finish(start(job, "--restart"))  # --restart does not get past a live run
     assert code == 2 and "is being run by process" in err and str(first.pid) in err
     assert "Traceback" not in err
-    assert finish(first)[0] == 0
+    second = start(job)
+    both_finished(finish(first), finish(second))
     calls = (tmp_path / "calls.log").read_text().split()
     assert len(calls) == len(set(calls)) == 400
+    assert len(read_jsonl(tmp_path / "out.jsonl")) == 400
 
 
 def test_a_dead_runs_claim_is_taken_over_at_once(tmp_path: Path) -> None:
@@ -111,18 +116,24 @@ def test_a_dead_runs_claim_is_taken_over_at_once(tmp_path: Path) -> None:
 
 
 def test_a_claim_from_another_host_holds_until_its_heartbeat_stops(tmp_path: Path) -> None:
+    """Was: refused while the claim lives. Now a run waits, as a worker, for the job's primary
+    on another host to set the job up, and takes its place once its heartbeat stops; only
+    `--restart` is refused."""
     python_job(tmp_path, 5)
     job = overnight.Job.from_file(tmp_path / "job.toml")
     ledger = SQLiteLedger(tmp_path / ".overnight" / "ledger.db")
     now = time.time()
     ledger.claim("job", "elsewhere:4242:1700000000/abcd", now, now + 60)
     with pytest.raises(JobBusy, match="process 4242 on elsewhere"):
-        job.run()
+        job.run(restart=True)
     assert not (tmp_path / "calls.log").exists()
-    with sqlite3.connect(ledger.path) as db:  # its heartbeat stopped a while ago
-        db.execute("UPDATE claims SET expires = ?", (now - 1,))
+    with sqlite3.connect(ledger.path) as db:  # its heartbeat stops in a moment
+        db.execute("UPDATE claims SET expires = ?", (time.time() + 1.5,))
     ledger.close()
+    t0 = time.monotonic()
     assert job.run().exit_code == 0
+    assert time.monotonic() - t0 >= 1.0  # it waited for the heartbeat to stop
+    assert sorted((tmp_path / "calls.log").read_text().split()) == [f"r{i}" for i in range(5)]
 
 
 def test_a_claim_of_a_run_that_died_on_this_host_is_taken_over_before_it_expires(
@@ -154,7 +165,7 @@ def test_two_llm_runs_at_once_send_each_request_once(
     url = fake.anthropic_url if "anthropic" in backend else fake.openai_url
     job = llm_job(tmp_path, backend, url)
     a, b = start(job), start(job)
-    both_ran_alone(finish(a), finish(b))
+    both_finished(finish(a), finish(b))
     stats = fake.stats.snapshot()
     if "batch" in backend:
         assert stats.batch_creations == 4

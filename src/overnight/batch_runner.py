@@ -24,6 +24,12 @@ request is already in a live chunk wait for its answer, which goes into the cach
 chunk is collected. So identical records, a `--restart` and a batch job after a real-time one
 pay once.
 
+Several workers on one job (claim.py): only the one that holds the job's claim (`may_submit`)
+adopts, plans and creates chunks, so a chunk another live worker is creating is never created
+again; if that worker dies, the next to take the claim adopts its `creating` chunks as above.
+Every worker polls and collects live chunks; a chunk collected twice writes nothing twice
+(`finish_chunk` settles only the items the chunk still holds).
+
 Before any of this, `earlier_batches` looks at the provider for batches of earlier runs of
 the job that the ledger does not know (the ledger was deleted or replaced): the job module
 refuses to run over them, and `--restart` cancels them (`cancel_earlier`).
@@ -89,7 +95,9 @@ class BatchRunner:
         poll_max: float = 600.0,
         repair: bool = False,
         cache: ResponseCache | None = None,
+        may_submit: Callable[[], bool] | None = None,
     ) -> None:
+        self.may_submit = may_submit or (lambda: True)
         self.repair = repair
         self.cache = cache
         # Cache keys of the requests in this job's creating and live chunks (key -> chunk),
@@ -120,15 +128,20 @@ class BatchRunner:
         """Until every item is finished, or `until` (epoch seconds) passes: then cancel the
         live batches, collect what they finished, and leave the rest pending. `detach`:
         submit everything and return; the batches run on, recorded in the ledger."""
-        self._adopt()
+        submitter = self.may_submit()
+        if submitter:
+            self._adopt()
         if detach:
             self._poll(leftover="pending")  # collect what already ended
-            if not self.ledger.is_cancelled(self.job.id):
+            if submitter and not self.ledger.is_cancelled(self.job.id):
                 self._submit()
             return
         delay = self.poll_interval
         cutting = False
         while True:
+            if not submitter and self.may_submit():  # the submitting worker is gone
+                submitter = True
+                self._adopt()
             cancelled = self.ledger.is_cancelled(self.job.id)
             if cancelled and not self.cancel_sent:
                 # `overnight cancel` cancels the batches live when it ran; one recorded after
@@ -138,7 +151,7 @@ class BatchRunner:
             if until is not None and time.time() >= until and not cutting:
                 cutting = True
                 self._cancel_live()
-            if not (cancelled or cutting or self._stopping()) and self._submit():
+            if submitter and not (cancelled or cutting or self._stopping()) and self._submit():
                 delay = self.poll_interval
             if self.stop.is_set():
                 return  # Ctrl-C: live batches stay live and recorded; a rerun re-attaches
@@ -150,6 +163,9 @@ class BatchRunner:
             if not live:
                 if cutting or cancelled or self._stopping() or not self._has_pending():
                     return
+                if not submitter:  # the submitting worker plans them: wait for its chunks
+                    self.stop.wait(min(self.poll_interval, 1.0))
+                    continue
                 due = self.ledger.next_due(self.job.id) or 0.0
                 if due > time.time():  # pending, but not yet due: wait rather than spin
                     self.stop.wait(min(self.poll_max, due - time.time()))
@@ -274,12 +290,14 @@ class BatchRunner:
         for key in keys:
             self.inflight.setdefault(key, chunk)
 
-    def _finish_chunk(self, chunk: int, outcomes: list[Outcome], **kwargs: Any) -> None:
-        """ledger.finish_chunk, and the chunk's requests are no longer out."""
-        self.ledger.finish_chunk(self.job.id, chunk, outcomes, time.time(), **kwargs)
+    def _finish_chunk(self, chunk: int, outcomes: list[Outcome], **kwargs: Any) -> int:
+        """ledger.finish_chunk, and the chunk's requests are no longer out. Returns the
+        outcomes written (0: another worker collected the chunk first)."""
+        written = self.ledger.finish_chunk(self.job.id, chunk, outcomes, time.time(), **kwargs)
         for key in self.chunk_keys.pop(chunk, ()):
             if self.inflight.get(key) == chunk:
                 del self.inflight[key]
+        return written
 
     def _remember(self, it: Item, answer: Answer, o: Outcome) -> None:
         """A collected answer goes into the cache under its request's key, as real time puts
@@ -374,9 +392,9 @@ class BatchRunner:
             if self._over_budget(lines):
                 self.budget_stop = True
                 break
-            chunk = self.ledger.plan_chunk(
-                self.job.id, self.service.provider, [ln.seq for ln in lines], time.time()
-            )
+            chunk, lines = self._plan(lines)
+            if not lines:
+                continue
             if self.ledger.is_cancelled(self.job.id):
                 # Cancelled from another process since the page was read: some of these
                 # items are cancelled, not in the chunk; create nothing.
@@ -393,6 +411,19 @@ class BatchRunner:
             self._create(chunk, lines)
             made = True
         return made
+
+    def _plan(self, lines: list[Line]) -> tuple[int, list[Line]]:
+        """A chunk of these lines' items, and the lines it holds: only items still pending
+        are planned (one planned by another worker a moment before is not sent again)."""
+        chunk = self.ledger.plan_chunk(
+            self.job.id, self.service.provider, [ln.seq for ln in lines], time.time()
+        )
+        held = {it.seq for it in self.ledger.chunk_items(self.job.id, chunk)}
+        if len(held) < len(lines):
+            lines = [ln for ln in lines if ln.seq in held]
+            if not lines:
+                self._finish_chunk(chunk, [], remote_status="taken", count_attempt=False)
+        return chunk, lines
 
     def _create(self, chunk: int, lines: list[Line]) -> None:
         def before(until: float) -> None:  # committed before the call is sent
@@ -438,10 +469,9 @@ class BatchRunner:
         half = len(lines) // 2
         self._finish_chunk(chunk, [], remote_status="split", count_attempt=False)
         for part in (lines[:half], lines[half:]):
-            sub = self.ledger.plan_chunk(
-                self.job.id, self.service.provider, [ln.seq for ln in part], time.time()
-            )
-            self._create(sub, part)
+            sub, held = self._plan(part)
+            if held:
+                self._create(sub, held)
 
     def _created(self, chunk: int, remote: str, file_id: str | None) -> None:
         self.created += 1
@@ -531,13 +561,8 @@ class BatchRunner:
                         f"no result after {it.attempts + 1} batches ({poll.status}{why})",
                     )
                 )
-        self._finish_chunk(
-            chunk,
-            outcomes,
-            leftover=leftover,
-            remote_status=poll.status,
-        )
-        self._count(outcomes)
+        if self._finish_chunk(chunk, outcomes, leftover=leftover, remote_status=poll.status):
+            self._count(outcomes)  # (not when another worker collected it first)
 
     def _refuse(
         self, c: RemoteBatch, refused: list[str], outcomes: list[Outcome], leftover: str

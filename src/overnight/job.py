@@ -24,7 +24,7 @@ import orjson
 from . import llm_job, sinks, sources
 from .backends.base import Predictor
 from .batching import BatchSizer
-from .claim import claimed, describe, holder_alive
+from .claim import RunHandle, busy, claimed, describe, holder_alive
 from .errors import EndpointDown, InputChangedError, InputError, UsageError, redact
 from .estimate import usd
 from .report import Activity, CancelResult, Report, RetryResult
@@ -70,6 +70,7 @@ class _RunOutcome:
     deadline: dict[str, Any] | None = None
     detached: bool = False
     notes: list[str] = field(default_factory=list)
+    worker: RunHandle | None = None  # this run as one of the job's workers (claim.py)
 
 
 class Job:
@@ -622,16 +623,16 @@ class Job:
         stop = stop or threading.Event()
         with (
             self.ledger() as ledger,
-            claimed(ledger, self.name, self._connect, on_lost=stop.set) as run,
+            claimed(ledger, self.name, self._connect, on_lost=stop.set, restart=restart) as run,
         ):
             notes: list[str] = []
-            job = self._open_job(ledger, spec_hash, restart, notes, on_progress, stop)
+            job = self._join(ledger, spec_hash, restart, notes, on_progress, stop, run)
             if job is None:  # stopped while reading a changed input: the old job is intact
                 run.finish("interrupted", 0, 0.0, 0.0)
                 return Report(job=self.name, counts=Counts(), interrupted=True, notes=tuple(notes))
             # Running a cancelled job resumes it; a cancel made while this run was starting
             # (it held the claim, `cancel` waited for its ledger entry) stands.
-            ledger.reopen(job.id, before=run.claim.since)
+            ledger.reopen(job.id, before=run.since)
             before = ledger.counts(job.id)
             progress = Progress(
                 succeeded=before["succeeded"],
@@ -650,7 +651,7 @@ class Job:
             run.progress = progress
             if on_progress is not None:  # the known total and done count, before the model loads
                 on_progress(progress)
-            outcome = _RunOutcome(detached=detach, notes=notes)
+            outcome = _RunOutcome(detached=detach, notes=notes, worker=run)
             try:
                 if self.spec.model.mode == "auto":
                     self._run_auto(ledger, job, progress, outcome, on_progress, stop)
@@ -797,6 +798,9 @@ class Job:
             made.append(self._realtime_predictor() if llm else self._predictor())
             return made[-1]
 
+        worker = outcome.worker
+        if worker is not None:  # its heartbeat renews its leases while it computes
+            worker.job_id, worker.lease_seconds = job.id, self.spec.run.lease_seconds
         runner = Runner(
             ledger,
             job,
@@ -821,6 +825,8 @@ class Job:
             # In the runner's own process a record can kill it: count attempts when they
             # start. In a worker it kills the worker only, which the runner sees.
             count_starts=not llm and self.spec.isolation == "none",
+            may_ingest=None if worker is None else lambda: worker.take(ledger),
+            alone=None if worker is None else lambda: not worker.others(ledger),
         )
         try:
             runner.run()
@@ -854,6 +860,7 @@ class Job:
         on_progress: Callable[[Progress], None] | None,
         stop: threading.Event | None,
         cache: Any = None,
+        worker: RunHandle | None = None,
     ) -> Any:
         from .batch_runner import BatchRunner
 
@@ -874,6 +881,7 @@ class Job:
             poll_max=max(self.spec.model.poll_interval, 600.0),
             repair=self.spec.task.repair,
             cache=cache,
+            may_submit=None if worker is None else lambda: worker.take(ledger),
         )
 
     def _ingest(
@@ -883,8 +891,17 @@ class Job:
         progress: Progress,
         on_progress: Callable[[Progress], None] | None,
         stop: threading.Event | None,
+        worker: RunHandle | None = None,
     ) -> JobInfo | None:
-        """Batch paths read the whole input into the ledger first; None if stopped."""
+        """Batch paths read the whole input into the ledger first; None if stopped. The
+        primary reads it; another worker waits for that (or takes over from a dead primary)."""
+        while worker is not None and not job.ingest_done and not worker.take(ledger):
+            if stop is not None and stop.wait(0.2):
+                return None
+            now = ledger.get_job(self.name)
+            if now is None or now.id != job.id:
+                raise UsageError(f"job {self.name!r} was restarted by another process")
+            job = now
         if not ingest_only(
             ledger,
             job,
@@ -910,11 +927,13 @@ class Job:
         stop: threading.Event | None,
     ) -> None:
         """openai-batch / anthropic-batch: ingest, then submit, poll and collect batches."""
-        fresh = self._ingest(ledger, job, progress, on_progress, stop)
+        fresh = self._ingest(ledger, job, progress, on_progress, stop, outcome.worker)
         if fresh is None:
             return
         with self._cache() as cache:
-            runner = self._batch_runner(ledger, fresh, progress, on_progress, stop, cache)
+            runner = self._batch_runner(
+                ledger, fresh, progress, on_progress, stop, cache, outcome.worker
+            )
             try:
                 runner.run(detach=outcome.detached)
             finally:
@@ -933,7 +952,7 @@ class Job:
         """backend = "auto": the batch API (half price) while there is time; when the time
         left falls under `deadline_margin`, cancel what has not finished and complete it in
         real time. Without a deadline it is the batch API alone."""
-        fresh = self._ingest(ledger, job, progress, on_progress, stop)
+        fresh = self._ingest(ledger, job, progress, on_progress, stop, outcome.worker)
         if fresh is None:
             return
         deadline = self.spec.run.deadline_at
@@ -942,7 +961,9 @@ class Job:
         # Past the cut already (say the machine was off): this only adopts, cancels and
         # collects the live batches, submitting nothing new.
         with self._cache() as cache:
-            batch = self._batch_runner(ledger, fresh, progress, on_progress, stop, cache)
+            batch = self._batch_runner(
+                ledger, fresh, progress, on_progress, stop, cache, outcome.worker
+            )
             try:
                 batch.run(until=cut)
             finally:
@@ -1020,8 +1041,13 @@ class Job:
         notes: list[str],
         on_progress: Callable[[Progress], None] | None,
         stop: threading.Event,
+        others: list[str] = [],  # noqa: B006 - read only
     ) -> JobInfo | None:
-        """The job's ledger entry: created, resumed, or (input changed) reconciled."""
+        """The job's ledger entry: created, resumed, or (input changed) reconciled.
+        `others`: the job's other live workers, which a restart or a reconcile would pull
+        the job from under."""
+        if restart and others:
+            raise busy(self.name, others)
         job = ledger.get_job(self.name)
         if job is not None and self._check_origin(job):
             ledger.set_origin(job.id, self._origin or "")
@@ -1066,7 +1092,48 @@ class Job:
             if fingerprint != job.fingerprint or job.legacy_fingerprint:
                 ledger.set_fingerprint(job.id, fingerprint)
             return job
+        if others:
+            raise busy(
+                self.name,
+                others,
+                why=f"{self.source_path} changed since it started, and reading it again now"
+                " would replace the items it works on",
+            )
         return self._reconcile(ledger, job, fingerprint, notes, on_progress, stop)
+
+    def _join(
+        self,
+        ledger: Ledger,
+        spec_hash: str,
+        restart: bool,
+        notes: list[str],
+        on_progress: Callable[[Progress], None] | None,
+        stop: threading.Event,
+        run: RunHandle,
+    ) -> JobInfo | None:
+        """The job this worker works on. The primary sets it up (`_open_job`); another
+        worker waits until it is set up (its entry made, for this input and configuration),
+        then works beside the primary. If the primary dies first, this one takes its place."""
+        digest = None
+        while not run.take(ledger):
+            job = ledger.get_job(self.name)
+            if job is not None and job.spec_hash != spec_hash:
+                who = describe(run.held.owner) if run.held else "another process"
+                raise InputChangedError(
+                    f"the [task] or [model] of job {self.name!r} (or its examples) differ from"
+                    f" those of the run at work on it ({who}); another worker joins only the"
+                    " same job. Let it finish, or give this job a new name"
+                )
+            if job is not None:
+                digest = digest or self._fingerprint()[0].digest
+                if job.fingerprint.digest == digest:
+                    self._check_origin(job)
+                    return job
+            if stop.wait(0.1):
+                return None
+        return self._open_job(
+            ledger, spec_hash, restart, notes, on_progress, stop, others=run.others(ledger)
+        )
 
     def _reconcile(
         self,

@@ -9,6 +9,13 @@ twice, exactly as with a lease.
 Everything else (items left pending by a crash or Ctrl-C, retries after backoff, `retry`) is
 leased from the ledger, batch by batch.
 
+Several workers on one job (claim.py): one of them ingests (`may_ingest`). While it is the
+only live worker it takes the short cut; once another is there (`alone` says no more), it
+reads the rest of the input in as pending items, which every worker leases. A worker with
+nothing to lease waits while the input is still being read (and takes the ingest over if its
+ingester dies), or while other live workers hold leases; it looks after dead workers' leases
+as it goes, and ends when no item is open and the input is read.
+
 An attempt counts when it starts, not only when it ends (`count_starts`): before computing
 a batch, fresh or leased, the runner marks its records in the ledger as in flight. A runner
 that dies while computing (a record that crashes the process, kill -9, the OOM killer)
@@ -20,6 +27,7 @@ died `max_attempts` times; every other record goes on.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
@@ -285,6 +293,8 @@ class Runner:
         max_cost: float | None = None,
         commit_each_call: bool = False,
         count_starts: bool = False,
+        may_ingest: Callable[[], bool] | None = None,
+        alone: Callable[[], bool] | None = None,
     ) -> None:
         self.ledger, self.job, self.task = ledger, job, task
         self.vectors = task.kind == "embed"  # outputs stored as float32 bytes (results.py)
@@ -307,13 +317,20 @@ class Runner:
         self.cancelled = False
         self._cancel_checked = 0.0
         self._renewed = time.time()
+        # Several workers (see the module's docstring): may this one ingest now (the ingest
+        # claim is its own, or it took it over)? Is it alone on the job?
+        self._may_ingest = may_ingest or (lambda: True)
+        self._alone = alone or (lambda: True)
+        self._shared = False  # another worker was seen: ingest as pending items from then on
+        self._alone_checked = 0.0
+        self._looked = time.monotonic()  # when dead workers' leases were last looked for
 
     # -- the loop -----------------------------------------------------------------------
 
     def run(self) -> None:
         self._reclaim()
         try:
-            if not self.job.ingest_done:
+            if not self.job.ingest_done and self._may_ingest():
                 self._ingest()
             if not self._stopping():
                 self._drain()
@@ -336,6 +353,11 @@ class Runner:
                 while i < len(rows):
                     if self._stopping():
                         return
+                    if self._others_here():  # the rest becomes items, for every worker
+                        pending.flush()
+                        self._add_pending(seq, rows[i:])
+                        seq += len(rows) - i
+                        break
                     window = rows[i : i + self._window_size()]
                     i += len(window)
                     t0 = time.perf_counter()
@@ -401,6 +423,39 @@ class Runner:
         compute()
         return [outcomes[seq + k] for k, r in enumerate(window) if r.error is None]
 
+    def _others_here(self) -> bool:
+        """Whether another worker works on this job (asked at most twice a second)."""
+        now = time.monotonic()
+        if not self._shared and now - self._alone_checked >= 0.5:
+            self._alone_checked = now
+            self._shared = not self._alone()
+        return self._shared
+
+    def _add_pending(self, seq: int, rows: list[Row]) -> None:
+        """Rows in as pending items, not computed; those a dead runner was computing are
+        inserted with that attempt counted (suspects, computed alone)."""
+        outcomes = None
+        last = seq + len(rows) - 1
+        if self._suspects and any(f <= last and seq <= t for _, f, t in self._suspects):
+            marks = self._suspects
+            suspect = {s for _, f, t in marks for s in range(max(f, seq), min(t, last) + 1)}
+            fresh = Outcome(0, "pending", attempts=0)
+            outcomes = [
+                self._died(seq + k) if seq + k in suspect else fresh._replace(seq=seq + k)
+                for k, r in enumerate(rows)
+                if r.error is None
+            ]
+        accepted = self.ledger.add_items(
+            self.job.id, seq, rows, cursor_after(rows[-1], seq + len(rows)), outcomes
+        )
+        self._drop_suspects(seq + len(rows))
+        self.progress.ingested += len(rows)
+        self.progress.failed += accepted.count(False)
+        if outcomes is not None:
+            self._count([o for o in outcomes if o.state != "pending"])
+        self.on_progress(self.progress)
+        self._check_cancel()
+
     def _died(self, seq: int) -> Outcome:
         if self.backoff.can_retry(1):
             return Outcome(seq, "pending", None, PROCESS_DIED, DIED_MESSAGE)
@@ -427,6 +482,10 @@ class Runner:
 
     def _drain(self) -> None:
         while not self._stopping():
+            # Dead workers' items back to pending, now and then (not only when idle): they
+            # are done within the lease time even while there is other work.
+            if time.monotonic() - self._looked >= min(5.0, self.lease_seconds / 4):
+                self._reclaim()
             items = self.ledger.lease(self.job.id, self._window_size(), self._lease())
             if items:
                 self._process(
@@ -436,12 +495,30 @@ class Runner:
                 continue
             due = self.ledger.next_due(self.job.id)
             if due is None:
-                if not self.ledger.lease_owners(self.job.id):
-                    return  # nothing pending, nothing held by anyone: done
-                # Another runner holds items: wait for it to finish or its lease to expire.
-                self.ledger.reclaim_expired(self.job.id, time.time())
-                due = time.time() + 1.0
+                if not self.job.ingest_done:
+                    self._catch_up()  # the input is still being read, by this one or another
+                    due = time.time() + (0.0 if self.job.ingest_done else 0.1)
+                elif not self.ledger.lease_owners(self.job.id):
+                    return  # nothing pending, nothing held by anyone, input read: done
+                else:
+                    # Another runner holds items: wait for it to finish or its lease to end.
+                    self._reclaim()
+                    due = time.time() + 0.2
             self.stop.wait(min(max(0.0, due - time.time()), 5.0))
+
+    def _catch_up(self) -> None:
+        """Nothing to lease and the input not fully read: read it on if this worker may
+        (its ingester is gone), else note whether the ingester has finished."""
+        now = self.ledger.get_job(self.job.name)
+        if now is None or now.id != self.job.id or now.ingest_done:
+            self.job = dataclasses.replace(self.job, ingest_done=True)
+            self.progress.ingest_done = True
+            return
+        if self._may_ingest():
+            log.info("job %r: reading the input on from record %d", now.name, now.cursor.records)
+            self.job = now
+            self._reclaim()
+            self._ingest()
 
     def _process(self, works: list[Work], alone: set[int]) -> None:
         """Leased items, a window at a time; suspects (`alone`) one at a time."""
@@ -598,6 +675,7 @@ class Runner:
         attempt counted for those it was computing; those of a runner on another host wait
         for their lease to expire. Fresh records a dead runner was computing are noted, to
         be inserted as suspects when ingest reaches them."""
+        self._looked = time.monotonic()
         job_id = self.job.id
         marks = self.ledger.inflight(job_id)
         owners = set(self.ledger.lease_owners(job_id)) | {m[0] for m in marks}

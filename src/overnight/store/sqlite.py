@@ -410,6 +410,16 @@ class SQLiteLedger:
         ).fetchone()
         return RunRecord(*row) if row else None
 
+    def open_runs(self, name: str) -> list[RunRecord]:
+        """The runs of job `name` that have not ended: its workers now, and those that died
+        without a word (kill -9), which the caller tells apart (claim.worker_alive)."""
+        rows = self._db.execute(
+            "SELECT owner, started_at, updated_at, ended_at, outcome, processed, seconds,"
+            " setup_seconds FROM runs WHERE name = ? AND ended_at IS NULL ORDER BY id",
+            (name,),
+        ).fetchall()
+        return [RunRecord(*r) for r in rows]
+
     def finished_since(self, job_id: int, since: float) -> int:
         """Items finished at or after `since` (a recent throughput)."""
         lo, hi = _range(job_id)
