@@ -1,0 +1,206 @@
+"""Several `overnight run` of one job are several workers (claim.py, runner.py): one ingests,
+all compute leased items, every record is computed once, a worker killed with -9 costs only
+what it held (taken over by the others within the lease time), and a worker that arrives late
+helps. The batch backends' side is in tests/test_two_runs.py and below."""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+import job_helpers
+import orjson
+import pytest
+from job_helpers import finish
+from llm_helpers import ANT_KEY, KEY, read_jsonl, write_records
+
+from overnight.testing.fake_provider import FakeProvider
+
+pytestmark = pytest.mark.slow
+
+FUNCTION = """
+import os, time
+LOG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "calls.log")
+def fn(records):
+    time.sleep({sleep})
+    with open(LOG, "a") as f:
+        f.write("".join(r["id"] + " " + str(os.getpid()) + "\\n" for r in records))
+    return [r["n"] for r in records]
+"""
+
+
+def make_job(folder: Path, n: int, *, sleep: float = 0.02, run: str = "") -> Path:
+    """`n` records, a function that logs `id pid` per record it computes, and job.toml."""
+    (folder / "in.jsonl").write_bytes(
+        b"".join(orjson.dumps({"id": f"r{i}", "n": i}) + b"\n" for i in range(n))
+    )
+    (folder / "wfn.py").write_text(FUNCTION.format(sleep=sleep))
+    job = folder / "job.toml"
+    job.write_text(
+        '[source]\npath = "in.jsonl"\nid = "id"\n'
+        '[model]\nbackend = "python"\nfunction = "wfn:fn"\n'
+        f'[run]\nbatch_size = 10\n{run}\n[output]\npath = "out.jsonl"\n'
+    )
+    return job
+
+
+def start(job: Path) -> subprocess.Popen:
+    return job_helpers.start(job.parent, "run", str(job))
+
+
+def calls(folder: Path) -> list[tuple[str, int]]:
+    log = folder / "calls.log"
+    if not log.exists():
+        return []
+    return [(i, int(p)) for i, p in (line.split() for line in log.read_text().splitlines())]
+
+
+def ledger_rows(folder: Path, sql: str, *args: object) -> list[tuple]:
+    path = folder / ".overnight" / "ledger.db"
+    if not path.exists():
+        return []
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return con.execute(sql, args).fetchall()
+    except sqlite3.OperationalError:  # not created yet
+        return []
+    finally:
+        con.close()
+
+
+def ingest_done(folder: Path) -> bool:
+    return ledger_rows(folder, "SELECT ingest_done FROM jobs") == [(1,)]
+
+
+def wait(cond, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def check_output(folder: Path, n: int) -> None:
+    rows = read_jsonl(folder / "out.jsonl")
+    assert [r["id"] for r in rows] == [f"r{i}" for i in range(n)]
+    assert [r["output"] for r in rows] == list(range(n))
+    assert not list(folder.glob(".*.tmp"))
+
+
+def all_finished(procs: list[subprocess.Popen]) -> None:
+    results = [finish(p) for p in procs]
+    assert [r[0] for r in results] == [0] * len(procs), [r[2] for r in results]
+    assert not any("Traceback" in r[2] for r in results)
+
+
+def test_three_workers_at_once_compute_each_record_once_and_share_the_work(tmp_path):
+    n = 600
+    job = make_job(tmp_path, n)
+    procs = [start(job) for _ in range(3)]
+    all_finished(procs)
+    done = calls(tmp_path)
+    assert sorted(i for i, _ in done) == sorted(f"r{i}" for i in range(n))  # each once
+    by_worker = collections.Counter(p for _, p in done)
+    assert len(by_worker) > 1, by_worker  # the work was spread
+    check_output(tmp_path, n)
+
+
+def test_kill_9_of_one_of_three_workers_costs_its_leases_only(tmp_path):
+    n = 3000
+    job = make_job(tmp_path, n, run='lease_seconds = 2\nisolation = "none"')
+    procs = [start(job) for _ in range(3)]
+    wait(lambda: ingest_done(tmp_path) and len(calls(tmp_path)) >= 300)
+    victim = next(p for p in reversed(procs) if p.pid in {pid for _, pid in calls(tmp_path)})
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    killed_at = time.monotonic()
+    held = f"%:{victim.pid}:%"
+
+    def its_leases() -> int:
+        sql = "SELECT count(*) FROM items WHERE state = 'leased' AND lease_owner LIKE ?"
+        return ledger_rows(tmp_path, sql, held)[0][0]
+
+    wait(lambda: its_leases() == 0, timeout=10)
+    assert time.monotonic() - killed_at <= 2 + 1  # within the lease time
+    all_finished([p for p in procs if p is not victim])
+    done = calls(tmp_path)
+    count = collections.Counter(i for i, _ in done)
+    twice = {i for i, c in count.items() if c > 1}
+    assert set(count) == {f"r{i}" for i in range(n)}
+    # Computed twice: at most the batch the victim was computing when it died, nothing else.
+    assert len(twice) <= 10, twice
+    assert twice <= {i for i, p in done if p == victim.pid}
+    check_output(tmp_path, n)
+
+
+def test_a_lease_held_from_another_host_is_taken_once_it_expires(tmp_path):
+    n = 60
+    job = make_job(tmp_path, n, sleep=0.0)
+    all_finished([start(job)])
+    (tmp_path / "calls.log").unlink()
+    expires = time.time() + 1.5
+    with sqlite3.connect(tmp_path / ".overnight" / "ledger.db") as db:  # a worker elsewhere
+        db.execute(
+            "UPDATE items SET state = 'leased', result = NULL, lease_owner = ?,"
+            " lease_expires = ? WHERE line > 40",
+            ("elsewhere:4242:1700000000", expires),
+        )
+    procs = [start(job) for _ in range(2)]
+    all_finished(procs)
+    assert time.time() >= expires  # they waited for the lease to end ...
+    assert sorted(i for i, _ in calls(tmp_path)) == sorted(f"r{i}" for i in range(40, n))
+    check_output(tmp_path, n)  # ... and then computed its items, once
+
+
+def test_a_worker_started_after_ingest_finished_joins_and_helps(tmp_path):
+    n = 1000  # 100 calls of 80 ms: 4 s for two workers, time for a third to start
+    job = make_job(tmp_path, n, sleep=0.08, run='isolation = "none"')
+    first = [start(job) for _ in range(2)]
+    wait(lambda: ingest_done(tmp_path))
+    late = start(job)
+    all_finished([*first, late])
+    done = calls(tmp_path)
+    assert sorted(i for i, _ in done) == sorted(f"r{i}" for i in range(n))
+    assert any(p == late.pid for _, p in done)  # it helped
+    check_output(tmp_path, n)
+
+
+def test_cancel_stops_every_worker(tmp_path):
+    job = make_job(tmp_path, 3000, run='isolation = "none"')
+    procs = [start(job) for _ in range(3)]
+    wait(lambda: ingest_done(tmp_path) and len(calls(tmp_path)) >= 100)
+    code, _, err = finish(job_helpers.start(tmp_path, "cancel", str(job)))
+    assert code == 0, err
+    results = [finish(p, timeout=30) for p in procs]
+    assert not any("Traceback" in r[2] for r in results)
+    assert len(calls(tmp_path)) < 3000
+
+
+@pytest.mark.parametrize("backend", ["openai-batch", "anthropic-batch"])
+def test_two_batch_workers_create_each_chunk_once(
+    tmp_path: Path, fake: FakeProvider, backend: str
+) -> None:
+    fake.knobs.batch_seconds = 0.3
+    write_records(tmp_path, 50)
+    model = "claude-haiku-4-5" if "anthropic" in backend else "gpt-4o-mini"
+    url = fake.anthropic_url if "anthropic" in backend else fake.openai_url
+    job = tmp_path / "job.toml"
+    job.write_text(
+        f'[source]\npath = "in.jsonl"\nid = "id"\n[task]\nkind = "generate"\n'
+        f'[model]\nbackend = "{backend}"\nname = "{model}"\nbase_url = "{url}"\n'
+        "max_requests_per_batch = 10\npoll_interval = 0.05\nparams = { max_tokens = 16 }\n"
+        '[output]\npath = "out.jsonl"\n'
+    )
+    env = {**os.environ, "OPENAI_API_KEY": KEY, "ANTHROPIC_API_KEY": ANT_KEY}
+    procs = [job_helpers.start(tmp_path, "run", str(job), env=env) for _ in range(2)]
+    all_finished(procs)
+    stats = fake.stats.snapshot()
+    assert stats.batch_creations == 5  # one create per chunk
+    assert sorted(stats.batch_items.values()) == [1] * 50  # every item sent once
+    rows = read_jsonl(tmp_path / "out.jsonl")
+    assert sorted(r["id"] for r in rows) == sorted({r["id"] for r in rows})
+    assert len(rows) == 50
