@@ -116,6 +116,12 @@ class RunHandle:
         self.held = held
         return self.primary
 
+    def leave(self, ledger: Ledger) -> bool:
+        """This worker is done (`finish` said how): its run is recorded as ended. True when
+        no other worker is still at work, so this one is the last (it writes the output)."""
+        ledger.update_run(self.run_id, time.time(), *self.figures(), self.outcome)
+        return not self.others(ledger)
+
     def others(self, ledger: Ledger) -> list[str]:
         """The other live workers of this job."""
         return [o for o in live_workers(ledger, self.name, self.ttl) if o != self.owner]

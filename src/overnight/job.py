@@ -678,9 +678,6 @@ class Job:
                 )
             job = ledger.get_job(self.name)
             assert job is not None
-            exported = None
-            if not interrupted:
-                exported = self._export(ledger, job.id)
             if interrupted:
                 word = "interrupted"
             elif outcome.cancelled:
@@ -688,6 +685,20 @@ class Job:
             else:
                 word = "stopped" if progress.stop_reason else "finished"
             run.finish(word, progress.processed, seconds, progress.setup_seconds)
+            exported = None
+            # The last worker to leave writes the output (two leaving at once both do: each
+            # export is whole, and they are the same).
+            if not interrupted and run.leave(ledger):
+                try:
+                    exported = self._export(ledger, job.id)
+                except BaseException:
+                    run.outcome = "error"
+                    raise
+            elif not interrupted:
+                outcome.notes.append(
+                    "other workers are still at work on this job: the last to finish writes"
+                    f" {self.output_path}"
+                )
             return Report(
                 job=self.name,
                 counts=ledger.counts(job.id),

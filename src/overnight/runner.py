@@ -324,6 +324,7 @@ class Runner:
         self._shared = False  # another worker was seen: ingest as pending items from then on
         self._alone_checked = 0.0
         self._looked = time.monotonic()  # when dead workers' leases were last looked for
+        self._call_seconds = 0.0  # the last leased call's duration (see _lease_size)
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -486,7 +487,7 @@ class Runner:
             # are done within the lease time even while there is other work.
             if time.monotonic() - self._looked >= min(5.0, self.lease_seconds / 4):
                 self._reclaim()
-            items = self.ledger.lease(self.job.id, self._window_size(), self._lease())
+            items = self.ledger.lease(self.job.id, self._lease_size(), self._lease())
             if items:
                 self._process(
                     [Work(it.seq, it.line, it.attempts, None, it.payload) for it in items],
@@ -535,7 +536,8 @@ class Runner:
                 self.ledger.mark_inflight(self.job.id, self.owner, batch[0].seq, batch[-1].seq)
             t0 = time.perf_counter()
             outcomes = self._attempt(batch)
-            self.sizer.observe(len(batch), time.perf_counter() - t0)
+            self._call_seconds = time.perf_counter() - t0
+            self.sizer.observe(len(batch), self._call_seconds)
             self.ledger.complete(self.job.id, self.owner, outcomes, time.time())
             self._count(outcomes)
             self._renew()
@@ -659,6 +661,14 @@ class Runner:
         # a few hundred items, not thousands; the comparison is fair (same window for all).
         window = self.window if self.sizer.settled else min(self.window, 256)
         return max(self.sizer.size, window)
+
+    # Short calls are leased several at a time, about this long of work per lease: one lease
+    # transaction per call would make workers queue for the ledger's lock.
+    LEASE_SPAN = 0.2
+
+    def _lease_size(self) -> int:
+        calls = int(self.LEASE_SPAN / self._call_seconds) if self._call_seconds > 0 else 1
+        return self._window_size() * max(1, min(8, calls))
 
     def _lease(self) -> Lease:
         now = time.time()
