@@ -91,7 +91,7 @@ def test_two_runs_started_at_the_same_instant_compute_everything_once(tmp_path: 
 def test_a_second_run_a_moment_later_joins_and_a_restart_is_refused(tmp_path: Path) -> None:
     """Was: a second run is refused. Now the second run joins the first as a worker (nothing
     computed twice); `--restart` is still refused while a run works on the job."""
-    job = python_job(tmp_path, 400)
+    job = slow_python_job(tmp_path, 400, batch_size=10, sleep=0.2)  # 8 s alone
     first = start(job)
     wait_for_calls(tmp_path, first)  # the first run is computing
     code, _, err = finish(start(job, "--restart"))  # --restart does not get past a live run

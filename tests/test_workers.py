@@ -131,9 +131,33 @@ def test_kill_9_of_one_of_three_workers_costs_its_leases_only(tmp_path):
     count = collections.Counter(i for i, _ in done)
     twice = {i for i, c in count.items() if c > 1}
     assert set(count) == {f"r{i}" for i in range(n)}
-    # Computed twice: at most the batch the victim was computing when it died, nothing else.
-    assert len(twice) <= 10, twice
+    # Computed twice: at most what the victim held leased when it died (one lease: up to
+    # 8 calls of 10 when calls are short, see Runner._lease_size), nothing else.
+    assert len(twice) <= 80, twice
     assert twice <= {i for i, p in done if p == victim.pid}
+    check_output(tmp_path, n)
+
+
+def test_a_worker_takes_the_ingest_over_when_the_ingester_dies(tmp_path):
+    n = 100_000
+    job = make_job(tmp_path, n, sleep=0.0, run='batch_size = 500\nisolation = "none"')
+    job.write_text(job.read_text().replace("batch_size = 10\n", ""))
+    ingester = start(job)
+    wait(lambda: len(calls(tmp_path)) > 0)  # alone: it computes as it reads
+    helper = start(job)
+
+    def reading_for_both() -> bool:  # it saw the helper: the rest goes in as pending items
+        sql = "SELECT count(*) FROM items WHERE state = 'pending'"
+        return not ingest_done(tmp_path) and ledger_rows(tmp_path, sql)[0][0] > 0
+
+    wait(reading_for_both)
+    ingester.send_signal(signal.SIGKILL)
+    ingester.wait()
+    assert not ingest_done(tmp_path)  # killed while reading the input
+    all_finished([helper])
+    count = collections.Counter(i for i, _ in calls(tmp_path))
+    assert set(count) == {f"r{i}" for i in range(n)}
+    assert sum(c > 1 for c in count.values()) <= 500  # at most the call it died in
     check_output(tmp_path, n)
 
 

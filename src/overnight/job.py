@@ -24,7 +24,7 @@ import orjson
 from . import llm_job, sinks, sources
 from .backends.base import Predictor
 from .batching import BatchSizer
-from .claim import RunHandle, busy, claimed, describe, holder_alive
+from .claim import RunHandle, busy, claimed, describe, holder_alive, live_workers
 from .errors import EndpointDown, InputChangedError, InputError, UsageError, redact
 from .estimate import usd
 from .report import Activity, CancelResult, Report, RetryResult
@@ -913,6 +913,8 @@ class Job:
             if now is None or now.id != job.id:
                 raise UsageError(f"job {self.name!r} was restarted by another process")
             job = now
+        if worker is not None and not job.ingest_done:  # the cursor as the last ingester left it
+            job = ledger.get_job(self.name) or job
         if not ingest_only(
             ledger,
             job,
@@ -1245,7 +1247,9 @@ class Job:
     def _activity(self, ledger: Ledger, job: JobInfo, counts: Counts) -> Activity:
         now = time.time()
         claim = ledger.get_claim(self.name)
-        running = claim is not None and holder_alive(claim, now)
+        workers = live_workers(ledger, self.name)  # several `run`s of a job: its workers
+        held = claim is not None and holder_alive(claim, now)
+        running = held or bool(workers)
         last = ledger.last_run(self.name)
         unfinished: list[str] = []
         unread: int | None = 0
@@ -1282,10 +1286,14 @@ class Job:
                 )
             else:
                 unfinished.append("no run is active: `overnight run` resumes it")
-        owner = claim.owner if running and claim else (last.owner if last else None)
+        owner = claim.owner if held and claim else workers[0] if workers else None
+        owner = owner or (last.owner if last else None)
+        runner = describe(owner) if owner else None
+        if runner and len(workers) > 1:
+            runner += f" and {len(workers) - 1} other worker{'s' if len(workers) > 2 else ''}"
         return Activity(
             running=running,
-            runner=describe(owner) if owner else None,
+            runner=runner,
             last_run=last,
             items_per_second=rate,
             remaining=remaining,

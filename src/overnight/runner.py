@@ -331,8 +331,8 @@ class Runner:
     def run(self) -> None:
         self._reclaim()
         try:
-            if not self.job.ingest_done and self._may_ingest():
-                self._ingest()
+            if not self.job.ingest_done:
+                self._catch_up()
             if not self._stopping():
                 self._drain()
         finally:
@@ -508,40 +508,57 @@ class Runner:
             self.stop.wait(min(max(0.0, due - time.time()), 5.0))
 
     def _catch_up(self) -> None:
-        """Nothing to lease and the input not fully read: read it on if this worker may
-        (its ingester is gone), else note whether the ingester has finished."""
+        """The input not fully read: read it on if this worker may (it is the ingester, or
+        the ingester is gone), else note whether the ingester has finished."""
         now = self.ledger.get_job(self.job.name)
         if now is None or now.id != self.job.id or now.ingest_done:
             self.job = dataclasses.replace(self.job, ingest_done=True)
             self.progress.ingest_done = True
             return
         if self._may_ingest():
-            log.info("job %r: reading the input on from record %d", now.name, now.cursor.records)
+            # Read again now that the ingest is this worker's: the cursor may have moved
+            # since, up to the moment the last ingester died.
+            now = self.ledger.get_job(self.job.name)
+            if now is None or now.id != self.job.id or now.ingest_done:
+                return
             self.job = now
             self._reclaim()
             self._ingest()
 
     def _process(self, works: list[Work], alone: set[int]) -> None:
-        """Leased items, a window at a time; suspects (`alone`) one at a time."""
-        i = 0
-        while i < len(works):
-            if self._stopping():
-                return
-            batch = works[i : i + self._window_size()]
-            if alone:
-                cut = next((k for k, w in enumerate(batch) if w.seq in alone), len(batch))
-                batch = batch[: max(cut, 1)]
-            i += len(batch)
-            if self.count_starts:  # the leased items this runner holds in this range
-                self.ledger.mark_inflight(self.job.id, self.owner, batch[0].seq, batch[-1].seq)
-            t0 = time.perf_counter()
-            outcomes = self._attempt(batch)
-            self._call_seconds = time.perf_counter() - t0
-            self.sizer.observe(len(batch), self._call_seconds)
-            self.ledger.complete(self.job.id, self.owner, outcomes, time.time())
-            self._count(outcomes)
-            self._renew()
-            self._check_cancel()
+        """Leased items, a window at a time; suspects (`alone`) one at a time. Their outcomes
+        are committed together once the lease is done (a lease is short: see _lease_size),
+        or after each call where answers are paid for."""
+        done: list[Outcome] = []
+        try:
+            i = 0
+            while i < len(works):
+                if self._stopping():
+                    return
+                batch = works[i : i + self._window_size()]
+                if alone:
+                    cut = next((k for k, w in enumerate(batch) if w.seq in alone), len(batch))
+                    batch = batch[: max(cut, 1)]
+                i += len(batch)
+                if self.count_starts:  # the leased items this runner holds in this range
+                    self.ledger.mark_inflight(self.job.id, self.owner, batch[0].seq, batch[-1].seq)
+                t0 = time.perf_counter()
+                outcomes = self._attempt(batch)
+                self._call_seconds = time.perf_counter() - t0
+                self.sizer.observe(len(batch), self._call_seconds)
+                done += outcomes
+                if self.commit_each_call or batch[0].seq in alone:
+                    self._complete(done)
+                    done = []
+                self._renew()
+                self._check_cancel()
+        finally:
+            if done:
+                self._complete(done)
+
+    def _complete(self, outcomes: list[Outcome]) -> None:
+        self.ledger.complete(self.job.id, self.owner, outcomes, time.time())
+        self._count(outcomes)
 
     # -- one batch ----------------------------------------------------------------------
 
