@@ -684,6 +684,22 @@ def test_runs_record_what_each_run_did(ledger):
     assert (run.ended_at, run.outcome, run.items_per_second) == (NOW + 21, "interrupted", 0.0)
 
 
+def test_open_runs_are_the_runs_not_ended_in_start_order(ledger):
+    """A job's workers (claim.py): every run of it that has not ended, oldest first."""
+    assert ledger.open_runs("job") == []
+    a = ledger.start_run("job", "a", NOW)
+    b = ledger.start_run("job", "b", NOW + 1)
+    ledger.start_run("other", "c", NOW + 2)
+    ledger.update_run(b, NOW + 3, 7, 1.0, 0.0)  # a heartbeat: still open
+    assert [(r.owner, r.updated_at) for r in ledger.open_runs("job")] == [
+        ("a", NOW),
+        ("b", NOW + 3),
+    ]
+    ledger.update_run(a, NOW + 4, 0, 0.0, 0.0, "finished")
+    assert [r.owner for r in ledger.open_runs("job")] == ["b"]
+    assert [r.owner for r in ledger.open_runs("other")] == ["c"]
+
+
 def test_finished_since_counts_recent_results(ledger):
     job = new_job(ledger, ids=["a", "b", "c"])
     ledger.lease(job.id, 3, lease_at())
