@@ -19,6 +19,9 @@ import pytest
 from job_helpers import finish
 from llm_helpers import ANT_KEY, KEY, read_jsonl, write_records
 
+import overnight
+from overnight.claim import JobBusy
+from overnight.store import SQLiteLedger
 from overnight.testing.fake_provider import FakeProvider
 
 pytestmark = pytest.mark.slow
@@ -228,3 +231,23 @@ def test_two_batch_workers_create_each_chunk_once(
     rows = read_jsonl(tmp_path / "out.jsonl")
     assert sorted(r["id"] for r in rows) == sorted({r["id"] for r in rows})
     assert len(rows) == 50
+
+
+def test_restart_and_a_changed_input_are_refused_while_another_worker_runs(tmp_path):
+    """The claim is free (its primary left) but a worker on another host still works on the
+    job: `--restart`, or reading a changed input again, would pull the job from under it."""
+    job_file = make_job(tmp_path, 5, sleep=0.0)
+    job = overnight.Job.from_file(job_file)
+    assert job.run().exit_code == 0
+    ledger = SQLiteLedger(tmp_path / ".overnight" / "ledger.db")
+    run = ledger.start_run("job", "elsewhere:4242:1700000000/abcd", time.time())
+    with pytest.raises(JobBusy, match="process 4242 on elsewhere"):
+        job.run(restart=True)
+    with (tmp_path / "in.jsonl").open("ab") as f:
+        f.write(orjson.dumps({"id": "r5", "n": 5}) + b"\n")
+    with pytest.raises(JobBusy, match="changed since it started"):
+        job.run()
+    ledger.update_run(run, time.time() - 3600, 0, 0.0, 0.0)  # its heartbeat stopped long ago
+    ledger.close()
+    assert job.run().exit_code == 0
+    assert len(read_jsonl(tmp_path / "out.jsonl")) == 6
