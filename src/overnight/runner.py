@@ -494,6 +494,9 @@ class Runner:
                     {it.seq for it in items if it.error_class == PROCESS_DIED},
                 )
                 continue
+            self._check_cancel()  # (a cancel while waiting on other workers)
+            if self.cancelled:
+                return
             due = self.ledger.next_due(self.job.id)
             if due is None:
                 if not self.job.ingest_done:
