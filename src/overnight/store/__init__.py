@@ -15,6 +15,7 @@ from .base import (
     RemoteBatch,
     RunRecord,
 )
+from .ledger import SQLLedger
 from .sqlite import SQLiteLedger
 
 
@@ -41,6 +42,7 @@ __all__ = [
     "Outcome",
     "RemoteBatch",
     "RunRecord",
+    "SQLLedger",
     "SQLiteLedger",
     "open_ledger",
 ]
