@@ -12,7 +12,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -176,10 +176,9 @@ class SQLiteConnector:
             yield
         except BaseException:
             if self.db.in_transaction:
-                try:
+                # The error that brought us here is the one to report.
+                with suppress(sqlite3.Error):
                     self.db.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass  # the error that brought us here is the one to report
             raise
         try:
             self.db.execute("COMMIT")
