@@ -15,14 +15,14 @@ import sqlite3
 
 import orjson
 import pytest
-from test_store_contract import FP, NOW, Store, lease_at, new_job, result
+from test_store_contract import FP, NOW, lease_at, new_job, open_store, result
 
 from overnight.store import Ledger, Outcome, SQLiteLedger
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", "postgresql"])
 def store(request, tmp_path):
-    s = Store(request.param, tmp_path)
+    s = open_store(request, tmp_path)
     yield s
     s.close()
 

@@ -20,11 +20,11 @@ from .sqlite import SQLiteLedger
 
 
 def open_ledger(url: str) -> Ledger:
-    """`sqlite:///path/to/ledger.db` or a plain path. PostgreSQL is the next implementation."""
+    """`postgresql://...` (see store/postgresql.py), `sqlite:///path/to/ledger.db` or a path."""
     if url.startswith(("postgres://", "postgresql://")):
-        from ..errors import UsageError
+        from .postgresql import PostgresLedger  # psycopg is imported only when needed
 
-        raise UsageError("a PostgreSQL ledger is not available yet; use a SQLite path")
+        return PostgresLedger(url)
     return SQLiteLedger(url.removeprefix("sqlite:///"))
 
 

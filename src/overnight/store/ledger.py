@@ -219,7 +219,11 @@ class SQLLedger:
     def list_jobs(self) -> list[JobInfo]:
         """Every job in the ledger, oldest first (read only); not a generation being read
         (see begin_generation)."""
-        names = [r[0] for r in self._conn.fetchall("job_names") if "\x00" not in r[0]]
+        names = [
+            r[0]
+            for r in self._conn.fetchall("job_names")
+            if not any(c in r[0] for c in self._HIDDEN)
+        ]
         return [job for job in map(self.get_job, names) if job is not None]
 
     def delete_job(self, job_id: int) -> None:
@@ -247,9 +251,13 @@ class SQLLedger:
     # stay `job << 40 | position`, so the output keeps the new input's order. A crash before
     # the swap leaves the old generation as it was; the next run starts the new one again.
 
+    # The hidden generation's name: a control character no job name has. Not NUL, which
+    # PostgreSQL's text refuses (older SQLite ledgers may still hold a "\x00next" one).
+    _HIDDEN = ("\x1f", "\x00")
+
     @staticmethod
     def _next_name(name: str) -> str:
-        return f"{name}\x00next"
+        return f"{name}\x1fnext"
 
     def begin_generation(self, job: JobInfo, fingerprint: Fingerprint) -> JobInfo:
         """A new, empty generation of `job` for the changed input (any stale one is dropped)."""
