@@ -20,6 +20,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from importlib.resources import files
 from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 _HEADER = re.compile(r"^-- name: *(?P<name>[^(]+?) *\((?P<params>[^)]*)\) *$", re.M)
 # `:name`, not `::type` (a PostgreSQL cast) nor `a:b` inside a word.
@@ -67,6 +68,21 @@ def positional(query: Query, mark: str) -> str:
 def statements(sql: str) -> list[str]:
     """A script's statements (the schema: no `;` inside literals or comments)."""
     return [s.strip() for s in sql.split(";") if s.strip()]
+
+
+def safe_url(url: str) -> str:
+    """The URL to show in messages: without its password."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        host = parts.hostname or ""
+        netloc = f"{parts.username}@{host}" if parts.username else host
+        if parts.port:
+            netloc += f":{parts.port}"
+        return urlunsplit(parts._replace(netloc=netloc))
+    except ValueError:
+        return url.split("@")[-1]
 
 
 class Connector(Protocol):

@@ -20,12 +20,11 @@ import itertools
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 
 from .base import LedgerError
-from .connector import Params, load_queries, positional, statements
+from .connector import Params, load_queries, positional, safe_url, statements
 from .ledger import SQLLedger
 
 _QUERIES = load_queries("postgresql")
@@ -41,21 +40,6 @@ _HINTS = {
     "connection refused": "is PostgreSQL running and listening at that host and port?",
     "could not translate host name": "check the host name in the ledger URL",
 }
-
-
-def safe_url(url: str) -> str:
-    """The URL to show in messages: without its password."""
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        host = parts.hostname or ""
-        netloc = f"{parts.username}@{host}" if parts.username else host
-        if parts.port:
-            netloc += f":{parts.port}"
-        return urlunsplit(parts._replace(netloc=netloc))
-    except ValueError:
-        return url.split("@")[-1]
 
 
 def _translate(url: str, exc: psycopg.Error) -> LedgerError:
