@@ -65,3 +65,38 @@ def test_ledgers_in_two_schemas_of_one_database_are_apart(pg_ledger_url):
             two.close()
         finally:
             admin.execute(f"DROP SCHEMA {other} CASCADE")
+
+
+# -- the response cache in a PostgreSQL ledger ------------------------------------------------
+
+
+def test_the_response_cache_in_the_ledger_is_shared_by_every_connection(pg_ledger_url):
+    from overnight.llm.cache import LedgerResponseCache
+
+    with (
+        LedgerResponseCache(pg_ledger_url, "job:a") as one,
+        LedgerResponseCache(pg_ledger_url, "job:a") as two,
+        LedgerResponseCache(pg_ledger_url, "job:b") as other,
+    ):
+        one.put("k1", {"answer": 1}, 3, 4)
+        one.put("k1", {"answer": 2}, 5, 6)  # a newer answer replaces it
+        got = two.get_many(["k1", "k2", "k1"])
+        assert list(got) == ["k1"] and got["k1"].cached
+        assert (got["k1"].input_tokens, got["k1"].output_tokens) == (5, 6)
+        assert two.hits == 1 and other.get("k1") is None  # scopes apart
+        assert two.clear_scope() == 1 and one.get("k1") is None
+
+
+def test_an_llm_job_on_a_postgresql_ledger_keeps_its_answers_there(
+    pg_ledger_url, tmp_path, fake, keys
+):
+    from llm_helpers import llm_job, write_records
+
+    write_records(tmp_path, 8)
+    job = llm_job(tmp_path, "openai", fake.openai_url, run={"ledger": pg_ledger_url})
+    assert job.run().counts["succeeded"] == 8
+    assert fake.stats.requests["/v1/chat/completions"] == 8
+    again = job.run(restart=True)  # the job starts over; its answers are in the ledger
+    assert again.counts["succeeded"] == 8 and again.counts.cost == 0
+    assert fake.stats.requests["/v1/chat/completions"] == 8
+    assert not list(tmp_path.rglob("cache.db")) and not list(tmp_path.rglob("ledger.db"))

@@ -383,7 +383,9 @@ class Job:
         return llm_job.price_table(self.spec, self.base_dir)
 
     def _cache(self) -> Any:
-        return llm_job.response_cache(self.spec, self.base_dir, self._ledger_dir, self.name)
+        return llm_job.response_cache(
+            self.spec, self.base_dir, self._ledger_dir, self.name, self.ledger_url
+        )
 
     def _realtime_window(self) -> int:
         # Enough requests per call to keep `concurrency` busy; the rate limiter and the

@@ -66,8 +66,9 @@ def positional(query: Query, mark: str) -> str:
 
 
 def statements(sql: str) -> list[str]:
-    """A script's statements (the schema: no `;` inside literals or comments)."""
-    return [s.strip() for s in sql.split(";") if s.strip()]
+    """A script's statements, comments left out (the schema: no `;` or `--` in a literal)."""
+    code = re.sub(r"--[^\n]*", "", sql)
+    return [s.strip() for s in code.split(";") if s.strip()]
 
 
 def safe_url(url: str) -> str:

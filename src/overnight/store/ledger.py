@@ -717,3 +717,19 @@ class SQLLedger:
             self._conn.execute("finish_chunk_leftover", (leftover, attempt, lo, hi, chunk))
             self._conn.execute("collect_chunk", (now, remote_status, job_id, chunk))
         return changed
+
+    # -- the LLM response cache (llm/cache.py: LedgerResponseCache) ----------------------
+    # Each put commits on its own: a paid answer is durable the moment it arrives.
+
+    def cache_get(self, scope: str, keys: list[str]) -> list[tuple[str, bytes, int, int]]:
+        return self._conn.fetchall("cache_get", (scope, self._conn.array(keys)))  # type: ignore[return-value]
+
+    def cache_put(
+        self, scope: str, key: str, body: bytes, input_tokens: int, output_tokens: int
+    ) -> None:
+        self._conn.execute(
+            "cache_put", (scope, key, body, input_tokens, output_tokens, time.time())
+        )
+
+    def cache_clear(self, scope: str) -> int:
+        return self._conn.execute("cache_clear", (scope,))

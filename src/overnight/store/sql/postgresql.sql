@@ -131,6 +131,20 @@ CREATE TABLE IF NOT EXISTS rejects (
 );
 
 
+-- name: migration_2()
+-- The LLM response cache in the ledger: every worker of a shared (PostgreSQL) ledger gets
+-- the answers any of them paid for. (A SQLite ledger's jobs keep theirs in cache.db beside
+-- it, off the ledger's write lock: see llm_job.response_cache.)
+CREATE TABLE IF NOT EXISTS responses (
+    scope         TEXT NOT NULL,               -- job:<name>
+    key           TEXT NOT NULL,               -- cache_key(provider, endpoint, body)
+    body          BYTEA NOT NULL,
+    input_tokens  BIGINT NOT NULL,
+    output_tokens BIGINT NOT NULL,
+    created_at    DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (scope, key)
+)
+
 -- name: untokened_jobs()
 SELECT id FROM jobs WHERE token IS NULL
 
@@ -510,3 +524,20 @@ WHERE id BETWEEN :lo AND :hi AND state = 'submitted' AND batch_chunk = :chunk
 UPDATE remote_batches SET status = 'collected', ended_at = :now,
     remote_status = coalesce(:remote_status::text, remote_status)
 WHERE job_id = :job_id AND chunk = :chunk
+
+-- The response cache (llm/cache.py) ---------------------------------------------------------
+
+-- name: cache_get(scope, keys)
+-- `keys`: a list (a text[] here).
+SELECT key, body, input_tokens, output_tokens FROM responses
+WHERE scope = :scope AND key = ANY(:keys::text[])
+
+-- name: cache_put(scope, key, body, input_tokens, output_tokens, now)
+INSERT INTO responses (scope, key, body, input_tokens, output_tokens, created_at)
+VALUES (:scope, :key, :body, :input_tokens, :output_tokens, :now)
+ON CONFLICT (scope, key) DO UPDATE SET body = excluded.body,
+    input_tokens = excluded.input_tokens, output_tokens = excluded.output_tokens,
+    created_at = excluded.created_at
+
+-- name: cache_clear(scope)
+DELETE FROM responses WHERE scope = :scope

@@ -155,6 +155,20 @@ ALTER TABLE items ADD COLUMN list_cost REAL
 -- name: legacy_column items vector()
 ALTER TABLE items ADD COLUMN vector BLOB
 
+-- name: migration_2()
+-- The LLM response cache in the ledger: every worker of a shared (PostgreSQL) ledger gets
+-- the answers any of them paid for. (A SQLite ledger's jobs keep theirs in cache.db beside
+-- it, off the ledger's write lock: see llm_job.response_cache.)
+CREATE TABLE IF NOT EXISTS responses (
+    scope         TEXT NOT NULL,               -- job:<name>
+    key           TEXT NOT NULL,               -- cache_key(provider, endpoint, body)
+    body          BLOB NOT NULL,
+    input_tokens  INTEGER NOT NULL,
+    output_tokens INTEGER NOT NULL,
+    created_at    REAL NOT NULL,
+    PRIMARY KEY (scope, key)
+)
+
 -- name: untokened_jobs()
 SELECT id FROM jobs WHERE token IS NULL
 
@@ -532,3 +546,20 @@ WHERE id BETWEEN :lo AND :hi AND state = 'submitted' AND batch_chunk = :chunk
 UPDATE remote_batches SET status = 'collected', ended_at = :now,
     remote_status = coalesce(:remote_status, remote_status)
 WHERE job_id = :job_id AND chunk = :chunk
+
+-- The response cache (llm/cache.py) ---------------------------------------------------------
+
+-- name: cache_get(scope, keys)
+-- `keys`: a list (a JSON array here).
+SELECT key, body, input_tokens, output_tokens FROM responses
+WHERE scope = :scope AND key IN (SELECT value FROM json_each(:keys))
+
+-- name: cache_put(scope, key, body, input_tokens, output_tokens, now)
+INSERT INTO responses (scope, key, body, input_tokens, output_tokens, created_at)
+VALUES (:scope, :key, :body, :input_tokens, :output_tokens, :now)
+ON CONFLICT (scope, key) DO UPDATE SET body = excluded.body,
+    input_tokens = excluded.input_tokens, output_tokens = excluded.output_tokens,
+    created_at = excluded.created_at
+
+-- name: cache_clear(scope)
+DELETE FROM responses WHERE scope = :scope
