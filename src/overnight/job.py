@@ -602,7 +602,7 @@ class Job:
 
     def _check_origin(self, job: JobInfo) -> bool:
         """The ledger's entry of this name must be this job's: another job file of the same
-        name (a copied job file, another project sharing the ledger through --state) would
+        name (a copied job file, another project sharing the ledger through --ledger) would
         replace its results, and `export` would write them as its own. The same job moved or
         renamed (its input unchanged) is this job. True when the entry should learn this
         job file (it did not know one, or the job moved)."""
@@ -615,7 +615,7 @@ class Job:
                 f" from another job file ({os.path.normpath(self._ledger_dir / job.origin)})"
                 " over another input; run here it would"
                 " replace that job's results. Give this job a name of its own (`name = ...`),"
-                " or a ledger of its own (--state)"
+                " or a ledger of its own (--ledger)"
             )
         return True
 
