@@ -498,14 +498,19 @@ def test_iter_result_lines(ledger):
     ledger.add_items(
         job.id,
         0,
-        rows_for(["a", 'q"x']),
-        Cursor(2, 3, 0),
-        [Outcome(0, "succeeded", result(1)), Outcome(1, "succeeded", result([1, 2]))],
+        rows_for(["a", 'q"x', "é\\\t\u2028☃"]),
+        Cursor(3, 4, 0),
+        [
+            Outcome(0, "succeeded", result(1)),
+            Outcome(1, "succeeded", result([1, 2])),
+            Outcome(2, "succeeded", result("ü")),
+        ],
     )
     lines = [line for batch in ledger.iter_result_lines(job.id, "ticket") for line in batch]
     assert [orjson.loads(x) for x in lines] == [
         {"ticket": "a", "output": 1},
         {"ticket": 'q"x', "output": [1, 2]},
+        {"ticket": "é\\\t\u2028☃", "output": "ü"},
     ]
     assert all(x.endswith(b"\n") for x in lines)
 
