@@ -892,3 +892,14 @@ def test_connections_creating_one_ledger_at_once_migrate_it_once(store):
     assert {ledger.schema_version for ledger in opened} == {opened[0].schema_version}
     new_job(opened[3], ids=["a", "b"])
     assert opened[5].counts(opened[5].get_job("job").id).by_state == {"pending": 2}
+
+
+def test_a_message_with_a_nul_character_is_stored(ledger):
+    """A user function's error text may hold NUL (PostgreSQL's text cannot): the outcome is
+    committed all the same, never a failed commit."""
+    job = new_job(ledger, ids=["a"])
+    (item,) = ledger.lease(job.id, 1, lease_at())
+    boom = Outcome(item.seq, "failed", None, "ValueError", "bad\x00byte")
+    assert ledger.complete(job.id, "owner-a", [boom], NOW) == 1
+    (failure,) = ledger.iter_failures(job.id)
+    assert failure.message.startswith("bad") and failure.message.endswith("byte")

@@ -22,6 +22,8 @@ from contextlib import contextmanager
 from typing import Any
 
 import psycopg
+from psycopg.abc import Buffer
+from psycopg.types.string import StrDumperUnknown
 
 from .base import LedgerError
 from .connector import Params, load_queries, positional, safe_url, statements
@@ -55,6 +57,14 @@ def _translate(url: str, exc: psycopg.Error) -> LedgerError:
     return LedgerError(f"ledger {url}: {text}" + (f" ({hint})" if hint else ""))
 
 
+class _TextDumper(StrDumperUnknown):
+    """PostgreSQL's text cannot hold NUL, which an error message (a user function's, a
+    provider's) may: it is stored as U+FFFD rather than failing the commit it belongs to."""
+
+    def dump(self, obj: str) -> Buffer | None:
+        return super().dump(obj.replace("\x00", "\ufffd") if "\x00" in obj else obj)
+
+
 class PostgresConnector:
     def __init__(self, url: str) -> None:
         self.url = safe_url(url)
@@ -69,6 +79,7 @@ class PostgresConnector:
         except psycopg.Error as exc:
             raise _translate(self.url, exc) from None
         self.db.server_cursor_factory = psycopg.RawServerCursor
+        self.db.adapters.register_dumper(str, _TextDumper)
 
     def names(self, prefix: str) -> list[str]:
         return [n for n in _QUERIES if n.startswith(prefix)]
