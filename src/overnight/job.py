@@ -39,7 +39,16 @@ from .spec import (
     semantic_hash,
     source_format,
 )
-from .store import Counts, Failure, JobInfo, Ledger, open_ledger
+from .store import (
+    DEFAULT_LEDGER,
+    Counts,
+    Failure,
+    JobInfo,
+    Ledger,
+    is_postgres,
+    ledger_location,
+    open_ledger,
+)
 from .tasks import Task, make_task
 
 log = logging.getLogger(__name__)
@@ -91,7 +100,11 @@ class Job:
         self.base_dir = Path(base_dir or Path.cwd()).resolve()
         self.name = spec.name or name or "job"
         self.origin = origin or "Job(...)"  # named in every message about the job's settings
-        self.state_path = Path(state) if state else self.base_dir / ".overnight" / "ledger.db"
+        # Where the ledger lives: `state` (--ledger, --state) > OVERNIGHT_LEDGER > [run] ledger
+        # > .overnight/ledger.db beside the job. A PostgreSQL URL, or a SQLite file whose path
+        # is `state_path` (None for PostgreSQL).
+        self.ledger_url = self._ledger_url(state)
+        self.state_path = None if is_postgres(self.ledger_url) else Path(self.ledger_url)
         self.job_file: Path | None = None  # the TOML file, when the job came from one
 
     @classmethod
@@ -109,6 +122,33 @@ class Job:
 
     def _usage(self, message: str) -> UsageError:
         return UsageError(f"{self.origin}: {message}")
+
+    def _ledger_url(self, state: str | Path | None) -> str:
+        if state:
+            return ledger_location(str(state), Path.cwd(), "--ledger")
+        if env := os.environ.get("OVERNIGHT_LEDGER"):
+            return ledger_location(env, Path.cwd(), "OVERNIGHT_LEDGER")
+        if self.spec.run.ledger:
+            key = f"{self.origin}: [run] ledger"
+            return ledger_location(self.spec.run.ledger, self.base_dir, key)
+        return str(self.base_dir / DEFAULT_LEDGER)
+
+    @property
+    def ledger_name(self) -> str:
+        """The ledger, for messages: its file, or its URL without a password."""
+        if self.state_path is not None:
+            return str(self.state_path)
+        from .store.connector import safe_url
+
+        return safe_url(self.ledger_url)
+
+    @property
+    def _ledger_dir(self) -> Path:
+        """The folder beside the ledger (a SQLite file's; for PostgreSQL the job's
+        .overnight/): the response cache, batch files, job files relative to it."""
+        if self.state_path is not None:
+            return self.state_path.parent
+        return self.base_dir / DEFAULT_LEDGER.parent
 
     # -- paths --------------------------------------------------------------------------
 
@@ -241,7 +281,7 @@ class Job:
             yield "the price table ([run] prices)", self._path(spec.run.prices)
         if spec.run.cache:
             yield "the response cache ([run] cache)", self._path(spec.run.cache)
-        for suffix in ("", "-wal", "-shm", "-journal"):
+        for suffix in ("", "-wal", "-shm", "-journal") if self.state_path else ():
             yield "the ledger", self.state_path.with_name(self.state_path.name + suffix)
 
     @property
@@ -343,7 +383,9 @@ class Job:
         return llm_job.price_table(self.spec, self.base_dir)
 
     def _cache(self) -> Any:
-        return llm_job.response_cache(self.spec, self.base_dir, self.state_path.parent, self.name)
+        return llm_job.response_cache(
+            self.spec, self.base_dir, self._ledger_dir, self.name, self.ledger_url
+        )
 
     def _realtime_window(self) -> int:
         # Enough requests per call to keep `concurrency` busy; the rate limiter and the
@@ -519,7 +561,7 @@ class Job:
 
     @contextmanager
     def ledger(self) -> Iterator[Ledger]:
-        ledger = open_ledger(str(self.state_path))
+        ledger = open_ledger(self.ledger_url)
         try:
             yield ledger
         finally:
@@ -545,7 +587,7 @@ class Job:
         job = ledger.get_job(self.name)
         if job is None:
             raise UsageError(
-                f"job {self.name!r} has not been run yet (no ledger entry in {self.state_path})"
+                f"job {self.name!r} has not been run yet (no ledger entry in {self.ledger_name})"
             )
         self._check_origin(job)
         return job
@@ -556,11 +598,11 @@ class Job:
         inside it is still the same job."""
         if self.job_file is None:
             return None
-        return os.path.relpath(self.job_file.resolve(), self.state_path.resolve().parent)
+        return os.path.relpath(self.job_file.resolve(), self._ledger_dir.resolve())
 
     def _check_origin(self, job: JobInfo) -> bool:
         """The ledger's entry of this name must be this job's: another job file of the same
-        name (a copied job file, another project sharing the ledger through --state) would
+        name (a copied job file, another project sharing the ledger through --ledger) would
         replace its results, and `export` would write them as its own. The same job moved or
         renamed (its input unchanged) is this job. True when the entry should learn this
         job file (it did not know one, or the job moved)."""
@@ -569,11 +611,11 @@ class Job:
             return False
         if job.origin is not None and self._fingerprint()[0].digest != job.fingerprint.digest:
             raise self._usage(
-                f"the ledger {self.state_path} already holds a job named {self.name!r}, run"
-                f" from another job file ({os.path.normpath(self.state_path.parent / job.origin)})"
+                f"the ledger {self.ledger_name} already holds a job named {self.name!r}, run"
+                f" from another job file ({os.path.normpath(self._ledger_dir / job.origin)})"
                 " over another input; run here it would"
                 " replace that job's results. Give this job a name of its own (`name = ...`),"
-                " or a ledger of its own (--state)"
+                " or a ledger of its own (--ledger)"
             )
         return True
 
@@ -719,7 +761,8 @@ class Job:
         location (see llm/batch.py): how a run finds the batches of earlier runs."""
         from .llm.batch import identity_key
 
-        return identity_key(str(self.state_path.resolve()), self.name)
+        where = str(self.state_path.resolve()) if self.state_path else self.ledger_name
+        return identity_key(where, self.name)
 
     def _tag(self, job: JobInfo) -> Any:
         from .llm.batch import JobTag
@@ -739,7 +782,7 @@ class Job:
         more = f"\n  … and {len(found) - 20} more" if len(found) > 20 else ""
         raise UsageError(
             f"job {self.name!r}: the provider holds {len(found)} batches of an earlier run of"
-            f" this job ({live} still running) that the ledger {self.state_path} does not know"
+            f" this job ({live} still running) that the ledger {self.ledger_name} does not know"
             f" (was it deleted or replaced?):\n{rows}{more}\nRunning it now would send their"
             " requests again and pay for them twice. Put the ledger back if you have it; or run"
             " with --restart to cancel the running ones and start over (what they finished is"
@@ -843,7 +886,7 @@ class Job:
             max_requests=requests,
             max_bytes=size,
             timeout=self.spec.model.timeout,
-            tmp_dir=self.state_path.parent / "tmp",
+            tmp_dir=self._ledger_dir / "tmp",
         )
 
     def _batch_runner(
@@ -1010,7 +1053,7 @@ class Job:
 
     def _connect(self) -> Ledger:
         """Another connection to this job's ledger (the claim's heartbeat thread)."""
-        return open_ledger(str(self.state_path))
+        return open_ledger(self.ledger_url)
 
     def _open_job(
         self,

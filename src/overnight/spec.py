@@ -234,6 +234,9 @@ class RunSpec(_Section):
     # backend = "auto": finish by then (TOML datetime, or an ISO 8601 string with a zone)
     deadline: datetime | str | None = None
     deadline_margin: float = Field(3600.0, ge=0)  # seconds kept for the real-time finish
+    # Where the ledger lives: a PostgreSQL URL, or a SQLite file path (relative: beside the
+    # job file); default .overnight/ledger.db. --ledger and OVERNIGHT_LEDGER override it.
+    ledger: str | None = None
     cache: str | None = None  # share LLM responses across jobs (default: per job)
     prices: str | None = None  # a TOML price table over the shipped one
     max_attempts: int = Field(3, ge=1)
