@@ -144,7 +144,12 @@ class SqlSink:
         schema, name = split_table(self.table)
         values = first[1] if first else {}
         cols = [
-            sa.Column(self.id_name, self._type(first[0] if first else "", True), primary_key=True)
+            sa.Column(
+                self.id_name,
+                self._type(first[0] if first else "", True),
+                primary_key=True,
+                autoincrement=False,
+            )
         ]
         for target, source in mapping.items():
             if target != self.id_name:

@@ -133,6 +133,8 @@ def split_table(name: str) -> tuple[str | None, str]:
 def reflect(conn: sa.Connection, name: str, key: str, url: URL) -> sa.Table | None:
     """The table's columns and types, or None when there is no such table."""
     schema, table = split_table(name)
+    if url.get_backend_name() == "duckdb":
+        return _reflect_duckdb(conn, schema, table, key, url)
     try:
         if not sa.inspect(conn).has_table(table, schema=schema):
             return None
@@ -150,3 +152,60 @@ def python_type(column: Any) -> type | None:
         return column.type.python_type  # type: ignore[no-any-return]
     except (NotImplementedError, AttributeError):
         return None
+
+
+_DUCK_TYPES = {
+    "BIGINT": sa.BigInteger,
+    "HUGEINT": sa.BigInteger,
+    "INTEGER": sa.Integer,
+    "SMALLINT": sa.SmallInteger,
+    "TINYINT": sa.SmallInteger,
+    "UBIGINT": sa.BigInteger,
+    "UINTEGER": sa.BigInteger,
+    "VARCHAR": sa.String,
+    "DOUBLE": sa.Float,
+    "FLOAT": sa.Float,
+    "REAL": sa.Float,
+    "BOOLEAN": sa.Boolean,
+    "DATE": sa.Date,
+    "TIMESTAMP": sa.DateTime,
+    "TIMESTAMP WITH TIME ZONE": sa.DateTime,
+    "BLOB": sa.LargeBinary,
+    "UUID": sa.Uuid,
+    "JSON": sa.JSON,
+}
+
+
+def _reflect_duckdb(
+    conn: sa.Connection, schema: str | None, table: str, key: str, url: URL
+) -> sa.Table | None:
+    """duckdb-engine's reflection runs PostgreSQL catalog queries DuckDB does not have (with
+    SQLAlchemy 2.1): read information_schema instead."""
+    try:
+        rows = conn.execute(
+            sa.text(
+                "SELECT column_name, data_type FROM information_schema.columns"
+                " WHERE table_name = :t AND table_schema = coalesce(:s, current_schema())"
+                " ORDER BY ordinal_position"
+            ),
+            {"t": table, "s": schema},
+        ).all()
+    except sa.exc.DBAPIError as exc:
+        raise SqlError(
+            f"{key}: {table}: cannot read the table: {scrub(str(exc.orig), url)}"
+        ) from None
+    finally:
+        conn.rollback()
+    if not rows:
+        return None
+    columns = []
+    for name, kind in rows:
+        kind = str(kind).upper()
+        if kind.startswith("DECIMAL"):
+            made: Any = sa.Numeric()
+        elif kind.endswith("[]"):
+            made = sa.ARRAY(sa.Float)
+        else:
+            made = _DUCK_TYPES.get(kind, sa.types.NullType)()
+        columns.append(sa.Column(str(name), made))
+    return sa.Table(table, sa.MetaData(), *columns, schema=schema)
