@@ -58,6 +58,24 @@ def plain(value: Any) -> Any:
     return str(value)
 
 
+def _default(value: Any) -> Any:
+    """What orjson does not write itself (it writes dates, times and UUIDs as `plain` does)."""
+    converted = plain(value)
+    if converted is value:  # an int past 64 bits, ...
+        return str(value)
+    return converted
+
+
+def encode(values: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
+    """(payload, record) of a row: the record is the payload read back, so a record computed
+    fresh and one read back from the ledger on a resume are the same."""
+    try:
+        payload = orjson.dumps(values, default=_default)
+    except TypeError:
+        payload = orjson.dumps({k: plain(v) for k, v in values.items()}, default=str)
+    return payload, orjson.loads(payload)
+
+
 def _unplain(value: Any, kind: type | None) -> Any:
     """A JSON value (an id or a high-water mark kept in the ledger) back as the column's
     Python type, for a bound parameter."""
@@ -194,11 +212,10 @@ class SqlSource:
                     rows = []
                     for values in page:
                         records += 1
-                        record = {k: plain(v) for k, v in values.items()}
+                        payload, record = encode(values)
                         value = record[self.id]
                         last_json = value
                         key = dumps({"after": value}).decode()
-                        payload = dumps(record)
                         if value == "":
                             rows.append(
                                 Row(
@@ -229,7 +246,7 @@ class SqlSource:
                 for values in page:
                     records += 1
                     nulls += 1
-                    record = {k: plain(v) for k, v in values.items()}
+                    payload, _ = encode(values)
                     mark = (
                         {"nulls": nulls}
                         if last_json is _MISSING
@@ -239,7 +256,7 @@ class SqlSource:
                         Row(
                             records,
                             None,
-                            dumps(record),
+                            payload,
                             None,
                             f"row {records}: the id column {self.id!r} is NULL",
                             0,
@@ -254,7 +271,7 @@ class SqlSource:
         try:
             result = conn.execute(query)
             names = [str(k) for k in result.keys()]  # noqa: SIM118 - str, not quoted_name (orjson)
-            page = [dict(zip(names, row, strict=True)) for row in result]
+            page = [dict(zip(names, row, strict=True)) for row in result.all()]
         except sa.exc.DBAPIError as exc:
             conn.rollback()
             key = "query" if self.query else "table"
@@ -277,9 +294,8 @@ class SqlSource:
                 else:
                     cond = sa.cast(id_col, sa.String).in_(part)
                 for values in self._fetch(conn, base.where(cond).order_by(id_col)):
-                    record = {k: plain(v) for k, v in values.items()}
-                    value = record[self.id]
-                    yield Row(0, str(value), orjson.dumps(record), record, None)
+                    payload, record = encode(values)
+                    yield Row(0, str(record[self.id]), payload, record, None)
 
     def count(self, since: Any = _MISSING) -> int:
         with connect(self.url, "[source] url") as conn:
