@@ -267,8 +267,9 @@ def test_changed_since_reads_only_rows_past_the_high_water_mark(pg: Db, tmp_path
 
 
 def test_update_mode_writes_into_the_source_table_and_a_rerun_computes_nothing(
-    pg: Db, tmp_path: Path
+    db: Db, tmp_path: Path
 ) -> None:
+    pg = db
     make_source(pg, 40)
     fn, log = logging_function(tmp_path, fail=13)
     output = {
@@ -437,3 +438,29 @@ def test_kill_during_the_sink_write_then_rerun(pg: Db, tmp_path: Path) -> None:
 def _count(db: Db, table: str) -> int:
     with db.engine.connect() as conn:
         return int(conn.execute(sa.text(f"SELECT count(*) FROM {table}")).scalar() or 0)
+
+
+def test_a_file_in_and_a_table_out_and_the_reverse(sqlite: Db, tmp_path: Path) -> None:
+    (tmp_path / "in.jsonl").write_text("".join(f'{{"id": "r{i}", "n": {i}}}\n' for i in range(5)))
+    fn, _ = logging_function(tmp_path)
+    job = job_for(
+        sqlite,
+        tmp_path,
+        fn,
+        source={"path": "in.jsonl", "url": None, "table": None},
+        output={"columns": None},
+    )
+    assert job.run().exit_code == 0
+    assert sqlite.rows("results", "id", "output") == {f"r{i}": 2 * i for i in range(5)}
+
+    make_source(sqlite, 4)
+    spec = {
+        "name": "tofile",
+        "source": {"url": sqlite.url, "table": "src", "id": "id"},
+        "model": {"backend": "python", "function": fn},
+        "output": {"path": "out.jsonl", "include": ["name"]},
+    }
+    job = overnight.Job(spec, base_dir=tmp_path, state=tmp_path / "ledger.db")
+    assert job.run().exit_code == 0
+    lines = (tmp_path / "out.jsonl").read_text().splitlines()
+    assert lines[0] == '{"id":"1","output":2,"name":"item 1"}' and len(lines) == 4
