@@ -464,3 +464,53 @@ def test_a_file_in_and_a_table_out_and_the_reverse(sqlite: Db, tmp_path: Path) -
     assert job.run().exit_code == 0
     lines = (tmp_path / "out.jsonl").read_text().splitlines()
     assert lines[0] == '{"id":"1","output":2,"name":"item 1"}' and len(lines) == 4
+
+
+def test_kill_during_ingest_resumes_after_the_last_committed_id(pg: Db, tmp_path: Path) -> None:
+    """kill -9 while the table is read and computed: the rerun goes on from the ingest
+    cursor's id (the rows already committed are not read or computed again)."""
+    total = 20000
+    make_source(pg, total)
+    log = tmp_path / "calls.log"
+    (tmp_path / "slow.py").write_text(
+        "import time\n"
+        "def fn(records):\n"
+        f"    with open({str(log)!r}, 'a') as f:\n"
+        "        f.write(''.join(str(r['id']) + '\\n' for r in records))\n"
+        "    time.sleep(0.05)\n"
+        "    return [r['n'] * 2 for r in records]\n"
+    )
+    (tmp_path / "job.toml").write_text(
+        f'name = "resumed"\n[source]\nurl = "{pg.url}"\ntable = "{pg.name("src")}"\nid = "id"\n'
+        '[model]\nbackend = "python"\nfunction = "slow:fn"\n[run]\nbatch_size = 500\n'
+        f'[output]\nurl = "{pg.url}"\ntable = "{pg.name("results")}"\n'
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "overnight", "run", str(tmp_path / "job.toml")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < deadline:
+        if log.exists() and len(log.read_text().split()) >= 6000:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait()
+    first = calls(log)
+    assert 6000 <= len(first) < total
+    done = subprocess.run(
+        [sys.executable, "-m", "overnight", "run", str(tmp_path / "job.toml")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    second = calls(log)
+    assert set(first) | set(second) == {str(i) for i in range(1, total + 1)}
+    # Resumed after the last committed id (what was computed but not yet committed when it
+    # was killed is computed again), not from the first row.
+    resumed = min(map(int, second))
+    assert 1 < resumed <= len(first) + 1
+    assert sorted(map(int, second)) == list(range(resumed, total + 1))
+    assert pg.rows("results", "id", "output") == {i: 2 * i for i in range(1, total + 1)}

@@ -1462,7 +1462,7 @@ class Job:
                     errors_rows = sinks.write_errors(errors, ledger, job_id)
             except sinks.OutputUnwritable as exc:
                 raise sinks.OutputUnwritable(f"{self.origin}: {exc}") from None
-        return sinks.Exported(sink.where, errors, rows, errors_rows)  # type: ignore[arg-type]
+        return sinks.Exported(sink.where, errors, rows, errors_rows)
 
     def cancel(self) -> CancelResult:
         """Open items become cancelled; a running run stops after its batch in flight; live

@@ -174,6 +174,7 @@ class SqlSource:
     def check(self) -> None:
         """Connects, and finds the table (or runs the query) and its id column: SqlError
         naming the key otherwise."""
+        self._shape = None  # the table may have changed since the last run: look again
         with connect(self.url, "[source] url") as conn:
             self._load_shape(conn)
 
