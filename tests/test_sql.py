@@ -335,6 +335,7 @@ def test_keyset_resume_and_null_ids(sqlite: Db, tmp_path: Path) -> None:
     ("change", "key"),
     [
         ({"source": {"url": "nosuchdb://x/y"}}, "[source] url"),
+        ({"source": {"url": "sqlite:///missing.db"}}, "[source] url: no such database file"),
         ({"source": {"url": "postgresql://bob:hunter2@127.0.0.1:1/test"}}, "[source] url"),
         ({"source": {"table": "no_such_table"}}, "[source] table"),
         ({"source": {"id": "no_such_column"}}, "[source] id"),

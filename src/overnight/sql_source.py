@@ -175,6 +175,13 @@ class SqlSource:
         """Connects, and finds the table (or runs the query) and its id column: SqlError
         naming the key otherwise."""
         self._shape = None  # the table may have changed since the last run: look again
+        database = self.url.database
+        if (
+            self.url.get_backend_name() in ("sqlite", "duckdb")
+            and database not in (None, "", ":memory:")
+            and not Path(database).exists()
+        ):  # connecting would create an empty one
+            raise SqlError(f"[source] url: no such database file: {database}")
         with connect(self.url, "[source] url") as conn:
             self._load_shape(conn)
 
