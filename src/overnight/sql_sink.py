@@ -231,9 +231,25 @@ class SqlSink:
             stmt = postgresql.insert(table)
         if not targets:
             return stmt.on_conflict_do_nothing(index_elements=[self.id_name])
+        # A row that already holds these values is left alone: a rerun that changed a few
+        # results rewrites a few rows, not the table (no dead tuples on PostgreSQL).
+        changed = sa.or_(*(self._differs(table.c[t], stmt.excluded[t]) for t in targets))
         return stmt.on_conflict_do_update(
-            index_elements=[self.id_name], set_={t: stmt.excluded[t] for t in targets}
+            index_elements=[self.id_name],
+            set_={t: stmt.excluded[t] for t in targets},
+            where=changed,
         )
+
+    def _differs(self, old: Any, new: Any) -> Any:
+        # PostgreSQL's json (not jsonb) has no equality: compared as text.
+        kind = old.type
+        if (
+            self.dialect == "postgresql"
+            and isinstance(kind, sa.JSON)
+            and not isinstance(kind, postgresql.JSONB)
+        ):
+            return sa.cast(old, sa.Text).is_distinct_from(sa.cast(new, sa.Text))
+        return old.is_distinct_from(new)
 
     def _params(
         self, table: sa.Table, targets: list[str], mapping: dict[str, str], value: Any, row: dict
