@@ -213,10 +213,15 @@ class SqlSink:
 
     def _statement(self, table: sa.Table, targets: list[str]) -> Any:
         if self.mode == "update":
+            # Rows that already hold their values are not touched (nor their triggers).
+            values = {
+                t: sa.bindparam(f"_v_{i}", type_=table.c[t].type) for i, t in enumerate(targets)
+            }
             return (
                 table.update()
                 .where(table.c[self.id_name] == sa.bindparam("_overnight_id"))
-                .values({t: sa.bindparam(f"_v_{i}") for i, t in enumerate(targets)})
+                .where(sa.or_(*(self._differs(table.c[t], v) for t, v in values.items())))
+                .values(values)
             )
         if self.dialect in ("mysql", "mariadb"):
             from sqlalchemy.dialects import mysql
