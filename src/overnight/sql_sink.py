@@ -14,6 +14,7 @@ writes them all again: the export is idempotent.
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -271,10 +272,14 @@ class SqlSink:
             out[t] = self._cell(row.get(mapping[t]), table.c[t])
         return out
 
-    def _write(self, conn: sa.Connection, stmt: Any, batch: list[dict]) -> None:
+    def _write(
+        self, conn: sa.Connection, stmt: Any, batch: list[dict], keep: sa.Table | None = None
+    ) -> None:
         try:
             with conn.begin():
                 conn.execute(stmt, batch)
+                if keep is not None:
+                    conn.execute(keep.insert(), [{"id": p[self.id_name]} for p in batch])
         except sa.exc.DBAPIError as exc:
             hint = ""
             if self.mode == "upsert" and "conflict" in str(exc.orig).lower():
@@ -307,50 +312,70 @@ class SqlSink:
             table = self._add_columns(conn, table, mapping, first[1] if first else {})
             targets = list(mapping)
             stmt = self._statement(table, targets)
-            written: set[str] = set()
-            batch: list[dict] = []
-            n = 0
-            pending = [first] if first is not None else []
-            for value, row, _ in _chain(pending, rows):
-                batch.append(self._params(table, targets, mapping, value, row))
-                if self.mode == "upsert":
-                    written.add(str(value))
-                n += 1
-                if len(batch) >= BATCH:
-                    self._write(conn, stmt, batch)
-                    batch = []
-            if batch:
-                self._write(conn, stmt, batch)
-            if self.mode == "upsert":
-                self._delete_others(conn, table, written)
-            else:
-                self._clear_failed(conn, table, targets, ledger, job_id)
+            # Upsert: the ids written go to a temporary table too, so the rows no longer
+            # among them can be deleted at the end without holding the ids in memory.
+            keep = self._keep_table(conn, table) if self.mode == "upsert" else None
+            try:
+                batch: list[dict] = []
+                n = 0
+                pending = [first] if first is not None else []
+                for value, row, _ in _chain(pending, rows):
+                    batch.append(self._params(table, targets, mapping, value, row))
+                    n += 1
+                    if len(batch) >= BATCH:
+                        self._write(conn, stmt, batch, keep)
+                        batch = []
+                if batch:
+                    self._write(conn, stmt, batch, keep)
+                if keep is not None:
+                    self._delete_others(conn, table, keep, n)
+                else:
+                    self._clear_failed(conn, table, targets, ledger, job_id)
+            finally:
+                if keep is not None:
+                    self._drop(conn, keep)
         return n
 
-    def _delete_others(self, conn: sa.Connection, table: sa.Table, keep: set[str]) -> None:
+    def _keep_table(self, conn: sa.Connection, table: sa.Table) -> sa.Table:
+        kind = table.c[self.id_name].type
+        if self.dialect in ("mysql", "mariadb") and isinstance(kind, sa.Text):
+            kind = sa.String(255)  # a MySQL key needs a length
+        keep = sa.Table(
+            f"overnight_keep_{secrets.token_hex(4)}",
+            sa.MetaData(),
+            sa.Column("id", kind, primary_key=True, autoincrement=False),
+            prefixes=["TEMPORARY"],
+        )
+        try:
+            with conn.begin():
+                keep.create(conn)
+        except sa.exc.DBAPIError as exc:
+            raise SqlError(
+                f"[output] url: cannot create a temporary table at {safe_url(self.url)}:"
+                f" {scrub(str(exc.orig), self.url)}"
+            ) from None
+        return keep
+
+    def _drop(self, conn: sa.Connection, keep: sa.Table) -> None:
+        try:
+            if conn.in_transaction():
+                conn.rollback()
+            with conn.begin():
+                keep.drop(conn, checkfirst=False)
+        except sa.exc.SQLAlchemyError:  # the connection is gone: so is its temporary table
+            log.debug("could not drop %s", keep.name, exc_info=True)
+
+    def _delete_others(self, conn: sa.Connection, table: sa.Table, keep: sa.Table, n: int) -> None:
         """Rows whose id is not a good result now: gone from the source, or failed since."""
         id_col = table.c[self.id_name]
         total = conn.execute(sa.select(sa.func.count()).select_from(table)).scalar() or 0
         conn.rollback()
-        if total <= len(keep):
+        if total <= n:  # every row in it was just written
             return
-        stale: list[Any] = []
-        after: Any = None
-        while True:
-            query = sa.select(id_col).order_by(id_col).limit(5000)
-            if after is not None:
-                query = query.where(id_col > after)
-            page = [r[0] for r in conn.execute(query)]
-            conn.rollback()
-            if not page:
-                break
-            stale += [v for v in page if str(v) not in keep]
-            after = page[-1]
-        for i in range(0, len(stale), BATCH):
-            with conn.begin():
-                conn.execute(table.delete().where(id_col.in_(stale[i : i + BATCH])))
-        if stale:
-            log.info("deleted %d rows no longer in the results from %s", len(stale), self.where)
+        stale = table.delete().where(~sa.exists().where(keep.c.id == id_col))
+        with conn.begin():
+            gone = conn.execute(stale).rowcount
+        log.info("deleted %d rows no longer in the results from %s", gone, self.where)
 
     def _clear_failed(
         self, conn: sa.Connection, table: sa.Table, targets: list[str], ledger: Ledger, job_id: int
