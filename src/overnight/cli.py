@@ -590,7 +590,7 @@ def check(job: JobArg, as_json: JsonOpt = False) -> None:
     m = j.spec.model
     what = m.function if m.backend == "python" else m.name or "the lines' own models"
     out.print(
-        Text(f"{job}: ok (job {j.name!r}, backend {m.backend}, {what}; input {j.source_path})"),
+        Text(f"{job}: ok (job {j.name!r}, backend {m.backend}, {what}; input {j.input_name})"),
         soft_wrap=True,
     )
 
