@@ -42,7 +42,8 @@ def pg_ledger_url() -> Iterator[str]:
     try:
         admin = psycopg.connect(PG_SERVER, autocommit=True, connect_timeout=5)
     except psycopg.OperationalError as exc:  # pragma: no cover - no server on this machine
-        pytest.skip(f"no PostgreSQL at {PG_SERVER}: {exc}")
+        # A failure, not a skip: the PostgreSQL half of the suite must not vanish silently.
+        pytest.fail(f"no PostgreSQL at {PG_SERVER} (the tests need it running): {exc}")
     with admin:
         admin.execute(f"CREATE SCHEMA {schema}")
         try:

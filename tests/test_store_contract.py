@@ -772,13 +772,12 @@ def test_vectors_round_trip_through_complete(ledger):
 # -- what the database underneath does wrong: LedgerError (exit 2), never its own errors ----
 
 
-def test_a_deleted_ledger_is_refused_before_the_next_write(store, ledger):
+def test_a_deleted_ledger_file_is_refused_before_the_next_write(tmp_path):
     from overnight.store import LedgerError
 
-    if store.kind != "sqlite":
-        pytest.skip("a file ledger only")
+    ledger = SQLiteLedger(tmp_path / "state" / "ledger.db")
     job = new_job(ledger, ids=["a"])
-    for f in (store.tmp_path / "state").glob("ledger.db*"):
+    for f in (tmp_path / "state").glob("ledger.db*"):
         f.unlink()
     with pytest.raises(LedgerError, match="deleted or replaced"):
         ledger.lease(job.id, 1, lease_at())
