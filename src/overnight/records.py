@@ -22,8 +22,7 @@ class Row(NamedTuple):
 
 def cursor_after(row: Row, records: int) -> Cursor:
     """Where to resume once `row`, the `records`-th record, is committed."""
-    # (A Row built with tuple.__new__ from six values has no `key`: no keyset source.)
-    return Cursor(records, row.line + 1, row.end, row[6] if len(row) > 6 else None)
+    return Cursor(records, row.line + 1, row.end, row.key)
 
 
 @dataclass(frozen=True)
