@@ -28,7 +28,7 @@ from .claim import claimed, describe, holder_alive
 from .errors import EndpointDown, InputChangedError, InputError, UsageError, redact
 from .estimate import usd
 from .report import Activity, CancelResult, Report, RetryResult
-from .retry import Backoff
+from .retry import RetryPolicy
 from .runner import Progress, Runner, ingest_only
 from .spec import (
     SELF_HOSTED,
@@ -764,9 +764,9 @@ class Job:
         delimiter = self.spec.source.delimiter
         return lambda cursor: sources.read(fmt, src, id_field, cursor, chunk, delimiter)
 
-    def _backoff(self) -> Backoff:
+    def _backoff(self) -> RetryPolicy:
         run = self.spec.run
-        return Backoff(run.max_attempts, run.backoff_base, run.backoff_max)
+        return RetryPolicy(run.max_attempts, run.backoff_base, run.backoff_max)
 
     def _run_predict(
         self,
