@@ -335,3 +335,39 @@ def test_connection_and_memory_errors_from_a_function_are_retried(tmp_path: Path
     assert {k for k, n in attempts.items() if n == 1} == {
         f"k{n}" for n in range(16) if n % 4 in (0, 3)
     }
+
+
+SLOW_FAILURE = """
+import time
+CALLS = {calls!r}
+
+def fn(records):
+    with open(CALLS, "a") as f:
+        f.write(f"{{records[0]['id']}} {{time.time()}}\\n")
+    with open(CALLS) as f:
+        if len(f.readlines()) == 1:  # the first call only
+            raise ConnectionError("reset by peer")
+    return [r["n"] for r in records]
+"""
+
+
+def test_a_failed_item_is_not_tried_again_before_its_backoff(tmp_path: Path) -> None:
+    """The ledger's due time is the policy's `at`: after the first failure, at least half of
+    backoff_base (equal jitter) passes before the record is computed again."""
+    (tmp_path / "in.jsonl").write_bytes(b'{"id": "a", "n": 1}\n')
+    module = f"fn_{uuid.uuid4().hex[:8]}"
+    calls = tmp_path / "calls.txt"
+    (tmp_path / f"{module}.py").write_text(SLOW_FAILURE.format(calls=str(calls)))
+    job = overnight.Job(
+        {
+            "name": "t",
+            "source": {"path": "in.jsonl", "id": "id"},
+            "model": {"backend": "python", "function": f"{module}:fn"},
+            "run": {"batch_size": 1, "backoff_base": 0.6, "backoff_max": 0.6, "max_attempts": 2},
+            "output": {"path": "out.jsonl"},
+        },
+        base_dir=tmp_path,
+    )
+    assert job.run().counts["succeeded"] == 1
+    first, second = (float(line.split()[1]) for line in calls.read_text().splitlines())
+    assert second - first >= 0.3
