@@ -8,15 +8,18 @@ from __future__ import annotations
 import math
 import random
 import sqlite3
+import time
 import uuid
 from pathlib import Path
 
+import httpx2 as httpx
+import openai
 import orjson
 import pytest
 
 import overnight
 from overnight.errors import InputError, InvalidOutput, PermanentError, TransientError
-from overnight.llm.batch import CREATE_POLICY, Result, result_fault
+from overnight.llm.batch import CREATE_POLICY, Result, TooLarge, _create, result_fault
 from overnight.llm.providers import Failure
 from overnight.retry import PAUSE, RETRYABLE, Fault, RetryPolicy
 
@@ -259,6 +262,8 @@ def test_an_exceptions_kind(exc: BaseException, kind: str) -> None:
     ("kind", "error_type", "fault"),
     [
         ("expired", "batch_expired", "transient"),
+        ("expired", None, "transient"),
+        ("cancelled", None, "transient"),
         ("cancelled", "batch_cancelled", "transient"),
         ("errored", "rate_limit_error", "transient"),
         ("errored", "server_error", "transient"),
@@ -272,9 +277,12 @@ def test_a_batch_lines_kind(kind: str, error_type: str | None, fault: str) -> No
 
 
 def test_a_batch_create_has_four_tries_and_counts_429s() -> None:
-    """The create is not idempotent and blocks the run: four tries, 0.5 s doubling up to
-    8 s, a 429 counted like the others; a refused key or no credit is not tried again."""
+    """The create is not idempotent and blocks the run: four tries, after 0.5, 1 and 2 s
+    (half of it random), a 429 counted like the others; a refused key or no credit is not
+    tried again."""
+    assert decided(CREATE_POLICY, 1, Fault("retryable"), rng=HIGH) == retry("backoff", 0.5)
     assert decided(CREATE_POLICY, 3, Fault("throttled"), rng=HIGH) == retry("backoff", 2.0)
+    assert decided(CREATE_POLICY, 3, Fault("throttled"), rng=LOW) == retry("backoff", 1.0)
     assert decided(CREATE_POLICY, 4, Fault("throttled")) == give_up("exhausted")
     assert decided(CREATE_POLICY, 4, Fault("retryable")) == give_up("exhausted")
     assert decided(CREATE_POLICY, 1, Fault("retryable", 30.0)) == retry("backoff", 30.0, 30.0)
@@ -371,3 +379,66 @@ def test_a_failed_item_is_not_tried_again_before_its_backoff(tmp_path: Path) -> 
     assert job.run().counts["succeeded"] == 1
     first, second = (float(line.split()[1]) for line in calls.read_text().splitlines())
     assert second - first >= 0.3
+
+
+def status_error(status: int, headers: dict[str, str] | None = None, code: str = "") -> Exception:
+    """An OpenAI SDK error, as a create would raise it."""
+    request = httpx.Request("POST", "https://api.example/v1/batches")
+    response = httpx.Response(status, headers=headers or {}, request=request)
+    body = {"code": code, "message": "no"} if code else None  # the SDK passes the error object
+    return openai.APIStatusError(f"Error code: {status}", response=response, body=body)
+
+
+NO_WAIT = RetryPolicy(4, 0.0, 0.0, max_throttled=None)  # CREATE_POLICY's rules, no sleeping
+
+
+@pytest.mark.parametrize(
+    ("error", "creates"),
+    [
+        (status_error(503), 4),
+        (status_error(429), 4),  # counted: four tries, as any other failure
+        (status_error(500, {"x-should-retry": "false"}), 1),
+        (status_error(400), 1),
+        (status_error(401), 1),
+        (status_error(429, code="insufficient_quota"), 1),
+        (ValueError("a bug"), 1),
+    ],
+)
+def test_a_batch_create_tries_as_its_policy_says(error: Exception, creates: int) -> None:
+    """`_create` asks the policy after each failure; what it gives up on propagates (the
+    chunk stays `creating` for the next run). Before each retry it looks for the batch."""
+    calls: list[str] = []
+
+    def create() -> str:
+        calls.append("create")
+        raise error
+
+    def find(until: float) -> None:
+        calls.append("find")
+
+    with pytest.raises(type(error)):
+        _create(create, find, lambda until: None, 0.0, NO_WAIT)
+    assert calls == ["create", "find"] * (creates - 1) + ["create"]
+
+
+def test_a_batch_create_that_failed_once_finds_or_makes_its_batch() -> None:
+    answers: list[Exception | str] = [status_error(502), "batch_2"]
+    made = _create(lambda: _next(answers), lambda until: None, lambda until: None, 0.0, NO_WAIT)
+    assert made == "batch_2" and not answers
+    answers = [status_error(502), "batch_3"]
+    found = _create(lambda: _next(answers), lambda until: "batch_1", lambda u: None, 0.0, NO_WAIT)
+    assert found == "batch_1" and answers == ["batch_3"]  # never sent again
+    answers = [status_error(503), "batch_4"]
+    t0 = time.monotonic()
+    once = RetryPolicy(2, 0.2, 0.2, jitter=0.0)
+    assert _create(lambda: _next(answers), lambda u: None, lambda u: None, 0.0, once) == "batch_4"
+    assert time.monotonic() - t0 >= 0.2  # the backoff, slept
+    with pytest.raises(TooLarge):
+        _create(lambda: _next([status_error(413)]), lambda until: None, lambda u: None, 0.0)
+
+
+def _next(answers: list[Exception | str]) -> str:
+    answer = answers.pop(0)
+    if isinstance(answer, Exception):
+        raise answer
+    return answer

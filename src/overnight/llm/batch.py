@@ -206,10 +206,11 @@ def _is_413(exc: Exception) -> bool:
 
 
 CREATE_TRIES = 4  # then the error propagates; the chunk stays `creating` for the next run
-# A create's retries: backoff 0.5, 1, 2 s (equal jitter), at least as long as the server asks
-# (at most 120 s); a 429 is a failed attempt here (the create is not sent in a loop for half an
-# hour), a refused key or an account out of credit is not retried (the error propagates).
-CREATE_POLICY = RetryPolicy(CREATE_TRIES, 0.5, 8.0, max_throttled=None)
+# A create's retries: backoff 0.5, 1, 2 s (equal jitter: half of it random), at least as long
+# as the server asks (at most 120 s); a 429 is a failed attempt here (the create is not sent
+# in a loop for half an hour); a refused key or an account out of credit is not retried (the
+# error propagates).
+CREATE_POLICY = RetryPolicy(CREATE_TRIES, 0.5, max_throttled=None)
 
 
 def result_fault(result: Result) -> Fault:
