@@ -22,7 +22,7 @@ The rules, in order (`decide`):
 6. Otherwise retry after the backoff: `base * 2**(attempt-1)`, capped at `cap`, of which the
    `jitter` fraction is drawn at random (0.5: "equal jitter", half fixed, half random, so
    retries spread out but never come back at once) — and never before the server's
-   Retry-After hint, itself capped at `max_server_wait` (as the OpenAI SDK does).
+   Retry-After hint, itself capped at `max_server_wait` (120 s by default).
 """
 
 from __future__ import annotations
