@@ -28,7 +28,7 @@ from .claim import claimed, describe, holder_alive
 from .errors import EndpointDown, InputChangedError, InputError, UsageError, redact
 from .estimate import usd
 from .report import Activity, CancelResult, Report, RetryResult
-from .retry import Backoff
+from .retry import RetryPolicy
 from .runner import Progress, Runner, ingest_only
 from .spec import (
     SELF_HOSTED,
@@ -885,9 +885,9 @@ class Job:
         except SqlError as exc:
             raise self._usage(str(exc)) from None
 
-    def _backoff(self) -> Backoff:
+    def _backoff(self) -> RetryPolicy:
         run = self.spec.run
-        return Backoff(run.max_attempts, run.backoff_base, run.backoff_max)
+        return RetryPolicy(run.max_attempts, run.backoff_base, run.backoff_max)
 
     def _run_predict(
         self,
