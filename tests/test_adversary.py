@@ -383,8 +383,9 @@ def test_a_wrong_key_in_real_time_stops_the_job_instead_of_failing_every_record(
 
 def make_legacy(ledger: Path, input_path: Path) -> None:
     """Turn a ledger into what overnight wrote before the fingerprint covered how the input is
-    read: the input's plain content hash, and no fp_how column."""
+    read: the input's plain content hash, and no fp_how column (nor versioned migrations)."""
     with closing(sqlite3.connect(ledger)) as db:
+        db.execute("DROP TABLE IF EXISTS schema_version")
         columns = {r[1] for r in db.execute("PRAGMA table_info(jobs)")}
         if "fp_how" in columns:
             db.execute("ALTER TABLE jobs DROP COLUMN fp_how")

@@ -105,6 +105,21 @@ def test_whole_batch_validation_failure_is_reported_per_line(
     assert fake.stats.batch_creations == 2
 
 
+def test_lines_of_a_failed_batch_with_no_attempt_left_fail_as_no_result(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """max_attempts = 1: the lines a batch that failed validation did not name have had their
+    one attempt (RetryPolicy: exhausted); they fail, saying so, instead of going back."""
+    write_records(tmp_path, 6)
+    fake.knobs.fail_validation = True
+    job = llm_job(tmp_path, "openai-batch", fake.openai_url, run={"max_attempts": 1})
+    assert job.run().counts.failed == 6 and fake.stats.batch_creations == 1
+    failures = {f.custom_id: f for f in job.failures()}
+    assert "line 1 of the batch file" in failures.pop("r0").message
+    assert {f.error_class for f in failures.values()} == {"no_result"}
+    assert all("no result after 1 batches (failed" in f.message for f in failures.values())
+
+
 def test_413_splits_the_batch(tmp_path: Path, fake: FakeProvider) -> None:
     write_records(tmp_path, 16)
     fake.knobs.max_batch_bytes = 1500  # about 6 requests

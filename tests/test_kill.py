@@ -191,3 +191,39 @@ def test_ctrl_c_finishes_the_batch_and_resumes(tmp_path):
     assert proc.returncode == 0
     check_output(tmp_path, N)
     assert sorted(computed(tmp_path)) == sorted(f"r{i}" for i in range(N))  # each once
+
+
+# -- the same on a PostgreSQL ledger -------------------------------------------------------
+
+
+def committed_pg(url: str) -> set[str]:
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as con:
+        try:
+            rows = con.execute("SELECT custom_id FROM items WHERE state = 'succeeded'")
+            return {r[0] for r in rows}
+        except psycopg.errors.UndefinedTable:  # not created yet
+            return set()
+
+
+@pytest.mark.parametrize("at", [400, 16_000])
+def test_sigkill_on_a_postgresql_ledger_loses_nothing_and_recomputes_nothing(
+    tmp_path, pg_ledger_url, at
+):
+    """kill -9 mid-job with the ledger in PostgreSQL, run again: every record exactly once
+    in the output, nothing committed computed again."""
+    setup_job(tmp_path, N)
+    proc = overnight(tmp_path, "run", "job.toml", "--ledger", pg_ledger_url, sleep=0.02)
+    assert kill_when(proc, lambda: len(computed(tmp_path)) >= at), "finished before the kill"
+    safe = committed_pg(pg_ledger_url)
+    seen = len(computed(tmp_path))
+    assert len(safe) <= seen
+    proc = overnight(tmp_path, "run", "job.toml", "--ledger", pg_ledger_url)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err.decode()
+    check_output(tmp_path, N)
+    again = computed(tmp_path)[seen:]
+    assert not set(again) & safe
+    assert sorted(again) == sorted({f"r{i}" for i in range(N)} - safe)
+    assert not (tmp_path / ".overnight" / "ledger.db").exists()

@@ -1,15 +1,14 @@
-"""Client-side limits with a fake clock: token buckets (rpm, tpm), retry-after pauses, AIMD;
-and the retry backoff. Through a real job against the fake: tests/test_llm_jobs.py."""
+"""Client-side limits with a fake clock: token buckets (rpm, tpm), retry-after pauses, AIMD.
+Through a real job against the fake: tests/test_llm_jobs.py; the retry backoff (RetryPolicy):
+tests/test_retries.py."""
 
 from __future__ import annotations
 
 import asyncio
-import random
 
 import pytest
 
 from overnight.llm.limits import AIMD, RateLimiter, TokenBucket
-from overnight.retry import Backoff
 
 
 class Clock:
@@ -183,28 +182,6 @@ def test_tokens_given_back_wake_a_waiting_request() -> None:
         assert second.done() and clock.now == pytest.approx(0.1)
 
     asyncio.run(go())
-
-
-def test_backoff_bounds_and_jitter() -> None:
-    """Equal jitter: after the n-th failure, between half and all of base * 2**(n-1), capped."""
-    b = Backoff(max_attempts=5, base=0.5, cap=3.0)
-
-    class Edge:
-        def __init__(self, pick: str) -> None:
-            self.pick = pick
-
-        def uniform(self, lo: float, hi: float) -> float:
-            return lo if self.pick == "low" else hi
-
-    full = [0.5, 1.0, 2.0, 3.0, 3.0, 3.0]  # n = 1..6: doubling, then the cap
-    assert [b.delay(n, Edge("low")) for n in range(1, 7)] == [d / 2 for d in full]
-    assert [b.delay(n, Edge("high")) for n in range(1, 7)] == full
-    rng = random.Random(7)
-    for n, d in enumerate(full, start=1):
-        delays = [b.delay(n, rng) for _ in range(200)]
-        assert all(d / 2 <= x <= d for x in delays)
-        assert max(delays) - min(delays) > d / 4  # jittered: retries spread out
-    assert [b.can_retry(n) for n in range(1, 7)] == [True] * 4 + [False] * 2
 
 
 def test_aimd_defaults_halve_and_grow_back_after_exactly_20_successes() -> None:

@@ -460,12 +460,14 @@ class Scripted:
             collections.defaultdict(collections.deque)
         )
         self.seen: collections.Counter[str] = collections.Counter()
+        self.arrived: list[float] = []  # time.monotonic() of each request
         self.provider = FakeProvider()
         self.provider.app = Starlette(routes=[Route("/{path:path}", self.handle, methods=["POST"])])
 
     async def handle(self, request: HTTPRequest) -> JSONResponse:
         path = request.url.path
         self.seen[path] += 1
+        self.arrived.append(time.monotonic())
         key = request.headers.get("x-api-key") or request.headers.get("authorization", "")
         key = key.removeprefix("Bearer ")
         if self.script[path]:
@@ -508,6 +510,31 @@ def test_x_should_retry_and_retry_after_ms(scripted: Scripted) -> None:
         assert time.monotonic() - t0 >= 0.3  # retry-after-ms waited for
     finally:
         p.close()
+
+
+def test_429s_back_off_by_how_many_came_in_a_row(scripted: Scripted) -> None:
+    """No retry-after: the n-th 429 in a row waits the backoff of n (RetryPolicy), although
+    429s are not failed attempts."""
+    chat = "/v1/chat/completions"
+    scripted.script[chat].extend([(429, "slow down", {})] * 3)
+    task = task_for("openai")
+    p = predictor("openai", scripted.provider.openai_url, task, backoff_base=0.2, backoff_max=1.0)
+    (answer,) = run(p, [task.build({"text": "a"})])
+    assert isinstance(answer, Answer) and answer.attempts == 4
+    times = scripted.arrived
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    assert gaps[0] >= 0.1 and gaps[1] >= 0.2 and gaps[2] >= 0.4, gaps
+
+
+def test_429s_in_a_row_are_counted_from_the_last_other_failure(scripted: Scripted) -> None:
+    """max_throttled is for 429s in a row: a 500 between two runs of them starts it again."""
+    chat = "/v1/chat/completions"
+    slow = (429, "slow down", {"retry-after": "0.3"})
+    scripted.script[chat].extend([slow, slow, (500, "oops", {}), slow, slow])
+    task = task_for("openai")
+    p = predictor("openai", scripted.provider.openai_url, task, max_throttled=0.7)
+    (answer,) = run(p, [task.build({"text": "a"})])  # 0.9 s of 429s, never 0.7 s in a row
+    assert isinstance(answer, Answer) and answer.attempts == 6
 
 
 def test_the_key_never_appears_in_an_error(scripted: Scripted, monkeypatch) -> None:

@@ -14,7 +14,7 @@ import pytest
 from overnight import sources
 from overnight.batching import BatchSizer
 from overnight.errors import EndpointDown, InvalidOutput, TransientError
-from overnight.retry import Backoff
+from overnight.retry import RetryPolicy
 from overnight.runner import Progress, Runner, Usage, ingest_only
 from overnight.store.sqlite import SQLiteLedger
 
@@ -90,7 +90,7 @@ def runner(ledger, job, reader, predictor, **kw) -> Runner:
         reader=reader,
         sizer=BatchSizer.fixed(4),
         window=4,
-        backoff=Backoff(2, 0.0, 0.0),
+        backoff=RetryPolicy(2, 0.0, 0.0),
         lease_seconds=60,
         meter=meter,
         commit_each_call=True,

@@ -158,7 +158,14 @@ def test_missing_required_section():
 def test_missing_required_key_in_section():
     d = base()
     del d["source"]["path"]
-    assert error_of(d) == "job.toml: [source] path: required key is missing"
+    assert error_of(d) == (
+        "job.toml: [source]: set `path` (a file) or `url` (a database, with `table` or `query`)"
+    )
+    d["source"].update(path="in.jsonl", url="sqlite:///x.db", table="t")
+    assert error_of(d) == (
+        "job.toml: [source]: set `path` (a file) or `url` (a database, with `table` or"
+        " `query`), not both"
+    )
 
 
 def test_missing_backend():

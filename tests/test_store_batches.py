@@ -15,14 +15,14 @@ import sqlite3
 
 import orjson
 import pytest
-from test_store_contract import FP, NOW, Store, lease_at, new_job, result
+from test_store_contract import FP, NOW, lease_at, new_job, open_store, result
 
 from overnight.store import Ledger, Outcome, SQLiteLedger
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", "postgresql"])
 def store(request, tmp_path):
-    s = Store(request.param, tmp_path)
+    s = open_store(request, tmp_path)
     yield s
     s.close()
 
@@ -337,3 +337,31 @@ def test_retry_does_not_touch_items_in_a_batch(ledger):
     assert ledger.retry(job.id, ("failed", "invalid")) == 1
     assert [it.seq for it in ledger.chunk_items(job.id, live)] == [2]
     assert states(ledger, job.id) == {"pending": 4, "submitted": 1}
+
+
+def test_planners_on_two_connections_at_once_get_distinct_chunks(store, ledger):
+    """Two workers plan chunks of one job at the same moment: each chunk gets its own number
+    and its own items (PostgreSQL: lock_job; SQLite: the write lock)."""
+    import threading
+
+    ids = [f"r{i}" for i in range(40)]
+    job = new_job(ledger, ids=ids)
+    planners = [store.open(), store.open()]
+    start = threading.Barrier(2)
+    planned: list[list[int]] = [[], []]
+
+    def plan(i: int) -> None:
+        start.wait()
+        for k in range(10):
+            seqs = [i * 20 + k * 2, i * 20 + k * 2 + 1]
+            planned[i].append(planners[i].plan_chunk(job.id, "openai", seqs, NOW))
+
+    threads = [threading.Thread(target=plan, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    numbers = planned[0] + planned[1]
+    assert sorted(numbers) == list(range(1, 21))
+    assert sum(len(ledger.chunk_items(job.id, c)) for c in numbers) == 40
+    assert states(ledger, job.id) == {"submitted": 40}

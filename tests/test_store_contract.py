@@ -1,6 +1,5 @@
 """The ledger contract. Written once against the `Ledger` interface (overnight.store.base), run
-for every implementation: add a param to `store` (and a branch in `_open`) for PostgreSQL.
-No SQL here."""
+for every implementation: SQLite, and PostgreSQL in a schema of each test's own. No SQL here."""
 
 from __future__ import annotations
 
@@ -10,7 +9,7 @@ import orjson
 import pytest
 
 from overnight.records import Cursor, Fingerprint, Row
-from overnight.store import ConcurrentIngest, Lease, Ledger, Outcome, SQLiteLedger
+from overnight.store import ConcurrentIngest, Lease, Ledger, Outcome, SQLiteLedger, open_ledger
 
 FP = Fingerprint(size=123, mtime_ns=456, digest="d" * 32)
 NOW = 1_000_000.0
@@ -19,15 +18,13 @@ NOW = 1_000_000.0
 class Store:
     """Opens connections to one store; several connections model several processes."""
 
-    def __init__(self, kind: str, tmp_path: Path) -> None:
+    def __init__(self, kind: str, tmp_path: Path, url: str | None = None) -> None:
         self.kind, self.tmp_path = kind, tmp_path
+        self.url = url or str(tmp_path / "state" / "ledger.db")
         self.opened: list[Ledger] = []
 
     def open(self) -> Ledger:
-        if self.kind == "sqlite":
-            ledger = SQLiteLedger(self.tmp_path / "state" / "ledger.db")
-        else:  # pragma: no cover - future implementations
-            raise NotImplementedError(self.kind)
+        ledger = open_ledger(self.url)
         self.opened.append(ledger)
         return ledger
 
@@ -36,9 +33,15 @@ class Store:
             ledger.close()
 
 
-@pytest.fixture(params=["sqlite"])
+def open_store(request, tmp_path) -> Store:
+    if request.param == "postgresql":
+        return Store("postgresql", tmp_path, request.getfixturevalue("pg_ledger_url"))
+    return Store(request.param, tmp_path)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
 def store(request, tmp_path):
-    s = Store(request.param, tmp_path)
+    s = open_store(request, tmp_path)
     yield s
     s.close()
 
@@ -495,14 +498,19 @@ def test_iter_result_lines(ledger):
     ledger.add_items(
         job.id,
         0,
-        rows_for(["a", 'q"x']),
-        Cursor(2, 3, 0),
-        [Outcome(0, "succeeded", result(1)), Outcome(1, "succeeded", result([1, 2]))],
+        rows_for(["a", 'q"x', "é\\\t\u2028☃"]),
+        Cursor(3, 4, 0),
+        [
+            Outcome(0, "succeeded", result(1)),
+            Outcome(1, "succeeded", result([1, 2])),
+            Outcome(2, "succeeded", result("ü")),
+        ],
     )
     lines = [line for batch in ledger.iter_result_lines(job.id, "ticket") for line in batch]
     assert [orjson.loads(x) for x in lines] == [
         {"ticket": "a", "output": 1},
         {"ticket": 'q"x', "output": [1, 2]},
+        {"ticket": "é\\\t\u2028☃", "output": "ü"},
     ]
     assert all(x.endswith(b"\n") for x in lines)
 
@@ -780,13 +788,12 @@ def test_vectors_round_trip_through_complete(ledger):
 # -- what the database underneath does wrong: LedgerError (exit 2), never its own errors ----
 
 
-def test_a_deleted_ledger_is_refused_before_the_next_write(store, ledger):
+def test_a_deleted_ledger_file_is_refused_before_the_next_write(tmp_path):
     from overnight.store import LedgerError
 
-    if store.kind != "sqlite":
-        pytest.skip("a file ledger only")
+    ledger = SQLiteLedger(tmp_path / "state" / "ledger.db")
     job = new_job(ledger, ids=["a"])
-    for f in (store.tmp_path / "state").glob("ledger.db*"):
+    for f in (tmp_path / "state").glob("ledger.db*"):
         f.unlink()
     with pytest.raises(LedgerError, match="deleted or replaced"):
         ledger.lease(job.id, 1, lease_at())
@@ -815,3 +822,99 @@ def test_fresh_outcomes_keep_their_attempts_and_vectors(ledger):
     assert ledger.counts(job.id).by_state == {"succeeded": 3, "failed": 1}
     assert [(f.custom_id, f.attempts) for f in ledger.iter_failures(job.id)] == [("d", 2)]
     assert [r[3] for r in ledger.iter_results(job.id)] == [None, None, b"\x00" * 8]
+
+
+# -- several workers on one ledger ----------------------------------------------------------
+
+
+def test_workers_leasing_at_once_never_get_the_same_item(store, ledger):
+    """Four connections (four workers) lease from threads at once until the queue is empty:
+    every item is leased exactly once (PostgreSQL: FOR UPDATE SKIP LOCKED; SQLite: the
+    write lock)."""
+    import threading
+
+    ids = [f"r{i}" for i in range(400)]
+    job = new_job(ledger, ids=ids)
+    workers = [store.open() for _ in range(4)]
+    got: list[list[str]] = [[] for _ in workers]
+    start = threading.Barrier(len(workers))
+
+    def work(i: int) -> None:
+        start.wait()
+        while items := workers[i].lease(job.id, 7, lease_at(f"owner-{i}")):
+            got[i].extend(it.custom_id for it in items)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(workers))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    leased = [cid for g in got for cid in g]
+    assert sorted(leased) == sorted(ids)  # each once, none lost
+    assert ledger.counts(job.id).by_state == {"leased": 400}
+
+
+def test_ingest_and_completion_from_two_connections_commit_once(store, ledger):
+    """Two workers complete the same leased items: only the lease holder's outcome lands."""
+    job = new_job(ledger, ids=["a", "b", "c"])
+    other = store.open()
+    items = ledger.lease(job.id, 3, lease_at("owner-a"))
+    ok = [Outcome(it.seq, "succeeded", result(it.custom_id)) for it in items]
+    assert other.complete(job.id, "owner-b", ok, NOW) == 0
+    assert ledger.complete(job.id, "owner-a", ok, NOW) == 3
+    assert other.complete(job.id, "owner-a", ok, NOW) == 0
+    assert other.counts(job.id).by_state == {"succeeded": 3}
+
+
+# -- schema migrations ---------------------------------------------------------------------
+
+
+def test_a_new_ledger_records_its_schema_version_and_reopening_keeps_it(store, ledger):
+    version = ledger.schema_version
+    assert version >= 1
+    job = new_job(ledger, ids=["a"])
+    again = store.open()
+    assert again.schema_version == version
+    assert again.get_job("job").token == job.token
+
+
+def test_connections_creating_one_ledger_at_once_migrate_it_once(store):
+    """Eight connections open a ledger that does not exist yet, from threads at once: each
+    sees it at the latest version, and every later write works (no half-made schema)."""
+    import threading
+
+    opened: list[Ledger] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(8)
+    lock = threading.Lock()
+
+    def open_one() -> None:
+        start.wait()
+        try:
+            ledger = store.open()
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+            return
+        with lock:
+            opened.append(ledger)
+
+    threads = [threading.Thread(target=open_one) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == [] and len(opened) == 8
+    assert {ledger.schema_version for ledger in opened} == {opened[0].schema_version}
+    new_job(opened[3], ids=["a", "b"])
+    assert opened[5].counts(opened[5].get_job("job").id).by_state == {"pending": 2}
+
+
+def test_a_message_with_a_nul_character_is_stored(ledger):
+    """A user function's error text may hold NUL (PostgreSQL's text cannot): the outcome is
+    committed all the same, never a failed commit."""
+    job = new_job(ledger, ids=["a"])
+    (item,) = ledger.lease(job.id, 1, lease_at())
+    boom = Outcome(item.seq, "failed", None, "ValueError", "bad\x00byte")
+    assert ledger.complete(job.id, "owner-a", [boom], NOW) == 1
+    (failure,) = ledger.iter_failures(job.id)
+    assert failure.message.startswith("bad") and failure.message.endswith("byte")

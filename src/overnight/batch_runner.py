@@ -51,7 +51,6 @@ from .errors import InvalidOutput, redact
 from .estimate import ASSUMED_OUTPUT_TOKENS
 from .llm.batch import (
     LOOKBACK,
-    TRANSIENT_ERRORS,
     BatchService,
     JobTag,
     Line,
@@ -59,11 +58,13 @@ from .llm.batch import (
     Tagged,
     TooLarge,
     request_key,
+    result_fault,
 )
 from .llm.cache import ResponseCache
 from .llm.providers import sdk_failure
 from .llm.requests import Answer, LLMTask, answer_from_body
 from .llm.tokens import count_request_tokens
+from .retry import Fault, RetryPolicy
 from .runner import Meter, Progress, Validator, outcome
 from .store import Item, JobInfo, Ledger, Outcome, RemoteBatch
 
@@ -107,6 +108,7 @@ class BatchRunner:
         self.cache_hits = 0
         self.ledger, self.job, self.task, self.service = ledger, job, task, service
         self.max_attempts, self.meter, self.validate = max_attempts, meter, validate
+        self.policy = RetryPolicy(max_attempts, base=0.0)  # the next batch is the backoff
         self.progress = progress or Progress()
         self.on_progress = on_progress or (lambda p: None)
         self.stop = stop or threading.Event()
@@ -551,7 +553,8 @@ class BatchRunner:
         why = "".join(f": {e.get('message')}" for e in poll.errors[:1])
         answered = {o.seq for o in outcomes}
         for it in items:  # no line at all for it: back to pending, counted as an attempt
-            if it.seq not in answered and failed_at and it.attempts + 1 >= self.max_attempts:
+            retry = self.policy.decide(it.attempts + 1, Fault("transient"), time.time()).retry
+            if it.seq not in answered and failed_at and not retry:
                 outcomes.append(
                     Outcome(
                         it.seq,
@@ -606,10 +609,10 @@ class BatchRunner:
             return o
         message = redact(result.message or result.kind)
         cls = result.error_type or result.kind
-        transient = result.kind in ("expired", "cancelled") or cls in TRANSIENT_ERRORS
-        if transient and attempts + 1 < self.max_attempts:
+        decision = self.policy.decide(attempts + 1, result_fault(result), time.time())
+        if decision.retry:
             return outcome(seq, "pending", None, cls, message)
-        if transient:
+        if decision.reason == "exhausted":
             message = f"{message} (gave up after {attempts + 1} batches)"
         return Outcome(seq, "failed", None, cls, message)
 

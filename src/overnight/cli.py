@@ -5,6 +5,7 @@ invalid (good results written), 2 bad job file / input / command line, 1 unexpec
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -108,10 +109,11 @@ def _main(
 
 
 JobArg = Annotated[Path, typer.Argument(help="The job file (TOML).", show_default=False)]
-StateOpt = Annotated[
-    Path | None,
-    typer.Option("--state", help="Ledger file (default: .overnight/ledger.db beside the job)."),
-]
+LEDGER_HELP = (
+    "The ledger: a PostgreSQL URL or a SQLite file path (default: $OVERNIGHT_LEDGER, else"
+    " [run] ledger, else .overnight/ledger.db beside the job). --state is an older name."
+)
+StateOpt = Annotated[str | None, typer.Option("--ledger", "--state", help=LEDGER_HELP)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
 
@@ -146,7 +148,7 @@ def _errors() -> Iterator[None]:
         raise failed from None
 
 
-def _load(job: Path, state: Path | None) -> Job:
+def _load(job: Path, state: str | None) -> Job:
     return Job.from_file(job, state=state)
 
 
@@ -588,7 +590,7 @@ def check(job: JobArg, as_json: JsonOpt = False) -> None:
     m = j.spec.model
     what = m.function if m.backend == "python" else m.name or "the lines' own models"
     out.print(
-        Text(f"{job}: ok (job {j.name!r}, backend {m.backend}, {what}; input {j.source_path})"),
+        Text(f"{job}: ok (job {j.name!r}, backend {m.backend}, {what}; input {j.input_name})"),
         soft_wrap=True,
     )
 
@@ -607,9 +609,15 @@ def _check_model(j: Job) -> None:
 
 @app.command("ls")
 def list_jobs(
-    state: Annotated[Path, typer.Option("--state", help="The ledger file.")] = Path(
-        ".overnight/ledger.db"
-    ),
+    state: Annotated[
+        str | None,
+        typer.Option(
+            "--ledger",
+            "--state",
+            help="The ledger: a PostgreSQL URL or a SQLite file path (default:"
+            " $OVERNIGHT_LEDGER, else .overnight/ledger.db). --state is an older name.",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """The jobs in a ledger, with their state and counts."""
@@ -621,7 +629,10 @@ def list_jobs(
         _print_json([job.to_dict() for job in jobs])
         return
     if not jobs:
-        out.print(Text(f"no jobs in {state}"), soft_wrap=True)
+        from .store.connector import safe_url
+
+        where = state or os.environ.get("OVERNIGHT_LEDGER") or ".overnight/ledger.db"
+        out.print(Text(f"no jobs in {safe_url(where)}"), soft_wrap=True)
         return
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
     widest = min(max(len(s.name) for s in jobs), 24)  # a long name is cut, never the counts

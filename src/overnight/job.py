@@ -28,7 +28,7 @@ from .claim import RunHandle, busy, claimed, describe, holder_alive, live_worker
 from .errors import EndpointDown, InputChangedError, InputError, UsageError, redact
 from .estimate import usd
 from .report import Activity, CancelResult, Report, RetryResult
-from .retry import Backoff
+from .retry import RetryPolicy
 from .runner import Progress, Runner, ingest_only
 from .spec import (
     SELF_HOSTED,
@@ -39,7 +39,16 @@ from .spec import (
     semantic_hash,
     source_format,
 )
-from .store import Counts, Failure, JobInfo, Ledger, open_ledger
+from .store import (
+    DEFAULT_LEDGER,
+    Counts,
+    Failure,
+    JobInfo,
+    Ledger,
+    is_postgres,
+    ledger_location,
+    open_ledger,
+)
 from .tasks import Task, make_task
 
 log = logging.getLogger(__name__)
@@ -92,7 +101,11 @@ class Job:
         self.base_dir = Path(base_dir or Path.cwd()).resolve()
         self.name = spec.name or name or "job"
         self.origin = origin or "Job(...)"  # named in every message about the job's settings
-        self.state_path = Path(state) if state else self.base_dir / ".overnight" / "ledger.db"
+        # Where the ledger lives: `state` (--ledger, --state) > OVERNIGHT_LEDGER > [run] ledger
+        # > .overnight/ledger.db beside the job. A PostgreSQL URL, or a SQLite file whose path
+        # is `state_path` (None for PostgreSQL).
+        self.ledger_url = self._ledger_url(state)
+        self.state_path = None if is_postgres(self.ledger_url) else Path(self.ledger_url)
         self.job_file: Path | None = None  # the TOML file, when the job came from one
 
     @classmethod
@@ -111,6 +124,33 @@ class Job:
     def _usage(self, message: str) -> UsageError:
         return UsageError(f"{self.origin}: {message}")
 
+    def _ledger_url(self, state: str | Path | None) -> str:
+        if state:
+            return ledger_location(str(state), Path.cwd(), "--ledger")
+        if env := os.environ.get("OVERNIGHT_LEDGER"):
+            return ledger_location(env, Path.cwd(), "OVERNIGHT_LEDGER")
+        if self.spec.run.ledger:
+            key = f"{self.origin}: [run] ledger"
+            return ledger_location(self.spec.run.ledger, self.base_dir, key)
+        return str(self.base_dir / DEFAULT_LEDGER)
+
+    @property
+    def ledger_name(self) -> str:
+        """The ledger, for messages: its file, or its URL without a password."""
+        if self.state_path is not None:
+            return str(self.state_path)
+        from .store.connector import safe_url
+
+        return safe_url(self.ledger_url)
+
+    @property
+    def _ledger_dir(self) -> Path:
+        """The folder beside the ledger (a SQLite file's; for PostgreSQL the job's
+        .overnight/): the response cache, batch files, job files relative to it."""
+        if self.state_path is not None:
+            return self.state_path.parent
+        return self.base_dir / DEFAULT_LEDGER.parent
+
     # -- paths --------------------------------------------------------------------------
 
     def _path(self, value: str) -> Path:
@@ -119,7 +159,49 @@ class Job:
 
     @property
     def source_path(self) -> Path:
-        return self._path(self.spec.source.path)
+        return self._path(self.spec.source.path or "")
+
+    @property
+    def is_sql(self) -> bool:
+        """The input is a database table or query ([source] url), not a file."""
+        return self.spec.source.url is not None
+
+    @property
+    def input_name(self) -> str:
+        """The input, for messages: the file, or the table or query and its database."""
+        return self.sql_source.where if self.is_sql else str(self.source_path)
+
+    @cached_property
+    def sql_source(self) -> Any:
+        """[source] url: the table or query (sql_source.py). Columns this job writes back into
+        the same table ([output] mode = "update") are not part of its records."""
+        from .sql_source import SqlSource
+
+        src, out = self.spec.source, self.spec.output
+        exclude: frozenset[str] = frozenset()
+        if out.url is not None and out.mode == "update" and out.columns:
+            same_db = self._sql(
+                lambda: self.sql_sink.url == SqlSource.from_spec(src, self.base_dir).url
+            )
+            if same_db and (src.table is None or src.table == out.table):
+                exclude = frozenset(out.columns)
+        return self._sql(lambda: SqlSource.from_spec(src, self.base_dir, exclude))
+
+    @cached_property
+    def sql_sink(self) -> Any:
+        """[output] url: the results table (sql_sink.py)."""
+        from .sql_sink import SqlSink
+
+        return self._sql(lambda: SqlSink.from_spec(self.spec.output, self.base_dir, self.id_name))
+
+    def _sql(self, call: Callable[[], Any]) -> Any:
+        """A database's SqlError (exit 2, naming the key) with the job file in front."""
+        from .sqldb import SqlError
+
+        try:
+            return call()
+        except SqlError as exc:
+            raise self._usage(str(exc)) from None
 
     @property
     def output_path(self) -> Path:
@@ -147,10 +229,11 @@ class Job:
 
     def check(self, need_key: bool = True) -> None:
         """Everything that can be checked without the model: raises UsageError (exit 2)."""
-        src = self.source_path
-        if not src.is_file():
-            raise self._usage(f"[source] path: input file not found: {src}")
-        self.source_format  # noqa: B018 - validates the format
+        if not self.is_sql:
+            src = self.source_path
+            if not src.is_file():
+                raise self._usage(f"[source] path: input file not found: {src}")
+            self.source_format  # noqa: B018 - validates the format
         self._check_input()
         self._check_output()
         self.validator  # noqa: B018 - loads and checks the schema
@@ -193,6 +276,10 @@ class Job:
         bad = [c for c in out.include if c in sinks.RESERVED or c == self.id_name]
         if bad:
             raise self._usage(f"[output] include: {bad[0]!r} is a name the output row already uses")
+        if out.url is not None:
+            self._sql(self.sql_sink.check)
+            if out.errors_table is not None:
+                return
         if self.spec.output.path and self.output_path.suffix.lower() not in (
             ".jsonl",
             ".ndjson",
@@ -207,7 +294,10 @@ class Job:
                 f"[output] errors: {self.errors_path.name}: the errors file is JSON lines;"
                 " name it .jsonl"
             )
-        for key, path in (("path", self.output_path), ("errors", self.errors_path)):
+        files = [("errors", self.errors_path)]
+        if out.url is None:
+            files.insert(0, ("path", self.output_path))
+        for key, path in files:
             if path.is_dir():
                 raise self._usage(f"[output] {key}: {path} is a folder; name a file")
             blocked = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
@@ -220,7 +310,7 @@ class Job:
                     f"[output] {key}: {path} is {clash}; writing the results there would"
                     " destroy it. Name another file"
                 )
-        if _same_file(self.output_path, self.errors_path):
+        if out.url is None and _same_file(self.output_path, self.errors_path):
             raise self._usage(
                 f"[output] errors: {self.errors_path} is also [output] path; the errors file"
                 " would replace the results. Name another file"
@@ -229,7 +319,8 @@ class Job:
     def _kept_files(self) -> Iterator[tuple[str, Path]]:
         """The files a run reads or keeps its state in (what an output must never replace)."""
         spec = self.spec
-        yield "the input ([source] path)", self.source_path
+        if not self.is_sql:
+            yield "the input ([source] path)", self.source_path
         if self.job_file is not None:
             yield "the job file", self.job_file
         if spec.task.examples:
@@ -242,7 +333,7 @@ class Job:
             yield "the price table ([run] prices)", self._path(spec.run.prices)
         if spec.run.cache:
             yield "the response cache ([run] cache)", self._path(spec.run.cache)
-        for suffix in ("", "-wal", "-shm", "-journal"):
+        for suffix in ("", "-wal", "-shm", "-journal") if self.state_path else ():
             yield "the ledger", self.state_path.with_name(self.state_path.name + suffix)
 
     @property
@@ -308,6 +399,9 @@ class Job:
 
     def _check_input(self) -> None:
         """The input opens and parses, and has the id column; an empty one is worth a word."""
+        if self.is_sql:
+            self._sql(self.sql_source.check)
+            return
         try:
             first = sources.first_row(
                 self.source_format, self.source_path, self.id_field, self.spec.source.delimiter
@@ -323,7 +417,17 @@ class Job:
 
     @cached_property
     def source_format(self) -> str:
+        if self.is_sql:
+            return "sql"
         return source_format(self.spec.source, self.source_path)
+
+    def _expected(self) -> int:
+        """About how many records the input holds (a progress bar's total)."""
+        if self.is_sql:
+            return int(self._sql(self.sql_source.count))
+        return sources.estimate_records(
+            self.source_format, self.source_path, self.spec.source.delimiter or ","
+        )
 
     @property
     def is_llm(self) -> bool:
@@ -344,7 +448,9 @@ class Job:
         return llm_job.price_table(self.spec, self.base_dir)
 
     def _cache(self) -> Any:
-        return llm_job.response_cache(self.spec, self.base_dir, self.state_path.parent, self.name)
+        return llm_job.response_cache(
+            self.spec, self.base_dir, self._ledger_dir, self.name, self.ledger_url
+        )
 
     def _realtime_window(self) -> int:
         # Enough requests per call to keep `concurrency` busy; the rate limiter and the
@@ -520,7 +626,7 @@ class Job:
 
     @contextmanager
     def ledger(self) -> Iterator[Ledger]:
-        ledger = open_ledger(str(self.state_path))
+        ledger = open_ledger(self.ledger_url)
         try:
             yield ledger
         finally:
@@ -546,7 +652,7 @@ class Job:
         job = ledger.get_job(self.name)
         if job is None:
             raise UsageError(
-                f"job {self.name!r} has not been run yet (no ledger entry in {self.state_path})"
+                f"job {self.name!r} has not been run yet (no ledger entry in {self.ledger_name})"
             )
         self._check_origin(job)
         return job
@@ -557,26 +663,31 @@ class Job:
         inside it is still the same job."""
         if self.job_file is None:
             return None
-        return os.path.relpath(self.job_file.resolve(), self.state_path.resolve().parent)
+        return os.path.relpath(self.job_file.resolve(), self._ledger_dir.resolve())
 
     def _check_origin(self, job: JobInfo) -> bool:
         """The ledger's entry of this name must be this job's: another job file of the same
-        name (a copied job file, another project sharing the ledger through --state) would
+        name (a copied job file, another project sharing the ledger through --ledger) would
         replace its results, and `export` would write them as its own. The same job moved or
         renamed (its input unchanged) is this job. True when the entry should learn this
         job file (it did not know one, or the job moved)."""
         mine = self._origin
         if mine is None or job.origin == mine:
             return False
-        if job.origin is not None and self._fingerprint()[0].digest != job.fingerprint.digest:
+        if job.origin is not None and not self._same_input(job):
             raise self._usage(
-                f"the ledger {self.state_path} already holds a job named {self.name!r}, run"
-                f" from another job file ({os.path.normpath(self.state_path.parent / job.origin)})"
+                f"the ledger {self.ledger_name} already holds a job named {self.name!r}, run"
+                f" from another job file ({os.path.normpath(self._ledger_dir / job.origin)})"
                 " over another input; run here it would"
                 " replace that job's results. Give this job a name of its own (`name = ...`),"
-                " or a ledger of its own (--state)"
+                " or a ledger of its own (--ledger)"
             )
         return True
+
+    def _same_input(self, job: JobInfo) -> bool:
+        if self.is_sql:  # which table or query, not its rows now (they change)
+            return job.fingerprint.digest.partition(":")[0] == self._sql_how()
+        return self._fingerprint()[0].digest == job.fingerprint.digest
 
     # -- commands -----------------------------------------------------------------------
 
@@ -640,11 +751,7 @@ class Job:
                 invalid=before["invalid"],
                 ingested=before.total,
                 ingest_done=job.ingest_done,
-                expected=0
-                if job.ingest_done
-                else sources.estimate_records(
-                    self.source_format, self.source_path, self.spec.source.delimiter or ","
-                ),
+                expected=0 if job.ingest_done else self._expected(),
                 cost=before.cost,
                 list_cost=before.list_cost,
             )
@@ -731,7 +838,8 @@ class Job:
         location (see llm/batch.py): how a run finds the batches of earlier runs."""
         from .llm.batch import identity_key
 
-        return identity_key(str(self.state_path.resolve()), self.name)
+        where = str(self.state_path.resolve()) if self.state_path else self.ledger_name
+        return identity_key(where, self.name)
 
     def _tag(self, job: JobInfo) -> Any:
         from .llm.batch import JobTag
@@ -751,7 +859,7 @@ class Job:
         more = f"\n  … and {len(found) - 20} more" if len(found) > 20 else ""
         raise UsageError(
             f"job {self.name!r}: the provider holds {len(found)} batches of an earlier run of"
-            f" this job ({live} still running) that the ledger {self.state_path} does not know"
+            f" this job ({live} still running) that the ledger {self.ledger_name} does not know"
             f" (was it deleted or replaced?):\n{rows}{more}\nRunning it now would send their"
             " requests again and pay for them twice. Put the ledger back if you have it; or run"
             " with --restart to cancel the running ones and start over (what they finished is"
@@ -772,13 +880,26 @@ class Job:
     # -- the three ways to run --------------------------------------------------------
 
     def _reader(self, chunk: int) -> Callable[[sources.Cursor], Iterator[list[sources.Row]]]:
+        if self.is_sql:
+            sql = self.sql_source
+            return lambda cursor: self._sql_rows(sql.read(cursor, min(chunk, 10000)))
         fmt, src, id_field = self.source_format, self.source_path, self.id_field
         delimiter = self.spec.source.delimiter
         return lambda cursor: sources.read(fmt, src, id_field, cursor, chunk, delimiter)
 
-    def _backoff(self) -> Backoff:
+    def _sql_rows(self, rows: Iterator[list[sources.Row]]) -> Iterator[list[sources.Row]]:
+        """A SQL source's chunks, with its SqlError (a table dropped while read, ...) as a
+        UsageError naming the job file."""
+        from .sqldb import SqlError
+
+        try:
+            yield from rows
+        except SqlError as exc:
+            raise self._usage(str(exc)) from None
+
+    def _backoff(self) -> RetryPolicy:
         run = self.spec.run
-        return Backoff(run.max_attempts, run.backoff_base, run.backoff_max)
+        return RetryPolicy(run.max_attempts, run.backoff_base, run.backoff_max)
 
     def _run_predict(
         self,
@@ -860,7 +981,7 @@ class Job:
             max_requests=requests,
             max_bytes=size,
             timeout=self.spec.model.timeout,
-            tmp_dir=self.state_path.parent / "tmp",
+            tmp_dir=self._ledger_dir / "tmp",
         )
 
     def _batch_runner(
@@ -1009,9 +1130,29 @@ class Job:
     def _fingerprint(self) -> tuple[sources.Fingerprint, str]:
         """The input's content hash, and how it is read: another id column, delimiter or
         format turns the same bytes into other records, so it is a changed input too. With
-        the content hash alone, which is what older ledgers hold."""
+        the content hash alone, which is what older ledgers hold. A SQL source: its rows'
+        hash (read whole), or with `changed_since` the column's high-water mark now."""
+        if self.is_sql:
+            return self._sql_fingerprint()
         fp = sources.fingerprint(self.source_path)
         return sources.Fingerprint(fp.size, fp.mtime_ns, self._how(fp.digest)), fp.digest
+
+    def _sql_how(self) -> str:
+        """How a SQL source is read (table or query, id, changed_since), hashed: the part of
+        its fingerprint that says which input it is."""
+        how = self.spec.source.model_dump(exclude={"path", "url"})
+        how["exclude"] = sorted(self.sql_source.exclude)
+        return hashlib.blake2b(
+            orjson.dumps(how, option=orjson.OPT_SORT_KEYS), digest_size=8
+        ).hexdigest()
+
+    def _sql_fingerprint(self) -> tuple[sources.Fingerprint, str]:
+        sql = self.sql_source
+        if self.spec.source.changed_since:
+            mark = orjson.dumps(self._sql(sql.high_water)).decode()
+            return sources.Fingerprint(0, 0, f"{self._sql_how()}:since:{mark}"), mark
+        n, content = self._sql(sql.digest)
+        return sources.Fingerprint(n, 0, f"{self._sql_how()}:{content}"), content
 
     def _how(self, content: str) -> str:
         """A content hash, mixed with how the input is read (unless that is the default)."""
@@ -1026,7 +1167,10 @@ class Job:
         with? A file rewritten in place while it was read gives records of two inputs (and
         lines cut in two where reading went on): nothing of it is exported, and the job is
         marked so that the next run reads the input again (an incremental run). Appending
-        to the input is fine: the next run reads what was added."""
+        to the input is fine: the next run reads what was added. (A database changes while
+        it is read: the fingerprint taken before the read makes the next run read again.)"""
+        if self.is_sql:
+            return
         size = job.fingerprint.size
         try:
             intact = self._how(sources.digest_of_prefix(self.source_path, size))
@@ -1044,7 +1188,7 @@ class Job:
 
     def _connect(self) -> Ledger:
         """Another connection to this job's ledger (the claim's heartbeat thread)."""
-        return open_ledger(str(self.state_path))
+        return open_ledger(self.ledger_url)
 
     def _open_job(
         self,
@@ -1095,6 +1239,10 @@ class Job:
                 "started; results would mix two configurations. Undo the change, give the job a "
                 "new name, or run with --restart to start over."
             )
+        if self.is_sql and self.spec.source.changed_since:
+            prefix = f"{self._sql_how()}:since:"
+            if job.fingerprint.digest.startswith(prefix):
+                return self._read_changed(ledger, job, fingerprint, notes, on_progress, stop)
         same = fingerprint.digest == job.fingerprint.digest  # by content: size and mtime lie
         if not same and job.legacy_fingerprint:
             # Stored by an older overnight, as the content hash alone: compare as it did
@@ -1162,14 +1310,14 @@ class Job:
         live = ledger.chunks(job.id, ("creating", "live"))
         if live:
             raise InputChangedError(
-                f"{self.source_path} changed while {len(live)} provider batch(es) of job "
+                f"{self.input_name} changed while {len(live)} provider batch(es) of job "
                 f"{self.name!r} are still running; their results belong to the input as it was."
                 " Restore the input and run again to collect them first, or run with --restart"
                 " to start over."
             )
         log.info("job %r: the input changed since the last run; reading it again", self.name)
         new = ledger.begin_generation(job, fingerprint)
-        progress = Progress(expected=sources.estimate_records(self.source_format, self.source_path))
+        progress = Progress(expected=self._expected())
         if not ingest_only(
             ledger,
             new,
@@ -1187,6 +1335,95 @@ class Job:
         notes.append(
             f"the input changed since the last run: {kept} of {before} records kept their"
             f" results, {counts['pending']} new or changed to compute, {gone} no longer in it"
+        )
+        return job
+
+    def _read_changed(
+        self,
+        ledger: Ledger,
+        job: JobInfo,
+        fingerprint: sources.Fingerprint,
+        notes: list[str],
+        on_progress: Callable[[Progress], None] | None,
+        stop: threading.Event,
+    ) -> JobInfo | None:
+        """An incremental run with `[source] changed_since`: only rows whose column is past the
+        last run's high-water mark are read from the database. The next generation holds
+        them, and every other record as the ledger has it (the failed ones read again by id,
+        as the ledger keeps no input of theirs but the id); carry_results then keeps the
+        results of all but the changed ones. Rows deleted from the source are not seen (no
+        row says so): they keep their results until a run without `changed_since`. A job
+        still unfinished is resumed first; the next run reads what changed."""
+        counts = ledger.counts(job.id)
+        if not job.ingest_done or counts.open or counts["cancelled"]:
+            return job
+        mark = orjson.loads(job.fingerprint.digest.partition(":since:")[2])
+        sql = self.sql_source
+        changed_n = self._sql(lambda: sql.count(since=mark))
+        if not changed_n:
+            return job
+        log.info("job %r: %d rows changed since the last run; reading them", self.name, changed_n)
+        new = ledger.begin_generation(job, fingerprint)
+        read: list[int] = [0]
+
+        def reader(_: sources.Cursor) -> Iterator[list[sources.Row]]:
+            changed: dict[str, sources.Row] = {}
+            bad: list[sources.Row] = []
+            for rows in self._sql_rows(sql.read(sources.Cursor(), sources.CHUNK, since=mark)):
+                for row in rows:
+                    if row.custom_id is None:
+                        bad.append(row)
+                    else:
+                        changed[row.custom_id] = row
+            read[0] = len(changed) + len(bad)
+            line = 0
+            out: list[sources.Row] = []
+
+            def put(row: sources.Row) -> Iterator[list[sources.Row]]:
+                nonlocal line, out
+                line += 1
+                out.append(row._replace(line=line))
+                if len(out) >= sources.CHUNK:
+                    yield out
+                    out = []
+
+            other = self._connect()  # a second connection: this one writes while it reads
+            try:
+                for cid, _, payload, _ in other.iter_results(job.id, with_payload=True):
+                    row = changed.pop(cid, None)
+                    yield from put(row or sources.Row(0, cid, payload, None, None))
+                failed = [
+                    f.custom_id
+                    for f in other.iter_failures(job.id)
+                    if f.custom_id is not None and f.error_class != "input_error"
+                ]
+            finally:
+                other.close()
+            again = [cid for cid in failed if cid not in changed]
+            for row in self._sql_rows(iter([list(sql.read_ids(again))])):
+                for r in row:
+                    yield from put(r)
+            for row in [*changed.values(), *bad]:
+                yield from put(row)
+            if out:
+                yield out
+
+        progress = Progress(expected=counts.total + changed_n)
+        if not ingest_only(
+            ledger,
+            new,
+            reader,
+            progress=progress,
+            on_progress=on_progress or (lambda p: None),
+            stop=stop,
+        ):
+            return None
+        kept, gone = ledger.carry_results(job.id, new.id)
+        job = ledger.replace_generation(job, new)
+        counts = ledger.counts(job.id)
+        notes.append(
+            f"read {read[0]} rows changed since the last run ([source] changed_since):"
+            f" {counts['pending']} new or changed to compute; {kept} records kept their results"
         )
         return job
 
@@ -1255,8 +1492,8 @@ class Job:
         unread: int | None = 0
         if not job.ingest_done:
             try:
-                expected = sources.estimate_records(self.source_format, self.source_path)
-            except (OSError, ValueError):
+                expected = self._expected()
+            except (OSError, ValueError, UsageError):
                 expected = None
             read = counts.total
             unread = None if expected is None else max(0, expected - read)
@@ -1324,6 +1561,8 @@ class Job:
             return self._export(ledger, job.id)
 
     def _export(self, ledger: Ledger, job_id: int) -> sinks.Exported:
+        if self.spec.output.url is not None:
+            return self._export_sql(ledger, job_id)
         try:
             return sinks.export(
                 ledger,
@@ -1336,6 +1575,23 @@ class Job:
             )
         except sinks.OutputUnwritable as exc:
             raise sinks.OutputUnwritable(f"{self.origin}: {exc}") from None
+
+    def _export_sql(self, ledger: Ledger, job_id: int) -> sinks.Exported:
+        """[output] url: the results into the table, the errors into `errors_table` or the
+        errors file."""
+        sink = self.sql_sink
+        rows = self._sql(lambda: sink.export(ledger, job_id))
+        if sink.errors_table is not None:
+            errors_rows = self._sql(lambda: sink.export_errors(ledger, job_id))
+            errors: Any = f"table {sink.errors_table} at {sink.where.partition(' at ')[2]}"
+        else:
+            errors = self.errors_path
+            try:
+                with sinks._writing("errors", errors):
+                    errors_rows = sinks.write_errors(errors, ledger, job_id)
+            except sinks.OutputUnwritable as exc:
+                raise sinks.OutputUnwritable(f"{self.origin}: {exc}") from None
+        return sinks.Exported(sink.where, errors, rows, errors_rows)
 
     def cancel(self) -> CancelResult:
         """Open items become cancelled; a running run stops after its batch in flight; live

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -9,7 +10,7 @@ from typing import Any
 
 from .claim import holder_alive
 from .errors import UsageError
-from .store import open_ledger
+from .store import DEFAULT_LEDGER, is_postgres, ledger_location, open_ledger
 
 
 @dataclass(frozen=True)
@@ -46,12 +47,24 @@ def _is_ledger(path: Path) -> bool:
         return False
 
 
-def list_jobs(path: Path) -> list[JobSummary]:
-    if not path.is_file():
-        raise UsageError(f"--state: no ledger at {path} (no job has run here; or pass --state)")
-    if not _is_ledger(path):
-        raise UsageError(f"--state: {path} is not an overnight ledger")
-    ledger = open_ledger(str(path))
+def list_jobs(where: str | Path | None = None) -> list[JobSummary]:
+    """The jobs of the ledger `where` (--ledger), else $OVERNIGHT_LEDGER, else
+    .overnight/ledger.db in the current folder."""
+    if where:
+        url = ledger_location(str(where), Path.cwd(), "--ledger")
+    elif env := os.environ.get("OVERNIGHT_LEDGER"):
+        url = ledger_location(env, Path.cwd(), "OVERNIGHT_LEDGER")
+    else:
+        url = str(DEFAULT_LEDGER)
+    if not is_postgres(url):
+        path = Path(url)
+        if not path.is_file():
+            raise UsageError(
+                f"--ledger: no ledger at {path} (no job has run here; or pass --ledger)"
+            )
+        if not _is_ledger(path):
+            raise UsageError(f"--ledger: {path} is not an overnight ledger")
+    ledger = open_ledger(url)
     try:
         out = []
         for job in ledger.list_jobs():

@@ -215,14 +215,21 @@ def meter(spec: JobSpec, prices: PriceTable, *, batch: bool) -> Meter:
     return measure
 
 
-def response_cache(spec: JobSpec, base_dir: Path, state_dir: Path, job_name: str) -> ResponseCache:
-    """Per job by default (beside the ledger); `[run] cache = path` shares it across jobs."""
-    from .llm.cache import ResponseCache
+def response_cache(
+    spec: JobSpec, base_dir: Path, state_dir: Path, job_name: str, ledger_url: str | None = None
+) -> ResponseCache:
+    """Per job by default: in a PostgreSQL ledger itself (every worker shares it), else
+    cache.db beside the SQLite ledger (off its write lock); `[run] cache = path` shares one
+    file across jobs."""
+    from .llm.cache import LedgerResponseCache, ResponseCache
+    from .store import is_postgres
 
     if spec.run.cache:
         path = Path(spec.run.cache).expanduser()
         path = path if path.is_absolute() else base_dir / path
         return ResponseCache(path, scope="shared")
+    if ledger_url is not None and is_postgres(ledger_url):
+        return LedgerResponseCache(ledger_url, scope=f"job:{job_name}")
     return ResponseCache(state_dir / "cache.db", scope=f"job:{job_name}")
 
 

@@ -17,11 +17,12 @@ class Row(NamedTuple):
     record: dict[str, Any] | None  # the parsed record, handed straight to the task (no re-parse)
     error: str | None  # why this record could not be read (an input error)
     end: int = 0  # JSONL: byte offset just past this record, where reading resumes
+    key: str | None = None  # a keyset source's resume point just past this record (Cursor.key)
 
 
 def cursor_after(row: Row, records: int) -> Cursor:
     """Where to resume once `row`, the `records`-th record, is committed."""
-    return Cursor(records, row.line + 1, row.end)
+    return Cursor(records, row.line + 1, row.end, row.key)
 
 
 @dataclass(frozen=True)

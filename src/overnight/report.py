@@ -54,8 +54,8 @@ class Report:
     processed: int = 0  # items finished by this run
     seconds: float = 0.0  # processing time of this run, without setup
     setup_seconds: float = 0.0  # loading the model
-    output: Path | None = None
-    errors: Path | None = None
+    output: Path | str | None = None  # a file, or "table T at URL"
+    errors: Path | str | None = None
     interrupted: bool = False
     cancelled: bool = False
     ingest_done: bool = True

@@ -52,11 +52,10 @@ from .errors import (
     OvernightError,
     UsageError,
     error_class,
-    is_transient,
     redact,
 )
 from .records import Cursor, Row, cursor_after
-from .retry import Backoff
+from .retry import Fault, RetryPolicy
 from .store import ConcurrentIngest, JobInfo, Lease, Ledger, Outcome
 from .tasks import Task
 
@@ -283,7 +282,7 @@ class Runner:
         reader: Reader,
         sizer: BatchSizer,
         window: int = 1,
-        backoff: Backoff,
+        backoff: RetryPolicy,
         lease_seconds: float,
         validate: Validator | None = None,
         on_progress: Callable[[Progress], None] | None = None,
@@ -458,7 +457,7 @@ class Runner:
         self._check_cancel()
 
     def _died(self, seq: int) -> Outcome:
-        if self.backoff.can_retry(1):
+        if self.backoff.decide(1, Fault("transient"), time.time()).retry:
             return Outcome(seq, "pending", None, PROCESS_DIED, DIED_MESSAGE)
         message = f"{DIED_MESSAGE} (gave up after 1 attempts)"
         return Outcome(seq, "failed", None, PROCESS_DIED, message)
@@ -667,10 +666,10 @@ class Runner:
         cls, msg = error_class(exc), redact(str(exc) or error_class(exc))
         if isinstance(exc, InvalidOutput):  # the model answered, wrongly: not a failure to retry
             return outcome(w.seq, "invalid", None, cls, msg, usage=usage)
-        if is_transient(exc):
-            if self.backoff.can_retry(attempts):
-                due = time.time() + self.backoff.delay(attempts)
-                return outcome(w.seq, "pending", None, cls, msg, due, usage=usage)
+        decision = self.backoff.decide(attempts, Fault.of(exc), time.time())
+        if decision.retry:
+            return outcome(w.seq, "pending", None, cls, msg, decision.at, usage=usage)
+        if decision.reason == "exhausted":
             msg = f"{msg} (gave up after {attempts} attempts)"
         return outcome(w.seq, "failed", None, cls, msg, usage=usage)
 

@@ -49,8 +49,8 @@ def _writing(key: str, path: Path) -> Iterator[None]:
 
 @dataclass(frozen=True)
 class Exported:
-    output: Path
-    errors: Path
+    output: Path | str  # a file, or "table T at URL" (sql_sink.py)
+    errors: Path | str
     rows: int
     errors_rows: int
 

@@ -150,12 +150,12 @@ def _row(line: int, record: Any, payload: bytes, id_field: str | None, end: int 
     if not isinstance(record, dict):
         return Row(line, None, payload, None, f"line {line}: not a JSON object", end)
     if id_field is None:
-        return _new(Row, (line, content_id(payload), payload, record, None, end))
+        return _new(Row, (line, content_id(payload), payload, record, None, end, None))
     value = record.get(id_field)
     if value is None or value == "":
         return Row(line, None, payload, None, f"line {line}: record has no {id_field!r}", end)
     return _new(
-        Row, (line, value if type(value) is str else str(value), payload, record, None, end)
+        Row, (line, value if type(value) is str else str(value), payload, record, None, end, None)
     )
 
 

@@ -27,13 +27,41 @@ class _Section(BaseModel):
 
 
 class SourceSpec(_Section):
-    path: str = Field(min_length=1)
+    path: str | None = Field(None, min_length=1)
     id: str | None = Field(None, min_length=1)  # "" would fail every record alone
     format: Literal["jsonl", "csv", "parquet"] | None = None
     delimiter: str | None = None  # CSV only: "," unless set (";" and "\t" are common)
+    # A database instead of a file (sql_source.py): any SQLAlchemy URL, a table or a query.
+    url: str | None = Field(None, min_length=1)
+    table: str | None = Field(None, min_length=1)
+    query: str | None = Field(None, min_length=1)
+    changed_since: str | None = Field(None, min_length=1)  # a column: read only newer rows
 
     @model_validator(mode="after")
     def _check(self) -> SourceSpec:
+        if (self.path is None) == (self.url is None):
+            raise ValueError(
+                "set `path` (a file) or `url` (a database, with `table` or `query`)"
+                + (", not both" if self.path else "")
+            )
+        if self.url is not None:
+            if (self.table is None) == (self.query is None):
+                raise ValueError(
+                    "`url` needs `table` (a table name) or `query` (a SELECT)"
+                    + (", not both" if self.table else "")
+                )
+            if self.id is None:
+                raise ValueError(
+                    "`id` is required for a SQL source (`url`): the column that identifies"
+                    " a row (its primary key)"
+                )
+            if self.format is not None or self.delimiter is not None:
+                key = "format" if self.format is not None else "delimiter"
+                raise ValueError(f"`{key}` applies to a file (`path`), not to `url`")
+            return self
+        for key in ("table", "query", "changed_since"):
+            if getattr(self, key) is not None:
+                raise ValueError(f"`{key}` applies to a SQL source (`url`), not to `path`")
         if self.delimiter is None:
             return self
         if len(self.delimiter) != 1 or self.delimiter in ('"', "\n", "\r"):
@@ -41,7 +69,7 @@ class SourceSpec(_Section):
                 f'`delimiter` must be one character other than a quote or a newline, such as ";"'
                 f' or "\\t" (got {self.delimiter!r})'
             )
-        fmt = self.format or _SUFFIXES.get(Path(self.path).suffix.lower())
+        fmt = self.format or _SUFFIXES.get(Path(self.path or "").suffix.lower())
         if fmt != "csv":
             raise ValueError("`delimiter` applies to CSV input only")
         return self
@@ -234,6 +262,9 @@ class RunSpec(_Section):
     # backend = "auto": finish by then (TOML datetime, or an ISO 8601 string with a zone)
     deadline: datetime | str | None = None
     deadline_margin: float = Field(3600.0, ge=0)  # seconds kept for the real-time finish
+    # Where the ledger lives: a PostgreSQL URL, or a SQLite file path (relative: beside the
+    # job file); default .overnight/ledger.db. --ledger and OVERNIGHT_LEDGER override it.
+    ledger: str | None = None
     cache: str | None = None  # share LLM responses across jobs (default: per job)
     prices: str | None = None  # a TOML price table over the shipped one
     max_attempts: int = Field(3, ge=1)
@@ -277,6 +308,41 @@ class OutputSpec(_Section):
     errors: str | None = None
     include: list[str] = []
     schema_: str | dict[str, Any] | None = Field(None, alias="schema")
+    # A database table instead of a file (sql_sink.py).
+    url: str | None = Field(None, min_length=1)
+    table: str | None = Field(None, min_length=1)
+    mode: Literal["upsert", "update"] = "upsert"
+    columns: dict[str, str] | None = None  # target column = result field or input field
+    errors_table: str | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> OutputSpec:
+        if self.url is None:
+            sql = [
+                k
+                for k in ("table", "mode", "columns", "errors_table")
+                if k in self.model_fields_set
+            ]
+            if sql:
+                raise ValueError(f"`{sql[0]}` applies to a database output: set `url` too")
+            return self
+        if self.table is None:
+            raise ValueError("`url` needs `table`: the table the results go to")
+        if self.path is not None:
+            raise ValueError("set `path` (a file) or `url` (a database table), not both")
+        if self.errors is not None and self.errors_table is not None:
+            raise ValueError("set `errors` (a file) or `errors_table`, not both")
+        if self.mode == "update" and not self.columns:
+            raise ValueError(
+                'mode = "update" needs `columns`: which columns of the existing rows to set,'
+                ' e.g. columns = { category = "output" }'
+            )
+        if self.columns is not None and self.include:
+            raise ValueError("with `columns`, name the input fields there instead of `include`")
+        for target, source in (self.columns or {}).items():
+            if not target or not source:
+                raise ValueError("`columns` maps a column name to a field name; neither is empty")
+        return self
 
 
 class JobSpec(_Section):

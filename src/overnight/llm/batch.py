@@ -38,6 +38,7 @@ from typing import Any, Literal, Protocol
 
 import orjson
 
+from ..retry import Fault, RetryPolicy
 from .providers import sdk_failure
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ _ANTHROPIC_ID = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 MAPPED_PREFIX = "ovn_"  # old (untagged) chunks: ids overnight made up for Anthropic
 _TAGGED_ID = re.compile(r"^([0-9a-f]{4,32})-([a-z0-9]{4,32})-([0-9]{1,15})$")
 # Errors of a single request worth another try in a later batch (not the request's fault).
+# Its other errors (invalid_request_error, ...) are the request's own: they fail it at once.
 TRANSIENT_ERRORS = {
     "rate_limit_error",
     "api_error",
@@ -204,6 +206,18 @@ def _is_413(exc: Exception) -> bool:
 
 
 CREATE_TRIES = 4  # then the error propagates; the chunk stays `creating` for the next run
+# A create's retries: backoff 0.5, 1, 2 s (equal jitter: half of it random), at least as long
+# as the server asks (at most 120 s); a 429 is a failed attempt here (the create is not sent
+# in a loop for half an hour); a refused key or an account out of credit is not retried (the
+# error propagates).
+CREATE_POLICY = RetryPolicy(CREATE_TRIES, 0.5, max_throttled=None)
+
+
+def result_fault(result: Result) -> Fault:
+    """A failed batch line: expired, cancelled or a TRANSIENT_ERRORS type is tried again in a
+    later batch (see BatchRunner); anything else is the request's fault."""
+    transient = result.kind in ("expired", "cancelled") or result.error_type in TRANSIENT_ERRORS
+    return Fault("transient" if transient else "permanent")
 
 
 def landing(timeout: float, body_bytes: int) -> float:
@@ -218,13 +232,15 @@ def _create(
     find: Callable[[float], str | None],
     on_attempt: Callable[[float], None],
     allowance: float,
-    tries: int = CREATE_TRIES,
+    policy: RetryPolicy = CREATE_POLICY,
 ) -> str:
-    """`create()` at most `tries` times. Before each: `on_attempt(until)`, until when it may
-    land. Before each retry: `find(until)` the batch a lost answer may have created; when the
-    failure may hide one, also once that time has passed (see the module docstring). A 413
-    becomes TooLarge."""
-    for attempt in range(tries):
+    """`create()` while `policy` says retry. Before each: `on_attempt(until)`, until when it
+    may land. Before each retry: `find(until)` the batch a lost answer may have created; when
+    the failure may hide one, also once that time has passed (see the module docstring). A
+    413 becomes TooLarge."""
+    attempt = 0
+    while True:
+        attempt += 1
         until = time.time() + allowance
         on_attempt(until)
         try:
@@ -233,10 +249,12 @@ def _create(
             failure = sdk_failure(exc)
             if failure is not None and failure.status == 413:
                 raise TooLarge(str(exc)) from None
-            if failure is None or not failure.retryable or attempt + 1 == tries:
+            if failure is None:
                 raise
-            wait = failure.retry_after
-            time.sleep(min(60.0, wait) if wait is not None else min(8.0, 0.5 * 2**attempt))
+            decision = policy.decide(attempt, failure, time.time())
+            if not decision.retry:
+                raise
+            time.sleep(decision.wait)
             found = find(until)
             if found is not None:
                 return found
@@ -252,7 +270,6 @@ def _create(
                 found = find(until)
                 if found is not None:
                     return found
-    raise AssertionError("unreachable")
 
 
 def _anonymous_file(folder: Path | None) -> Any:

@@ -1,4 +1,5 @@
-"""Response cache: request key → the provider's answer, in SQLite.
+"""Response cache: request key → the provider's answer, in SQLite, or in the ledger itself
+when the ledger is PostgreSQL (`LedgerResponseCache`: every worker shares it).
 
 A response is committed the moment it arrives, before the runner commits the item: a
 `kill -9` between the two costs nothing on the rerun, the answer comes from here. Scopes keep
@@ -24,7 +25,7 @@ from ..errors import UsageError
 from ..store.sqlite import switch_to_wal
 from .requests import Answer, cache_key
 
-__all__ = ["SCHEMA", "Answer", "ResponseCache", "cache_key"]
+__all__ = ["SCHEMA", "Answer", "LedgerResponseCache", "ResponseCache", "cache_key"]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (
@@ -109,3 +110,39 @@ class ResponseCache:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+class LedgerResponseCache(ResponseCache):
+    """The cache as the ledger's `responses` table, on a connection of its own: the workers
+    of one job on a shared (PostgreSQL) ledger get the answers any of them paid for."""
+
+    def __init__(self, ledger_url: str, scope: str) -> None:
+        from ..store import open_ledger
+
+        self.path, self.scope = Path("ledger"), scope  # no file of its own
+        self.hits = 0
+        self._lock = threading.Lock()
+        self._ledger = open_ledger(ledger_url)
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, Answer]:
+        wanted = list(dict.fromkeys(keys))
+        with self._lock:
+            rows = self._ledger.cache_get(self.scope, wanted) if wanted else []
+            found = {
+                key: Answer(orjson.loads(body), tin, tout, cached=True)
+                for key, body, tin, tout in rows
+            }
+            self.hits += len(found)
+        return found
+
+    def put(self, key: str, body: dict[str, Any], input_tokens: int, output_tokens: int) -> None:
+        with self._lock:
+            self._ledger.cache_put(self.scope, key, orjson.dumps(body), input_tokens, output_tokens)
+
+    def clear_scope(self) -> int:
+        with self._lock:
+            return int(self._ledger.cache_clear(self.scope))
+
+    def close(self) -> None:
+        with self._lock:
+            self._ledger.close()

@@ -5,15 +5,16 @@ request alone. One event loop in a background thread owns the client, the rate l
 the AIMD concurrency, so they carry over from one call to the next.
 
 Retries live here, not in the SDK (`max_retries=0`), so that every try goes through the
-limiter, and the limiter is the last thing a request passes before it is sent: a wait the
-server asks for (`retry-after-ms`, `retry-after`; at most 120 s, as the OpenAI SDK does)
-holds back every request to the endpoint, including those that were already waiting for a
-concurrency slot. 408/409/5xx, timeouts, connection errors and unreadable bodies are failed
-attempts, retried up to `max_attempts` with `retry.Backoff` (exponential, jittered), at
-least as late as the server asked; `x-should-retry` overrides the status. A 429 is not a
-failed attempt: it halves concurrency (AIMD) and is retried for as long as the server keeps
-answering 429, up to `MAX_THROTTLED` seconds in a row for one request; then the job pauses
-(`EndpointDown`), items pending, as it does at once for OpenAI's `insufficient_quota`.
+limiter, and the limiter is the last thing a request passes before it is sent. Whether and
+when to try again is `retry.RetryPolicy.decide`'s answer, for every failure: 408/409/5xx,
+timeouts, connection errors and unreadable bodies are failed attempts, retried up to
+`max_attempts` with exponential, jittered backoff, at least as late as the server asked
+(`retry-after-ms`, `retry-after`; at most 120 s); `x-should-retry` overrides the status. A
+wait the server asks for holds back every request to the endpoint, including those that were
+already waiting for a concurrency slot. A 429 is not a failed attempt: it halves concurrency
+(AIMD) and is retried for as long as the server keeps answering 429, up to `MAX_THROTTLED`
+seconds in a row for one request; then the job pauses (`EndpointDown`), items pending, as it
+does at once for OpenAI's `insufficient_quota`.
 What still fails comes back as a permanent error ("gave up after N attempts"), so the runner
 does not multiply the tries; every answer and error carries `attempts`, the requests sent
 for it, which the ledger records. Other 4xx fail the item at once with the server's message.
@@ -34,18 +35,13 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ..errors import EndpointDown, InvalidOutput, KeyRefused, PermanentError, TransientError, redact
-from ..retry import Backoff
+from ..retry import MAX_THROTTLED, Fault, RetryPolicy
 from . import providers
 from .cache import ResponseCache
 from .limits import AIMD, RateLimiter
 from .providers import Failure, sdk_failure, transport_failure
 from .requests import Answer, LLMTask, Request, answer_from_body
 from .tokens import count_request_tokens
-
-MAX_SERVER_WAIT = 120.0  # a longer retry-after is capped (the OpenAI SDK gives up instead)
-# One request answered 429 for this long in a row: the server is not going to let us in soon
-# (a daily quota, an account limit). The job pauses, items pending, rather than failing them.
-MAX_THROTTLED = 1800.0
 
 
 class APIError(PermanentError):
@@ -107,8 +103,9 @@ class RealtimePredictor:
     ) -> None:
         self.provider, self.base_url = provider, base_url
         self.api = providers.provider(provider)
-        self.backoff = Backoff(max_attempts, backoff_base, backoff_max)
-        self.max_throttled = max_throttled
+        self.policy = RetryPolicy(
+            max_attempts, backoff_base, backoff_max, max_throttled=max_throttled
+        )
         self.cache, self.task, self.repair, self.down_after = cache, task, repair, down_after
         self.model = task.model if task is not None else ""
         self._secret = api_key
@@ -258,11 +255,8 @@ class RealtimePredictor:
         estimate = count_request_tokens(request.endpoint, request.body, self.model)
         estimate += int(request.body.get("max_tokens") or 0)
         tries = failures = throttles = 0  # requests sent; failed attempts; 429s in a row
-        throttled_since = 0.0
-        last = ""
+        throttled_since: float | None = None
         while True:
-            server_wait: float | None = None
-            throttled = False
             async with self.aimd.slot():
                 # The limiter last, right before the send: a retry-after that came back while
                 # this request waited for its slot holds it back too.
@@ -276,10 +270,10 @@ class RealtimePredictor:
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
-                    verdict = self._classify(exc)
-                    if isinstance(verdict, BaseException):
-                        return _tried(verdict, tries)
-                    last, server_wait, throttled = verdict
+                    failure = self._failure(exc)
+                    if isinstance(failure, BaseException):
+                        return _tried(failure, tries)
+                    last = self._describe(failure, exc)
                 else:
                     self._consecutive_down = 0
                     self.stats.ok += 1
@@ -290,30 +284,32 @@ class RealtimePredictor:
                     if cache and self.cache is not None:
                         self.cache.put(request.key, body, answer.input_tokens, answer.output_tokens)
                     return replace(answer, attempts=tries)
-            if throttled:  # not a failed attempt: wait, for as long as the server says so
-                now = time.monotonic()
+            now = time.monotonic()
+            if failure.kind == "throttled":  # not a failed attempt (see RetryPolicy)
                 throttles += 1
                 throttled_since = throttled_since or now
-                if now - throttled_since >= self.max_throttled:
-                    self._pause(
-                        f"rate limited for {now - throttled_since:.0f} s in a row ({last}); "
-                        "the job is paused, items stay pending: run it again later"
-                    )
-                    return _tried(TransientError(self._down or last), tries)
-                wait = self.backoff.delay(throttles)
             else:
-                throttles, throttled_since = 0, 0.0
+                throttles, throttled_since = 0, None
                 failures += 1
-                if not self.backoff.can_retry(failures):
-                    break
-                wait = self.backoff.delay(failures)
-            self.stats.retries += 1
-            await asyncio.sleep(max(wait, server_wait or 0.0))
-        message = f"gave up after {tries} attempts"
-        if tries > failures:
-            message += f" ({tries - failures} answered 429, not counted toward max_attempts)"
-        message += f": {last}"
-        return _tried(RetriesExhausted(self._redact(message)), tries)
+            decision = self.policy.decide(
+                throttles or failures, failure, now, since=throttled_since
+            )
+            if decision.retry:
+                if decision.hint is not None:
+                    self.limiter.penalize(decision.hint)  # everyone waits, not this one only
+                self.stats.retries += 1
+                await asyncio.sleep(decision.wait)
+                continue
+            if decision.reason == "exhausted":
+                message = f"gave up after {tries} attempts"
+                if tries > failures:
+                    message += (
+                        f" ({tries - failures} answered 429, not counted toward max_attempts)"
+                    )
+                return _tried(RetriesExhausted(self._redact(f"{message}: {last}")), tries)
+            return _tried(
+                self._stop(decision.reason, failure, last, now - (throttled_since or now)), tries
+            )
 
     async def _post(self, request: Request) -> dict[str, Any]:
         path = request.endpoint.removeprefix(self.api.base_url_path)
@@ -322,48 +318,62 @@ class RealtimePredictor:
             raise ValueError(f"the answer is not a JSON object: {str(body)[:80]!r}")
         return body
 
-    def _classify(self, exc: Exception) -> tuple[str, float | None, bool] | BaseException:
-        """(message, server-asked delay, answered 429) to retry, or the exception that ends
-        the item's tries."""
+    def _failure(self, exc: Exception) -> Failure | Fault | BaseException:
+        """The failure to decide about, or the exception that ends the item's tries (a bug).
+        Counts what the endpoint's health needs: connection failures in a row, 429s."""
         failure = sdk_failure(exc) or _own_failure(exc)
         if failure is None:
             if isinstance(exc, json.JSONDecodeError | ValueError):  # a proxy's HTML page, say
                 self._consecutive_down = 0
-                return f"unreadable answer: {self._redact(str(exc))[:120]}", None, False
+                return Fault("unreadable")
             return PermanentError(self._redact(f"{type(exc).__name__}: {exc}"))
         if failure.kind == "unreachable":
-            return self._unreachable(failure.cause)
+            self._unreachable(failure.cause)
+            return failure
         self._consecutive_down = 0
-        if failure.status is None:  # timed out: a slow answer, the server is up
-            return failure.cause, None, False
-        status, message = failure.status, self._redact(failure.message)
-        if failure.kind == "key_refused":  # the key, not this record: stop sending
-            if self._refused is None:
-                self._refused = KeyRefused(status, message)
-            self._pause(f"HTTP {status}: {message}")
-            return KeyRefused(status, message)
-        if failure.should_retry is False:  # the server's word beats the status code
-            return APIError(status, message)
-        if failure.kind == "out_of_quota":
-            self._pause(
-                f"HTTP 429: {message} (the account is out of credit); the job is paused,"
-                " items stay pending: run it again once the quota is raised"
-            )
-            return TransientError(self._down or message)
-        wait = failure.retry_after
-        if wait is not None:
-            wait = min(wait, MAX_SERVER_WAIT)
-            self.limiter.penalize(wait)  # everyone waits, not just this request
-        throttled = failure.kind == "throttled"
-        if throttled:
+        if failure.kind == "throttled":
             self.stats.throttled += 1
             self.aimd.on_throttle()
             self.stats.concurrency = self.aimd.limit
-        if failure.should_retry or throttled or failure.kind == "retryable":
-            return f"HTTP {status}: {message}", wait, throttled
+        return failure
+
+    def _describe(self, failure: Failure | Fault, exc: Exception) -> str:
+        """The failure in the words of the item's error."""
+        if isinstance(failure, Fault):  # unreadable
+            return f"unreadable answer: {self._redact(str(exc))[:120]}"
+        if failure.kind == "unreachable":
+            return f"connection error: {self._redact(failure.cause)}"
+        if failure.status is None:  # timed out: a slow answer, the server is up
+            return failure.cause
+        return f"HTTP {failure.status}: {self._redact(failure.message)}"
+
+    def _stop(
+        self, reason: str, failure: Failure | Fault, last: str, throttled_for: float
+    ) -> BaseException:
+        """The error that ends an item's tries without exhausting them (RetryPolicy's
+        give_up or pause): the job pauses for a refused key, no credit, or 429s too long."""
+        status = getattr(failure, "status", None) or 0
+        message = self._redact(getattr(failure, "message", "") or last)
+        if reason == "key_refused":  # the key, not this record: stop sending
+            if self._refused is None:
+                self._refused = KeyRefused(status, message)
+            self._pause(last)
+            return KeyRefused(status, message)
+        if reason == "out_of_quota":
+            self._pause(
+                f"{last} (the account is out of credit); the job is paused,"
+                " items stay pending: run it again once the quota is raised"
+            )
+            return TransientError(self._down or message)
+        if reason == "throttled_too_long":
+            self._pause(
+                f"rate limited for {throttled_for:.0f} s in a row ({last}); "
+                "the job is paused, items stay pending: run it again later"
+            )
+            return TransientError(self._down or last)
         return APIError(status, message)
 
-    def _unreachable(self, detail: str) -> tuple[str, None, bool]:
+    def _unreachable(self, detail: str) -> None:
         """One more connection failure in a row; `down_after` of them: the endpoint is down."""
         self._consecutive_down += 1
         detail = self._redact(detail)
@@ -373,7 +383,6 @@ class RealtimePredictor:
                 f"cannot reach {where}: {detail} ({self._consecutive_down} requests in a row); "
                 "the job is paused, items stay pending: run it again to resume"
             )
-        return f"connection error: {detail}", None, False
 
     def _pause(self, reason: str) -> None:
         """Stop sending: what is in flight is cancelled, `process()` raises EndpointDown."""

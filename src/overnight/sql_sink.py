@@ -1,0 +1,445 @@
+"""Export results to a database table: `[output] url`, `table`, `mode`, `columns`, `errors_table`.
+
+`mode = "upsert"` inserts or updates one row per result, keyed by the id column, in a table
+created when missing (the id's type, TEXT, BIGINT, FLOAT, JSON/JSONB for objects, REAL[] on
+PostgreSQL for embeddings); rows whose id is no longer a good result (gone from the source,
+or failed since) are deleted. `mode = "update"` sets columns of existing rows (the source table
+itself, say), adding the columns when missing; a failed record's columns are set to NULL.
+
+Rows are written in transactions of `BATCH` rows: a kill during the write leaves every row
+either as it was or as the ledger has it, and the next export (a rerun, or `overnight export`)
+writes them all again: the export is idempotent.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.engine import URL
+
+from . import results
+from .sql_source import _unplain
+from .sqldb import SqlError, connect, parse_url, python_type, reflect, safe_url, scrub, split_table
+from .store import Ledger
+
+log = logging.getLogger(__name__)
+
+BATCH = 1000
+
+
+@dataclass
+class SqlSink:
+    url: URL
+    table: str
+    mode: str
+    columns: dict[str, str] | None  # target column -> result or input field
+    errors_table: str | None
+    id_name: str  # the id column
+    include: list[str]
+
+    @classmethod
+    def from_spec(cls, output: Any, base_dir: Path, id_name: str) -> SqlSink:
+        return cls(
+            parse_url(output.url, base_dir, "[output] url"),
+            output.table,
+            output.mode,
+            dict(output.columns) if output.columns is not None else None,
+            output.errors_table,
+            id_name,
+            list(output.include),
+        )
+
+    @property
+    def where(self) -> str:
+        return f"table {self.table} at {safe_url(self.url)}"
+
+    @property
+    def dialect(self) -> str:
+        return self.url.get_backend_name()
+
+    def check(self) -> None:
+        """Connects (exit 2 naming [output] url otherwise); update mode: the table exists and
+        has the id column."""
+        with connect(self.url, "[output] url") as conn:
+            if self.mode == "update":
+                self._existing(conn)
+
+    def _existing(self, conn: sa.Connection) -> sa.Table:
+        table = reflect(conn, self.table, "[output] table", self.url)
+        if table is None:
+            raise SqlError(
+                f"[output] table: no table {self.table!r} in {safe_url(self.url)}"
+                ' (mode = "update" sets columns of existing rows)'
+            )
+        if self.id_name not in table.c:
+            raise SqlError(f"[output] table: {self.table} has no id column {self.id_name!r}")
+        return table
+
+    # -- rows -----------------------------------------------------------------------------
+
+    def _rows(self, ledger: Ledger, job_id: int) -> Iterator[tuple[Any, dict[str, Any], set[str]]]:
+        """(id value, {field: value}, the input's fields) per good result: the result's
+        fields over the input record's."""
+        for custom_id, result, payload, vector in ledger.iter_results(job_id, with_payload=True):
+            fields = results.decode(result, vector)
+            record = orjson.loads(payload) if payload else {}
+            value = record.get(self.id_name, custom_id)
+            if "scores" in fields and "confidence" not in fields:
+                scores = fields["scores"]
+                if isinstance(scores, dict):
+                    fields["confidence"] = scores.get(fields.get("output"))
+            yield value, {**record, **fields}, set(record)
+
+    def _mapping(self, first: dict[str, Any] | None, record_fields: set[str]) -> dict[str, str]:
+        if self.columns is not None:
+            if first is not None:
+                unknown = [f for f in self.columns.values() if f not in first]
+                if unknown:
+                    result = sorted(set(first) - record_fields)
+                    raise SqlError(
+                        f"[output] columns: {unknown[0]!r} is neither a result field"
+                        f" ({', '.join(result)}) nor an input field"
+                    )
+            return dict(self.columns)
+        fields = [f for f in (first or {"output": None}) if f not in record_fields]
+        mapping = {f: f for f in fields if f not in ("confidence",)}
+        mapping.update({f: f for f in self.include})
+        return mapping
+
+    # -- column types -------------------------------------------------------------------
+
+    def _type(self, value: Any, is_id: bool = False) -> Any:
+        mysql = self.dialect in ("mysql", "mariadb")
+        if isinstance(value, bool):
+            return sa.Boolean()
+        if isinstance(value, int):
+            return sa.BigInteger()
+        if isinstance(value, float):
+            return sa.Float()
+        if isinstance(value, np.ndarray) or (
+            isinstance(value, list)
+            and value
+            and all(isinstance(v, float | int) and not isinstance(v, bool) for v in value)
+        ):
+            if self.dialect == "postgresql":
+                return postgresql.ARRAY(sa.REAL())
+            return sa.JSON()
+        if isinstance(value, dict | list):
+            return postgresql.JSONB() if self.dialect == "postgresql" else sa.JSON()
+        if is_id and mysql:
+            return sa.String(255)  # MySQL keys need a length
+        return sa.Text()
+
+    def _create(
+        self, conn: sa.Connection, mapping: dict[str, str], first: tuple[Any, dict] | None
+    ) -> sa.Table:
+        schema, name = split_table(self.table)
+        values = first[1] if first else {}
+        cols = [
+            sa.Column(
+                self.id_name,
+                self._type(first[0] if first else "", True),
+                primary_key=True,
+                autoincrement=False,
+            )
+        ]
+        for target, source in mapping.items():
+            if target != self.id_name:
+                cols.append(sa.Column(target, self._type(values.get(source))))
+        table = sa.Table(name, sa.MetaData(), *cols, schema=schema)
+        try:
+            with conn.begin():
+                table.create(conn, checkfirst=True)
+        except sa.exc.DBAPIError as exc:
+            raise SqlError(
+                f"[output] table: cannot create {self.where}: {scrub(str(exc.orig), self.url)}"
+            ) from None
+        log.info("created %s", self.where)
+        return self._reflect(conn)
+
+    def _add_columns(
+        self, conn: sa.Connection, table: sa.Table, mapping: dict[str, str], values: dict
+    ) -> sa.Table:
+        missing = [t for t in mapping if t not in table.c]
+        if not missing:
+            return table
+        prep = conn.dialect.identifier_preparer
+        for target in missing:
+            kind = self._type(values.get(mapping[target])).compile(dialect=conn.dialect)
+            try:
+                with conn.begin():
+                    conn.execute(
+                        sa.text(
+                            f"ALTER TABLE {prep.format_table(table)}"
+                            f" ADD COLUMN {prep.quote(target)} {kind}"
+                        )
+                    )
+            except sa.exc.DBAPIError as exc:
+                raise SqlError(
+                    f"[output] columns: cannot add column {target!r} to {self.where}:"
+                    f" {scrub(str(exc.orig), self.url)}"
+                ) from None
+            log.info("added column %s (%s) to %s", target, kind, self.where)
+        return self._reflect(conn)
+
+    def _reflect(self, conn: sa.Connection) -> sa.Table:
+        table = reflect(conn, self.table, "[output] table", self.url)
+        assert table is not None
+        return table
+
+    # -- writing ------------------------------------------------------------------------
+
+    def _cell(self, value: Any, column: sa.Column) -> Any:
+        if isinstance(value, np.ndarray):
+            value = value.tolist()
+        if isinstance(value, dict | list):
+            kind = column.type
+            if isinstance(kind, sa.JSON | sa.ARRAY):
+                return value
+            return orjson.dumps(value).decode()
+        if isinstance(value, str | int | float) and not isinstance(value, bool):
+            want = python_type(column)
+            if want is not None and want is not type(value) and want in (int, float, str):
+                return _unplain(value, want)
+        return value
+
+    def _statement(self, table: sa.Table, targets: list[str]) -> Any:
+        if self.mode == "update":
+            # Rows that already hold their values are not touched (nor their triggers).
+            values = {
+                t: sa.bindparam(f"_v_{i}", type_=table.c[t].type) for i, t in enumerate(targets)
+            }
+            return (
+                table.update()
+                .where(table.c[self.id_name] == sa.bindparam("_overnight_id"))
+                .where(sa.or_(*(self._differs(table.c[t], v) for t, v in values.items())))
+                .values(values)
+            )
+        if self.dialect in ("mysql", "mariadb"):
+            from sqlalchemy.dialects import mysql
+
+            stmt = mysql.insert(table)
+            return stmt.on_duplicate_key_update({t: stmt.inserted[t] for t in targets})
+        if self.dialect == "sqlite":
+            from sqlalchemy.dialects import sqlite
+
+            stmt = sqlite.insert(table)
+        else:  # postgresql, duckdb
+            stmt = postgresql.insert(table)
+        if not targets:
+            return stmt.on_conflict_do_nothing(index_elements=[self.id_name])
+        # A row that already holds these values is left alone: a rerun that changed a few
+        # results rewrites a few rows, not the table (no dead tuples on PostgreSQL).
+        changed = sa.or_(*(self._differs(table.c[t], stmt.excluded[t]) for t in targets))
+        return stmt.on_conflict_do_update(
+            index_elements=[self.id_name],
+            set_={t: stmt.excluded[t] for t in targets},
+            where=changed,
+        )
+
+    def _differs(self, old: Any, new: Any) -> Any:
+        # PostgreSQL's json (not jsonb) has no equality: compared as text.
+        kind = old.type
+        if (
+            self.dialect == "postgresql"
+            and isinstance(kind, sa.JSON)
+            and not isinstance(kind, postgresql.JSONB)
+        ):
+            return sa.cast(old, sa.Text).is_distinct_from(sa.cast(new, sa.Text))
+        return old.is_distinct_from(new)
+
+    def _params(
+        self, table: sa.Table, targets: list[str], mapping: dict[str, str], value: Any, row: dict
+    ) -> dict:
+        id_col = table.c[self.id_name]
+        ident = _unplain(value, python_type(id_col))
+        if self.mode == "update":
+            out = {"_overnight_id": ident}
+            for i, t in enumerate(targets):
+                out[f"_v_{i}"] = self._cell(row.get(mapping[t]), table.c[t])
+            return out
+        out = {self.id_name: ident}
+        for t in targets:
+            out[t] = self._cell(row.get(mapping[t]), table.c[t])
+        return out
+
+    def _write(
+        self, conn: sa.Connection, stmt: Any, batch: list[dict], keep: sa.Table | None = None
+    ) -> None:
+        try:
+            with conn.begin():
+                conn.execute(stmt, batch)
+                if keep is not None:
+                    conn.execute(keep.insert(), [{"id": p[self.id_name]} for p in batch])
+        except sa.exc.DBAPIError as exc:
+            hint = ""
+            if self.mode == "upsert" and "conflict" in str(exc.orig).lower():
+                hint = f" (the table needs a primary key or unique index on {self.id_name!r})"
+            raise SqlError(
+                f"[output] table: cannot write {self.where}:"
+                f" {scrub(str(exc.orig), self.url)}{hint}."
+                " The results are kept in the ledger: once this is fixed, `overnight export`"
+                " writes them"
+            ) from None
+
+    def export(self, ledger: Ledger, job_id: int) -> int:
+        """Write every good result; returns the rows written."""
+        rows = self._rows(ledger, job_id)
+        first = next(rows, None)
+        record_fields = first[2] if first else set()
+        mapping = self._mapping(first[1] if first else None, record_fields)
+        mapping.pop(self.id_name, None)
+        with connect(self.url, "[output] url") as conn:
+            if self.mode == "update":
+                table = self._existing(conn)
+            else:
+                table = reflect(conn, self.table, "[output] table", self.url)
+                if table is None:
+                    table = self._create(conn, mapping, first)
+                elif self.id_name not in table.c:
+                    raise SqlError(
+                        f"[output] table: {self.table} has no id column {self.id_name!r}"
+                    )
+            table = self._add_columns(conn, table, mapping, first[1] if first else {})
+            targets = list(mapping)
+            stmt = self._statement(table, targets)
+            # Upsert: the ids written go to a temporary table too, so the rows no longer
+            # among them can be deleted at the end without holding the ids in memory.
+            keep = self._keep_table(conn, table) if self.mode == "upsert" else None
+            try:
+                batch: list[dict] = []
+                n = 0
+                pending = [first] if first is not None else []
+                for value, row, _ in _chain(pending, rows):
+                    batch.append(self._params(table, targets, mapping, value, row))
+                    n += 1
+                    if len(batch) >= BATCH:
+                        self._write(conn, stmt, batch, keep)
+                        batch = []
+                if batch:
+                    self._write(conn, stmt, batch, keep)
+                if keep is not None:
+                    self._delete_others(conn, table, keep, n)
+                else:
+                    self._clear_failed(conn, table, targets, ledger, job_id)
+            finally:
+                if keep is not None:
+                    self._drop(conn, keep)
+        return n
+
+    def _keep_table(self, conn: sa.Connection, table: sa.Table) -> sa.Table:
+        kind = table.c[self.id_name].type
+        if self.dialect in ("mysql", "mariadb") and isinstance(kind, sa.Text):
+            kind = sa.String(255)  # a MySQL key needs a length
+        keep = sa.Table(
+            f"overnight_keep_{secrets.token_hex(4)}",
+            sa.MetaData(),
+            sa.Column("id", kind, primary_key=True, autoincrement=False),
+            prefixes=["TEMPORARY"],
+        )
+        try:
+            with conn.begin():
+                keep.create(conn)
+        except sa.exc.DBAPIError as exc:
+            raise SqlError(
+                f"[output] url: cannot create a temporary table at {safe_url(self.url)}:"
+                f" {scrub(str(exc.orig), self.url)}"
+            ) from None
+        return keep
+
+    def _drop(self, conn: sa.Connection, keep: sa.Table) -> None:
+        try:
+            if conn.in_transaction():
+                conn.rollback()
+            with conn.begin():
+                keep.drop(conn, checkfirst=False)
+        except sa.exc.SQLAlchemyError:  # the connection is gone: so is its temporary table
+            log.debug("could not drop %s", keep.name, exc_info=True)
+
+    def _delete_others(self, conn: sa.Connection, table: sa.Table, keep: sa.Table, n: int) -> None:
+        """Rows whose id is not a good result now: gone from the source, or failed since."""
+        id_col = table.c[self.id_name]
+        total = conn.execute(sa.select(sa.func.count()).select_from(table)).scalar() or 0
+        conn.rollback()
+        if total <= n:  # every row in it was just written
+            return
+        stale = table.delete().where(~sa.exists().where(keep.c.id == id_col))
+        with conn.begin():
+            gone = conn.execute(stale).rowcount
+        log.info("deleted %d rows no longer in the results from %s", gone, self.where)
+
+    def _clear_failed(
+        self, conn: sa.Connection, table: sa.Table, targets: list[str], ledger: Ledger, job_id: int
+    ) -> None:
+        """Update mode: a record that failed (since its last good result) holds no result."""
+        if not targets:
+            return
+        kind = python_type(table.c[self.id_name])
+        ids = [
+            _unplain(f.custom_id, kind)
+            for f in ledger.iter_failures(job_id)
+            if f.custom_id is not None and f.error_class != "input_error"
+        ]
+        stmt = (
+            table.update()
+            .where(table.c[self.id_name] == sa.bindparam("_overnight_id"))
+            .values({t: None for t in targets})
+        )
+        for i in range(0, len(ids), BATCH):
+            self._write(conn, stmt, [{"_overnight_id": v} for v in ids[i : i + BATCH]])
+
+    def export_errors(self, ledger: Ledger, job_id: int) -> int:
+        """Replace the errors table's rows with the job's failures, in one transaction."""
+        assert self.errors_table is not None
+        mysql = self.dialect in ("mysql", "mariadb")
+        schema, name = split_table(self.errors_table)
+        table = sa.Table(
+            name,
+            sa.MetaData(),
+            sa.Column("id", sa.String(255) if mysql else sa.Text()),
+            sa.Column("line", sa.BigInteger()),
+            sa.Column("state", sa.String(32)),
+            sa.Column("error_class", sa.String(255) if mysql else sa.Text()),
+            sa.Column("message", sa.Text()),
+            sa.Column("attempts", sa.Integer()),
+            schema=schema,
+        )
+        rows = [
+            {
+                "id": f.custom_id,
+                "line": f.line,
+                "state": f.state,
+                "error_class": f.error_class,
+                "message": f.message,
+                "attempts": f.attempts,
+            }
+            for f in ledger.iter_failures(job_id)
+        ]
+        with connect(self.url, "[output] url") as conn:
+            try:
+                with conn.begin():
+                    table.create(conn, checkfirst=True)
+                with conn.begin():
+                    conn.execute(table.delete())
+                    if rows:
+                        conn.execute(table.insert(), rows)
+            except sa.exc.DBAPIError as exc:
+                raise SqlError(
+                    f"[output] errors_table: cannot write {self.errors_table} at"
+                    f" {safe_url(self.url)}: {scrub(str(exc.orig), self.url)}"
+                ) from None
+        return len(rows)
+
+
+def _chain(first: list[Any], rest: Iterator[Any]) -> Iterator[Any]:
+    yield from first
+    yield from rest

@@ -1,0 +1,346 @@
+"""Read records from a database table or query: `[source] url`, `table` or `query`, `id`.
+
+Rows are streamed with keyset pagination on the id column (`WHERE id > :last ORDER BY id
+LIMIT n`), one short query per page, so memory stays bounded whatever the table's size and
+no transaction stays open while the model works. Each row's `Row.key` is where reading
+resumes after it: the ledger stores it as the ingest cursor, and an interrupted ingest goes on
+from the last committed id. A `query` is wrapped as a subquery for the keyset.
+
+A row becomes a JSON object (Decimal -> number, date/time -> ISO 8601, UUID -> text, bytes ->
+base64). A row whose id is NULL is an input error naming its row number, read after the others.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+from sqlalchemy.engine import URL
+
+from .records import Cursor, Row
+from .sqldb import SqlError, connect, parse_url, python_type, reflect, safe_url, scrub
+
+_PLAIN = (str, int, float, bool)
+_MISSING = object()
+
+
+def plain(value: Any) -> Any:
+    """A database value as JSON can hold it."""
+    if value is None or type(value) in _PLAIN:
+        return value
+    if isinstance(value, Decimal):
+        if value.is_finite() and value == value.to_integral_value():
+            return int(value)
+        return float(value)
+    if isinstance(value, dt.datetime | dt.date | dt.time):
+        return value.isoformat()
+    if isinstance(value, dt.timedelta):
+        return value.total_seconds()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, bytes | bytearray | memoryview):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    if isinstance(value, bool | int | float | str):  # numpy scalars, str subclasses
+        return value
+    return str(value)
+
+
+def _default(value: Any) -> Any:
+    """What orjson does not write itself (it writes dates, times and UUIDs as `plain` does)."""
+    converted = plain(value)
+    if converted is value:  # an int past 64 bits, ...
+        return str(value)
+    return converted
+
+
+def encode(values: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
+    """(payload, record) of a row: the record is the payload read back, so a record computed
+    fresh and one read back from the ledger on a resume are the same."""
+    try:
+        payload = orjson.dumps(values, default=_default)
+    except TypeError:
+        payload = orjson.dumps({k: plain(v) for k, v in values.items()}, default=str)
+    return payload, orjson.loads(payload)
+
+
+def _unplain(value: Any, kind: type | None) -> Any:
+    """A JSON value (an id or a high-water mark kept in the ledger) back as the column's
+    Python type, for a bound parameter."""
+    if value is None or kind is None or isinstance(value, kind):
+        return value
+    try:
+        if kind is uuid.UUID:
+            return uuid.UUID(str(value))
+        if kind is dt.datetime:
+            return dt.datetime.fromisoformat(str(value))
+        if kind is dt.date:
+            return dt.date.fromisoformat(str(value))
+        if kind is Decimal:
+            return Decimal(str(value))
+        if kind in (int, float, str):
+            return kind(value)
+    except (ValueError, TypeError):
+        return value
+    return value
+
+
+@dataclass
+class SqlSource:
+    url: URL
+    id: str
+    table: str | None = None
+    query: str | None = None
+    changed_since: str | None = None
+    # Columns this job writes back into the same table ([output] mode = "update"): not part
+    # of the record, or every write would make every row look changed to the next run.
+    exclude: frozenset[str] = frozenset()
+    _shape: tuple[Any, ...] | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_spec(
+        cls, source: Any, base_dir: Path, exclude: frozenset[str] = frozenset()
+    ) -> SqlSource:
+        query = source.query.strip().rstrip(";").strip() if source.query else None
+        return cls(
+            parse_url(source.url, base_dir, "[source] url"),
+            source.id,
+            source.table,
+            query,
+            source.changed_since,
+            exclude,
+        )
+
+    @property
+    def where(self) -> str:
+        """The table or query, for messages."""
+        what = f"table {self.table}" if self.table else "the query"
+        return f"{what} at {safe_url(self.url)}"
+
+    # -- shape: the selectable, its columns, and the id's type ----------------------------
+
+    def _load_shape(self, conn: sa.Connection) -> tuple[Any, ...]:
+        if self._shape is not None:
+            return self._shape
+        if self.table is not None:
+            table = reflect(conn, self.table, "[source] table", self.url)
+            if table is None:
+                raise SqlError(f"[source] table: no table {self.table!r} in {safe_url(self.url)}")
+            names = [c.name for c in table.columns]
+            columns = {c.name: c for c in table.columns}
+            source: Any = table
+            kinds = {n: python_type(c) for n, c in columns.items()}
+        else:
+            sub = f"({self.query}) AS overnight_q"
+            try:
+                names = list(conn.execute(sa.text(f"SELECT * FROM {sub} LIMIT 0")).keys())
+            except sa.exc.DBAPIError as exc:
+                conn.rollback()
+                raise SqlError(
+                    f"[source] query: the database refused it: {scrub(str(exc.orig), self.url)}"
+                ) from None
+            conn.rollback()
+            columns = {n: sa.column(n) for n in names}
+            source = sa.text(sub)
+            kinds = {}
+        for key, name in (("id", self.id), ("changed_since", self.changed_since)):
+            if name is not None and name not in columns:
+                shown = ", ".join(repr(n) for n in names[:12]) + (
+                    ", ..." if len(names) > 12 else ""
+                )
+                raise SqlError(
+                    f"[source] {key}: no column {name!r} in {self.where} (columns: {shown})"
+                )
+        selected = [columns[n] for n in names if n not in self.exclude or n == self.id]
+        self._shape = (source, selected, columns, kinds)
+        return self._shape
+
+    def _select(self, conn: sa.Connection) -> tuple[sa.Select, Any, dict[str, Any], dict]:
+        source, selected, columns, kinds = self._load_shape(conn)
+        return sa.select(*selected).select_from(source), columns[self.id], columns, kinds
+
+    def check(self) -> None:
+        """Connects, and finds the table (or runs the query) and its id column: SqlError
+        naming the key otherwise."""
+        self._shape = None  # the table may have changed since the last run: look again
+        database = self.url.database
+        if (
+            self.url.get_backend_name() in ("sqlite", "duckdb")
+            and database not in (None, "", ":memory:")
+            and not Path(database).exists()
+        ):  # connecting would create an empty one
+            raise SqlError(f"[source] url: no such database file: {database}")
+        with connect(self.url, "[source] url") as conn:
+            self._load_shape(conn)
+
+    # -- reading ----------------------------------------------------------------------
+
+    def _since(
+        self, query: sa.Select, columns: dict[str, Any], kinds: dict, since: Any
+    ) -> sa.Select:
+        if since is _MISSING or self.changed_since is None:
+            return query
+        if since is None:  # the table had no value at all last time: every row is new
+            return query.where(columns[self.changed_since].is_not(None))
+        kind = kinds.get(self.changed_since)
+        return query.where(columns[self.changed_since] > _unplain(since, kind))
+
+    def read(
+        self, start: Cursor = Cursor(), chunk: int = 2000, since: Any = _MISSING
+    ) -> Iterator[list[Row]]:
+        """Rows from `start` on; with `since`, only those whose `changed_since` is past it."""
+        state = orjson.loads(start.key) if start.key else {}
+        records = start.records
+        dumps = orjson.dumps
+        with connect(self.url, "[source] url") as conn:
+            base, id_col, columns, kinds = self._select(conn)
+            base = self._since(base, columns, kinds, since)
+            after = _unplain(state["after"], kinds.get(self.id)) if "after" in state else _MISSING
+            last_json = state.get("after", _MISSING)
+            if "nulls" not in state:
+                while True:
+                    query = base.where(id_col.is_not(None)).order_by(id_col).limit(chunk)
+                    if after is not _MISSING:
+                        query = query.where(id_col > after)
+                    page = self._fetch(conn, query)
+                    if not page:
+                        break
+                    rows = []
+                    for values in page:
+                        records += 1
+                        payload, record = encode(values)
+                        value = record[self.id]
+                        last_json = value
+                        key = dumps({"after": value}).decode()
+                        if value == "":
+                            rows.append(
+                                Row(
+                                    records,
+                                    None,
+                                    payload,
+                                    None,
+                                    f"row {records}: empty {self.id!r}",
+                                    0,
+                                    key,
+                                )
+                            )
+                        else:
+                            cid = value if type(value) is str else str(value)
+                            rows.append(Row(records, cid, payload, record, None, 0, key))
+                    after = values[self.id]
+                    yield rows
+                    if len(page) < chunk:
+                        break
+            # Rows without an id, last: each an input error with its row number.
+            nulls = state.get("nulls", 0)
+            while True:
+                query = base.where(id_col.is_(None)).limit(chunk).offset(nulls)
+                page = self._fetch(conn, query)
+                if not page:
+                    return
+                rows = []
+                for values in page:
+                    records += 1
+                    nulls += 1
+                    payload, _ = encode(values)
+                    mark = (
+                        {"nulls": nulls}
+                        if last_json is _MISSING
+                        else {"after": last_json, "nulls": nulls}
+                    )
+                    rows.append(
+                        Row(
+                            records,
+                            None,
+                            payload,
+                            None,
+                            f"row {records}: the id column {self.id!r} is NULL",
+                            0,
+                            dumps(mark).decode(),
+                        )
+                    )
+                yield rows
+                if len(page) < chunk:
+                    return
+
+    def _fetch(self, conn: sa.Connection, query: sa.Select) -> list[Any]:
+        try:
+            result = conn.execute(query)
+            names = [str(k) for k in result.keys()]  # noqa: SIM118 - str, not quoted_name (orjson)
+            page = [dict(zip(names, row, strict=True)) for row in result.all()]
+        except sa.exc.DBAPIError as exc:
+            conn.rollback()
+            key = "query" if self.query else "table"
+            raise SqlError(
+                f"[source] {key}: cannot read {self.where}: {scrub(str(exc.orig), self.url)}"
+            ) from None
+        conn.rollback()  # no transaction stays open between pages
+        return page  # type: ignore[return-value]
+
+    def read_ids(self, ids: list[str], chunk: int = 500) -> Iterator[Row]:
+        """The rows of these ids as they are now (the failed records an incremental run with
+        `changed_since` reads again); line numbers are left to the caller."""
+        with connect(self.url, "[source] url") as conn:
+            base, id_col, _, kinds = self._select(conn)
+            kind = kinds.get(self.id)
+            for i in range(0, len(ids), chunk):
+                part = ids[i : i + chunk]
+                if kind is not None:
+                    cond = id_col.in_([_unplain(v, kind) for v in part])
+                else:
+                    cond = sa.cast(id_col, sa.String).in_(part)
+                for values in self._fetch(conn, base.where(cond).order_by(id_col)):
+                    payload, record = encode(values)
+                    yield Row(0, str(record[self.id]), payload, record, None)
+
+    def count(self, since: Any = _MISSING) -> int:
+        with connect(self.url, "[source] url") as conn:
+            base, _, columns, kinds = self._select(conn)
+            query = sa.select(sa.func.count()).select_from(
+                self._since(base, columns, kinds, since).subquery()
+            )
+            try:
+                n = conn.execute(query).scalar()
+            finally:
+                conn.rollback()
+            return int(n or 0)
+
+    def high_water(self) -> Any:
+        """The largest value of the `changed_since` column now (as JSON), None when empty."""
+        assert self.changed_since is not None
+        with connect(self.url, "[source] url") as conn:
+            base, _, columns, _ = self._select(conn)
+            sub = base.subquery()
+            try:
+                value = conn.execute(sa.select(sa.func.max(sub.c[self.changed_since]))).scalar()
+            except sa.exc.DBAPIError as exc:
+                raise SqlError(
+                    f"[source] changed_since: cannot read it: {scrub(str(exc.orig), self.url)}"
+                ) from None
+            finally:
+                conn.rollback()
+            return plain(value)
+
+    def digest(self, chunk: int = 5000) -> tuple[int, str]:
+        """(rows, content hash) of the whole table or query, read as a run reads it: what
+        decides whether a rerun has anything to do."""
+        h = hashlib.blake2b(digest_size=16)
+        n = 0
+        for rows in self.read(Cursor(), chunk):
+            for row in rows:
+                h.update(row.payload or b"")
+                h.update(b"\n")
+            n += len(rows)
+        return n, h.hexdigest()

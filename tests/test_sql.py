@@ -1,0 +1,517 @@
+"""SQL in, SQL out (DESIGN.md "Data where it lives"): a table or query as the source, a table as
+the output, incremental reruns, and a kill during the write — against the real PostgreSQL
+(127.0.0.1:5432, db test, a schema per test) and MariaDB (127.0.0.1:3306, db test, a table
+prefix per test), and SQLite and DuckDB files."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+import overnight
+from overnight.errors import UsageError
+from overnight.records import Cursor
+from overnight.sql_source import SqlSource
+from overnight.sqldb import dispose_all, parse_url, reflect
+
+PG = "postgresql://127.0.0.1:5432/test"
+MARIA = "mysql+pymysql://root@127.0.0.1:3306/test"
+
+
+@dataclass
+class Db:
+    url: str
+    prefix: str  # "schema." (PostgreSQL) or "ov1234_" (MariaDB) or "" (files)
+    engine: sa.Engine
+
+    def name(self, table: str) -> str:
+        return self.prefix + table
+
+    def table(self, name: str) -> sa.Table:
+        with self.engine.connect() as conn:
+            table = reflect(conn, self.name(name), "table", sa.make_url(self.url))
+        assert table is not None
+        return table
+
+    def rows(self, name: str, *cols: str) -> dict:
+        table = self.table(name)
+        with self.engine.connect() as conn:
+            out = conn.execute(sa.select(table.c[cols[0]], *(table.c[c] for c in cols[1:])))
+            return {r[0]: tuple(r[1:]) if len(cols) > 2 else r[1] for r in out}
+
+    def execute(self, sql: str, params: list[dict] | dict | None = None) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(sa.text(sql), params or {})
+
+
+def sa_url(url: str) -> str:
+    return url.replace("postgresql://", "postgresql+psycopg://")
+
+
+@pytest.fixture
+def pg() -> Iterator[Db]:
+    schema = f"ov_{uuid.uuid4().hex[:10]}"
+    engine = sa.create_engine(sa_url(PG))
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
+    try:
+        yield Db(PG, f"{schema}.", engine)
+    finally:
+        dispose_all()
+        with engine.begin() as conn:
+            conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
+        engine.dispose()
+
+
+@pytest.fixture
+def maria() -> Iterator[Db]:
+    prefix = f"ov{uuid.uuid4().hex[:8]}_"
+    engine = sa.create_engine(MARIA)
+    try:
+        yield Db(MARIA, prefix, engine)
+    finally:
+        dispose_all()
+        with engine.begin() as conn:
+            names = conn.execute(
+                sa.text(
+                    "SELECT table_name FROM information_schema.tables"
+                    " WHERE table_schema = 'test' AND table_name LIKE :p"
+                ),
+                {"p": prefix + "%"},
+            ).scalars()
+            for name in list(names):
+                conn.execute(sa.text(f"DROP TABLE `{name}`"))
+        engine.dispose()
+
+
+@pytest.fixture
+def sqlite(tmp_path: Path) -> Iterator[Db]:
+    url = f"sqlite:///{tmp_path / 'data.db'}"
+    engine = sa.create_engine(url)
+    yield Db(url, "", engine)
+    dispose_all()
+    engine.dispose()
+
+
+@pytest.fixture
+def duck(tmp_path: Path) -> Iterator[Db]:
+    pytest.importorskip("duckdb_engine")
+    url = f"duckdb:///{tmp_path / 'data.duckdb'}"
+    engine = sa.create_engine(url)
+    yield Db(url, "", engine)
+    dispose_all()
+    engine.dispose()
+
+
+@pytest.fixture(params=["pg", "maria", "sqlite", "duck"])
+def db(request: pytest.FixtureRequest) -> Db:
+    return request.getfixturevalue(request.param)
+
+
+def make_source(db: Db, n: int, name: str = "src", updated: bool = False) -> None:
+    cols = [
+        sa.Column("id", sa.BigInteger, primary_key=True, autoincrement=False),
+        sa.Column("n", sa.Integer),
+        sa.Column("name", sa.String(100)),
+        sa.Column("price", sa.Numeric(10, 2)),
+        sa.Column("created", sa.DateTime),
+    ]
+    if updated:
+        cols.append(sa.Column("updated_at", sa.BigInteger))
+    schema, _, bare = db.name(name).rpartition(".")
+    table = sa.Table(bare, sa.MetaData(), *cols, schema=schema or None)
+    table.create(db.engine)
+    insert_rows(db, name, range(1, n + 1), updated)
+
+
+def insert_rows(db: Db, name: str, ids: range, updated: bool = False) -> None:
+    rows = [
+        {
+            "id": i,
+            "n": i,
+            "name": f"item {i}",
+            "price": Decimal(i) / 4,
+            "created": dt.datetime(2026, 1, 1, 12, 30) + dt.timedelta(days=i % 30),
+            **({"updated_at": 1} if updated else {}),
+        }
+        for i in ids
+    ]
+    table = db.table(name)
+    with db.engine.begin() as conn:
+        conn.execute(table.insert(), rows)
+
+
+def logging_function(tmp_path: Path, fail: int | None = None) -> tuple[str, Path]:
+    """fn(records) doubles `n` and appends each record's id to calls.log (a record whose n is
+    `fail` raises: that one record fails)."""
+    name = f"fn_{uuid.uuid4().hex[:8]}"
+    log = tmp_path / "calls.log"
+    (tmp_path / f"{name}.py").write_text(
+        f"""
+def fn(records):
+    with open({str(log)!r}, "a") as f:
+        f.write("".join(str(r["id"]) + "\\n" for r in records))
+    if any(r["n"] == {fail!r} for r in records):
+        raise ValueError("bad n")
+    return [r["n"] * 2 for r in records]
+"""
+    )
+    return f"{name}:fn", log
+
+
+def calls(log: Path) -> list[str]:
+    """The ids computed since the last call (and forget them)."""
+    if not log.exists():
+        return []
+    ids = log.read_text().split()
+    log.unlink()
+    return ids
+
+
+def job_for(db: Db, tmp_path: Path, function: str, **extra: dict) -> overnight.Job:
+    spec: dict = {
+        "name": "sqljob",
+        "source": {"url": db.url, "table": db.name("src"), "id": "id"},
+        "model": {"backend": "python", "function": function},
+        "run": {"batch_size": 500},
+        "output": {
+            "url": db.url,
+            "table": db.name("results"),
+            "columns": {"doubled": "output", "name": "name", "price": "price"},
+        },
+    }
+    for section, values in extra.items():
+        spec.setdefault(section, {}).update(values)
+    return overnight.Job(spec, base_dir=tmp_path, state=tmp_path / "ledger.db")
+
+
+def test_round_trip_and_incremental_rerun(db: Db, tmp_path: Path) -> None:
+    """Table in, table out; then 5 inserted, 2 updated, 1 deleted: exactly 7 computed, and
+    the deleted id leaves the results table."""
+    make_source(db, 50)
+    fn, log = logging_function(tmp_path)
+    job = job_for(db, tmp_path, fn)
+    report = job.run()
+    assert report.exit_code == 0, job.failures()
+    assert len(calls(log)) == 50
+    got = db.rows("results", "id", "doubled", "name", "price")
+    assert got == {i: (2 * i, f"item {i}", pytest.approx(i / 4)) for i in range(1, 51)}
+
+    insert_rows(db, "src", range(51, 56))
+    src = db.name("src")
+    db.execute(f"UPDATE {src} SET n = 1000 + id WHERE id IN (3, 4)")
+    db.execute(f"DELETE FROM {src} WHERE id = 1")
+    dispose_all()
+    report = job.run()
+    assert report.exit_code == 0
+    assert sorted(map(int, calls(log))) == [3, 4, 51, 52, 53, 54, 55]
+    want = {i: 2 * i for i in range(2, 56)} | {3: 2006, 4: 2008}
+    assert db.rows("results", "id", "doubled") == want
+    assert report.counts.total == 54
+
+    dispose_all()
+    assert job.run().exit_code == 0  # nothing changed: nothing computed
+    assert calls(log) == []
+
+
+def test_three_thousand_rows_then_1000_new_and_100_changed(pg: Db, tmp_path: Path) -> None:
+    make_source(pg, 3000)
+    fn, log = logging_function(tmp_path)
+    job = job_for(pg, tmp_path, fn, run={"batch_size": 1000})
+    assert job.run().exit_code == 0
+    assert len(calls(log)) == 3000
+    insert_rows(pg, "src", range(3001, 4001))
+    pg.execute(f"UPDATE {pg.name('src')} SET n = -id WHERE id % 30 = 0")  # 100 rows
+    report = job.run()
+    assert report.exit_code == 0
+    computed = calls(log)
+    assert len(computed) == 1100 and len(set(computed)) == 1100
+    want = {i: (-2 * i if i % 30 == 0 else 2 * i) for i in range(1, 4001)}
+    assert pg.rows("results", "id", "doubled") == want
+
+
+def test_changed_since_reads_only_rows_past_the_high_water_mark(pg: Db, tmp_path: Path) -> None:
+    make_source(pg, 3000, updated=True)
+    fn, log = logging_function(tmp_path)
+    job = job_for(pg, tmp_path, fn, source={"changed_since": "updated_at"})
+    report = job.run()
+    assert report.exit_code == 0 and len(calls(log)) == 3000
+    src = pg.name("src")
+    insert_rows(pg, "src", range(3001, 3011))
+    pg.execute(f"UPDATE {src} SET updated_at = 2 WHERE id > 3000")
+    pg.execute(f"UPDATE {src} SET n = -id, updated_at = 2 WHERE id IN (7, 8, 9)")
+    pg.execute(f"UPDATE {src} SET name = 'renamed', updated_at = 2 WHERE id = 10")
+    pg.execute(f"DELETE FROM {src} WHERE id = 1")  # not seen: no row says it is gone
+    report = job.run()
+    assert report.exit_code == 0
+    assert sorted(map(int, calls(log))) == [7, 8, 9, 10, *range(3001, 3011)]
+    assert any("read 14 rows changed since the last run" in n for n in report.notes), report.notes
+    got = pg.rows("results", "id", "doubled", "name")
+    assert len(got) == 3010  # id 1 kept its result (deletes need a run without changed_since)
+    assert got[7] == (-14, "item 7") and got[10] == (20, "renamed") and got[3005][0] == 6010
+
+    report = job.run()  # nothing past the mark: nothing read, nothing computed
+    assert report.exit_code == 0 and calls(log) == []
+
+
+def test_update_mode_writes_into_the_source_table_and_a_rerun_computes_nothing(
+    db: Db, tmp_path: Path
+) -> None:
+    pg = db
+    make_source(pg, 40)
+    fn, log = logging_function(tmp_path, fail=13)
+    output = {
+        "table": pg.name("src"),
+        "mode": "update",
+        "columns": {"doubled": "output"},
+        "errors_table": pg.name("errors"),
+    }
+    job = job_for(pg, tmp_path, fn, output=output)
+    report = job.run()
+    assert report.exit_code == 3  # n = 13 fails
+    calls(log)
+    got = pg.rows("src", "id", "doubled", "name")
+    assert got[5] == (10, "item 5") and got[13] == (None, "item 13") and len(got) == 40
+    assert pg.rows("errors", "id", "error_class") == {"13": "ValueError"}
+
+    report = job.run()  # the columns it wrote are not part of the records: nothing changed
+    assert calls(log) == []
+    assert report.counts["succeeded"] == 39
+
+
+def test_a_query_source_and_vectors_into_a_real_array(pg: Db, tmp_path: Path) -> None:
+    make_source(pg, 30)
+    name = f"vec_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(
+        "def fn(records):\n    return [[r['n'] / 2, 1.0] for r in records]\n"
+    )
+    job = job_for(
+        pg,
+        tmp_path,
+        f"{name}:fn",
+        source={"table": None, "query": f"SELECT id, n FROM {pg.name('src')} WHERE n % 3 = 0;"},
+        output={"columns": {"vec": "output", "n": "n"}},
+    )
+    assert job.run().exit_code == 0
+    assert pg.table("results").c.vec.type.__class__.__name__ == "ARRAY"
+    got = pg.rows("results", "id", "vec", "n")
+    assert got == {i: ([i / 2, 1.0], i) for i in range(3, 31, 3)}
+
+
+def test_keyset_resume_and_null_ids(sqlite: Db, tmp_path: Path) -> None:
+    sqlite.execute("CREATE TABLE src (id TEXT, n INTEGER, at DATE, blob BLOB)")
+    rows = [{"id": f"k{i:02d}", "n": i, "at": "2026-01-02", "blob": b"\x00\x01"} for i in range(25)]
+    rows.insert(5, {"id": None, "n": 99, "at": None, "blob": None})
+    sqlite.execute("INSERT INTO src VALUES (:id, :n, :at, :blob)", rows)
+    source = SqlSource(parse_url(sqlite.url, tmp_path, "[source] url"), "id", "src")
+    first = next(source.read(Cursor(), chunk=10))
+    assert [r.custom_id for r in first] == [f"k{i:02d}" for i in range(10)]
+    assert first[0].record == {"id": "k00", "n": 0, "at": "2026-01-02", "blob": "AAE="}
+    resumed = [r for rows in source.read(Cursor(10, 11, 0, first[-1].key), 10) for r in rows]
+    assert [r.custom_id for r in resumed] == [*(f"k{i:02d}" for i in range(10, 25)), None]
+    assert resumed[-1].line == 26 and resumed[-1].error == "row 26: the id column 'id' is NULL"
+
+    fn, _ = logging_function(tmp_path)
+    job = job_for(sqlite, tmp_path, fn, output={"columns": {"doubled": "output"}})
+    report = job.run()
+    assert report.exit_code == 3 and report.counts["succeeded"] == 25
+    (failure,) = job.failures()
+    assert failure.line == 26 and "is NULL" in failure.message
+
+
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        ({"source": {"url": "nosuchdb://x/y"}}, "[source] url"),
+        ({"source": {"url": "sqlite:///missing.db"}}, "[source] url: no such database file"),
+        ({"source": {"url": "postgresql://bob:hunter2@127.0.0.1:1/test"}}, "[source] url"),
+        ({"source": {"table": "no_such_table"}}, "[source] table"),
+        ({"source": {"id": "no_such_column"}}, "[source] id"),
+        ({"source": {"changed_since": "no_such_column"}}, "[source] changed_since"),
+        ({"source": {"table": None, "query": "SELECT nonsense FROM"}}, "[source] query"),
+        ({"output": {"url": "postgresql://bob:hunter2@127.0.0.1:1/test"}}, "[output] url"),
+        ({"output": {"mode": "update", "table": "no_such_table"}}, "[output] table"),
+        ({"source": {"id": None}}, "`id` is required for a SQL source"),
+        ({"output": {"mode": "update", "columns": None}}, 'mode = "update" needs `columns`'),
+    ],
+)
+def test_bad_keys_are_exit_2_naming_the_key(
+    sqlite: Db, tmp_path: Path, change: dict, key: str
+) -> None:
+    make_source(sqlite, 3)
+    fn, _ = logging_function(tmp_path)
+    with pytest.raises(UsageError) as err:
+        spec: dict = {
+            "source": {"url": sqlite.url, "table": "src", "id": "id"},
+            "model": {"backend": "python", "function": fn},
+            "output": {"url": sqlite.url, "table": "results", "columns": {"d": "output"}},
+        }
+        for section, values in change.items():
+            spec[section].update(values)
+            spec[section] = {k: v for k, v in spec[section].items() if v is not None}
+        overnight.Job(spec, base_dir=tmp_path, state=tmp_path / "ledger.db").run()
+    assert err.value.exit_code == 2
+    assert key in str(err.value)
+    assert "hunter2" not in str(err.value)
+
+
+def test_the_cli_says_a_refused_database_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "job.toml").write_text(
+        '[source]\nurl = "postgresql://bob:hunter2@127.0.0.1:1/test"\ntable = "t"\nid = "id"\n'
+        '[model]\nbackend = "python"\nfunction = "fn:fn"\n'
+    )
+    (tmp_path / "fn.py").write_text("def fn(records):\n    return records\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "overnight", "run", str(tmp_path / "job.toml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "[source] url: cannot connect to postgresql+psycopg://bob:***@127.0.0.1:1/test" in (
+        done.stderr
+    )
+    assert "hunter2" not in done.stderr + done.stdout and "Traceback" not in done.stderr
+
+
+def test_kill_during_the_sink_write_then_rerun(pg: Db, tmp_path: Path) -> None:
+    """kill -9 while the results table is being written: every row in it is whole, and the
+    next run finishes the table without computing anything again."""
+    total = 40000
+    make_source(pg, total)
+    fn, log = logging_function(tmp_path)
+    results = pg.name("results")
+    (tmp_path / "job.toml").write_text(
+        f'name = "killed"\n[source]\nurl = "{pg.url}"\ntable = "{pg.name("src")}"\nid = "id"\n'
+        f'[model]\nbackend = "python"\nfunction = "{fn}"\n[run]\nbatch_size = 5000\n'
+        f'[output]\nurl = "{pg.url}"\ntable = "{results}"\ncolumns = {{ doubled = "output" }}\n'
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "overnight", "run", str(tmp_path / "job.toml")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    seen = 0
+    deadline = time.monotonic() + 60
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                seen = _count(pg, results)
+            except sa.exc.ProgrammingError:  # not created yet
+                seen = 0
+            if 0 < seen < total:
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.005)
+    finally:
+        if proc.poll() is None and not seen:
+            proc.kill()
+        proc.wait()
+    assert 0 < seen < total, f"the write was not caught in the middle ({seen} rows)"
+    written = pg.rows("results", "id", "doubled")
+    assert all(v == 2 * k for k, v in written.items())  # whole rows only
+    assert len(written) % 1000 == 0  # whole transactions of 1,000 rows
+    calls(log)
+
+    done = subprocess.run(
+        [sys.executable, "-m", "overnight", "run", str(tmp_path / "job.toml")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert calls(log) == []
+    assert pg.rows("results", "id", "doubled") == {i: 2 * i for i in range(1, total + 1)}
+
+
+def _count(db: Db, table: str) -> int:
+    with db.engine.connect() as conn:
+        return int(conn.execute(sa.text(f"SELECT count(*) FROM {table}")).scalar() or 0)
+
+
+def test_a_file_in_and_a_table_out_and_the_reverse(sqlite: Db, tmp_path: Path) -> None:
+    (tmp_path / "in.jsonl").write_text("".join(f'{{"id": "r{i}", "n": {i}}}\n' for i in range(5)))
+    fn, _ = logging_function(tmp_path)
+    job = job_for(
+        sqlite,
+        tmp_path,
+        fn,
+        source={"path": "in.jsonl", "url": None, "table": None},
+        output={"columns": None},
+    )
+    assert job.run().exit_code == 0
+    assert sqlite.rows("results", "id", "output") == {f"r{i}": 2 * i for i in range(5)}
+
+    make_source(sqlite, 4)
+    spec = {
+        "name": "tofile",
+        "source": {"url": sqlite.url, "table": "src", "id": "id"},
+        "model": {"backend": "python", "function": fn},
+        "output": {"path": "out.jsonl", "include": ["name"]},
+    }
+    job = overnight.Job(spec, base_dir=tmp_path, state=tmp_path / "ledger.db")
+    assert job.run().exit_code == 0
+    lines = (tmp_path / "out.jsonl").read_text().splitlines()
+    assert lines[0] == '{"id":"1","output":2,"name":"item 1"}' and len(lines) == 4
+
+
+def test_kill_during_ingest_resumes_after_the_last_committed_id(pg: Db, tmp_path: Path) -> None:
+    """kill -9 while the table is read and computed: the rerun goes on from the ingest
+    cursor's id (the rows already committed are not read or computed again)."""
+    total = 20000
+    make_source(pg, total)
+    log = tmp_path / "calls.log"
+    (tmp_path / "slow.py").write_text(
+        "import time\n"
+        "def fn(records):\n"
+        f"    with open({str(log)!r}, 'a') as f:\n"
+        "        f.write(''.join(str(r['id']) + '\\n' for r in records))\n"
+        "    time.sleep(0.05)\n"
+        "    return [r['n'] * 2 for r in records]\n"
+    )
+    (tmp_path / "job.toml").write_text(
+        f'name = "resumed"\n[source]\nurl = "{pg.url}"\ntable = "{pg.name("src")}"\nid = "id"\n'
+        '[model]\nbackend = "python"\nfunction = "slow:fn"\n[run]\nbatch_size = 500\n'
+        f'[output]\nurl = "{pg.url}"\ntable = "{pg.name("results")}"\n'
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "overnight", "run", str(tmp_path / "job.toml")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < deadline:
+        if log.exists() and len(log.read_text().split()) >= 6000:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait()
+    first = calls(log)
+    assert 6000 <= len(first) < total
+    done = subprocess.run(
+        [sys.executable, "-m", "overnight", "run", str(tmp_path / "job.toml")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    second = calls(log)
+    assert set(first) | set(second) == {str(i) for i in range(1, total + 1)}
+    # Resumed after the last committed id (what was computed but not yet committed when it
+    # was killed is computed again), not from the first row.
+    resumed = min(map(int, second))
+    assert 1 < resumed <= len(first) + 1
+    assert sorted(map(int, second)) == list(range(resumed, total + 1))
+    assert pg.rows("results", "id", "output") == {i: 2 * i for i in range(1, total + 1)}
