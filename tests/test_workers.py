@@ -52,8 +52,15 @@ def make_job(folder: Path, n: int, *, sleep: float = 0.02, run: str = "") -> Pat
     return job
 
 
-def start(job: Path) -> subprocess.Popen:
-    return job_helpers.start(job.parent, "run", str(job))
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger(request) -> str | None:
+    """Where the workers' ledger lives: the job's SQLite file (None), or a PostgreSQL URL."""
+    return None if request.param == "sqlite" else request.getfixturevalue("pg_ledger_url")
+
+
+def start(job: Path, ledger: str | None = None, command: str = "run") -> subprocess.Popen:
+    extra = ["--ledger", ledger] if ledger else []
+    return job_helpers.start(job.parent, command, str(job), *extra)
 
 
 def calls(folder: Path) -> list[tuple[str, int]]:
@@ -63,7 +70,15 @@ def calls(folder: Path) -> list[tuple[str, int]]:
     return [(i, int(p)) for i, p in (line.split() for line in log.read_text().splitlines())]
 
 
-def ledger_rows(folder: Path, sql: str, *args: object) -> list[tuple]:
+def ledger_rows(folder: Path, sql: str, *args: object, ledger: str | None = None) -> list[tuple]:
+    if ledger:
+        import psycopg
+
+        with psycopg.connect(ledger, autocommit=True) as con:
+            try:
+                return con.execute(sql.replace("?", "%s"), args).fetchall()
+            except psycopg.errors.UndefinedTable:  # not created yet
+                return []
     path = folder / ".overnight" / "ledger.db"
     if not path.exists():
         return []
@@ -76,8 +91,9 @@ def ledger_rows(folder: Path, sql: str, *args: object) -> list[tuple]:
         con.close()
 
 
-def ingest_done(folder: Path) -> bool:
-    return ledger_rows(folder, "SELECT ingest_done FROM jobs") == [(1,)]
+def ingest_done(folder: Path, ledger: str | None = None) -> bool:
+    rows = ledger_rows(folder, "SELECT ingest_done FROM jobs", ledger=ledger)
+    return [bool(r[0]) for r in rows] == [True]
 
 
 def wait(cond, timeout: float = 60.0) -> None:
@@ -100,10 +116,10 @@ def all_finished(procs: list[subprocess.Popen]) -> None:
     assert not any("Traceback" in r[2] for r in results)
 
 
-def test_three_workers_at_once_compute_each_record_once_and_share_the_work(tmp_path):
+def test_three_workers_at_once_compute_each_record_once_and_share_the_work(tmp_path, ledger):
     n = 600
     job = make_job(tmp_path, n)
-    procs = [start(job) for _ in range(3)]
+    procs = [start(job, ledger) for _ in range(3)]
     all_finished(procs)
     done = calls(tmp_path)
     assert sorted(i for i, _ in done) == sorted(f"r{i}" for i in range(n))  # each once
@@ -112,11 +128,11 @@ def test_three_workers_at_once_compute_each_record_once_and_share_the_work(tmp_p
     check_output(tmp_path, n)
 
 
-def test_kill_9_of_one_of_three_workers_costs_its_leases_only(tmp_path):
+def test_kill_9_of_one_of_three_workers_costs_its_leases_only(tmp_path, ledger):
     n = 3000
     job = make_job(tmp_path, n, run='lease_seconds = 2\nisolation = "none"')
-    procs = [start(job) for _ in range(3)]
-    wait(lambda: ingest_done(tmp_path) and len(calls(tmp_path)) >= 300)
+    procs = [start(job, ledger) for _ in range(3)]
+    wait(lambda: ingest_done(tmp_path, ledger) and len(calls(tmp_path)) >= 300)
     victim = next(p for p in reversed(procs) if p.pid in {pid for _, pid in calls(tmp_path)})
     victim.send_signal(signal.SIGKILL)
     victim.wait()
@@ -125,7 +141,7 @@ def test_kill_9_of_one_of_three_workers_costs_its_leases_only(tmp_path):
 
     def its_leases() -> int:
         sql = "SELECT count(*) FROM items WHERE state = 'leased' AND lease_owner LIKE ?"
-        return ledger_rows(tmp_path, sql, held)[0][0]
+        return ledger_rows(tmp_path, sql, held, ledger=ledger)[0][0]
 
     wait(lambda: its_leases() == 0, timeout=10)
     assert time.monotonic() - killed_at <= 2 + 1  # within the lease time
@@ -183,12 +199,12 @@ def test_a_lease_held_from_another_host_is_taken_once_it_expires(tmp_path):
     check_output(tmp_path, n)  # ... and then computed its items, once
 
 
-def test_a_worker_started_after_ingest_finished_joins_and_helps(tmp_path):
+def test_a_worker_started_after_ingest_finished_joins_and_helps(tmp_path, ledger):
     n = 1000  # 100 calls of 80 ms: 4 s for two workers, time for a third to start
     job = make_job(tmp_path, n, sleep=0.08, run='isolation = "none"')
-    first = [start(job) for _ in range(2)]
-    wait(lambda: ingest_done(tmp_path))
-    late = start(job)
+    first = [start(job, ledger) for _ in range(2)]
+    wait(lambda: ingest_done(tmp_path, ledger))
+    late = start(job, ledger)
     all_finished([*first, late])
     done = calls(tmp_path)
     assert sorted(i for i, _ in done) == sorted(f"r{i}" for i in range(n))
@@ -209,7 +225,7 @@ def test_cancel_stops_every_worker(tmp_path):
 
 @pytest.mark.parametrize("backend", ["openai-batch", "anthropic-batch"])
 def test_two_batch_workers_create_each_chunk_once(
-    tmp_path: Path, fake: FakeProvider, backend: str
+    tmp_path: Path, fake: FakeProvider, backend: str, ledger: str | None
 ) -> None:
     fake.knobs.batch_seconds = 0.3
     write_records(tmp_path, 50)
@@ -223,7 +239,8 @@ def test_two_batch_workers_create_each_chunk_once(
         '[output]\npath = "out.jsonl"\n'
     )
     env = {**os.environ, "OPENAI_API_KEY": KEY, "ANTHROPIC_API_KEY": ANT_KEY}
-    procs = [job_helpers.start(tmp_path, "run", str(job), env=env) for _ in range(2)]
+    extra = ["--ledger", ledger] if ledger else []
+    procs = [job_helpers.start(tmp_path, "run", str(job), *extra, env=env) for _ in range(2)]
     all_finished(procs)
     stats = fake.stats.snapshot()
     assert stats.batch_creations == 5  # one create per chunk
