@@ -90,7 +90,7 @@ def runner(ledger, job, reader, predictor, **kw) -> Runner:
         reader=reader,
         sizer=BatchSizer.fixed(4),
         window=4,
-        backoff=RetryPolicy(2, 0.0, 0.0),
+        retry_policy=RetryPolicy(2, 0.0, 0.0),
         lease_seconds=60,
         meter=meter,
         commit_each_call=True,

@@ -897,7 +897,7 @@ class Job:
         except SqlError as exc:
             raise self._usage(str(exc)) from None
 
-    def _backoff(self) -> RetryPolicy:
+    def _retry_policy(self) -> RetryPolicy:
         run = self.spec.run
         return RetryPolicy(run.max_attempts, run.backoff_base, run.backoff_max)
 
@@ -941,7 +941,7 @@ class Job:
             reader=self._reader(chunk),
             sizer=sizer,
             window=window,
-            backoff=self._backoff(),
+            retry_policy=self._retry_policy(),
             lease_seconds=self.spec.run.lease_seconds,
             validate=self.validator,
             on_progress=on_progress,

@@ -282,7 +282,7 @@ class Runner:
         reader: Reader,
         sizer: BatchSizer,
         window: int = 1,
-        backoff: RetryPolicy,
+        retry_policy: RetryPolicy,
         lease_seconds: float,
         validate: Validator | None = None,
         on_progress: Callable[[Progress], None] | None = None,
@@ -306,7 +306,7 @@ class Runner:
         # where a record can kill the process: user code and local models, not HTTP calls.
         self.count_starts = count_starts
         self._suspects: list[tuple[str, int, int]] = []  # dead runners' marks of fresh records
-        self.reader, self.sizer, self.backoff = reader, sizer, backoff
+        self.reader, self.sizer, self.retry_policy = reader, sizer, retry_policy
         self.window = window  # items per backend call at least (see Predictor.window)
         self.lease_seconds, self.validate = lease_seconds, validate
         self.on_progress = on_progress or (lambda p: None)
@@ -457,7 +457,7 @@ class Runner:
         self._check_cancel()
 
     def _died(self, seq: int) -> Outcome:
-        if self.backoff.decide(1, Fault("transient"), time.time()).retry:
+        if self.retry_policy.decide(1, Fault("transient"), time.time()).retry:
             return Outcome(seq, "pending", None, PROCESS_DIED, DIED_MESSAGE)
         message = f"{DIED_MESSAGE} (gave up after 1 attempts)"
         return Outcome(seq, "failed", None, PROCESS_DIED, message)
@@ -666,7 +666,7 @@ class Runner:
         cls, msg = error_class(exc), redact(str(exc) or error_class(exc))
         if isinstance(exc, InvalidOutput):  # the model answered, wrongly: not a failure to retry
             return outcome(w.seq, "invalid", None, cls, msg, usage=usage)
-        decision = self.backoff.decide(attempts, Fault.of(exc), time.time())
+        decision = self.retry_policy.decide(attempts, Fault.of(exc), time.time())
         if decision.retry:
             return outcome(w.seq, "pending", None, cls, msg, decision.at, usage=usage)
         if decision.reason == "exhausted":
@@ -711,7 +711,7 @@ class Runner:
         dead = {o for o in owners if o != self.owner and owner_alive(o) is False}
         for owner in sorted(dead):
             counted = self.ledger.release_dead(
-                job_id, owner, self.backoff.max_attempts, PROCESS_DIED, DIED_MESSAGE
+                job_id, owner, self.retry_policy.max_attempts, PROCESS_DIED, DIED_MESSAGE
             )
             if counted:
                 log.warning("%d item(s) were being computed when runner %s died", counted, owner)
