@@ -100,7 +100,33 @@ def profile(work: Path) -> str:
     return text[text.index("ncalls") :].rstrip() if "ncalls" in text else text
 
 
-def main(n: int) -> dict:
+PG_SERVER = "postgresql://127.0.0.1:5432/test"
+
+
+def postgres_runs(work: Path, n: int, runs: int) -> list[float]:
+    """The same job on a PostgreSQL ledger (a schema of its own, dropped after): seconds of
+    each run, each on a fresh schema."""
+    import uuid
+
+    import psycopg
+
+    seconds = []
+    for _ in range(runs):
+        schema = f"bench_ledger_{uuid.uuid4().hex[:8]}"
+        with psycopg.connect(PG_SERVER, autocommit=True) as admin:
+            admin.execute(f"CREATE SCHEMA {schema}")
+            try:
+                url = f"{PG_SERVER}?options=-csearch_path%3D{schema}"
+                cmd = [*overnight_cmd(), "run", "job.toml", "--json", "--ledger", url]
+                ours = run_timed(cmd, cwd=work)
+                assert json.loads(ours.stdout)["succeeded"] == n
+                seconds.append(ours.seconds)
+            finally:
+                admin.execute(f"DROP SCHEMA {schema} CASCADE")
+    return seconds
+
+
+def main(n: int, postgres: int = 2) -> dict:
     work = OUT / "ledger"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -139,7 +165,10 @@ def main(n: int) -> dict:
     _, ours, report = min(runs, key=lambda r: r[0])
     plain_orjson, plain_json = min(orjson_runs), min(json_runs)
     export = run_timed([*overnight_cmd(), "export", "job.toml"], cwd=work)
+    pg = postgres_runs(work, n, postgres) if postgres else []
     return {
+        "postgres_items_per_s": n / min(pg) if pg else None,
+        "postgres_runs_items_per_s": [round(n / s) for s in pg],
         "profile": profile(work),
         "records": n,
         "overnight_seconds": ours.seconds,
@@ -157,4 +186,6 @@ def main(n: int) -> dict:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--records", type=int, default=1_000_000)
-    print(json.dumps(main(ap.parse_args().records), indent=2))
+    ap.add_argument("--postgres", type=int, default=2, help="runs on a PostgreSQL ledger")
+    a = ap.parse_args()
+    print(json.dumps(main(a.records, a.postgres), indent=2))

@@ -21,6 +21,7 @@ from pathlib import Path
 from common import OUT, machine, overnight_cmd, run_timed
 
 HERE = Path(__file__).resolve().parent
+PG_URL = "postgresql://127.0.0.1:5432/test"
 
 
 def sa_url(url: str) -> str:
@@ -121,7 +122,7 @@ def main(url: str, rows: int, job_rows: int) -> dict:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("--url", default="postgresql://127.0.0.1:5432/test")
+    parser.add_argument("--url", default=PG_URL)
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--job-rows", type=int, default=100_000)
     parser.add_argument("--child-read", action="store_true")
