@@ -128,6 +128,7 @@ class RunHandle:
 
 
 RESTART = "--restart would discard what it computes and send its requests again"
+SAME_PROCESS = "a second run in the same process cannot work beside it (start another process)"
 
 
 def busy(name: str, owners: list[str], since: float | None = None, why: str = RESTART) -> JobBusy:
@@ -159,9 +160,16 @@ def claimed(
     them expire; `on_lost` runs if the claim is ever taken over."""
     owner = f"{lease_owner()}/{secrets.token_hex(4)}"
     handle = RunHandle(name, owner, time.time(), ttl)
-    if not handle.take(ledger) and restart:
+    if not handle.take(ledger):
         assert handle.held is not None
-        raise busy(name, [handle.held.owner], handle.held.since)
+        if restart:
+            raise busy(name, [handle.held.owner], handle.held.since)
+        # Workers are processes: two runs in one process would share its lease owner (and
+        # release each other's leases), so a second one here is refused, not joined.
+        mine = lease_owner()
+        here = [o for o in live_workers(ledger, name, ttl) if o.partition("/")[0] == mine]
+        if here:
+            raise busy(name, here, handle.held.since, why=SAME_PROCESS)
     stop = threading.Event()
     beat: threading.Thread | None = None
     try:
