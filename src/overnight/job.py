@@ -28,6 +28,7 @@ from .claim import RunHandle, busy, claimed, describe, holder_alive, live_worker
 from .errors import EndpointDown, InputChangedError, InputError, UsageError, redact
 from .estimate import usd
 from .inputs import Input, Since, input_for
+from .outputs import Output, output_for
 from .report import Activity, CancelResult, Report, RetryResult
 from .retry import RetryPolicy
 from .runner import Progress, Runner, ingest_only
@@ -53,16 +54,6 @@ from .store import (
 from .tasks import Task, make_task
 
 log = logging.getLogger(__name__)
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    """The same file: one path, through symlinks and `..`, or hard links of one file."""
-    try:
-        if a.exists() and b.exists():
-            return os.path.samefile(a, b)
-        return a.resolve() == b.resolve()
-    except OSError:
-        return False
 
 
 def _clock(ts: float) -> str:
@@ -173,31 +164,17 @@ class Job:
         return self.input.describe()
 
     @cached_property
-    def sql_sink(self) -> Any:
-        """[output] url: the results table (sql_sink.py)."""
-        from .sql_sink import SqlSink
-
-        return self._sql(lambda: SqlSink.from_spec(self.spec.output, self.base_dir, self.id_name))
-
-    def _sql(self, call: Callable[[], Any]) -> Any:
-        """A database's SqlError (exit 2, naming the key) with the job file in front."""
-        from .sqldb import SqlError
-
-        try:
-            return call()
-        except SqlError as exc:
-            raise self._usage(str(exc)) from None
+    def output(self) -> Output:
+        """Where the results go: files, or a database table (outputs.py)."""
+        return output_for(self.spec, self.base_dir, self.name, self.origin, self.id_name)
 
     @property
     def output_path(self) -> Path:
-        return self._path(self.spec.output.path or f"{self.name}.out.jsonl")
+        return self.output.path
 
     @property
     def errors_path(self) -> Path:
-        if self.spec.output.errors:
-            return self._path(self.spec.output.errors)
-        out = self.output_path
-        return out.with_name(f"{out.stem}.errors.jsonl")
+        return self.output.errors_path
 
     @property
     def id_field(self) -> str | None:
@@ -252,49 +229,10 @@ class Job:
 
     def _check_output(self) -> None:
         """The output and errors files can be written, and replace nothing the job needs."""
-        out = self.spec.output
-        bad = [c for c in out.include if c in sinks.RESERVED or c == self.id_name]
+        bad = [c for c in self.spec.output.include if c in sinks.RESERVED or c == self.id_name]
         if bad:
             raise self._usage(f"[output] include: {bad[0]!r} is a name the output row already uses")
-        if out.url is not None:
-            self._sql(self.sql_sink.check)
-            if out.errors_table is not None:
-                return
-        if self.spec.output.path and self.output_path.suffix.lower() not in (
-            ".jsonl",
-            ".ndjson",
-            ".csv",
-            ".parquet",
-        ):
-            raise self._usage(
-                f"[output] path: {self.output_path.name}: use .jsonl, .csv or .parquet"
-            )
-        if self.spec.output.errors and self.errors_path.suffix.lower() not in (".jsonl", ".ndjson"):
-            raise self._usage(
-                f"[output] errors: {self.errors_path.name}: the errors file is JSON lines;"
-                " name it .jsonl"
-            )
-        files = [("errors", self.errors_path)]
-        if out.url is None:
-            files.insert(0, ("path", self.output_path))
-        for key, path in files:
-            if path.is_dir():
-                raise self._usage(f"[output] {key}: {path} is a folder; name a file")
-            blocked = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
-            if blocked is not None:
-                raise self._usage(f"[output] {key}: {path}: {blocked} is a file, not a folder")
-            # Exports replace their files whole: never one the job reads or keeps its state in.
-            clash = next((what for what, p in self._kept_files() if _same_file(path, p)), None)
-            if clash is not None:
-                raise self._usage(
-                    f"[output] {key}: {path} is {clash}; writing the results there would"
-                    " destroy it. Name another file"
-                )
-        if out.url is None and _same_file(self.output_path, self.errors_path):
-            raise self._usage(
-                f"[output] errors: {self.errors_path} is also [output] path; the errors file"
-                " would replace the results. Name another file"
-            )
+        self.output.check(self._kept_files())
 
     def _kept_files(self) -> Iterator[tuple[str, Path]]:
         """The files a run reads or keeps its state in (what an output must never replace)."""
@@ -753,7 +691,7 @@ class Job:
             elif not interrupted:
                 outcome.notes.append(
                     "other workers are still at work on this job: the last to finish writes"
-                    f" {self.output_path}"
+                    f" {self.output.describe()}"
                 )
             return Report(
                 job=self.name,
@@ -1454,37 +1392,7 @@ class Job:
             return self._export(ledger, job.id)
 
     def _export(self, ledger: Ledger, job_id: int) -> sinks.Exported:
-        if self.spec.output.url is not None:
-            return self._export_sql(ledger, job_id)
-        try:
-            return sinks.export(
-                ledger,
-                job_id,
-                self.output_path,
-                self.errors_path,
-                self.id_name,
-                self.spec.output.include,
-                vectors=self.spec.task.kind == "embed",
-            )
-        except sinks.OutputUnwritable as exc:
-            raise sinks.OutputUnwritable(f"{self.origin}: {exc}") from None
-
-    def _export_sql(self, ledger: Ledger, job_id: int) -> sinks.Exported:
-        """[output] url: the results into the table, the errors into `errors_table` or the
-        errors file."""
-        sink = self.sql_sink
-        rows = self._sql(lambda: sink.export(ledger, job_id))
-        if sink.errors_table is not None:
-            errors_rows = self._sql(lambda: sink.export_errors(ledger, job_id))
-            errors: Any = f"table {sink.errors_table} at {sink.where.partition(' at ')[2]}"
-        else:
-            errors = self.errors_path
-            try:
-                with sinks._writing("errors", errors):
-                    errors_rows = sinks.write_errors(errors, ledger, job_id)
-            except sinks.OutputUnwritable as exc:
-                raise sinks.OutputUnwritable(f"{self.origin}: {exc}") from None
-        return sinks.Exported(sink.where, errors, rows, errors_rows)
+        return self.output.write(ledger, job_id)
 
     def cancel(self) -> CancelResult:
         """Open items become cancelled; a running run stops after its batch in flight; live
