@@ -27,6 +27,8 @@ from .batching import BatchSizer
 from .claim import RunHandle, busy, claimed, describe, holder_alive, live_workers
 from .errors import EndpointDown, InputChangedError, InputError, UsageError, redact
 from .estimate import usd
+from .inputs import Input, Since, input_for
+from .outputs import Output, output_for
 from .report import Activity, CancelResult, Report, RetryResult
 from .retry import RetryPolicy
 from .runner import Progress, Runner, ingest_only
@@ -52,16 +54,6 @@ from .store import (
 from .tasks import Task, make_task
 
 log = logging.getLogger(__name__)
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    """The same file: one path, through symlinks and `..`, or hard links of one file."""
-    try:
-        if a.exists() and b.exists():
-            return os.path.samefile(a, b)
-        return a.resolve() == b.resolve()
-    except OSError:
-        return False
 
 
 def _clock(ts: float) -> str:
@@ -161,58 +153,28 @@ class Job:
     def source_path(self) -> Path:
         return self._path(self.spec.source.path or "")
 
-    @property
-    def is_sql(self) -> bool:
-        """The input is a database table or query ([source] url), not a file."""
-        return self.spec.source.url is not None
+    @cached_property
+    def input(self) -> Input:
+        """The job's input: a file, or a database table or query (inputs.py)."""
+        return input_for(self.spec, self.base_dir, self.origin, self.id_field)
 
     @property
     def input_name(self) -> str:
         """The input, for messages: the file, or the table or query and its database."""
-        return self.sql_source.where if self.is_sql else str(self.source_path)
+        return self.input.describe()
 
     @cached_property
-    def sql_source(self) -> Any:
-        """[source] url: the table or query (sql_source.py). Columns this job writes back into
-        the same table ([output] mode = "update") are not part of its records."""
-        from .sql_source import SqlSource
-
-        src, out = self.spec.source, self.spec.output
-        exclude: frozenset[str] = frozenset()
-        if out.url is not None and out.mode == "update" and out.columns:
-            same_db = self._sql(
-                lambda: self.sql_sink.url == SqlSource.from_spec(src, self.base_dir).url
-            )
-            if same_db and (src.table is None or src.table == out.table):
-                exclude = frozenset(out.columns)
-        return self._sql(lambda: SqlSource.from_spec(src, self.base_dir, exclude))
-
-    @cached_property
-    def sql_sink(self) -> Any:
-        """[output] url: the results table (sql_sink.py)."""
-        from .sql_sink import SqlSink
-
-        return self._sql(lambda: SqlSink.from_spec(self.spec.output, self.base_dir, self.id_name))
-
-    def _sql(self, call: Callable[[], Any]) -> Any:
-        """A database's SqlError (exit 2, naming the key) with the job file in front."""
-        from .sqldb import SqlError
-
-        try:
-            return call()
-        except SqlError as exc:
-            raise self._usage(str(exc)) from None
+    def output(self) -> Output:
+        """Where the results go: files, or a database table (outputs.py)."""
+        return output_for(self.spec, self.base_dir, self.name, self.origin, self.id_name)
 
     @property
     def output_path(self) -> Path:
-        return self._path(self.spec.output.path or f"{self.name}.out.jsonl")
+        return self.output.path
 
     @property
     def errors_path(self) -> Path:
-        if self.spec.output.errors:
-            return self._path(self.spec.output.errors)
-        out = self.output_path
-        return out.with_name(f"{out.stem}.errors.jsonl")
+        return self.output.errors_path
 
     @property
     def id_field(self) -> str | None:
@@ -229,12 +191,7 @@ class Job:
 
     def check(self, need_key: bool = True) -> None:
         """Everything that can be checked without the model: raises UsageError (exit 2)."""
-        if not self.is_sql:
-            src = self.source_path
-            if not src.is_file():
-                raise self._usage(f"[source] path: input file not found: {src}")
-            self.source_format  # noqa: B018 - validates the format
-        self._check_input()
+        self.input.check()
         self._check_output()
         self.validator  # noqa: B018 - loads and checks the schema
         if self.spec.task.examples:
@@ -272,55 +229,15 @@ class Job:
 
     def _check_output(self) -> None:
         """The output and errors files can be written, and replace nothing the job needs."""
-        out = self.spec.output
-        bad = [c for c in out.include if c in sinks.RESERVED or c == self.id_name]
+        bad = [c for c in self.spec.output.include if c in sinks.RESERVED or c == self.id_name]
         if bad:
             raise self._usage(f"[output] include: {bad[0]!r} is a name the output row already uses")
-        if out.url is not None:
-            self._sql(self.sql_sink.check)
-            if out.errors_table is not None:
-                return
-        if self.spec.output.path and self.output_path.suffix.lower() not in (
-            ".jsonl",
-            ".ndjson",
-            ".csv",
-            ".parquet",
-        ):
-            raise self._usage(
-                f"[output] path: {self.output_path.name}: use .jsonl, .csv or .parquet"
-            )
-        if self.spec.output.errors and self.errors_path.suffix.lower() not in (".jsonl", ".ndjson"):
-            raise self._usage(
-                f"[output] errors: {self.errors_path.name}: the errors file is JSON lines;"
-                " name it .jsonl"
-            )
-        files = [("errors", self.errors_path)]
-        if out.url is None:
-            files.insert(0, ("path", self.output_path))
-        for key, path in files:
-            if path.is_dir():
-                raise self._usage(f"[output] {key}: {path} is a folder; name a file")
-            blocked = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
-            if blocked is not None:
-                raise self._usage(f"[output] {key}: {path}: {blocked} is a file, not a folder")
-            # Exports replace their files whole: never one the job reads or keeps its state in.
-            clash = next((what for what, p in self._kept_files() if _same_file(path, p)), None)
-            if clash is not None:
-                raise self._usage(
-                    f"[output] {key}: {path} is {clash}; writing the results there would"
-                    " destroy it. Name another file"
-                )
-        if out.url is None and _same_file(self.output_path, self.errors_path):
-            raise self._usage(
-                f"[output] errors: {self.errors_path} is also [output] path; the errors file"
-                " would replace the results. Name another file"
-            )
+        self.output.check(self._kept_files())
 
     def _kept_files(self) -> Iterator[tuple[str, Path]]:
         """The files a run reads or keeps its state in (what an output must never replace)."""
         spec = self.spec
-        if not self.is_sql:
-            yield "the input ([source] path)", self.source_path
+        yield from self.input.kept_files()
         if self.job_file is not None:
             yield "the job file", self.job_file
         if spec.task.examples:
@@ -397,37 +314,9 @@ class Job:
         if self.self_hosted_llm:
             self.task  # noqa: B018 - builds the LLM task: loads the schema
 
-    def _check_input(self) -> None:
-        """The input opens and parses, and has the id column; an empty one is worth a word."""
-        if self.is_sql:
-            self._sql(self.sql_source.check)
-            return
-        try:
-            first = sources.first_row(
-                self.source_format, self.source_path, self.id_field, self.spec.source.delimiter
-            )
-        except sources.SourceError as exc:
-            raise self._usage(str(exc)) from None
-        if first is None:
-            log.warning(
-                "%s: [source] path: %s holds no records: the job has nothing to do",
-                self.origin,
-                self.source_path,
-            )
-
-    @cached_property
-    def source_format(self) -> str:
-        if self.is_sql:
-            return "sql"
-        return source_format(self.spec.source, self.source_path)
-
     def _expected(self) -> int:
         """About how many records the input holds (a progress bar's total)."""
-        if self.is_sql:
-            return int(self._sql(self.sql_source.count))
-        return sources.estimate_records(
-            self.source_format, self.source_path, self.spec.source.delimiter or ","
-        )
+        return self.input.estimate_records()
 
     @property
     def is_llm(self) -> bool:
@@ -685,9 +574,7 @@ class Job:
         return True
 
     def _same_input(self, job: JobInfo) -> bool:
-        if self.is_sql:  # which table or query, not its rows now (they change)
-            return job.fingerprint.digest.partition(":")[0] == self._sql_how()
-        return self._fingerprint()[0].digest == job.fingerprint.digest
+        return self.input.same_input(job.fingerprint)
 
     # -- commands -----------------------------------------------------------------------
 
@@ -804,7 +691,7 @@ class Job:
             elif not interrupted:
                 outcome.notes.append(
                     "other workers are still at work on this job: the last to finish writes"
-                    f" {self.output_path}"
+                    f" {self.output.describe()}"
                 )
             return Report(
                 job=self.name,
@@ -880,22 +767,7 @@ class Job:
     # -- the three ways to run --------------------------------------------------------
 
     def _reader(self, chunk: int) -> Callable[[sources.Cursor], Iterator[list[sources.Row]]]:
-        if self.is_sql:
-            sql = self.sql_source
-            return lambda cursor: self._sql_rows(sql.read(cursor, min(chunk, 10000)))
-        fmt, src, id_field = self.source_format, self.source_path, self.id_field
-        delimiter = self.spec.source.delimiter
-        return lambda cursor: sources.read(fmt, src, id_field, cursor, chunk, delimiter)
-
-    def _sql_rows(self, rows: Iterator[list[sources.Row]]) -> Iterator[list[sources.Row]]:
-        """A SQL source's chunks, with its SqlError (a table dropped while read, ...) as a
-        UsageError naming the job file."""
-        from .sqldb import SqlError
-
-        try:
-            yield from rows
-        except SqlError as exc:
-            raise self._usage(str(exc)) from None
+        return self.input.reader(chunk)
 
     def _retry_policy(self) -> RetryPolicy:
         run = self.spec.run
@@ -1128,39 +1000,8 @@ class Job:
         return [c.to_dict() for c in ledger.chunks(job_id)]
 
     def _fingerprint(self) -> tuple[sources.Fingerprint, str]:
-        """The input's content hash, and how it is read: another id column, delimiter or
-        format turns the same bytes into other records, so it is a changed input too. With
-        the content hash alone, which is what older ledgers hold. A SQL source: its rows'
-        hash (read whole), or with `changed_since` the column's high-water mark now."""
-        if self.is_sql:
-            return self._sql_fingerprint()
-        fp = sources.fingerprint(self.source_path)
-        return sources.Fingerprint(fp.size, fp.mtime_ns, self._how(fp.digest)), fp.digest
-
-    def _sql_how(self) -> str:
-        """How a SQL source is read (table or query, id, changed_since), hashed: the part of
-        its fingerprint that says which input it is."""
-        how = self.spec.source.model_dump(exclude={"path", "url"})
-        how["exclude"] = sorted(self.sql_source.exclude)
-        return hashlib.blake2b(
-            orjson.dumps(how, option=orjson.OPT_SORT_KEYS), digest_size=8
-        ).hexdigest()
-
-    def _sql_fingerprint(self) -> tuple[sources.Fingerprint, str]:
-        sql = self.sql_source
-        if self.spec.source.changed_since:
-            mark = orjson.dumps(self._sql(sql.high_water)).decode()
-            return sources.Fingerprint(0, 0, f"{self._sql_how()}:since:{mark}"), mark
-        n, content = self._sql(sql.digest)
-        return sources.Fingerprint(n, 0, f"{self._sql_how()}:{content}"), content
-
-    def _how(self, content: str) -> str:
-        """A content hash, mixed with how the input is read (unless that is the default)."""
-        how = self.spec.source.model_dump(exclude={"path"})
-        if not any(how.values()):  # the defaults: the plain content hash
-            return content
-        mixed = hashlib.blake2b(content.encode() + orjson.dumps(how, option=orjson.OPT_SORT_KEYS))
-        return mixed.hexdigest()[:32]
+        """The input's fingerprint now, and its plain content hash (older ledgers')."""
+        return self.input.fingerprint()
 
     def _verify_read(self, ledger: Ledger, job: JobInfo) -> None:
         """After this run read the input to its end: were the bytes it read those it started
@@ -1169,19 +1010,12 @@ class Job:
         marked so that the next run reads the input again (an incremental run). Appending
         to the input is fine: the next run reads what was added. (A database changes while
         it is read: the fingerprint taken before the read makes the next run read again.)"""
-        if self.is_sql:
-            return
-        size = job.fingerprint.size
-        try:
-            intact = self._how(sources.digest_of_prefix(self.source_path, size))
-        except OSError:
-            intact = ""
-        if self.source_path.stat().st_size >= size and intact == job.fingerprint.digest:
+        if not self.input.changed_while_read(job.fingerprint):
             return
         if job.name == self.name:  # (a generation being read is simply not used)
             ledger.set_fingerprint(job.id, sources.Fingerprint(0, 0, "changed while read"))
         raise InputChangedError(
-            f"{self.source_path} changed while this run read it, so what was read mixes two"
+            f"{self.input.describe()} changed while this run read it, so what was read mixes two"
             " versions of it; nothing was exported. Run again: the input is read again, and"
             " records that did not change keep their results"
         )
@@ -1239,10 +1073,8 @@ class Job:
                 "started; results would mix two configurations. Undo the change, give the job a "
                 "new name, or run with --restart to start over."
             )
-        if self.is_sql and self.spec.source.changed_since:
-            prefix = f"{self._sql_how()}:since:"
-            if job.fingerprint.digest.startswith(prefix):
-                return self._read_changed(ledger, job, fingerprint, notes, on_progress, stop)
+        if (since := self.input.since(job.fingerprint)) is not None:
+            return self._read_changed(ledger, job, fingerprint, since, notes, on_progress, stop)
         same = fingerprint.digest == job.fingerprint.digest  # by content: size and mtime lie
         if not same and job.legacy_fingerprint:
             # Stored by an older overnight, as the content hash alone: compare as it did
@@ -1257,7 +1089,7 @@ class Job:
             raise busy(
                 self.name,
                 others,
-                why=f"{self.source_path} changed since it started, and reading it again now"
+                why=f"{self.input.describe()} changed since it started, and reading it again now"
                 " would replace the items it works on",
             )
         return self._reconcile(ledger, job, fingerprint, notes, on_progress, stop)
@@ -1343,6 +1175,7 @@ class Job:
         ledger: Ledger,
         job: JobInfo,
         fingerprint: sources.Fingerprint,
+        since: Since,
         notes: list[str],
         on_progress: Callable[[Progress], None] | None,
         stop: threading.Event,
@@ -1357,9 +1190,7 @@ class Job:
         counts = ledger.counts(job.id)
         if not job.ingest_done or counts.open or counts["cancelled"]:
             return job
-        mark = orjson.loads(job.fingerprint.digest.partition(":since:")[2])
-        sql = self.sql_source
-        changed_n = self._sql(lambda: sql.count(since=mark))
+        changed_n = since.count()
         if not changed_n:
             return job
         log.info("job %r: %d rows changed since the last run; reading them", self.name, changed_n)
@@ -1369,7 +1200,7 @@ class Job:
         def reader(_: sources.Cursor) -> Iterator[list[sources.Row]]:
             changed: dict[str, sources.Row] = {}
             bad: list[sources.Row] = []
-            for rows in self._sql_rows(sql.read(sources.Cursor(), sources.CHUNK, since=mark)):
+            for rows in since.read(sources.CHUNK):
                 for row in rows:
                     if row.custom_id is None:
                         bad.append(row)
@@ -1400,7 +1231,7 @@ class Job:
             finally:
                 other.close()
             again = [cid for cid in failed if cid not in changed]
-            for row in self._sql_rows(iter([list(sql.read_ids(again))])):
+            for row in since.read_ids(again):
                 for r in row:
                     yield from put(r)
             for row in [*changed.values(), *bad]:
@@ -1561,37 +1392,7 @@ class Job:
             return self._export(ledger, job.id)
 
     def _export(self, ledger: Ledger, job_id: int) -> sinks.Exported:
-        if self.spec.output.url is not None:
-            return self._export_sql(ledger, job_id)
-        try:
-            return sinks.export(
-                ledger,
-                job_id,
-                self.output_path,
-                self.errors_path,
-                self.id_name,
-                self.spec.output.include,
-                vectors=self.spec.task.kind == "embed",
-            )
-        except sinks.OutputUnwritable as exc:
-            raise sinks.OutputUnwritable(f"{self.origin}: {exc}") from None
-
-    def _export_sql(self, ledger: Ledger, job_id: int) -> sinks.Exported:
-        """[output] url: the results into the table, the errors into `errors_table` or the
-        errors file."""
-        sink = self.sql_sink
-        rows = self._sql(lambda: sink.export(ledger, job_id))
-        if sink.errors_table is not None:
-            errors_rows = self._sql(lambda: sink.export_errors(ledger, job_id))
-            errors: Any = f"table {sink.errors_table} at {sink.where.partition(' at ')[2]}"
-        else:
-            errors = self.errors_path
-            try:
-                with sinks._writing("errors", errors):
-                    errors_rows = sinks.write_errors(errors, ledger, job_id)
-            except sinks.OutputUnwritable as exc:
-                raise sinks.OutputUnwritable(f"{self.origin}: {exc}") from None
-        return sinks.Exported(sink.where, errors, rows, errors_rows)
+        return self.output.write(ledger, job_id)
 
     def cancel(self) -> CancelResult:
         """Open items become cancelled; a running run stops after its batch in flight; live

@@ -1,0 +1,325 @@
+"""A job's input: what `Job` asks of it (`Input`), whatever it is read from.
+
+`input_for(spec, base_dir, ...)` picks the kind from a table (`INPUTS`): a file ([source]
+path, sources.py) or a database table or query ([source] url, sql_source.py). Another kind
+plugs in with `register_input`, without touching the job. Every error is a UsageError (exit 2)
+naming the job file and the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Protocol
+
+import orjson
+
+from . import sources
+from .errors import UsageError
+from .records import Cursor, Fingerprint, Row
+from .spec import JobSpec, source_format
+
+log = logging.getLogger(__name__)
+
+Reader = Callable[[Cursor], Iterator[list[Row]]]
+
+
+class Since(Protocol):
+    """Only what changed since the last run (a SQL source's `changed_since`)."""
+
+    def count(self) -> int:
+        """How many rows changed."""
+        ...
+
+    def read(self, chunk: int) -> Iterator[list[Row]]:
+        """The changed rows."""
+        ...
+
+    def read_ids(self, ids: list[str]) -> Iterator[list[Row]]:
+        """The rows of these ids, as they are now."""
+        ...
+
+
+class Input(Protocol):
+    """What a job needs of its input."""
+
+    def describe(self) -> str:
+        """The input, for messages and status: the file, or the table or query and where."""
+        ...
+
+    def check(self) -> None:
+        """It opens and parses, and has the id: UsageError (exit 2) naming the key if not."""
+        ...
+
+    def reader(self, chunk: int) -> Reader:
+        """Chunks of rows from a cursor on (the cursor's `key` is this input's own)."""
+        ...
+
+    def fingerprint(self) -> tuple[Fingerprint, str]:
+        """What the input is now, and its plain content hash (what older ledgers stored)."""
+        ...
+
+    def same_input(self, stored: Fingerprint) -> bool:
+        """The input a ledger entry was made from (a moved job file is still the same job)."""
+        ...
+
+    def changed_while_read(self, stored: Fingerprint) -> bool:
+        """After reading to the end: were the bytes read not those the run started with?"""
+        ...
+
+    def since(self, stored: Fingerprint) -> Since | None:
+        """Read only what changed since `stored`; None: read the input whole."""
+        ...
+
+    def estimate_records(self) -> int:
+        """About how many records the input holds (a progress bar's total)."""
+        ...
+
+    def kept_files(self) -> Iterator[tuple[str, Path]]:
+        """Files the input is read from (what an output must never replace)."""
+        ...
+
+
+def _usage(origin: str, message: str) -> UsageError:
+    return UsageError(f"{origin}: {message}")
+
+
+def _how(spec: JobSpec, content: str) -> str:
+    """A content hash, mixed with how the input is read (unless that is the default)."""
+    how = spec.source.model_dump(exclude={"path"})
+    if not any(how.values()):  # the defaults: the plain content hash
+        return content
+    mixed = hashlib.blake2b(content.encode() + orjson.dumps(how, option=orjson.OPT_SORT_KEYS))
+    return mixed.hexdigest()[:32]
+
+
+@dataclass
+class FileInput:
+    """[source] path: a JSONL, CSV or Parquet file (sources.py)."""
+
+    spec: JobSpec
+    path: Path
+    origin: str
+    id_field: str | None
+
+    def describe(self) -> str:
+        return str(self.path)
+
+    @cached_property
+    def format(self) -> str:
+        return source_format(self.spec.source, self.path)
+
+    def check(self) -> None:
+        if not self.path.is_file():
+            raise _usage(self.origin, f"[source] path: input file not found: {self.path}")
+        self.format  # noqa: B018 - validates the format
+        try:
+            first = sources.first_row(
+                self.format, self.path, self.id_field, self.spec.source.delimiter
+            )
+        except sources.SourceError as exc:
+            raise _usage(self.origin, str(exc)) from None
+        if first is None:
+            log.warning(
+                "%s: [source] path: %s holds no records: the job has nothing to do",
+                self.origin,
+                self.path,
+            )
+
+    def reader(self, chunk: int) -> Reader:
+        fmt, src, id_field = self.format, self.path, self.id_field
+        delimiter = self.spec.source.delimiter
+        return lambda cursor: sources.read(fmt, src, id_field, cursor, chunk, delimiter)
+
+    def fingerprint(self) -> tuple[Fingerprint, str]:
+        """The file's content hash, and how it is read: another id column, delimiter or
+        format turns the same bytes into other records, so it is a changed input too. With
+        the content hash alone, which is what older ledgers hold."""
+        fp = sources.fingerprint(self.path)
+        return Fingerprint(fp.size, fp.mtime_ns, _how(self.spec, fp.digest)), fp.digest
+
+    def same_input(self, stored: Fingerprint) -> bool:
+        return self.fingerprint()[0].digest == stored.digest
+
+    def changed_while_read(self, stored: Fingerprint) -> bool:
+        """A file rewritten in place while it was read gives records of two inputs (and lines
+        cut in two where reading went on). Appending to it is fine: the next run reads what
+        was added."""
+        size = stored.size
+        try:
+            intact = _how(self.spec, sources.digest_of_prefix(self.path, size))
+        except OSError:
+            intact = ""
+        return not (self.path.stat().st_size >= size and intact == stored.digest)
+
+    def since(self, stored: Fingerprint) -> Since | None:
+        return None
+
+    def estimate_records(self) -> int:
+        return sources.estimate_records(self.format, self.path, self.spec.source.delimiter or ",")
+
+    def kept_files(self) -> Iterator[tuple[str, Path]]:
+        yield "the input ([source] path)", self.path
+
+
+@dataclass
+class SqlInput:
+    """[source] url: a database table or query (sql_source.py). Columns this job writes back
+    into the same table ([output] mode = "update") are not part of its records."""
+
+    spec: JobSpec
+    base_dir: Path
+    origin: str
+    id_name: str
+    _source: Any = field(default=None, repr=False)
+
+    def _sql(self, call: Callable[[], Any]) -> Any:
+        """A database's SqlError (exit 2, naming the key) with the job file in front."""
+        from .sqldb import SqlError
+
+        try:
+            return call()
+        except SqlError as exc:
+            raise _usage(self.origin, str(exc)) from None
+
+    def _rows(self, rows: Iterator[list[Row]]) -> Iterator[list[Row]]:
+        """The source's chunks, with its SqlError (a table dropped while read, ...) as a
+        UsageError naming the job file."""
+        from .sqldb import SqlError
+
+        try:
+            yield from rows
+        except SqlError as exc:
+            raise _usage(self.origin, str(exc)) from None
+
+    @property
+    def source(self) -> Any:
+        if self._source is None:
+            from .sql_sink import SqlSink
+            from .sql_source import SqlSource
+
+            src, out = self.spec.source, self.spec.output
+            exclude: frozenset[str] = frozenset()
+            if out.url is not None and out.mode == "update" and out.columns:
+                same_db = self._sql(
+                    lambda: (
+                        SqlSink.from_spec(out, self.base_dir, self.id_name).url
+                        == SqlSource.from_spec(src, self.base_dir).url
+                    )
+                )
+                if same_db and (src.table is None or src.table == out.table):
+                    exclude = frozenset(out.columns)
+            self._source = self._sql(lambda: SqlSource.from_spec(src, self.base_dir, exclude))
+        return self._source
+
+    def describe(self) -> str:
+        return str(self.source.where)
+
+    def check(self) -> None:
+        self._sql(self.source.check)
+
+    def reader(self, chunk: int) -> Reader:
+        sql = self.source
+        return lambda cursor: self._rows(sql.read(cursor, min(chunk, 10000)))
+
+    def _how(self) -> str:
+        """How the source is read (table or query, id, changed_since), hashed: the part of
+        its fingerprint that says which input it is."""
+        how = self.spec.source.model_dump(exclude={"path", "url"})
+        how["exclude"] = sorted(self.source.exclude)
+        return hashlib.blake2b(
+            orjson.dumps(how, option=orjson.OPT_SORT_KEYS), digest_size=8
+        ).hexdigest()
+
+    def fingerprint(self) -> tuple[Fingerprint, str]:
+        """Its rows' hash (read whole), or with `changed_since` the column's high-water mark
+        now."""
+        sql = self.source
+        if self.spec.source.changed_since:
+            mark = orjson.dumps(self._sql(sql.high_water)).decode()
+            return Fingerprint(0, 0, f"{self._how()}:since:{mark}"), mark
+        n, content = self._sql(sql.digest)
+        return Fingerprint(n, 0, f"{self._how()}:{content}"), content
+
+    def same_input(self, stored: Fingerprint) -> bool:
+        # which table or query, not its rows now (they change)
+        return stored.digest.partition(":")[0] == self._how()
+
+    def changed_while_read(self, stored: Fingerprint) -> bool:
+        # A database changes while it is read: the fingerprint taken before the read makes
+        # the next run read again.
+        return False
+
+    def since(self, stored: Fingerprint) -> Since | None:
+        if not self.spec.source.changed_since:
+            return None
+        if not stored.digest.startswith(f"{self._how()}:since:"):
+            return None
+        return _SqlSince(self, orjson.loads(stored.digest.partition(":since:")[2]))
+
+    def estimate_records(self) -> int:
+        return int(self._sql(self.source.count))
+
+    def kept_files(self) -> Iterator[tuple[str, Path]]:
+        return iter(())
+
+
+@dataclass
+class _SqlSince:
+    input: SqlInput
+    mark: Any
+
+    def count(self) -> int:
+        sql, mark = self.input.source, self.mark
+        return int(self.input._sql(lambda: sql.count(since=mark)))
+
+    def read(self, chunk: int) -> Iterator[list[Row]]:
+        return self.input._rows(self.input.source.read(Cursor(), chunk, since=self.mark))
+
+    def read_ids(self, ids: list[str]) -> Iterator[list[Row]]:
+        return self.input._rows(iter([list(self.input.source.read_ids(ids))]))
+
+
+@dataclass(frozen=True)
+class InputKind:
+    """One kind of input: whether a job's [source] is of this kind, and how to open it."""
+
+    name: str
+    matches: Callable[[JobSpec], bool]
+    make: Callable[[JobSpec, Path, str, str | None], Input]
+
+
+def _file(spec: JobSpec, base_dir: Path, origin: str, id_field: str | None) -> Input:
+    path = Path(spec.source.path or "").expanduser()
+    return FileInput(spec, path if path.is_absolute() else base_dir / path, origin, id_field)
+
+
+def _sql_input(spec: JobSpec, base_dir: Path, origin: str, id_field: str | None) -> Input:
+    return SqlInput(spec, base_dir, origin, id_field or "custom_id")
+
+
+# The kinds, the first that matches wins; the last, a file, takes what none other does.
+INPUTS: list[InputKind] = [
+    InputKind("sql", lambda spec: spec.source.url is not None, _sql_input),
+    InputKind("file", lambda spec: True, _file),
+]
+
+
+def register_input(kind: InputKind) -> None:
+    """Another kind of input, tried before the built-in ones."""
+    INPUTS.insert(0, kind)
+
+
+def input_kind(spec: JobSpec) -> InputKind:
+    return next(k for k in INPUTS if k.matches(spec))
+
+
+def input_for(
+    spec: JobSpec, base_dir: Path, origin: str = "Job(...)", id_field: str | None = None
+) -> Input:
+    """The job's input, of the first kind in `INPUTS` its [source] matches."""
+    return input_kind(spec).make(spec, base_dir, origin, id_field)
