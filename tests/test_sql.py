@@ -515,3 +515,35 @@ def test_kill_during_ingest_resumes_after_the_last_committed_id(pg: Db, tmp_path
     assert 1 < resumed <= len(first) + 1
     assert sorted(map(int, second)) == list(range(resumed, total + 1))
     assert pg.rows("results", "id", "output") == {i: 2 * i for i in range(1, total + 1)}
+
+
+@pytest.mark.parametrize(
+    ("value", "stored"),
+    [("a\x00b", "a\ufffdb"), ({"tags": ["x\x00"]}, {"tags": ["x\ufffd"]})],
+)
+def test_a_nul_in_a_result_does_not_sink_the_postgresql_export(
+    pg: Db, tmp_path: Path, value: object, stored: object
+) -> None:
+    """PostgreSQL text and jsonb cannot hold NUL: a result holding one (a model's output, a
+    SQLite input field) is written with U+FFFD, as the ledger stores it, instead of failing
+    the whole export."""
+    make_source(pg, 3)
+    name = f"nul_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(
+        f"def fn(records):\n    return [{value!r} for r in records]\n"
+    )
+    job = job_for(pg, tmp_path, f"{name}:fn", output={"columns": {"got": "output"}})
+    assert job.run().exit_code == 0
+    assert pg.rows("results", "id", "got") == {i: stored for i in (1, 2, 3)}
+
+
+def test_a_nul_in_an_error_message_does_not_sink_the_postgresql_errors_table(
+    pg: Db, tmp_path: Path
+) -> None:
+    make_source(pg, 2)
+    name = f"nulerr_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text("def fn(records):\n    raise ValueError('bad\\x00byte')\n")
+    output = {"columns": {"got": "output"}, "errors_table": pg.name("errors")}
+    job = job_for(pg, tmp_path, f"{name}:fn", output=output, run={"max_attempts": 1})
+    assert job.run().exit_code == 3
+    assert {m for m in pg.rows("errors", "id", "message").values()} == {"bad\ufffdbyte"}

@@ -203,13 +203,17 @@ class SqlSink:
             value = value.tolist()
         if isinstance(value, dict | list):
             kind = column.type
+            if isinstance(kind, sa.JSON) and self.dialect == "postgresql":
+                return _no_nul(value)
             if isinstance(kind, sa.JSON | sa.ARRAY):
                 return value
             return orjson.dumps(value).decode()
         if isinstance(value, str | int | float) and not isinstance(value, bool):
             want = python_type(column)
             if want is not None and want is not type(value) and want in (int, float, str):
-                return _unplain(value, want)
+                value = _unplain(value, want)
+            if isinstance(value, str) and self.dialect == "postgresql":
+                return _no_nul(value)
         return value
 
     def _statement(self, table: sa.Table, targets: list[str]) -> Any:
@@ -424,6 +428,8 @@ class SqlSink:
             }
             for f in ledger.iter_failures(job_id)
         ]
+        if self.dialect == "postgresql":
+            rows = _no_nul(rows)
         with connect(self.url, "[output] url") as conn:
             try:
                 with conn.begin():
@@ -438,6 +444,17 @@ class SqlSink:
                     f" {safe_url(self.url)}: {scrub(str(exc.orig), self.url)}"
                 ) from None
         return len(rows)
+
+
+def _no_nul(value: Any) -> Any:
+    """PostgreSQL text and jsonb cannot hold NUL: U+FFFD instead, as the ledger stores it."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd") if "\x00" in value else value
+    if isinstance(value, dict):
+        return {_no_nul(k): _no_nul(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_no_nul(v) for v in value]
+    return value
 
 
 def _chain(first: list[Any], rest: Iterator[Any]) -> Iterator[Any]:
