@@ -112,3 +112,13 @@ def test_an_unreachable_postgresql_ledger_is_exit_2_without_the_password(tmp_pat
     assert proc.returncode == 2
     assert "postgresql://me@127.0.0.1:1/x" in proc.stderr and "pw123" not in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_password_in_the_ledger_urls_query_is_not_shown_either(tmp_path):
+    """libpq takes `?password=` as well as `user:password@`: hidden the same way."""
+    project(tmp_path)
+    url = "postgresql://me@127.0.0.1:1/x?sslmode=disable&password=pw123"
+    proc = cli(tmp_path, "run", "job.toml", "--ledger", url)
+    assert proc.returncode == 2
+    assert "postgresql://me@127.0.0.1:1/x?sslmode=disable" in proc.stderr
+    assert "pw123" not in proc.stderr and "Traceback" not in proc.stderr

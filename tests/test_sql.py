@@ -342,6 +342,8 @@ def test_keyset_resume_and_null_ids(sqlite: Db, tmp_path: Path) -> None:
         ({"source": {"changed_since": "no_such_column"}}, "[source] changed_since"),
         ({"source": {"table": None, "query": "SELECT nonsense FROM"}}, "[source] query"),
         ({"output": {"url": "postgresql://bob:hunter2@127.0.0.1:1/test"}}, "[output] url"),
+        ({"source": {"url": "postgresql://bob@127.0.0.1:1/test?password=hunter2"}}, "[source] url"),
+        ({"output": {"url": "mysql://bob@127.0.0.1:1/test?password=hunter2"}}, "[output] url"),
         ({"output": {"mode": "update", "table": "no_such_table"}}, "[output] table"),
         ({"source": {"id": None}}, "`id` is required for a SQL source"),
         ({"output": {"mode": "update", "columns": None}}, 'mode = "update" needs `columns`'),
