@@ -549,3 +549,18 @@ def test_a_nul_in_an_error_message_does_not_sink_the_postgresql_errors_table(
     job = job_for(pg, tmp_path, f"{name}:fn", output=output, run={"max_attempts": 1})
     assert job.run().exit_code == 3
     assert {m for m in pg.rows("errors", "id", "message").values()} == {"bad\ufffdbyte"}
+
+
+def test_a_results_column_holds_every_rows_value_not_only_the_first_rows_type(
+    db: Db, tmp_path: Path
+) -> None:
+    """The column created for `output` fits the results, not the first one alone: a score
+    that is 1 for the first row and 0.75 for the next is not written as 0 into a BIGINT."""
+    make_source(db, 4)
+    name = f"mixed_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(
+        "def fn(records):\n    return [1 if r['n'] == 1 else r['n'] / 4 for r in records]\n"
+    )
+    job = job_for(db, tmp_path, f"{name}:fn", output={"columns": {"score": "output"}})
+    assert job.run().exit_code == 0
+    assert db.rows("results", "id", "score") == {1: 1, 2: 0.5, 3: 0.75, 4: 1}

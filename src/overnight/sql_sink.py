@@ -13,6 +13,7 @@ writes them all again: the export is idempotent.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import secrets
 from collections.abc import Iterator
@@ -139,11 +140,26 @@ class SqlSink:
             return sa.String(255)  # MySQL keys need a length
         return sa.Text()
 
+    def _types(self, sample: list[Any]) -> Any:
+        """The column type for a field's values in the first rows: one that holds them all
+        (an int then a float: FLOAT, not BIGINT; mixed kinds: TEXT)."""
+        kinds = [self._type(v) for v in sample if v is not None]
+        if not kinds:
+            return self._type(None)
+        names = {type(k) for k in kinds}
+        if len(names) == 1:
+            return kinds[0]
+        if names <= {sa.BigInteger, sa.Float}:
+            return sa.Float()
+        if names <= {sa.JSON, postgresql.JSONB, postgresql.ARRAY}:
+            return postgresql.JSONB() if self.dialect == "postgresql" else sa.JSON()
+        return sa.Text()
+
     def _create(
-        self, conn: sa.Connection, mapping: dict[str, str], first: tuple[Any, dict] | None
+        self, conn: sa.Connection, mapping: dict[str, str], head: list[tuple[Any, dict, set]]
     ) -> sa.Table:
         schema, name = split_table(self.table)
-        values = first[1] if first else {}
+        first = head[0] if head else None
         cols = [
             sa.Column(
                 self.id_name,
@@ -154,7 +170,8 @@ class SqlSink:
         ]
         for target, source in mapping.items():
             if target != self.id_name:
-                cols.append(sa.Column(target, self._type(values.get(source))))
+                kind = self._types([row.get(source) for _, row, _ in head])
+                cols.append(sa.Column(target, kind))
         table = sa.Table(name, sa.MetaData(), *cols, schema=schema)
         try:
             with conn.begin():
@@ -167,14 +184,15 @@ class SqlSink:
         return self._reflect(conn)
 
     def _add_columns(
-        self, conn: sa.Connection, table: sa.Table, mapping: dict[str, str], values: dict
+        self, conn: sa.Connection, table: sa.Table, mapping: dict[str, str], head: list
     ) -> sa.Table:
         missing = [t for t in mapping if t not in table.c]
         if not missing:
             return table
         prep = conn.dialect.identifier_preparer
         for target in missing:
-            kind = self._type(values.get(mapping[target])).compile(dialect=conn.dialect)
+            sample = [row.get(mapping[target]) for _, row, _ in head]
+            kind = self._types(sample).compile(dialect=conn.dialect)
             try:
                 with conn.begin():
                     conn.execute(
@@ -298,7 +316,8 @@ class SqlSink:
     def export(self, ledger: Ledger, job_id: int) -> int:
         """Write every good result; returns the rows written."""
         rows = self._rows(ledger, job_id)
-        first = next(rows, None)
+        head = list(itertools.islice(rows, BATCH))  # the rows new columns' types fit
+        first = head[0] if head else None
         record_fields = first[2] if first else set()
         mapping = self._mapping(first[1] if first else None, record_fields)
         mapping.pop(self.id_name, None)
@@ -308,12 +327,12 @@ class SqlSink:
             else:
                 table = reflect(conn, self.table, "[output] table", self.url)
                 if table is None:
-                    table = self._create(conn, mapping, first)
+                    table = self._create(conn, mapping, head)
                 elif self.id_name not in table.c:
                     raise SqlError(
                         f"[output] table: {self.table} has no id column {self.id_name!r}"
                     )
-            table = self._add_columns(conn, table, mapping, first[1] if first else {})
+            table = self._add_columns(conn, table, mapping, head)
             targets = list(mapping)
             stmt = self._statement(table, targets)
             # Upsert: the ids written go to a temporary table too, so the rows no longer
@@ -322,8 +341,7 @@ class SqlSink:
             try:
                 batch: list[dict] = []
                 n = 0
-                pending = [first] if first is not None else []
-                for value, row, _ in _chain(pending, rows):
+                for value, row, _ in _chain(head, rows):
                     batch.append(self._params(table, targets, mapping, value, row))
                     n += 1
                     if len(batch) >= BATCH:
