@@ -564,3 +564,28 @@ def test_a_results_column_holds_every_rows_value_not_only_the_first_rows_type(
     job = job_for(db, tmp_path, f"{name}:fn", output={"columns": {"score": "output"}})
     assert job.run().exit_code == 0
     assert db.rows("results", "id", "score") == {1: 1, 2: 0.5, 3: 0.75, 4: 1}
+
+
+def test_a_query_with_comments_colons_and_a_semicolon_is_read_as_written(
+    pg: Db, tmp_path: Path
+) -> None:
+    """A query as a user writes it in a TOML multi-line string: a line comment last, a
+    semicolon followed by a comment, a colon in a string and a `::` cast (not bind
+    parameters: SQLAlchemy's text() would ask for a value of `:x`, with a traceback)."""
+    make_source(pg, 3)
+    query = (
+        f"SELECT id, n, 'see :x' AS note, n::text AS n_text\nFROM {pg.name('src')}\n"
+        "-- every row\n; -- done\n"
+    )
+    fn, log = logging_function(tmp_path)
+    job = job_for(
+        pg,
+        tmp_path,
+        fn,
+        source={"table": None, "query": query},
+        output={"columns": {"doubled": "output", "note": "note", "n_text": "n_text"}},
+    )
+    assert job.run().exit_code == 0
+    assert pg.rows("results", "id", "doubled", "note", "n_text") == {
+        i: (2 * i, "see :x", str(i)) for i in (1, 2, 3)
+    }

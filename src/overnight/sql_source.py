@@ -97,6 +97,21 @@ def _unplain(value: Any, kind: type | None) -> Any:
     return value
 
 
+def _without_semicolons(query: str) -> str:
+    """A query without its last semicolons, nor the line comments after them (it is wrapped
+    as a subquery)."""
+    query = query.strip().rstrip(";").strip()
+    lines = query.splitlines()
+    for i in range(len(lines) - 1, -1, -1):
+        code = lines[i].partition("--")[0].rstrip()
+        if not code:
+            continue  # a comment alone
+        if code.endswith(";"):
+            return "\n".join([*lines[:i], code.rstrip("; \t")])
+        break
+    return query
+
+
 @dataclass
 class SqlSource:
     url: URL
@@ -113,7 +128,7 @@ class SqlSource:
     def from_spec(
         cls, source: Any, base_dir: Path, exclude: frozenset[str] = frozenset()
     ) -> SqlSource:
-        query = source.query.strip().rstrip(";").strip() if source.query else None
+        query = _without_semicolons(source.query) if source.query else None
         return cls(
             parse_url(source.url, base_dir, "[source] url"),
             source.id,
@@ -143,7 +158,10 @@ class SqlSource:
             source: Any = table
             kinds = {n: python_type(c) for n, c in columns.items()}
         else:
-            sub = f"({self.query}) AS overnight_q"
+            # On its own line (a line comment last), and no bind parameters: a colon is
+            # the query's own (`'10 :30'`, `::text`).
+            escaped = self.query.replace(":", "\\:")
+            sub = f"({escaped}\n) AS overnight_q"
             try:
                 names = list(conn.execute(sa.text(f"SELECT * FROM {sub} LIMIT 0")).keys())
             except sa.exc.DBAPIError as exc:
