@@ -589,3 +589,41 @@ def test_a_query_with_comments_colons_and_a_semicolon_is_read_as_written(
     assert pg.rows("results", "id", "doubled", "note", "n_text") == {
         i: (2 * i, "see :x", str(i)) for i in (1, 2, 3)
     }
+
+
+@pytest.mark.parametrize("id_column", ["u", "t"])
+def test_a_query_keyed_by_a_uuid_or_a_timestamp_resumes_and_reads_by_id(
+    pg: Db, tmp_path: Path, id_column: str
+) -> None:
+    """A query's columns have no reflected types: the id kept in the ledger (JSON text) is
+    compared as the column's own type, not as VARCHAR (`uuid > character varying`)."""
+    src = pg.name("src")
+    pg.execute(f"CREATE TABLE {src} (u uuid PRIMARY KEY, t timestamptz UNIQUE, n int)")
+    pg.execute(
+        f"INSERT INTO {src} SELECT gen_random_uuid(),"
+        " '2026-01-01 12:00+00'::timestamptz + g * interval '1 hour', g"
+        " FROM generate_series(1, 5) g"
+    )
+    source = SqlSource(
+        parse_url(pg.url, tmp_path, "[source] url"), id_column, query=f"SELECT * FROM {src}"
+    )
+    first = next(source.read(Cursor(), chunk=2))
+    rest = [r.custom_id for rows in source.read(Cursor(2, 3, 0, first[-1].key), 2) for r in rows]
+    every = [r.custom_id for rows in source.read(Cursor(), 10) for r in rows]
+    assert [r.custom_id for r in first] + rest == every and len(every) == 5
+    assert [r.custom_id for r in source.read_ids(every[:2])] == every[:2]
+
+
+def test_changed_since_on_a_querys_timestamp_column(pg: Db, tmp_path: Path) -> None:
+    src = pg.name("src")
+    pg.execute(f"CREATE TABLE {src} (id int PRIMARY KEY, n int, at timestamptz)")
+    pg.execute(f"INSERT INTO {src} SELECT g, g, '2026-01-01 12:00+00' FROM generate_series(1, 5) g")
+    fn, log = logging_function(tmp_path)
+    source = {"table": None, "query": f"SELECT id, n, at FROM {src}", "changed_since": "at"}
+    job = job_for(pg, tmp_path, fn, source=source, output={"columns": {"doubled": "output"}})
+    assert job.run().exit_code == 0 and len(calls(log)) == 5
+    pg.execute(f"UPDATE {src} SET n = 100, at = '2026-01-02 12:00+00' WHERE id = 2")
+    dispose_all()
+    assert job.run().exit_code == 0
+    assert calls(log) == ["2"]
+    assert pg.rows("results", "id", "doubled")[2] == 200

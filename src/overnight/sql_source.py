@@ -181,9 +181,24 @@ class SqlSource:
                 raise SqlError(
                     f"[source] {key}: no column {name!r} in {self.where} (columns: {shown})"
                 )
+        if self.query is not None:
+            kinds = self._query_kinds(conn, source, columns)
         selected = [columns[n] for n in names if n not in self.exclude or n == self.id]
         self._shape = (source, selected, columns, kinds)
         return self._shape
+
+    def _query_kinds(self, conn: sa.Connection, source: Any, columns: dict) -> dict:
+        """A query's columns have no reflected types: the id's and `changed_since`'s are
+        those of a value of theirs, so an id or a mark kept in the ledger (JSON) is bound
+        as the column's type (a uuid, a timestamp), not as text."""
+        kinds = {}
+        for name in {self.id, self.changed_since} - {None}:
+            col = columns[name]
+            query = sa.select(col).select_from(source).where(col.is_not(None)).limit(1)
+            page = self._fetch(conn, query)
+            if page:
+                kinds[name] = type(page[0][name])
+        return kinds
 
     def _select(self, conn: sa.Connection) -> tuple[sa.Select, Any, dict[str, Any], dict]:
         source, selected, columns, kinds = self._load_shape(conn)
@@ -329,11 +344,8 @@ class SqlSource:
             query = sa.select(sa.func.count()).select_from(
                 self._since(base, columns, kinds, since).subquery()
             )
-            try:
-                n = conn.execute(query).scalar()
-            finally:
-                conn.rollback()
-            return int(n or 0)
+            page = self._fetch(conn, query)
+            return int(next(iter(page[0].values())) or 0)
 
     def high_water(self) -> Any:
         """The largest value of the `changed_since` column now (as JSON), None when empty."""
