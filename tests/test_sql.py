@@ -627,3 +627,24 @@ def test_changed_since_on_a_querys_timestamp_column(pg: Db, tmp_path: Path) -> N
     assert job.run().exit_code == 0
     assert calls(log) == ["2"]
     assert pg.rows("results", "id", "doubled")[2] == 200
+
+
+def test_ids_that_differ_only_in_case_are_two_rows_in_a_mariadb_results_table(
+    maria: Db, tmp_path: Path
+) -> None:
+    """MariaDB compares text case-insensitively by default: the results table's id column is
+    created with a binary collation, or id "aB" would overwrite id "Ab"."""
+    (tmp_path / "in.jsonl").write_text('{"id": "aB", "n": 1}\n{"id": "Ab", "n": 2}\n')
+    fn, _ = logging_function(tmp_path)
+    job = job_for(
+        maria,
+        tmp_path,
+        fn,
+        source={"path": "in.jsonl", "url": None, "table": None},
+        output={"columns": None},
+    )
+    assert job.run().exit_code == 0
+    assert maria.rows("results", "id", "output") == {"aB": 2, "Ab": 4}
+    dispose_all()
+    assert job.run().exit_code == 0  # the rerun's upsert and delete keep both
+    assert maria.rows("results", "id", "output") == {"aB": 2, "Ab": 4}

@@ -35,6 +35,7 @@ from .store import Ledger
 log = logging.getLogger(__name__)
 
 BATCH = 1000
+_BINARY = "utf8mb4_bin"  # MySQL and MariaDB: text compared byte by byte
 
 
 @dataclass
@@ -137,7 +138,8 @@ class SqlSink:
         if isinstance(value, dict | list):
             return postgresql.JSONB() if self.dialect == "postgresql" else sa.JSON()
         if is_id and mysql:
-            return sa.String(255)  # MySQL keys need a length
+            # MySQL keys need a length; ids compare as written ("aB" is not "Ab").
+            return sa.String(255, collation=_BINARY)
         return sa.Text()
 
     def _types(self, sample: list[Any]) -> Any:
@@ -361,7 +363,8 @@ class SqlSink:
     def _keep_table(self, conn: sa.Connection, table: sa.Table) -> sa.Table:
         kind = table.c[self.id_name].type
         if self.dialect in ("mysql", "mariadb") and isinstance(kind, sa.Text):
-            kind = sa.String(255)  # a MySQL key needs a length
+            # A MySQL key needs a length; ids compare as the table's do.
+            kind = sa.String(255, collation=kind.collation)
         keep = sa.Table(
             f"overnight_keep_{secrets.token_hex(4)}",
             sa.MetaData(),
