@@ -648,3 +648,23 @@ def test_ids_that_differ_only_in_case_are_two_rows_in_a_mariadb_results_table(
     dispose_all()
     assert job.run().exit_code == 0  # the rerun's upsert and delete keep both
     assert maria.rows("results", "id", "output") == {"aB": 2, "Ab": 4}
+
+
+def test_integers_past_64_bits_are_read_as_text_not_a_traceback(pg: Db, tmp_path: Path) -> None:
+    """NUMERIC(40) ids and values past 64 bits (JSON via orjson holds 64-bit integers):
+    written as their digits, and the keyset goes on from them."""
+    src = pg.name("src")
+    pg.execute(f"CREATE TABLE {src} (id numeric(40) PRIMARY KEY, n int, big numeric(40))")
+    pg.execute(
+        f"INSERT INTO {src} SELECT 10::numeric ^ 30 + g, g, 10::numeric ^ 35 FROM"
+        " generate_series(1, 3) g"
+    )
+    source = SqlSource(parse_url(pg.url, tmp_path, "[source] url"), "id", src)
+    first = next(source.read(Cursor(), chunk=2))
+    assert first[0].custom_id == str(10**30 + 1) and first[0].record["big"] == str(10**35)
+    rest = [r.custom_id for rows in source.read(Cursor(2, 3, 0, first[-1].key), 2) for r in rows]
+    assert rest == [str(10**30 + 3)]
+    fn, _ = logging_function(tmp_path)
+    job = job_for(pg, tmp_path, fn, output={"columns": {"doubled": "output"}})
+    assert job.run().exit_code == 0
+    assert len(pg.rows("results", "id", "doubled")) == 3

@@ -31,15 +31,18 @@ from .sqldb import SqlError, connect, parse_url, python_type, reflect, safe_url,
 
 _PLAIN = (str, int, float, bool)
 _MISSING = object()
+_INT64 = (-(2**63), 2**64)  # the integers orjson writes
 
 
 def plain(value: Any) -> Any:
     """A database value as JSON can hold it."""
     if value is None or type(value) in _PLAIN:
+        if type(value) is int and not _INT64[0] <= value < _INT64[1]:
+            return str(value)  # past what JSON (orjson) holds: its digits
         return value
     if isinstance(value, Decimal):
         if value.is_finite() and value == value.to_integral_value():
-            return int(value)
+            return plain(int(value))
         return float(value)
     if isinstance(value, dt.datetime | dt.date | dt.time):
         return value.isoformat()
