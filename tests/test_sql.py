@@ -668,3 +668,21 @@ def test_integers_past_64_bits_are_read_as_text_not_a_traceback(pg: Db, tmp_path
     job = job_for(pg, tmp_path, fn, output={"columns": {"doubled": "output"}})
     assert job.run().exit_code == 0
     assert len(pg.rows("results", "id", "doubled")) == 3
+
+
+def test_one_row_the_table_refuses_does_not_keep_the_others_out(pg: Db, tmp_path: Path) -> None:
+    """A results table made for numbers and one result that is text: every other row is
+    written, and the error (exit 2) names the row it could not write."""
+    make_source(pg, 1200)
+    pg.execute(f"CREATE TABLE {pg.name('results')} (id bigint PRIMARY KEY, doubled bigint)")
+    name = f"onebad_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(
+        "def fn(records):\n    return ['oops' if r['n'] == 5 else r['n'] * 2 for r in records]\n"
+    )
+    job = job_for(pg, tmp_path, f"{name}:fn", output={"columns": {"doubled": "output"}})
+    with pytest.raises(UsageError) as err:
+        job.run()
+    assert err.value.exit_code == 2
+    assert "refused 1 row" in str(err.value) and "id 5" in str(err.value), str(err.value)
+    want = {i: 2 * i for i in range(1, 1201) if i != 5}
+    assert pg.rows("results", "id", "doubled") == want

@@ -297,14 +297,28 @@ class SqlSink:
         return out
 
     def _write(
-        self, conn: sa.Connection, stmt: Any, batch: list[dict], keep: sa.Table | None = None
+        self,
+        conn: sa.Connection,
+        stmt: Any,
+        batch: list[dict],
+        keep: sa.Table | None = None,
+        refused: list[tuple[dict, str]] | None = None,
     ) -> None:
+        """One transaction. With `refused`, a batch the database refuses is written again
+        row by row, and the rows it refuses alone are added to `refused`, (params, message)."""
         try:
             with conn.begin():
                 conn.execute(stmt, batch)
                 if keep is not None:
                     conn.execute(keep.insert(), [{"id": p[self.id_name]} for p in batch])
         except sa.exc.DBAPIError as exc:
+            if refused is not None and not exc.connection_invalidated:
+                if len(batch) == 1:
+                    refused.append((batch[0], scrub(str(exc.orig), self.url)))
+                    return
+                for params in batch:
+                    self._write(conn, stmt, [params], keep, refused)
+                return
             hint = ""
             if self.mode == "upsert" and "conflict" in str(exc.orig).lower():
                 hint = f" (the table needs a primary key or unique index on {self.id_name!r})"
@@ -342,19 +356,29 @@ class SqlSink:
             keep = self._keep_table(conn, table) if self.mode == "upsert" else None
             try:
                 batch: list[dict] = []
+                refused: list[tuple[dict, str]] = []
                 n = 0
                 for value, row, _ in _chain(head, rows):
                     batch.append(self._params(table, targets, mapping, value, row))
                     n += 1
                     if len(batch) >= BATCH:
-                        self._write(conn, stmt, batch, keep)
+                        self._write(conn, stmt, batch, keep, refused)
                         batch = []
                 if batch:
-                    self._write(conn, stmt, batch, keep)
+                    self._write(conn, stmt, batch, keep, refused)
                 if keep is not None:
-                    self._delete_others(conn, table, keep, n)
+                    self._delete_others(conn, table, keep, n - len(refused))
                 else:
                     self._clear_failed(conn, table, targets, ledger, job_id)
+                if refused:
+                    params, message = refused[0]
+                    ident = params.get("_overnight_id", params.get(self.id_name))
+                    raise SqlError(
+                        f"[output] table: {self.where} refused {len(refused)} row(s), the"
+                        f" others were written: id {ident}: {message}. The results are kept in"
+                        " the ledger: once the table or the results are fixed, `overnight"
+                        " export` writes them"
+                    )
             finally:
                 if keep is not None:
                     self._drop(conn, keep)
