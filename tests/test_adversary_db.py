@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -68,3 +69,41 @@ def test_two_jobs_upserting_into_one_table_keep_each_others_rows(
     with engine.connect() as conn:
         got = dict(conn.execute(sa.text(f"SELECT id, output FROM {name}.triage")).all())
     assert got == {1: 1, 2: 2, 3: 3, 4: 4}
+
+
+def test_two_workers_exporting_at_once_into_a_new_table_both_succeed(
+    schema: tuple[str, sa.Engine], tmp_path: Path
+) -> None:
+    """Two workers leaving at once both export (job.py): the one that loses the race to
+    create the results table (or add a column) uses the table the other made."""
+    name, engine = schema
+    (tmp_path / "in.jsonl").write_text("".join(f'{{"id": "r{i}", "n": {i}}}\n' for i in range(20)))
+    fn = _fn(tmp_path)
+
+    def job(table: str) -> overnight.Job:
+        spec = {
+            "name": "race",
+            "source": {"path": "in.jsonl", "id": "id"},
+            "model": {"backend": "python", "function": fn},
+            "output": {"url": PG, "table": f"{name}.{table}"},
+        }
+        return overnight.Job(spec, base_dir=tmp_path, state=tmp_path / "ledger.db")
+
+    assert job("first").run().exit_code == 0
+    errors: list[BaseException] = []
+
+    def export(table: str) -> None:
+        try:
+            job(table).export()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    for k in range(8):
+        threads = [threading.Thread(target=export, args=(f"t{k}",)) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors, errors[0]
+    with engine.connect() as conn:
+        assert conn.execute(sa.text(f"SELECT count(*) FROM {name}.t7")).scalar() == 20

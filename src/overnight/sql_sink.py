@@ -179,6 +179,10 @@ class SqlSink:
             with conn.begin():
                 table.create(conn, checkfirst=True)
         except sa.exc.DBAPIError as exc:
+            # Another worker exporting at the same moment may have made it first.
+            made = reflect(conn, self.table, "[output] table", self.url)
+            if made is not None:
+                return made
             raise SqlError(
                 f"[output] table: cannot create {self.where}: {scrub(str(exc.orig), self.url)}"
             ) from None
@@ -204,6 +208,9 @@ class SqlSink:
                         )
                     )
             except sa.exc.DBAPIError as exc:
+                # Another worker exporting at the same moment may have added it first.
+                if target in self._reflect(conn).c:
+                    continue
                 raise SqlError(
                     f"[output] columns: cannot add column {target!r} to {self.where}:"
                     f" {scrub(str(exc.orig), self.url)}"
