@@ -107,3 +107,47 @@ def test_two_workers_exporting_at_once_into_a_new_table_both_succeed(
     assert not errors, errors[0]
     with engine.connect() as conn:
         assert conn.execute(sa.text(f"SELECT count(*) FROM {name}.t7")).scalar() == 20
+
+
+def test_two_workers_exporting_at_once_write_the_errors_table_once(
+    schema: tuple[str, sa.Engine], tmp_path: Path
+) -> None:
+    name, engine = schema
+    (tmp_path / "in.jsonl").write_text("".join(f'{{"id": "r{i}", "n": {i}}}\n' for i in range(20)))
+    fn = f"bad_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{fn}.py").write_text(
+        "def fn(records):\n"
+        "    if any(r['n'] % 5 == 0 for r in records):\n"
+        "        raise ValueError('every fifth')\n"
+        "    return [r['n'] for r in records]\n"
+    )
+
+    def job(table: str) -> overnight.Job:
+        spec = {
+            "name": "race",
+            "source": {"path": "in.jsonl", "id": "id"},
+            "model": {"backend": "python", "function": f"{fn}:fn"},
+            "run": {"batch_size": 1, "max_attempts": 1},
+            "output": {"url": PG, "table": f"{name}.out", "errors_table": f"{name}.{table}"},
+        }
+        return overnight.Job(spec, base_dir=tmp_path, state=tmp_path / "ledger.db")
+
+    assert job("first").run().exit_code == 3
+    errors: list[BaseException] = []
+
+    def export(table: str) -> None:
+        try:
+            job(table).export()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    for k in range(8):
+        threads = [threading.Thread(target=export, args=(f"e{k}",)) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors, errors[0]
+    with engine.connect() as conn:
+        for k in range(8):
+            assert conn.execute(sa.text(f"SELECT count(*) FROM {name}.e{k}")).scalar() == 4

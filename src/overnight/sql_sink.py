@@ -484,9 +484,17 @@ class SqlSink:
             rows = _no_nul(rows)
         with connect(self.url, "[output] url") as conn:
             try:
+                try:
+                    with conn.begin():
+                        table.create(conn, checkfirst=True)
+                except sa.exc.DBAPIError:
+                    # Another worker exporting at the same moment may have made it first.
+                    if reflect(conn, self.errors_table, "[output] errors_table", self.url) is None:
+                        raise
                 with conn.begin():
-                    table.create(conn, checkfirst=True)
-                with conn.begin():
+                    if self.dialect == "postgresql":  # two exports at once: one after the other
+                        quoted = conn.dialect.identifier_preparer.format_table(table)
+                        conn.execute(sa.text(f"LOCK TABLE {quoted} IN EXCLUSIVE MODE"))
                     conn.execute(table.delete())
                     if rows:
                         conn.execute(table.insert(), rows)
