@@ -686,3 +686,26 @@ def test_one_row_the_table_refuses_does_not_keep_the_others_out(pg: Db, tmp_path
     assert "refused 1 row" in str(err.value) and "id 5" in str(err.value), str(err.value)
     want = {i: 2 * i for i in range(1, 1201) if i != 5}
     assert pg.rows("results", "id", "doubled") == want
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "pg"])
+def test_update_mode_into_the_source_table_named_another_way_computes_nothing_again(
+    request: pytest.FixtureRequest, tmp_path: Path, kind: str
+) -> None:
+    """The source table written back to under another name (`main.src` for `src`, the
+    default port spelled out): still the same table, whose written columns are not part of
+    the records, or the next run would compute every row again."""
+    db: Db = request.getfixturevalue(kind)
+    make_source(db, 10)
+    fn, log = logging_function(tmp_path)
+    if kind == "sqlite":
+        output = {"table": "main.src", "mode": "update", "columns": {"doubled": "output"}}
+    else:
+        url = db.url.replace("127.0.0.1:5432", "127.0.0.1")
+        output = {"url": url, "table": db.name("src"), "mode": "update"}
+        output["columns"] = {"doubled": "output"}
+    job = job_for(db, tmp_path, fn, output=output)
+    assert job.run().exit_code == 0 and len(calls(log)) == 10
+    dispose_all()
+    assert job.run().exit_code == 0
+    assert calls(log) == []

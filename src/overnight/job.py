@@ -180,10 +180,12 @@ class Job:
         src, out = self.spec.source, self.spec.output
         exclude: frozenset[str] = frozenset()
         if out.url is not None and out.mode == "update" and out.columns:
-            same_db = self._sql(
-                lambda: self.sql_sink.url == SqlSource.from_spec(src, self.base_dir).url
-            )
-            if same_db and (src.table is None or src.table == out.table):
+            from .sqldb import same_table
+
+            url = self._sql(lambda: SqlSource.from_spec(src, self.base_dir).url)
+            # A query: any table of the same database may be the one it reads.
+            table = src.table or out.table
+            if same_table(url, table, self.sql_sink.url, out.table):
                 exclude = frozenset(out.columns)
         return self._sql(lambda: SqlSource.from_spec(src, self.base_dir, exclude))
 

@@ -134,6 +134,20 @@ def split_table(name: str) -> tuple[str | None, str]:
     return (schema or None) if dot else None, table
 
 
+def same_table(a: URL, a_table: str, b: URL, b_table: str) -> bool:
+    """Whether two (URL, table) settings name one table: the default port may be spelled
+    out or not, and a table's schema given or left to the default."""
+    (sa_, ta), (sb, tb) = split_table(a_table), split_table(b_table)
+    return (
+        a.get_backend_name() == b.get_backend_name()
+        and a.host == b.host
+        and a.database == b.database
+        and (a.port == b.port or None in (a.port, b.port))
+        and ta == tb
+        and (sa_ == sb or None in (sa_, sb))
+    )
+
+
 def reflect(conn: sa.Connection, name: str, key: str, url: URL) -> sa.Table | None:
     """The table's columns and types, or None when there is no such table."""
     schema, table = split_table(name)
