@@ -112,3 +112,28 @@ def test_an_unreachable_postgresql_ledger_is_exit_2_without_the_password(tmp_pat
     assert proc.returncode == 2
     assert "postgresql://me@127.0.0.1:1/x" in proc.stderr and "pw123" not in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_password_in_the_ledger_urls_query_is_not_shown_either(tmp_path):
+    """libpq takes `?password=` as well as `user:password@`: hidden the same way."""
+    project(tmp_path)
+    url = "postgresql://me@127.0.0.1:1/x?sslmode=disable&password=pw123"
+    proc = cli(tmp_path, "run", "job.toml", "--ledger", url)
+    assert proc.returncode == 2
+    assert "postgresql://me@127.0.0.1:1/x?sslmode=disable" in proc.stderr
+    assert "pw123" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_schema_holding_another_applications_jobs_table_is_named_as_such(tmp_path, pg_ledger_url):
+    """The ledger's tables are `jobs`, `items`, ...: in a schema where an application has a
+    `jobs` table of its own, the error says so, not "check the database name and the user"."""
+    import psycopg
+
+    schema = pg_ledger_url.rpartition("%3D")[2]
+    with psycopg.connect("postgresql://127.0.0.1:5432/test", autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE {schema}.jobs (id serial PRIMARY KEY, title text)")
+    project(tmp_path)
+    proc = cli(tmp_path, "run", "job.toml", "--ledger", pg_ledger_url)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "check the database name" not in proc.stderr
+    assert "a schema of its own" in proc.stderr, proc.stderr

@@ -342,6 +342,8 @@ def test_keyset_resume_and_null_ids(sqlite: Db, tmp_path: Path) -> None:
         ({"source": {"changed_since": "no_such_column"}}, "[source] changed_since"),
         ({"source": {"table": None, "query": "SELECT nonsense FROM"}}, "[source] query"),
         ({"output": {"url": "postgresql://bob:hunter2@127.0.0.1:1/test"}}, "[output] url"),
+        ({"source": {"url": "postgresql://bob@127.0.0.1:1/test?password=hunter2"}}, "[source] url"),
+        ({"output": {"url": "mysql://bob@127.0.0.1:1/test?password=hunter2"}}, "[output] url"),
         ({"output": {"mode": "update", "table": "no_such_table"}}, "[output] table"),
         ({"source": {"id": None}}, "`id` is required for a SQL source"),
         ({"output": {"mode": "update", "columns": None}}, 'mode = "update" needs `columns`'),
@@ -515,3 +517,195 @@ def test_kill_during_ingest_resumes_after_the_last_committed_id(pg: Db, tmp_path
     assert 1 < resumed <= len(first) + 1
     assert sorted(map(int, second)) == list(range(resumed, total + 1))
     assert pg.rows("results", "id", "output") == {i: 2 * i for i in range(1, total + 1)}
+
+
+@pytest.mark.parametrize(
+    ("value", "stored"),
+    [("a\x00b", "a\ufffdb"), ({"tags": ["x\x00"]}, {"tags": ["x\ufffd"]})],
+)
+def test_a_nul_in_a_result_does_not_sink_the_postgresql_export(
+    pg: Db, tmp_path: Path, value: object, stored: object
+) -> None:
+    """PostgreSQL text and jsonb cannot hold NUL: a result holding one (a model's output, a
+    SQLite input field) is written with U+FFFD, as the ledger stores it, instead of failing
+    the whole export."""
+    make_source(pg, 3)
+    name = f"nul_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(
+        f"def fn(records):\n    return [{value!r} for r in records]\n"
+    )
+    job = job_for(pg, tmp_path, f"{name}:fn", output={"columns": {"got": "output"}})
+    assert job.run().exit_code == 0
+    assert pg.rows("results", "id", "got") == {i: stored for i in (1, 2, 3)}
+
+
+def test_a_nul_in_an_error_message_does_not_sink_the_postgresql_errors_table(
+    pg: Db, tmp_path: Path
+) -> None:
+    make_source(pg, 2)
+    name = f"nulerr_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text("def fn(records):\n    raise ValueError('bad\\x00byte')\n")
+    output = {"columns": {"got": "output"}, "errors_table": pg.name("errors")}
+    job = job_for(pg, tmp_path, f"{name}:fn", output=output, run={"max_attempts": 1})
+    assert job.run().exit_code == 3
+    assert {m for m in pg.rows("errors", "id", "message").values()} == {"bad\ufffdbyte"}
+
+
+def test_a_results_column_holds_every_rows_value_not_only_the_first_rows_type(
+    db: Db, tmp_path: Path
+) -> None:
+    """The column created for `output` fits the results, not the first one alone: a score
+    that is 1 for the first row and 0.75 for the next is not written as 0 into a BIGINT."""
+    make_source(db, 4)
+    name = f"mixed_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(
+        "def fn(records):\n    return [1 if r['n'] == 1 else r['n'] / 4 for r in records]\n"
+    )
+    job = job_for(db, tmp_path, f"{name}:fn", output={"columns": {"score": "output"}})
+    assert job.run().exit_code == 0
+    assert db.rows("results", "id", "score") == {1: 1, 2: 0.5, 3: 0.75, 4: 1}
+
+
+def test_a_query_with_comments_colons_and_a_semicolon_is_read_as_written(
+    pg: Db, tmp_path: Path
+) -> None:
+    """A query as a user writes it in a TOML multi-line string: a line comment last, a
+    semicolon followed by a comment, a colon in a string and a `::` cast (not bind
+    parameters: SQLAlchemy's text() would ask for a value of `:x`, with a traceback)."""
+    make_source(pg, 3)
+    query = (
+        f"SELECT id, n, 'see :x' AS note, n::text AS n_text\nFROM {pg.name('src')}\n"
+        "-- every row\n; -- done\n"
+    )
+    fn, log = logging_function(tmp_path)
+    job = job_for(
+        pg,
+        tmp_path,
+        fn,
+        source={"table": None, "query": query},
+        output={"columns": {"doubled": "output", "note": "note", "n_text": "n_text"}},
+    )
+    assert job.run().exit_code == 0
+    assert pg.rows("results", "id", "doubled", "note", "n_text") == {
+        i: (2 * i, "see :x", str(i)) for i in (1, 2, 3)
+    }
+
+
+@pytest.mark.parametrize("id_column", ["u", "t"])
+def test_a_query_keyed_by_a_uuid_or_a_timestamp_resumes_and_reads_by_id(
+    pg: Db, tmp_path: Path, id_column: str
+) -> None:
+    """A query's columns have no reflected types: the id kept in the ledger (JSON text) is
+    compared as the column's own type, not as VARCHAR (`uuid > character varying`)."""
+    src = pg.name("src")
+    pg.execute(f"CREATE TABLE {src} (u uuid PRIMARY KEY, t timestamptz UNIQUE, n int)")
+    pg.execute(
+        f"INSERT INTO {src} SELECT gen_random_uuid(),"
+        " '2026-01-01 12:00+00'::timestamptz + g * interval '1 hour', g"
+        " FROM generate_series(1, 5) g"
+    )
+    source = SqlSource(
+        parse_url(pg.url, tmp_path, "[source] url"), id_column, query=f"SELECT * FROM {src}"
+    )
+    first = next(source.read(Cursor(), chunk=2))
+    rest = [r.custom_id for rows in source.read(Cursor(2, 3, 0, first[-1].key), 2) for r in rows]
+    every = [r.custom_id for rows in source.read(Cursor(), 10) for r in rows]
+    assert [r.custom_id for r in first] + rest == every and len(every) == 5
+    assert [r.custom_id for r in source.read_ids(every[:2])] == every[:2]
+
+
+def test_changed_since_on_a_querys_timestamp_column(pg: Db, tmp_path: Path) -> None:
+    src = pg.name("src")
+    pg.execute(f"CREATE TABLE {src} (id int PRIMARY KEY, n int, at timestamptz)")
+    pg.execute(f"INSERT INTO {src} SELECT g, g, '2026-01-01 12:00+00' FROM generate_series(1, 5) g")
+    fn, log = logging_function(tmp_path)
+    source = {"table": None, "query": f"SELECT id, n, at FROM {src}", "changed_since": "at"}
+    job = job_for(pg, tmp_path, fn, source=source, output={"columns": {"doubled": "output"}})
+    assert job.run().exit_code == 0 and len(calls(log)) == 5
+    pg.execute(f"UPDATE {src} SET n = 100, at = '2026-01-02 12:00+00' WHERE id = 2")
+    dispose_all()
+    assert job.run().exit_code == 0
+    assert calls(log) == ["2"]
+    assert pg.rows("results", "id", "doubled")[2] == 200
+
+
+def test_ids_that_differ_only_in_case_are_two_rows_in_a_mariadb_results_table(
+    maria: Db, tmp_path: Path
+) -> None:
+    """MariaDB compares text case-insensitively by default: the results table's id column is
+    created with a binary collation, or id "aB" would overwrite id "Ab"."""
+    (tmp_path / "in.jsonl").write_text('{"id": "aB", "n": 1}\n{"id": "Ab", "n": 2}\n')
+    fn, _ = logging_function(tmp_path)
+    job = job_for(
+        maria,
+        tmp_path,
+        fn,
+        source={"path": "in.jsonl", "url": None, "table": None},
+        output={"columns": None},
+    )
+    assert job.run().exit_code == 0
+    assert maria.rows("results", "id", "output") == {"aB": 2, "Ab": 4}
+    dispose_all()
+    assert job.run().exit_code == 0  # the rerun's upsert and delete keep both
+    assert maria.rows("results", "id", "output") == {"aB": 2, "Ab": 4}
+
+
+def test_integers_past_64_bits_are_read_as_text_not_a_traceback(pg: Db, tmp_path: Path) -> None:
+    """NUMERIC(40) ids and values past 64 bits (JSON via orjson holds 64-bit integers):
+    written as their digits, and the keyset goes on from them."""
+    src = pg.name("src")
+    pg.execute(f"CREATE TABLE {src} (id numeric(40) PRIMARY KEY, n int, big numeric(40))")
+    pg.execute(
+        f"INSERT INTO {src} SELECT 10::numeric ^ 30 + g, g, 10::numeric ^ 35 FROM"
+        " generate_series(1, 3) g"
+    )
+    source = SqlSource(parse_url(pg.url, tmp_path, "[source] url"), "id", src)
+    first = next(source.read(Cursor(), chunk=2))
+    assert first[0].custom_id == str(10**30 + 1) and first[0].record["big"] == str(10**35)
+    rest = [r.custom_id for rows in source.read(Cursor(2, 3, 0, first[-1].key), 2) for r in rows]
+    assert rest == [str(10**30 + 3)]
+    fn, _ = logging_function(tmp_path)
+    job = job_for(pg, tmp_path, fn, output={"columns": {"doubled": "output"}})
+    assert job.run().exit_code == 0
+    assert len(pg.rows("results", "id", "doubled")) == 3
+
+
+def test_one_row_the_table_refuses_does_not_keep_the_others_out(pg: Db, tmp_path: Path) -> None:
+    """A results table made for numbers and one result that is text: every other row is
+    written, and the error (exit 2) names the row it could not write."""
+    make_source(pg, 1200)
+    pg.execute(f"CREATE TABLE {pg.name('results')} (id bigint PRIMARY KEY, doubled bigint)")
+    name = f"onebad_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(
+        "def fn(records):\n    return ['oops' if r['n'] == 5 else r['n'] * 2 for r in records]\n"
+    )
+    job = job_for(pg, tmp_path, f"{name}:fn", output={"columns": {"doubled": "output"}})
+    with pytest.raises(UsageError) as err:
+        job.run()
+    assert err.value.exit_code == 2
+    assert "refused 1 row" in str(err.value) and "id 5" in str(err.value), str(err.value)
+    want = {i: 2 * i for i in range(1, 1201) if i != 5}
+    assert pg.rows("results", "id", "doubled") == want
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "pg"])
+def test_update_mode_into_the_source_table_named_another_way_computes_nothing_again(
+    request: pytest.FixtureRequest, tmp_path: Path, kind: str
+) -> None:
+    """The source table written back to under another name (`main.src` for `src`, the
+    default port spelled out): still the same table, whose written columns are not part of
+    the records, or the next run would compute every row again."""
+    db: Db = request.getfixturevalue(kind)
+    make_source(db, 10)
+    fn, log = logging_function(tmp_path)
+    if kind == "sqlite":
+        output = {"table": "main.src", "mode": "update", "columns": {"doubled": "output"}}
+    else:
+        url = db.url.replace("127.0.0.1:5432", "127.0.0.1")
+        output = {"url": url, "table": db.name("src"), "mode": "update"}
+        output["columns"] = {"doubled": "output"}
+    job = job_for(db, tmp_path, fn, output=output)
+    assert job.run().exit_code == 0 and len(calls(log)) == 10
+    dispose_all()
+    assert job.run().exit_code == 0
+    assert calls(log) == []

@@ -205,13 +205,14 @@ class SqlInput:
             src, out = self.spec.source, self.spec.output
             exclude: frozenset[str] = frozenset()
             if out.url is not None and out.mode == "update" and out.columns:
-                same_db = self._sql(
-                    lambda: (
-                        SqlSink.from_spec(out, self.base_dir, self.id_name).url
-                        == SqlSource.from_spec(src, self.base_dir).url
-                    )
+                from .sqldb import same_table
+
+                sink_url = self._sql(
+                    lambda: SqlSink.from_spec(out, self.base_dir, self.id_name).url
                 )
-                if same_db and (src.table is None or src.table == out.table):
+                url = self._sql(lambda: SqlSource.from_spec(src, self.base_dir).url)
+                # A query: any table of the same database may be the one it reads.
+                if same_table(url, src.table or out.table, sink.url, out.table):
                     exclude = frozenset(out.columns)
             self._source = self._sql(lambda: SqlSource.from_spec(src, self.base_dir, exclude))
         return self._source

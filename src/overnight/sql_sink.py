@@ -13,6 +13,7 @@ writes them all again: the export is idempotent.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import secrets
 from collections.abc import Iterator
@@ -34,6 +35,7 @@ from .store import Ledger
 log = logging.getLogger(__name__)
 
 BATCH = 1000
+_BINARY = "utf8mb4_bin"  # MySQL and MariaDB: text compared byte by byte
 
 
 @dataclass
@@ -136,14 +138,30 @@ class SqlSink:
         if isinstance(value, dict | list):
             return postgresql.JSONB() if self.dialect == "postgresql" else sa.JSON()
         if is_id and mysql:
-            return sa.String(255)  # MySQL keys need a length
+            # MySQL keys need a length; ids compare as written ("aB" is not "Ab").
+            return sa.String(255, collation=_BINARY)
+        return sa.Text()
+
+    def _types(self, sample: list[Any]) -> Any:
+        """The column type for a field's values in the first rows: one that holds them all
+        (an int then a float: FLOAT, not BIGINT; mixed kinds: TEXT)."""
+        kinds = [self._type(v) for v in sample if v is not None]
+        if not kinds:
+            return self._type(None)
+        names = {type(k) for k in kinds}
+        if len(names) == 1:
+            return kinds[0]
+        if names <= {sa.BigInteger, sa.Float}:
+            return sa.Float()
+        if names <= {sa.JSON, postgresql.JSONB, postgresql.ARRAY}:
+            return postgresql.JSONB() if self.dialect == "postgresql" else sa.JSON()
         return sa.Text()
 
     def _create(
-        self, conn: sa.Connection, mapping: dict[str, str], first: tuple[Any, dict] | None
+        self, conn: sa.Connection, mapping: dict[str, str], head: list[tuple[Any, dict, set]]
     ) -> sa.Table:
         schema, name = split_table(self.table)
-        values = first[1] if first else {}
+        first = head[0] if head else None
         cols = [
             sa.Column(
                 self.id_name,
@@ -154,12 +172,17 @@ class SqlSink:
         ]
         for target, source in mapping.items():
             if target != self.id_name:
-                cols.append(sa.Column(target, self._type(values.get(source))))
+                kind = self._types([row.get(source) for _, row, _ in head])
+                cols.append(sa.Column(target, kind))
         table = sa.Table(name, sa.MetaData(), *cols, schema=schema)
         try:
             with conn.begin():
                 table.create(conn, checkfirst=True)
         except sa.exc.DBAPIError as exc:
+            # Another worker exporting at the same moment may have made it first.
+            made = reflect(conn, self.table, "[output] table", self.url)
+            if made is not None:
+                return made
             raise SqlError(
                 f"[output] table: cannot create {self.where}: {scrub(str(exc.orig), self.url)}"
             ) from None
@@ -167,14 +190,15 @@ class SqlSink:
         return self._reflect(conn)
 
     def _add_columns(
-        self, conn: sa.Connection, table: sa.Table, mapping: dict[str, str], values: dict
+        self, conn: sa.Connection, table: sa.Table, mapping: dict[str, str], head: list
     ) -> sa.Table:
         missing = [t for t in mapping if t not in table.c]
         if not missing:
             return table
         prep = conn.dialect.identifier_preparer
         for target in missing:
-            kind = self._type(values.get(mapping[target])).compile(dialect=conn.dialect)
+            sample = [row.get(mapping[target]) for _, row, _ in head]
+            kind = self._types(sample).compile(dialect=conn.dialect)
             try:
                 with conn.begin():
                     conn.execute(
@@ -184,6 +208,9 @@ class SqlSink:
                         )
                     )
             except sa.exc.DBAPIError as exc:
+                # Another worker exporting at the same moment may have added it first.
+                if target in self._reflect(conn).c:
+                    continue
                 raise SqlError(
                     f"[output] columns: cannot add column {target!r} to {self.where}:"
                     f" {scrub(str(exc.orig), self.url)}"
@@ -203,13 +230,17 @@ class SqlSink:
             value = value.tolist()
         if isinstance(value, dict | list):
             kind = column.type
+            if isinstance(kind, sa.JSON) and self.dialect == "postgresql":
+                return _no_nul(value)
             if isinstance(kind, sa.JSON | sa.ARRAY):
                 return value
             return orjson.dumps(value).decode()
         if isinstance(value, str | int | float) and not isinstance(value, bool):
             want = python_type(column)
             if want is not None and want is not type(value) and want in (int, float, str):
-                return _unplain(value, want)
+                value = _unplain(value, want)
+            if isinstance(value, str) and self.dialect == "postgresql":
+                return _no_nul(value)
         return value
 
     def _statement(self, table: sa.Table, targets: list[str]) -> Any:
@@ -273,14 +304,28 @@ class SqlSink:
         return out
 
     def _write(
-        self, conn: sa.Connection, stmt: Any, batch: list[dict], keep: sa.Table | None = None
+        self,
+        conn: sa.Connection,
+        stmt: Any,
+        batch: list[dict],
+        keep: sa.Table | None = None,
+        refused: list[tuple[dict, str]] | None = None,
     ) -> None:
+        """One transaction. With `refused`, a batch the database refuses is written again
+        row by row, and the rows it refuses alone are added to `refused`, (params, message)."""
         try:
             with conn.begin():
                 conn.execute(stmt, batch)
                 if keep is not None:
                     conn.execute(keep.insert(), [{"id": p[self.id_name]} for p in batch])
         except sa.exc.DBAPIError as exc:
+            if refused is not None and not exc.connection_invalidated:
+                if len(batch) == 1:
+                    refused.append((batch[0], scrub(str(exc.orig), self.url)))
+                    return
+                for params in batch:
+                    self._write(conn, stmt, [params], keep, refused)
+                return
             hint = ""
             if self.mode == "upsert" and "conflict" in str(exc.orig).lower():
                 hint = f" (the table needs a primary key or unique index on {self.id_name!r})"
@@ -294,7 +339,8 @@ class SqlSink:
     def export(self, ledger: Ledger, job_id: int) -> int:
         """Write every good result; returns the rows written."""
         rows = self._rows(ledger, job_id)
-        first = next(rows, None)
+        head = list(itertools.islice(rows, BATCH))  # the rows new columns' types fit
+        first = head[0] if head else None
         record_fields = first[2] if first else set()
         mapping = self._mapping(first[1] if first else None, record_fields)
         mapping.pop(self.id_name, None)
@@ -304,12 +350,12 @@ class SqlSink:
             else:
                 table = reflect(conn, self.table, "[output] table", self.url)
                 if table is None:
-                    table = self._create(conn, mapping, first)
+                    table = self._create(conn, mapping, head)
                 elif self.id_name not in table.c:
                     raise SqlError(
                         f"[output] table: {self.table} has no id column {self.id_name!r}"
                     )
-            table = self._add_columns(conn, table, mapping, first[1] if first else {})
+            table = self._add_columns(conn, table, mapping, head)
             targets = list(mapping)
             stmt = self._statement(table, targets)
             # Upsert: the ids written go to a temporary table too, so the rows no longer
@@ -317,20 +363,29 @@ class SqlSink:
             keep = self._keep_table(conn, table) if self.mode == "upsert" else None
             try:
                 batch: list[dict] = []
+                refused: list[tuple[dict, str]] = []
                 n = 0
-                pending = [first] if first is not None else []
-                for value, row, _ in _chain(pending, rows):
+                for value, row, _ in _chain(head, rows):
                     batch.append(self._params(table, targets, mapping, value, row))
                     n += 1
                     if len(batch) >= BATCH:
-                        self._write(conn, stmt, batch, keep)
+                        self._write(conn, stmt, batch, keep, refused)
                         batch = []
                 if batch:
-                    self._write(conn, stmt, batch, keep)
+                    self._write(conn, stmt, batch, keep, refused)
                 if keep is not None:
-                    self._delete_others(conn, table, keep, n)
+                    self._delete_others(conn, table, keep, n - len(refused))
                 else:
                     self._clear_failed(conn, table, targets, ledger, job_id)
+                if refused:
+                    params, message = refused[0]
+                    ident = params.get("_overnight_id", params.get(self.id_name))
+                    raise SqlError(
+                        f"[output] table: {self.where} refused {len(refused)} row(s), the"
+                        f" others were written: id {ident}: {message}. The results are kept in"
+                        " the ledger: once the table or the results are fixed, `overnight"
+                        " export` writes them"
+                    )
             finally:
                 if keep is not None:
                     self._drop(conn, keep)
@@ -339,7 +394,8 @@ class SqlSink:
     def _keep_table(self, conn: sa.Connection, table: sa.Table) -> sa.Table:
         kind = table.c[self.id_name].type
         if self.dialect in ("mysql", "mariadb") and isinstance(kind, sa.Text):
-            kind = sa.String(255)  # a MySQL key needs a length
+            # A MySQL key needs a length; ids compare as the table's do.
+            kind = sa.String(255, collation=kind.collation)
         keep = sa.Table(
             f"overnight_keep_{secrets.token_hex(4)}",
             sa.MetaData(),
@@ -424,11 +480,21 @@ class SqlSink:
             }
             for f in ledger.iter_failures(job_id)
         ]
+        if self.dialect == "postgresql":
+            rows = _no_nul(rows)
         with connect(self.url, "[output] url") as conn:
             try:
+                try:
+                    with conn.begin():
+                        table.create(conn, checkfirst=True)
+                except sa.exc.DBAPIError:
+                    # Another worker exporting at the same moment may have made it first.
+                    if reflect(conn, self.errors_table, "[output] errors_table", self.url) is None:
+                        raise
                 with conn.begin():
-                    table.create(conn, checkfirst=True)
-                with conn.begin():
+                    if self.dialect == "postgresql":  # two exports at once: one after the other
+                        quoted = conn.dialect.identifier_preparer.format_table(table)
+                        conn.execute(sa.text(f"LOCK TABLE {quoted} IN EXCLUSIVE MODE"))
                     conn.execute(table.delete())
                     if rows:
                         conn.execute(table.insert(), rows)
@@ -438,6 +504,17 @@ class SqlSink:
                     f" {safe_url(self.url)}: {scrub(str(exc.orig), self.url)}"
                 ) from None
         return len(rows)
+
+
+def _no_nul(value: Any) -> Any:
+    """PostgreSQL text and jsonb cannot hold NUL: U+FFFD instead, as the ledger stores it."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd") if "\x00" in value else value
+    if isinstance(value, dict):
+        return {_no_nul(k): _no_nul(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_no_nul(v) for v in value]
+    return value
 
 
 def _chain(first: list[Any], rest: Iterator[Any]) -> Iterator[Any]:

@@ -31,15 +31,18 @@ from .sqldb import SqlError, connect, parse_url, python_type, reflect, safe_url,
 
 _PLAIN = (str, int, float, bool)
 _MISSING = object()
+_INT64 = (-(2**63), 2**64)  # the integers orjson writes
 
 
 def plain(value: Any) -> Any:
     """A database value as JSON can hold it."""
     if value is None or type(value) in _PLAIN:
+        if type(value) is int and not _INT64[0] <= value < _INT64[1]:
+            return str(value)  # past what JSON (orjson) holds: its digits
         return value
     if isinstance(value, Decimal):
         if value.is_finite() and value == value.to_integral_value():
-            return int(value)
+            return plain(int(value))
         return float(value)
     if isinstance(value, dt.datetime | dt.date | dt.time):
         return value.isoformat()
@@ -97,6 +100,21 @@ def _unplain(value: Any, kind: type | None) -> Any:
     return value
 
 
+def _without_semicolons(query: str) -> str:
+    """A query without its last semicolons, nor the line comments after them (it is wrapped
+    as a subquery)."""
+    query = query.strip().rstrip(";").strip()
+    lines = query.splitlines()
+    for i in range(len(lines) - 1, -1, -1):
+        code = lines[i].partition("--")[0].rstrip()
+        if not code:
+            continue  # a comment alone
+        if code.endswith(";"):
+            return "\n".join([*lines[:i], code.rstrip("; \t")])
+        break
+    return query
+
+
 @dataclass
 class SqlSource:
     url: URL
@@ -113,7 +131,7 @@ class SqlSource:
     def from_spec(
         cls, source: Any, base_dir: Path, exclude: frozenset[str] = frozenset()
     ) -> SqlSource:
-        query = source.query.strip().rstrip(";").strip() if source.query else None
+        query = _without_semicolons(source.query) if source.query else None
         return cls(
             parse_url(source.url, base_dir, "[source] url"),
             source.id,
@@ -143,7 +161,10 @@ class SqlSource:
             source: Any = table
             kinds = {n: python_type(c) for n, c in columns.items()}
         else:
-            sub = f"({self.query}) AS overnight_q"
+            # On its own line (a line comment last), and no bind parameters: a colon is
+            # the query's own (`'10 :30'`, `::text`).
+            escaped = self.query.replace(":", "\\:")
+            sub = f"({escaped}\n) AS overnight_q"
             try:
                 names = list(conn.execute(sa.text(f"SELECT * FROM {sub} LIMIT 0")).keys())
             except sa.exc.DBAPIError as exc:
@@ -163,9 +184,24 @@ class SqlSource:
                 raise SqlError(
                     f"[source] {key}: no column {name!r} in {self.where} (columns: {shown})"
                 )
+        if self.query is not None:
+            kinds = self._query_kinds(conn, source, columns)
         selected = [columns[n] for n in names if n not in self.exclude or n == self.id]
         self._shape = (source, selected, columns, kinds)
         return self._shape
+
+    def _query_kinds(self, conn: sa.Connection, source: Any, columns: dict) -> dict:
+        """A query's columns have no reflected types: the id's and `changed_since`'s are
+        those of a value of theirs, so an id or a mark kept in the ledger (JSON) is bound
+        as the column's type (a uuid, a timestamp), not as text."""
+        kinds = {}
+        for name in {self.id, self.changed_since} - {None}:
+            col = columns[name]
+            query = sa.select(col).select_from(source).where(col.is_not(None)).limit(1)
+            page = self._fetch(conn, query)
+            if page:
+                kinds[name] = type(page[0][name])
+        return kinds
 
     def _select(self, conn: sa.Connection) -> tuple[sa.Select, Any, dict[str, Any], dict]:
         source, selected, columns, kinds = self._load_shape(conn)
@@ -311,11 +347,8 @@ class SqlSource:
             query = sa.select(sa.func.count()).select_from(
                 self._since(base, columns, kinds, since).subquery()
             )
-            try:
-                n = conn.execute(query).scalar()
-            finally:
-                conn.rollback()
-            return int(n or 0)
+            page = self._fetch(conn, query)
+            return int(next(iter(page[0].values())) or 0)
 
     def high_water(self) -> Any:
         """The largest value of the `changed_since` column now (as JSON), None when empty."""

@@ -60,20 +60,24 @@ def parse_url(text: str, base_dir: Path, key: str) -> URL:
 
 def hide_password(text: str) -> str:
     try:
-        return make_url(text).render_as_string(hide_password=True)
+        return safe_url(make_url(text))
     except Exception:
-        return "<the URL>" if "@" in text else text
+        return "<the URL>" if "@" in text or "password" in text else text
 
 
 def safe_url(url: URL) -> str:
-    return url.render_as_string(hide_password=True)
+    # The drivers take `?password=` as well as `user:password@`.
+    return url.difference_update_query(["password"]).render_as_string(hide_password=True)
 
 
 def scrub(message: str, url: URL) -> str:
-    """A driver's message with the URL's password taken out, on one line."""
+    """A driver's message with the URL's passwords taken out, on one line."""
     text = " ".join(str(message).split())
-    if url.password:
-        text = text.replace(str(url.password), "***")
+    query = url.query.get("password")
+    hidden = [url.password, *(query if isinstance(query, tuple) else [query])]
+    for password in hidden:
+        if password:
+            text = text.replace(str(password), "***")
     return text[:500]
 
 
@@ -128,6 +132,20 @@ def split_table(name: str) -> tuple[str | None, str]:
     """`schema.table` -> (schema, table); a bare name has no schema."""
     schema, dot, table = name.rpartition(".")
     return (schema or None) if dot else None, table
+
+
+def same_table(a: URL, a_table: str, b: URL, b_table: str) -> bool:
+    """Whether two (URL, table) settings name one table: the default port may be spelled
+    out or not, and a table's schema given or left to the default."""
+    (sa_, ta), (sb, tb) = split_table(a_table), split_table(b_table)
+    return (
+        a.get_backend_name() == b.get_backend_name()
+        and a.host == b.host
+        and a.database == b.database
+        and (a.port == b.port or None in (a.port, b.port))
+        and ta == tb
+        and (sa_ == sb or None in (sa_, sb))
+    )
 
 
 def reflect(conn: sa.Connection, name: str, key: str, url: URL) -> sa.Table | None:

@@ -20,7 +20,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from importlib.resources import files
 from typing import Any, Protocol
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 _HEADER = re.compile(r"^-- name: *(?P<name>[^(]+?) *\((?P<params>[^)]*)\) *$", re.M)
 # `:name`, not `::type` (a PostgreSQL cast) nor `a:b` inside a word.
@@ -75,13 +75,17 @@ def safe_url(url: str) -> str:
     """The URL to show in messages: without its password."""
     try:
         parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        host = parts.hostname or ""
-        netloc = f"{parts.username}@{host}" if parts.username else host
-        if parts.port:
-            netloc += f":{parts.port}"
-        return urlunsplit(parts._replace(netloc=netloc))
+        query = parts.query.split("&")
+        kept = [p for p in query if unquote(p.partition("=")[0]) != "password"]
+        if len(kept) < len(query):  # libpq takes ?password= too
+            parts = parts._replace(query="&".join(kept))
+        if parts.password is not None:
+            host = parts.hostname or ""
+            netloc = f"{parts.username}@{host}" if parts.username else host
+            if parts.port:
+                netloc += f":{parts.port}"
+            parts = parts._replace(netloc=netloc)
+        return urlunsplit(parts)
     except ValueError:
         return url.split("@")[-1]
 

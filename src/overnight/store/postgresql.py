@@ -37,6 +37,10 @@ _HINTS = {
     "no schema has been selected": "the schema named in the URL's search_path does not exist:"
     " create it first (CREATE SCHEMA ...)",
     "permission denied": "the database user may not do this (GRANT the rights it needs)",
+    # A table the ledger made lacks a column: not the ledger's table (an application's
+    # `jobs` in the same schema).
+    'column "': "the schema holds tables of another application with the ledger's names (jobs,"
+    " items, ...): give the ledger a schema of its own (?options=-csearch_path%3Dname)",
     "does not exist": "check the database name and the user in the ledger URL",
     "password authentication failed": "check the user and password in the ledger URL",
     "connection refused": "is PostgreSQL running and listening at that host and port?",
