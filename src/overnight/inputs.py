@@ -207,9 +207,7 @@ class SqlInput:
             if out.url is not None and out.mode == "update" and out.columns:
                 from .sqldb import same_table
 
-                sink_url = self._sql(
-                    lambda: SqlSink.from_spec(out, self.base_dir, self.id_name).url
-                )
+                sink = self._sql(lambda: SqlSink.from_spec(out, self.base_dir, self.id_name))
                 url = self._sql(lambda: SqlSource.from_spec(src, self.base_dir).url)
                 # A query: any table of the same database may be the one it reads.
                 if same_table(url, src.table or out.table, sink.url, out.table):
