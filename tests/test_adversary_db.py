@@ -38,13 +38,6 @@ def _fn(tmp_path: Path) -> str:
     return f"{name}:fn"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="upsert mode deletes every row of the results table whose id is not among this"
-    " job's results, so a second job writing the same table deletes the first one's rows; the"
-    " ids a job leaves (gone from its source) are deleted from the ledger before the export,"
-    " so the sink cannot tell its own stale rows from another job's without new bookkeeping",
-)
 def test_two_jobs_upserting_into_one_table_keep_each_others_rows(
     schema: tuple[str, sa.Engine], tmp_path: Path
 ) -> None:

@@ -139,6 +139,7 @@ class SqlOutput:
     errors_path: Path
     origin: str
     id_name: str
+    job: str  # the job's name: an upsert marks the rows it writes with it
     _sink: Any = field(default=None, repr=False)
 
     def _sql(self, call: Callable[[], Any]) -> Any:
@@ -156,7 +157,7 @@ class SqlOutput:
             from .sql_sink import SqlSink
 
             out, base = self.spec.output, self.base_dir
-            self._sink = self._sql(lambda: SqlSink.from_spec(out, base, self.id_name))
+            self._sink = self._sql(lambda: SqlSink.from_spec(out, base, self.id_name, self.job))
         return self._sink
 
     def describe(self) -> str:
@@ -188,19 +189,23 @@ class SqlOutput:
 @dataclass(frozen=True)
 class OutputKind:
     """One kind of output: whether a job's [output] is of this kind, and how to open it.
-    `make(spec, base_dir, path, errors_path, origin, id_name)`."""
+    `make(spec, base_dir, path, errors_path, origin, id_name, job_name)`."""
 
     name: str
     matches: Callable[[JobSpec], bool]
-    make: Callable[[JobSpec, Path, Path, Path, str, str], Output]
+    make: Callable[[JobSpec, Path, Path, Path, str, str, str], Output]
 
 
-def _file(spec: JobSpec, base: Path, path: Path, errors: Path, origin: str, id_name: str) -> Output:
+def _file(
+    spec: JobSpec, base: Path, path: Path, errors: Path, origin: str, id_name: str, job: str
+) -> Output:
     return FileOutput(spec, path, errors, origin, id_name)
 
 
-def _sql(spec: JobSpec, base: Path, path: Path, errors: Path, origin: str, id_name: str) -> Output:
-    return SqlOutput(spec, base, path, errors, origin, id_name)
+def _sql(
+    spec: JobSpec, base: Path, path: Path, errors: Path, origin: str, id_name: str, job: str
+) -> Output:
+    return SqlOutput(spec, base, path, errors, origin, id_name, job)
 
 
 # The kinds, the first that matches wins; the last, files, takes what none other does.
@@ -231,4 +236,4 @@ def output_for(
     else:
         errors = path.with_name(f"{path.stem}.errors.jsonl")
     kind = next(k for k in OUTPUTS if k.matches(spec))
-    return kind.make(spec, base_dir, path, errors, origin, id_name)
+    return kind.make(spec, base_dir, path, errors, origin, id_name, name)

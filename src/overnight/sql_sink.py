@@ -2,9 +2,11 @@
 
 `mode = "upsert"` inserts or updates one row per result, keyed by the id column, in a table
 created when missing (the id's type, TEXT, BIGINT, FLOAT, JSON/JSONB for objects, REAL[] on
-PostgreSQL for embeddings); rows whose id is no longer a good result (gone from the source,
-or failed since) are deleted. `mode = "update"` sets columns of existing rows (the source table
-itself, say), adding the columns when missing; a failed record's columns are set to NULL.
+PostgreSQL for embeddings), each row marked with the job's name (`overnight_job`); this job's
+rows whose id is no longer a good result (gone from the source, or failed since) are deleted,
+another job's rows in the same table are left alone. `mode = "update"` sets columns of
+existing rows (the source table itself, say), adding the columns when missing; a failed
+record's columns are set to NULL.
 
 Rows are written in transactions of `BATCH` rows: a kill during the write leaves every row
 either as it was or as the ledger has it, and the next export (a rerun, or `overnight export`)
@@ -38,6 +40,11 @@ BATCH = 1000
 _BINARY = "utf8mb4_bin"  # MySQL and MariaDB: text compared byte by byte
 
 
+# Upsert mode: the column naming the job that wrote a row, so that a job deletes only its own
+# rows that are no longer results (two jobs may share one results table).
+JOB_COLUMN = "overnight_job"
+
+
 @dataclass
 class SqlSink:
     url: URL
@@ -47,9 +54,10 @@ class SqlSink:
     errors_table: str | None
     id_name: str  # the id column
     include: list[str]
+    job: str = ""  # the job's name, in JOB_COLUMN of each row it upserts
 
     @classmethod
-    def from_spec(cls, output: Any, base_dir: Path, id_name: str) -> SqlSink:
+    def from_spec(cls, output: Any, base_dir: Path, id_name: str, job: str = "") -> SqlSink:
         return cls(
             parse_url(output.url, base_dir, "[output] url"),
             output.table,
@@ -58,6 +66,7 @@ class SqlSink:
             output.errors_table,
             id_name,
             list(output.include),
+            job,
         )
 
     @property
@@ -300,7 +309,7 @@ class SqlSink:
             return out
         out = {self.id_name: ident}
         for t in targets:
-            out[t] = self._cell(row.get(mapping[t]), table.c[t])
+            out[t] = self.job if t == JOB_COLUMN else self._cell(row.get(mapping[t]), table.c[t])
         return out
 
     def _write(
@@ -344,6 +353,8 @@ class SqlSink:
         record_fields = first[2] if first else set()
         mapping = self._mapping(first[1] if first else None, record_fields)
         mapping.pop(self.id_name, None)
+        if self.mode == "upsert":
+            mapping[JOB_COLUMN] = JOB_COLUMN  # whose row it is (see _delete_others)
         with connect(self.url, "[output] url") as conn:
             if self.mode == "update":
                 table = self._existing(conn)
@@ -428,7 +439,10 @@ class SqlSink:
         conn.rollback()
         if total <= n:  # every row in it was just written
             return
-        stale = table.delete().where(~sa.exists().where(keep.c.id == id_col))
+        # Only this job's rows: another job upserting into the same table keeps its own.
+        # (Rows an older overnight wrote have no job: they are taken as this job's.)
+        mine = sa.or_(table.c[JOB_COLUMN] == self.job, table.c[JOB_COLUMN].is_(None))
+        stale = table.delete().where(mine).where(~sa.exists().where(keep.c.id == id_col))
         with conn.begin():
             gone = conn.execute(stale).rowcount
         log.info("deleted %d rows no longer in the results from %s", gone, self.where)
