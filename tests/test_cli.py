@@ -232,6 +232,18 @@ def test_cancel_then_run_resumes(tmp_path):
     assert st["states"] == {"succeeded": 6}
 
 
+def test_cancel_of_a_finished_job_changes_nothing(tmp_path):
+    setup_job(tmp_path, n=3)
+    assert cli(tmp_path, "run", "job.toml").returncode == 0
+    proc = cli(tmp_path, "cancel", "job.toml")
+    assert proc.returncode == 0
+    assert proc.stdout.startswith("the job has finished: nothing to cancel")
+    st = status_json(tmp_path)
+    assert st["cancelled"] is False
+    assert st["states"] == {"succeeded": 3}
+    assert st["exit_code"] == 0
+
+
 def test_commands_before_any_run_exit_2(tmp_path):
     setup_job(tmp_path)
     for command in ("status", "failures", "retry", "export", "cancel"):

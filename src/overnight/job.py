@@ -1402,6 +1402,15 @@ class Job:
             job = self._job_or_starting(ledger)
             counts = ledger.counts(job.id)
             activity = self._activity(ledger, job, counts)
+            if (
+                job.ingest_done
+                and not counts.open
+                and not activity.running
+                and not ledger.chunks(job.id, ("creating", "live"))
+            ):
+                # Nothing is open: marking the job cancelled would only make `status` and
+                # the next run say so of a job that had finished.
+                return CancelResult(items=0, runner=None, unread=0, remote_batches=0, finished=True)
             n = ledger.cancel(job.id)
             batches = 0
             if self.is_llm and ledger.chunks(job.id, ("live",)):

@@ -146,8 +146,11 @@ class CancelResult:
     runner: str | None  # the live run told to stop ("process 1234 on host"), if any
     unread: int | None  # records of the input not read yet (estimated; None: unknown)
     remote_batches: int  # live provider batches cancelled
+    finished: bool = False  # the job had nothing open: nothing was cancelled
 
     def lines(self) -> list[str]:
+        if self.finished:
+            return ["the job has finished: nothing to cancel (its results are kept)"]
         out = [f"cancelled {self.items:,} open items; finished results are kept"]
         if self.runner:
             out.append(f"{self.runner} is running it: it stops after the batch in flight")
@@ -169,4 +172,5 @@ class CancelResult:
             "runner": self.runner,
             "unread": self.unread,
             "remote_batches": self.remote_batches,
+            "finished": self.finished,
         }
