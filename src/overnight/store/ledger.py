@@ -47,6 +47,28 @@ def _usage(o: Outcome) -> tuple[int, int, float | None, float | None]:
     return (o.input_tokens, o.output_tokens, o.cost, o.list_cost)
 
 
+def _final_params(outcomes: list[Outcome], base: int, now: float, holder: object) -> list[tuple]:
+    """Parameters of the statement that commits final outcomes (complete, finish_chunk):
+    state, result, vector, error, usage and attempts per item, then its id and `holder` (the
+    lease owner or the chunk the item must still be in)."""
+    return [
+        (
+            o.state,
+            o.result,
+            o.vector,
+            o.error_class,
+            o.message,
+            now,
+            *_usage(o),
+            o.attempts,
+            base + o.seq,
+            holder,
+        )
+        for o in outcomes
+        if o.state != "pending"
+    ]
+
+
 def _range(job_id: int) -> tuple[int, int]:
     return job_id << SEQ_BITS, ((job_id + 1) << SEQ_BITS) - 1
 
@@ -438,22 +460,7 @@ class SQLLedger:
     def complete(self, job_id: int, owner: str, outcomes: list[Outcome], now: float) -> int:
         """Commit results and errors; only for items this owner still holds (no double write)."""
         base = job_id << SEQ_BITS
-        done = [
-            (
-                o.state,
-                o.result,
-                o.vector,
-                o.error_class,
-                o.message,
-                now,
-                *_usage(o),
-                o.attempts,
-                base + o.seq,
-                owner,
-            )
-            for o in outcomes
-            if o.state != "pending"
-        ]
+        done = _final_params(outcomes, base, now, owner)
         again = [
             (o.error_class, o.message, o.not_before, *_usage(o), o.attempts, base + o.seq, owner)
             for o in outcomes
@@ -681,22 +688,7 @@ class SQLLedger:
         (so collecting twice after a crash writes nothing twice), items without a result go
         to `leftover` (pending for a new batch, or cancelled), and the chunk is collected."""
         base = job_id << SEQ_BITS
-        done = [
-            (
-                o.state,
-                o.result,
-                o.vector,
-                o.error_class,
-                o.message,
-                now,
-                *_usage(o),
-                o.attempts,
-                base + o.seq,
-                chunk,
-            )
-            for o in outcomes
-            if o.state != "pending"
-        ]
+        done = _final_params(outcomes, base, now, chunk)
         again = [  # `result` of a pending item: its follow-up request (a repair), if any
             (
                 o.error_class,
