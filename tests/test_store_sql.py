@@ -38,16 +38,24 @@ def test_a_schema_that_does_not_exist_is_named_with_a_hint():
         open_ledger(f"{PG_SERVER}?options=-csearch_path%3Dno_such_schema_here")
 
 
-def test_a_lost_connection_is_a_ledger_error(pg_ledger_url):
+def test_a_lost_connection_that_cannot_be_made_again_is_a_ledger_error(pg_ledger_url, monkeypatch):
+    """A lost connection is made again (test_ledger_reconnect.py); when the server stays out
+    of reach, the operation ends in a LedgerError naming the ledger (exit 2)."""
+    from overnight.retry import RetryPolicy
+    from overnight.store import postgresql
+
+    monkeypatch.setattr(postgresql, "_RECONNECT", RetryPolicy(max_attempts=2, base=0.01))
     ledger = open_ledger(pg_ledger_url)
     try:
         job = ledger.create_job("job", "spec", FP)
-        pid = ledger._conn.db.info.backend_pid  # type: ignore[attr-defined]
+        conn = ledger._conn  # type: ignore[attr-defined]
+        pid = conn.db.info.backend_pid
+        conn._dsn = "postgresql://127.0.0.1:9/test"  # the server is gone: nothing listens
         with psycopg.connect(PG_SERVER, autocommit=True) as admin:
             admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
         with pytest.raises(LedgerError, match="connection") as caught:
             ledger.counts(job.id)
-        assert pg_ledger_url.split("?")[0] in str(caught.value)
+        assert "127.0.0.1" in str(caught.value)
     finally:
         ledger.close()
 

@@ -35,6 +35,13 @@ class LedgerError(UsageError):
     Raised for every error of the database underneath, translated once where it enters."""
 
 
+class ConnectionLost(LedgerError):
+    """The connection to the ledger's database broke: the server restarted, a network blip,
+    a connection cut by an administrator or an idle timeout. The ledger connects again and
+    runs the operation again (ledger.py, `_replayed`); this reaches callers only when the
+    server stays out of reach."""
+
+
 @dataclass(frozen=True)
 class Claim:
     """The process running a job: one row per job name, taken before a run touches anything."""

@@ -9,10 +9,13 @@ because most items go from ingest straight to a lease and never sit in the queue
 
 from __future__ import annotations
 
+import functools
+import logging
 import secrets
 import string
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import orjson
 
@@ -20,6 +23,7 @@ from ..records import Cursor, Fingerprint, Row
 from .base import (
     Claim,
     ConcurrentIngest,
+    ConnectionLost,
     Counts,
     Failure,
     Item,
@@ -35,6 +39,8 @@ from .connector import Connector
 SEQ_BITS = 40  # up to a trillion records per job
 _SEQ_MASK = (1 << SEQ_BITS) - 1
 TOKEN_LENGTH = 10
+_REPLAYS = 3  # lost connections in a row one operation lives through
+log = logging.getLogger(__name__)
 _TOKEN_ALPHABET = string.ascii_lowercase + string.digits
 
 
@@ -91,6 +97,86 @@ def _job(row: tuple) -> JobInfo:
 
 def _item(r: tuple) -> Item:
     return Item(r[0] & _SEQ_MASK, r[1], r[2], r[3], r[4], r[5])
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _replayed(landed: Callable[..., Any] | None = None) -> Callable[[F], F]:
+    """An operation that lives through a lost connection (a server restart, a network blip,
+    an administrator's pg_terminate_backend): on `ConnectionLost` the connector connects
+    again and the operation runs again. This is what keeps an answer paid for but not yet
+    committed: without it the run died with the answer in memory, and the next run paid for
+    it again.
+
+    Running again is safe because each operation is one transaction whose statements hold
+    their own guards (a result is committed only for an item this owner still holds; a chunk
+    collected twice writes nothing twice; upserts). A COMMIT whose answer was lost may have
+    committed, though, and the operations that insert or take something would do it twice:
+    for those, `landed(self, *args)` looks in the ledger for what the cut-off call did and
+    returns its result (None: it did not commit, run the operation again)."""
+
+    def wrap(operation: F) -> F:
+        @functools.wraps(operation)
+        def replaying(self: SQLLedger, *args: Any, **kwargs: Any) -> Any:
+            lost = 0
+            while True:
+                try:
+                    if lost and landed is not None:
+                        found = landed(self, *args, **kwargs)
+                        if found is not None:
+                            return found
+                    return operation(self, *args, **kwargs)
+                except ConnectionLost as exc:
+                    lost += 1
+                    if lost > _REPLAYS:
+                        raise
+                    log.warning("%s; connecting again to run %s again", exc, operation.__name__)
+                    self._conn.reconnect()
+
+        return replaying  # type: ignore[return-value]
+
+    return wrap
+
+
+# What a cut-off operation that inserts or takes something did, if it committed (_replayed).
+
+
+def _run_started(ledger: SQLLedger, name: str, owner: str, now: float) -> int | None:
+    row = ledger._conn.fetchone("run_started", (name, owner, now))
+    return None if row is None else int(row[0])
+
+
+def _items_added(
+    ledger: SQLLedger,
+    job_id: int,
+    first_seq: int,
+    rows: list[Row],
+    cursor: Cursor,
+    outcomes: list[Outcome] | None = None,
+) -> list[bool] | None:
+    at = ledger._conn.fetchone("ingest_position", (job_id,))
+    if at is None or tuple(at) != (cursor.records, cursor.line, cursor.offset, cursor.key):
+        return None  # the cursor did not move past these rows: they were not added
+    first = (job_id << SEQ_BITS) + first_seq
+    ids = {r[0] for r in ledger._conn.fetchall("item_ids", (first, first + len(rows) - 1))}
+    return [first + i in ids for i in range(len(rows))]
+
+
+def _leased(ledger: SQLLedger, job_id: int, limit: int, lease: Lease) -> list[Item] | None:
+    lo, hi = _range(job_id)
+    rows = ledger._conn.fetchall("leased_at", (lease.owner, lease.now, lo, hi))
+    if not rows:
+        return None  # nothing taken: lease again
+    items = [Item(r[0] & _SEQ_MASK, r[1], r[2], r[3], r[4], None, r[5]) for r in rows]
+    return sorted(items, key=lambda it: it.seq)
+
+
+def _chunk_planned(
+    ledger: SQLLedger, job_id: int, provider: str, seqs: list[int], now: float
+) -> int | None:
+    row = ledger._conn.fetchone("planned_chunk", (job_id, provider, len(seqs), now))
+    return None if row is None else int(row[0])
 
 
 class SQLLedger:
@@ -153,6 +239,7 @@ class SQLLedger:
 
     # -- claims -------------------------------------------------------------------------
 
+    @_replayed()
     def claim(
         self, name: str, owner: str, now: float, expires: float, take_from: str | None = None
     ) -> Claim:
@@ -163,24 +250,29 @@ class SQLLedger:
             row = self._conn.fetchone("get_claim", (name,))
         return Claim(*row)  # type: ignore[misc]
 
+    @_replayed()
     def renew_claim(self, name: str, owner: str, expires: float) -> bool:
         with self._conn.transaction():
             return bool(self._conn.execute("renew_claim", (expires, name, owner)))
 
+    @_replayed()
     def release_claim(self, name: str, owner: str) -> None:
         with self._conn.transaction():
             self._conn.execute("release_claim", (name, owner))
 
+    @_replayed()
     def get_claim(self, name: str) -> Claim | None:
         row = self._conn.fetchone("get_claim", (name,))
         return Claim(*row) if row else None
 
     # -- runs: what each run did, for `status` -------------------------------------------
 
+    @_replayed(_run_started)
     def start_run(self, name: str, owner: str, now: float) -> int:
         with self._conn.transaction():
             return int(self._conn.fetchone("start_run", (name, owner, now))[0])  # type: ignore[index]
 
+    @_replayed()
     def update_run(
         self,
         run_id: int,
@@ -196,25 +288,30 @@ class SQLLedger:
                 "update_run", (now, processed, seconds, setup_seconds, outcome, run_id)
             )
 
+    @_replayed()
     def last_run(self, name: str) -> RunRecord | None:
         row = self._conn.fetchone("last_run", (name,))
         return RunRecord(*row) if row else None
 
+    @_replayed()
     def open_runs(self, name: str) -> list[RunRecord]:
         """The runs of job `name` that have not ended: its workers now, and those that died
         without a word (kill -9), which the caller tells apart (claim.worker_alive)."""
         return [RunRecord(*r) for r in self._conn.fetchall("open_runs", (name,))]
 
+    @_replayed()
     def finished_since(self, job_id: int, since: float) -> int:
         """Items finished at or after `since` (a recent throughput)."""
         return self._conn.fetchone("finished_since", (*_range(job_id), since))[0]  # type: ignore[index]
 
     # -- jobs ---------------------------------------------------------------------------
 
+    @_replayed()
     def get_job(self, name: str) -> JobInfo | None:
         row = self._conn.fetchone("get_job", (name,))
         return None if row is None else _job(row)
 
+    @_replayed()
     def create_job(
         self,
         name: str,
@@ -243,6 +340,7 @@ class SQLLedger:
         assert job is not None
         return job
 
+    @_replayed()
     def list_jobs(self) -> list[JobInfo]:
         """Every job in the ledger, oldest first (read only); not a generation being read
         (see begin_generation)."""
@@ -253,6 +351,7 @@ class SQLLedger:
         ]
         return [job for job in map(self.get_job, names) if job is not None]
 
+    @_replayed()
     def delete_job(self, job_id: int) -> None:
         with self._conn.transaction():
             self._conn.execute("lock_job", (job_id,))
@@ -262,10 +361,12 @@ class SQLLedger:
             self._conn.execute("delete_chunks", (job_id,))
             self._conn.execute("delete_job", (job_id,))
 
+    @_replayed()
     def set_origin(self, job_id: int, origin: str) -> None:
         with self._conn.transaction():
             self._conn.execute("set_origin", (origin, job_id))
 
+    @_replayed()
     def set_fingerprint(self, job_id: int, fingerprint: Fingerprint) -> None:
         fp = fingerprint
         with self._conn.transaction():
@@ -286,6 +387,7 @@ class SQLLedger:
     def _next_name(name: str) -> str:
         return f"{name}\x1fnext"
 
+    @_replayed()
     def begin_generation(self, job: JobInfo, fingerprint: Fingerprint) -> JobInfo:
         """A new, empty generation of `job` for the changed input (any stale one is dropped)."""
         hidden = self._next_name(job.name)
@@ -301,6 +403,7 @@ class SQLLedger:
         assert new is not None
         return new
 
+    @_replayed()
     def carry_results(self, old_id: int, new_id: int) -> tuple[int, int]:
         """Finished items of `old_id` whose id and record are unchanged in `new_id` keep their
         state, result, attempts, usage and times; the rest of `new_id` stays pending.
@@ -310,6 +413,7 @@ class SQLLedger:
             kept = self._conn.execute("carry_results", (*_range(new_id), old_id))
         return kept, gone
 
+    @_replayed()
     def replace_generation(self, old: JobInfo, new: JobInfo) -> JobInfo:
         """Swap: `new` takes the job's name and its remote batch history; `old` is deleted."""
         with self._conn.transaction():
@@ -330,6 +434,7 @@ class SQLLedger:
 
     # -- ingest -------------------------------------------------------------------------
 
+    @_replayed(_items_added)
     def add_items(
         self,
         job_id: int,
@@ -441,12 +546,14 @@ class SQLLedger:
                 )
         return out
 
+    @_replayed()
     def finish_ingest(self, job_id: int) -> None:
         with self._conn.transaction():
             self._conn.execute("finish_ingest", (job_id,))
 
     # -- work ---------------------------------------------------------------------------
 
+    @_replayed(_leased)
     def lease(self, job_id: int, limit: int, lease: Lease) -> list[Item]:
         lo, hi = _range(job_id)
         with self._conn.transaction():
@@ -457,6 +564,7 @@ class SQLLedger:
         items.sort(key=lambda it: it.seq)  # RETURNING order is not guaranteed
         return items
 
+    @_replayed()
     def complete(self, job_id: int, owner: str, outcomes: list[Outcome], now: float) -> int:
         """Commit results and errors; only for items this owner still holds (no double write)."""
         base = job_id << SEQ_BITS
@@ -474,6 +582,7 @@ class SQLLedger:
                 changed += self._conn.executemany("complete_again", again)
         return changed
 
+    @_replayed()
     def release(self, job_id: int, owner: str, seqs: list[int] | None = None) -> int:
         """Give leased items back untouched (attempts unchanged): Ctrl-C, or a dead owner."""
         lo, hi = _range(job_id)
@@ -484,14 +593,17 @@ class SQLLedger:
                 return 0
             return self._conn.executemany("release_one", [(lo + s, owner) for s in seqs])
 
+    @_replayed()
     def renew(self, job_id: int, owner: str, expires: float) -> int:
         with self._conn.transaction():
             return self._conn.execute("renew", (expires, *_range(job_id), owner))
 
+    @_replayed()
     def reclaim_expired(self, job_id: int, now: float) -> int:
         with self._conn.transaction():
             return self._conn.execute("reclaim_expired", (*_range(job_id), now))
 
+    @_replayed()
     def lease_owners(self, job_id: int) -> list[str]:
         return [r[0] for r in self._conn.fetchall("lease_owners", _range(job_id)) if r[0]]
 
@@ -501,6 +613,7 @@ class SQLLedger:
     # replaced per call. A runner that dies (a crash in user code, kill -9, the OOM killer)
     # leaves its mark behind, and the next runner counts an attempt for exactly those records.
 
+    @_replayed()
     def mark_inflight(self, job_id: int, owner: str, first_seq: int, last_seq: int) -> None:
         # One statement, its own small transaction (autocommit); an UPDATE of the runner's
         # row costs about half an INSERT OR REPLACE (SQLite, measured: ~22 vs ~45 us).
@@ -508,12 +621,15 @@ class SQLLedger:
         if not self._conn.execute("update_inflight", args):
             self._conn.execute("insert_inflight", args)
 
+    @_replayed()
     def clear_inflight(self, job_id: int, owner: str) -> None:
         self._conn.execute("clear_inflight", (job_id, owner))
 
+    @_replayed()
     def inflight(self, job_id: int) -> list[tuple[str, int, int]]:
         return [(r[0], r[1], r[2]) for r in self._conn.fetchall("inflight", (job_id,))]
 
+    @_replayed()
     def release_dead(
         self, job_id: int, owner: str, max_attempts: int, error_class: str, message: str
     ) -> int:
@@ -543,11 +659,13 @@ class SQLLedger:
             self._conn.execute("drop_dead_mark", (job_id, owner))
         return counted
 
+    @_replayed()
     def next_due(self, job_id: int) -> float | None:
         return self._conn.fetchone("next_due", _range(job_id))[0]  # type: ignore[index]
 
     # -- reading ------------------------------------------------------------------------
 
+    @_replayed()
     def counts(self, job_id: int) -> Counts:
         lo, hi = _range(job_id)
         by_state = dict(self._conn.fetchall("count_states", (lo, hi)))  # type: ignore[arg-type]
@@ -579,14 +697,17 @@ class SQLLedger:
             for _, cid, line, state, ecls, msg, attempts in batch:
                 yield Failure(cid, line, state, ecls or "unknown", msg or "", attempts)
 
+    @_replayed()
     def reject_lines(self, job_id: int, limit: int) -> list[int]:
         """Input lines (or rows) of records that could not be read, first ones first."""
         return [r[0] for r in self._conn.fetchall("reject_lines", (job_id, limit))]
 
+    @_replayed()
     def retry(self, job_id: int, states: tuple[str, ...]) -> int:
         with self._conn.transaction():
             return self._conn.execute("retry", (*_range(job_id), self._conn.array(states)))
 
+    @_replayed()
     def cancel(self, job_id: int) -> int:
         """Stop the job: open items become cancelled; a running runner sees the flag and stops."""
         with self._conn.transaction():
@@ -594,10 +715,12 @@ class SQLLedger:
             self._conn.execute("mark_cancelled", (time.time(), job_id))
             return self._conn.execute("cancel_items", _range(job_id))
 
+    @_replayed()
     def is_cancelled(self, job_id: int) -> bool:
         row = self._conn.fetchone("is_cancelled", (job_id,))
         return bool(row and row[0])
 
+    @_replayed()
     def reopen(self, job_id: int, before: float = float("inf")) -> int:
         """Undo a cancel made before `before`: running a cancelled job again resumes it (a
         cancel made while that run was starting stands)."""
@@ -612,12 +735,14 @@ class SQLLedger:
     # so an item is never in two chunks, and a crash between "create" and "record the remote
     # id" leaves a `creating` chunk to adopt on restart, not items to submit again.
 
+    @_replayed()
     def pending_page(self, job_id: int, after_seq: int, limit: int, now: float) -> list[Item]:
         """Pending items due by `now`, in input order, after `after_seq` (not leased)."""
         lo, hi = _range(job_id)
         rows = self._conn.fetchall("pending_page", (max(lo, lo + after_seq + 1), hi, now, limit))
         return [_item(r) for r in rows]
 
+    @_replayed(_chunk_planned)
     def plan_chunk(self, job_id: int, provider: str, seqs: list[int], now: float) -> int:
         base = job_id << SEQ_BITS
         with self._conn.transaction():
@@ -628,6 +753,7 @@ class SQLLedger:
             self._conn.execute("insert_chunk", (job_id, chunk, provider, len(seqs), now))
         return chunk
 
+    @_replayed()
     def set_create_until(self, job_id: int, chunk: int, until: float) -> None:
         """Recorded before each create call of a `creating` chunk: until when that call
         could still make a batch at the provider (a rerun waits that long before it creates
@@ -635,12 +761,14 @@ class SQLLedger:
         with self._conn.transaction():
             self._conn.execute("set_create_until", (until, job_id, chunk))
 
+    @_replayed()
     def set_remote(
         self, job_id: int, chunk: int, remote_id: str, input_file_id: str | None = None
     ) -> None:
         with self._conn.transaction():
             self._conn.execute("set_remote", (remote_id, input_file_id, job_id, chunk))
 
+    @_replayed()
     def update_chunk(
         self, job_id: int, chunk: int, remote_status: str, counts: dict[str, int]
     ) -> None:
@@ -649,6 +777,7 @@ class SQLLedger:
                 "update_chunk", (remote_status, orjson.dumps(counts).decode(), job_id, chunk)
             )
 
+    @_replayed()
     def chunks(self, job_id: int, statuses: tuple[str, ...] | None = None) -> list[RemoteBatch]:
         wanted = self._conn.array(statuses) if statuses else None
         return [
@@ -669,10 +798,12 @@ class SQLLedger:
             for r in self._conn.fetchall("chunks", (job_id, wanted))
         ]
 
+    @_replayed()
     def chunk_items(self, job_id: int, chunk: int) -> list[Item]:
         """The items a chunk still holds, in input (= file line) order."""
         return [_item(r) for r in self._conn.fetchall("chunk_items", (*_range(job_id), chunk))]
 
+    @_replayed()
     def finish_chunk(
         self,
         job_id: int,
@@ -718,9 +849,11 @@ class SQLLedger:
     # -- the LLM response cache (llm/cache.py: LedgerResponseCache) ----------------------
     # Each put commits on its own: a paid answer is durable the moment it arrives.
 
+    @_replayed()
     def cache_get(self, scope: str, keys: list[str]) -> list[tuple[str, bytes, int, int]]:
         return self._conn.fetchall("cache_get", (scope, self._conn.array(keys)))  # type: ignore[return-value]
 
+    @_replayed()
     def cache_put(
         self, scope: str, key: str, body: bytes, input_tokens: int, output_tokens: int
     ) -> None:
@@ -728,5 +861,6 @@ class SQLLedger:
             "cache_put", (scope, key, body, input_tokens, output_tokens, time.time())
         )
 
+    @_replayed()
     def cache_clear(self, scope: str) -> int:
         return self._conn.execute("cache_clear", (scope,))

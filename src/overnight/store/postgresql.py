@@ -16,22 +16,30 @@ ledger uses the server's default (`public`). Several ledgers can share a databas
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import logging
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import psycopg
 from psycopg.abc import Buffer
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.types.string import StrDumperUnknown
 
-from .base import LedgerError
+from ..retry import Fault, RetryPolicy
+from .base import ConnectionLost, LedgerError
 from .connector import Params, load_queries, positional, safe_url, statements
 from .ledger import SQLLedger
 
 _QUERIES = load_queries("postgresql")
 _SQL = {name: positional(q, "$") for name, q in _QUERIES.items()}
 _CURSOR_NAMES = itertools.count(1)
+# Connecting again after a lost connection: 8 tries, 0.25 s doubling to 8 s, ~25 s in all.
+_RECONNECT = RetryPolicy(max_attempts=8, base=0.25, cap=8.0)
+log = logging.getLogger(__name__)
 
 _HINTS = {
     "no schema has been selected": "the schema named in the URL's search_path does not exist:"
@@ -72,18 +80,47 @@ class _TextDumper(StrDumperUnknown):
 class PostgresConnector:
     def __init__(self, url: str) -> None:
         self.url = safe_url(url)
+        self._dsn = url
+        self.db = self._connect()
+
+    def _connect(self) -> psycopg.Connection:
+        # The URL's own application_name wins (a user tells their workers apart by it).
         try:
-            self.db = psycopg.connect(
-                url,
+            named = "application_name" in conninfo_to_dict(self._dsn)
+            db = psycopg.connect(
+                self._dsn,
                 autocommit=True,
                 cursor_factory=psycopg.RawCursor,
                 connect_timeout=30,
-                application_name="overnight",
+                **({} if named else {"application_name": "overnight"}),
             )
         except psycopg.Error as exc:
             raise _translate(self.url, exc) from None
-        self.db.server_cursor_factory = psycopg.RawServerCursor
-        self.db.adapters.register_dumper(str, _TextDumper)
+        db.server_cursor_factory = psycopg.RawServerCursor
+        db.adapters.register_dumper(str, _TextDumper)
+        return db
+
+    def _error(self, exc: psycopg.Error) -> LedgerError:
+        if self.db.broken:
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            return ConnectionLost(f"ledger {self.url}: connection lost: {text}")
+        return _translate(self.url, exc)
+
+    def reconnect(self) -> None:
+        """A new connection, tried with backoff for about half a minute (a restarting
+        server refuses connections for a few seconds)."""
+        with contextlib.suppress(psycopg.Error):
+            self.db.close()
+        for attempt in itertools.count(1):
+            try:
+                self.db = self._connect()
+                log.warning("ledger %s: connected again", self.url)
+                return
+            except LedgerError:
+                decision = _RECONNECT.decide(attempt, Fault("unreachable"), 0.0)
+                if not decision.retry:
+                    raise
+                time.sleep(decision.wait)
 
     def names(self, prefix: str) -> list[str]:
         return [n for n in _QUERIES if n.startswith(prefix)]
@@ -92,7 +129,7 @@ class PostgresConnector:
         try:
             return self.db.execute(_SQL[query], params or None).rowcount
         except psycopg.Error as exc:
-            raise _translate(self.url, exc) from None
+            raise self._error(exc) from None
 
     def executemany(self, query: str, rows: Sequence[Params]) -> int:
         try:
@@ -100,19 +137,19 @@ class PostgresConnector:
                 cur.executemany(_SQL[query], rows)
                 return cur.rowcount
         except psycopg.Error as exc:
-            raise _translate(self.url, exc) from None
+            raise self._error(exc) from None
 
     def fetchone(self, query: str, params: Params = ()) -> tuple | None:
         try:
             return self.db.execute(_SQL[query], params or None).fetchone()
         except psycopg.Error as exc:
-            raise _translate(self.url, exc) from None
+            raise self._error(exc) from None
 
     def fetchall(self, query: str, params: Params = ()) -> list[tuple]:
         try:
             return self.db.execute(_SQL[query], params or None).fetchall()
         except psycopg.Error as exc:
-            raise _translate(self.url, exc) from None
+            raise self._error(exc) from None
 
     def iterate(self, query: str, params: Params = (), size: int = 1000) -> Iterator[list]:
         """A server-side cursor: a million results are not held in memory at once. WITH
@@ -123,14 +160,14 @@ class PostgresConnector:
                 while batch := cur.fetchmany(size):
                     yield batch
         except psycopg.Error as exc:
-            raise _translate(self.url, exc) from None
+            raise self._error(exc) from None
 
     def script(self, query: str) -> None:
         for statement in statements(_SQL[query]):
             try:
                 self.db.execute(statement)
             except psycopg.Error as exc:
-                raise _translate(self.url, exc) from None
+                raise self._error(exc) from None
 
     def array(self, values: Sequence[str]) -> Any:
         return list(values)  # a text[]
@@ -141,7 +178,7 @@ class PostgresConnector:
             with self.db.transaction():
                 yield
         except psycopg.Error as exc:
-            raise _translate(self.url, exc) from None
+            raise self._error(exc) from None
 
     def close(self) -> None:
         self.db.close()

@@ -185,6 +185,9 @@ class SQLiteConnector:
         except sqlite3.Error as exc:
             raise _translate(self.path, exc) from None
 
+    def reconnect(self) -> None:
+        """Nothing to do: a file has no connection to lose (ConnectionLost never comes)."""
+
     def close(self) -> None:
         self.db.close()
 

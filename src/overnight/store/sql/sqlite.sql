@@ -192,6 +192,10 @@ UPDATE claims SET expires = :expires WHERE name = :name AND owner = :owner
 -- name: release_claim(name, owner)
 DELETE FROM claims WHERE name = :name AND owner = :owner
 
+-- name: run_started(name, owner, now)
+-- After a lost connection: did the start_run that was cut off commit? (replay, ledger.py)
+SELECT id FROM runs WHERE name = :name AND owner = :owner AND started_at = :now
+
 -- name: start_run(name, owner, now)
 INSERT INTO runs (name, owner, started_at, updated_at) VALUES (:name, :owner, :now, :now)
 RETURNING id
@@ -291,6 +295,13 @@ UPDATE jobs SET name = :name WHERE id = :id
 
 -- Ingest ---------------------------------------------------------------------------------
 
+-- name: ingest_position(id)
+-- After a lost connection: did the add_items that was cut off commit? (replay, ledger.py)
+SELECT ingest_records, ingest_line, ingest_offset, ingest_key FROM jobs WHERE id = :id
+
+-- name: item_ids(lo, hi)
+SELECT id FROM items WHERE id BETWEEN :lo AND :hi ORDER BY id
+
 -- name: move_cursor(records, line, offset, key, id, first_seq)
 UPDATE jobs SET ingest_records = :records, ingest_line = :line, ingest_offset = :offset,
     ingest_key = :key
@@ -326,6 +337,12 @@ ON CONFLICT DO NOTHING
 UPDATE jobs SET ingest_done = 1 WHERE id = :id
 
 -- Work -----------------------------------------------------------------------------------
+
+-- name: leased_at(owner, now, lo, hi)
+-- After a lost connection: the items a lease that was cut off took, if it committed (its
+-- `now` is its own: started_at tells its items from the owner's others).
+SELECT id, custom_id, line, payload, attempts, error_class FROM items
+WHERE id BETWEEN :lo AND :hi AND state = 'leased' AND lease_owner = :owner AND started_at = :now
 
 -- name: lease(owner, expires, now, lo, hi, limit)
 -- BEGIN IMMEDIATE: one process at a time takes items, so no two get the same one.
@@ -486,6 +503,11 @@ SELECT coalesce(max(chunk), 0) + 1 FROM remote_batches WHERE job_id = :job_id
 -- name: submit_item(chunk, now, id)
 UPDATE items SET state = 'submitted', batch_chunk = :chunk, started_at = :now
 WHERE id = :id AND state = 'pending'
+
+-- name: planned_chunk(job_id, provider, requests, now)
+-- After a lost connection: the chunk a plan_chunk that was cut off made, if it committed.
+SELECT chunk FROM remote_batches WHERE job_id = :job_id AND provider = :provider
+    AND requests = :requests AND planned_at = :now
 
 -- name: insert_chunk(job_id, chunk, provider, requests, now)
 INSERT INTO remote_batches (job_id, chunk, provider, status, requests, planned_at,
