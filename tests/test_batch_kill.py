@@ -451,3 +451,46 @@ def test_kill_9_while_a_batch_is_live_then_rerun_pays_each_distinct_request_once
     assert [r["id"] for r in rows] == [f"r{i}" for i in range(25)]
     assert {p: fake.stats.billed[p] for p in prompts} == {p: 1 for p in prompts}
     assert fake.stats.batch_creations == 1
+
+
+# -- on a PostgreSQL ledger: the same promises, and a second worker -------------------------
+
+
+@pytest.mark.parametrize("crash_at", ["after_create", "while_polling"])
+def test_kill_then_rerun_never_creates_twice_on_a_postgresql_ledger(
+    tmp_path: Path, fake: FakeProvider, pg_ledger_url: str, crash_at: str
+) -> None:
+    write_records(tmp_path, 25)
+    job = job_file(tmp_path, "openai-batch", fake.openai_url)
+    fake.knobs.batch_seconds = 0.5
+    assert run_killed_at(job, fake, crash_at, OVERNIGHT_LEDGER=pg_ledger_url) == -9
+    done = run(job, OVERNIGHT_LEDGER=pg_ledger_url)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = read_jsonl(tmp_path / "out.jsonl")
+    assert [r["id"] for r in rows] == [f"r{i}" for i in range(25)]
+    assert sorted(set(fake.stats.batch_items.values())) == [1]
+    assert sum(fake.stats.batch_items.values()) == 25
+    assert fake.stats.batch_creations == 3  # 10 + 10 + 5: none twice
+    assert not (tmp_path / ".overnight" / "ledger.db").exists()  # the ledger was the server
+
+
+def test_killing_the_batch_worker_that_holds_the_job_leaves_it_to_the_other(
+    tmp_path: Path, fake: FakeProvider, pg_ledger_url: str
+) -> None:
+    """Two `overnight run` of one batch job on a PostgreSQL ledger. The first holds the job
+    and has batches live when it is killed with SIGKILL; the second takes the job over,
+    adopts the live batches and finishes: every record sent once, none created twice."""
+    write_records(tmp_path, 25)
+    job = job_file(tmp_path, "openai-batch", fake.openai_url)
+    fake.knobs.batch_seconds = 2.0
+    first = start(job, OVERNIGHT_LEDGER=pg_ledger_url)
+    wait_for(lambda: fake.stats.batch_creations >= 1)
+    second = start(job, OVERNIGHT_LEDGER=pg_ledger_url)
+    time.sleep(1.0)  # the second has joined (or waits to)
+    kill(first)
+    assert second.wait(timeout=180) == 0
+    rows = read_jsonl(tmp_path / "out.jsonl")
+    assert [r["id"] for r in rows] == [f"r{i}" for i in range(25)]
+    assert sorted(set(fake.stats.batch_items.values())) == [1]
+    assert sum(fake.stats.batch_items.values()) == 25
+    assert fake.stats.batch_creations == 3
