@@ -237,3 +237,51 @@ def test_a_run_whose_ledger_connections_are_cut_three_times_pays_for_each_answer
     )
     answered = [s for s in fake.stats.realtime if s.status == 200]
     assert len(answered) == n  # each paid once
+
+
+# -- a deadlock: the database undoes one transaction, the ledger runs it again --------------
+
+
+def test_an_operation_the_database_undid_to_break_a_deadlock_runs_again(pg_ledger_url):
+    """plan_chunk locks the job's row, then its items; another session holds an item and
+    then asks for the job's row: a deadlock. The ledger's side (the shorter deadlock_timeout,
+    so the one the server undoes) runs again once the other commits, and plans the chunk."""
+    url, app = named(pg_ledger_url.replace("?options=", "?options=-cdeadlock_timeout%3D300ms%20"))
+    ledger = SQLLedger(PostgresConnector(url))
+    schema = pg_ledger_url.rsplit("%3D", 1)[1]
+    try:
+        job_id = fresh_job(ledger, 3)
+        item0 = job_id << 40
+        with psycopg.connect(ADMIN, autocommit=True) as admin:
+            admin.execute(f"SET search_path = {schema}")
+            admin.execute("SET deadlock_timeout = '10s'")
+            admin.execute("BEGIN")
+            admin.execute("UPDATE items SET attempts = attempts WHERE id = %s", (item0,))
+            planned: list[int | BaseException] = []
+
+            def plan() -> None:
+                try:
+                    planned.append(ledger.plan_chunk(job_id, "openai", [0, 1], time.time()))
+                except BaseException as exc:  # noqa: BLE001 - reported by the assert below
+                    planned.append(exc)
+
+            thread = threading.Thread(target=plan)
+            thread.start()
+            deadline = time.monotonic() + 10
+            while not admin.execute(
+                "SELECT 1 FROM pg_stat_activity WHERE application_name = %s"
+                " AND wait_event_type = 'Lock'",
+                (app,),
+            ).fetchone():
+                assert time.monotonic() < deadline, "plan_chunk never waited for the item"
+                time.sleep(0.01)
+            # The cycle: the ledger holds the job's row and waits for item0; now this session
+            # (holding item0) asks for the job's row. The server undoes the ledger's side.
+            admin.execute("SELECT id FROM jobs WHERE id = %s FOR UPDATE", (job_id,))
+            admin.execute("COMMIT")
+            thread.join(timeout=30)
+        assert planned and isinstance(planned[0], int), planned
+        assert [c.chunk for c in ledger.chunks(job_id)] == [planned[0]]
+        assert [it.seq for it in ledger.chunk_items(job_id, planned[0])] == [0, 1]
+    finally:
+        ledger.close()

@@ -42,6 +42,12 @@ class ConnectionLost(LedgerError):
     server stays out of reach."""
 
 
+class Contention(LedgerError):
+    """The database chose this transaction to undo so that another could go on (a deadlock
+    between workers, a serialization failure). Nothing of it was committed: the ledger runs
+    the operation again (ledger.py, `_replayed`)."""
+
+
 @dataclass(frozen=True)
 class Claim:
     """The process running a job: one row per job name, taken before a run touches anything."""

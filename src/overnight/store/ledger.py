@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import random
 import secrets
 import string
 import time
@@ -24,6 +25,7 @@ from .base import (
     Claim,
     ConcurrentIngest,
     ConnectionLost,
+    Contention,
     Counts,
     Failure,
     Item,
@@ -105,9 +107,10 @@ F = TypeVar("F", bound=Callable[..., Any])
 def _replayed(landed: Callable[..., Any] | None = None) -> Callable[[F], F]:
     """An operation that lives through a lost connection (a server restart, a network blip,
     an administrator's pg_terminate_backend): on `ConnectionLost` the connector connects
-    again and the operation runs again. This is what keeps an answer paid for but not yet
-    committed: without it the run died with the answer in memory, and the next run paid for
-    it again.
+    again and the operation runs again. So does one the database undid to break a deadlock
+    between workers (`Contention`: nothing of it committed). This is what keeps an answer
+    paid for but not yet committed: without it the run died with the answer in memory, and
+    the next run paid for it again.
 
     Running again is safe because each operation is one transaction whose statements hold
     their own guards (a result is committed only for an item this owner still holds; a chunk
@@ -119,7 +122,7 @@ def _replayed(landed: Callable[..., Any] | None = None) -> Callable[[F], F]:
     def wrap(operation: F) -> F:
         @functools.wraps(operation)
         def replaying(self: SQLLedger, *args: Any, **kwargs: Any) -> Any:
-            lost = 0
+            lost = undone = 0
             while True:
                 try:
                     if lost and landed is not None:
@@ -133,6 +136,12 @@ def _replayed(landed: Callable[..., Any] | None = None) -> Callable[[F], F]:
                         raise
                     log.warning("%s; connecting again to run %s again", exc, operation.__name__)
                     self._conn.reconnect()
+                except Contention as exc:
+                    undone += 1
+                    if undone > _REPLAYS:
+                        raise
+                    log.info("%s; running %s again", exc, operation.__name__)
+                    time.sleep(random.uniform(0.0, 0.05 * undone))  # not in step again
 
         return replaying  # type: ignore[return-value]
 

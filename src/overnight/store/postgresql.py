@@ -30,7 +30,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.types.string import StrDumperUnknown
 
 from ..retry import Fault, RetryPolicy
-from .base import ConnectionLost, LedgerError
+from .base import ConnectionLost, Contention, LedgerError
 from .connector import Params, load_queries, positional, safe_url, statements
 from .ledger import SQLLedger
 
@@ -104,6 +104,8 @@ class PostgresConnector:
         if self.db.broken:
             text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             return ConnectionLost(f"ledger {self.url}: connection lost: {text}")
+        if isinstance(exc, psycopg.errors.DeadlockDetected | psycopg.errors.SerializationFailure):
+            return Contention(f"ledger {self.url}: {str(exc).strip().splitlines()[0]}")
         return _translate(self.url, exc)
 
     def reconnect(self) -> None:
