@@ -275,7 +275,9 @@ def test_finish_chunk_keeps_a_follow_up_for_the_next_batch(ledger):
     job = new_job(ledger, ids=IDS)
     chunk = ledger.plan_chunk(job.id, "openai", [0], NOW)
     follow = orjson.dumps({"endpoint": "/v1/chat/completions", "body": {"model": "m"}})
-    repair = Outcome(0, "pending", follow, "repair", "not JSON", input_tokens=7, cost=0.25)
+    repair = Outcome(
+        0, "pending", None, "repair", "not JSON", input_tokens=7, cost=0.25, follow_up=follow
+    )
     ledger.finish_chunk(job.id, chunk, [repair], NOW)
     (it,) = ledger.pending_page(job.id, -1, 1, NOW)
     assert (it.seq, it.attempts, it.follow_up) == (0, 1, follow)

@@ -129,3 +129,41 @@ def test_opening_an_up_to_date_ledger_writes_nothing(tmp_path):
     SQLiteLedger(path).close()
     assert path.read_bytes() == before
     assert versions(path) == [LATEST]
+
+
+def test_a_waiting_repair_request_moves_out_of_result_into_its_own_column(tmp_path):
+    """Migration 3: a pending (or submitted) item's follow-up request lived in `result`; a
+    ledger written before keeps its waiting repairs, now in `follow_up`, and `result` means
+    only a result."""
+    from overnight.records import Cursor, Fingerprint, Row
+    from overnight.store.base import Outcome
+
+    path = tmp_path / "ledger.db"
+    ledger = SQLiteLedger(path)
+    job = ledger.create_job("j", "h", Fingerprint(1, 1, "d"))
+    ledger.add_items(
+        job.id, 0, [Row(i + 1, f"r{i}", b"{}", None, None) for i in range(3)], Cursor(3, 4, 0)
+    )
+    ledger.close()
+    repair = b'{"endpoint": "/v1/chat/completions", "body": {}}'
+    with sqlite3.connect(path) as db:  # the layout of version 2, as an older overnight left it
+        db.execute("ALTER TABLE items DROP COLUMN follow_up")
+        db.execute("DELETE FROM schema_version")
+        db.execute("INSERT INTO schema_version VALUES (2, 0)")
+        db.execute("UPDATE items SET result = ? WHERE custom_id = 'r1'", (repair,))
+        db.execute("UPDATE items SET state = 'succeeded', result = X'7B7D' WHERE custom_id = 'r2'")
+    ledger = SQLiteLedger(path)
+    try:
+        assert ledger.schema_version == LATEST
+        page = {it.custom_id: it.follow_up for it in ledger.pending_page(job.id, -1, 10, 1e18)}
+        assert page == {"r0": None, "r1": repair}
+        assert [r[0] for r in ledger.iter_results(job.id)] == ["r2"]  # results untouched
+        chunk = ledger.plan_chunk(job.id, "openai", [1], 1.0)
+        assert [it.follow_up for it in ledger.chunk_items(job.id, chunk)] == [repair]
+        done = Outcome(1, "succeeded", b'{"output": 1}')
+        assert ledger.finish_chunk(job.id, chunk, [done], 2.0) == 1
+        with sqlite3.connect(path) as db:
+            row = db.execute("SELECT result, follow_up FROM items WHERE custom_id = 'r1'")
+            assert row.fetchone() == (b'{"output": 1}', None)
+    finally:
+        ledger.close()

@@ -630,7 +630,9 @@ class BatchRunner:
                 ask = self.task.build(orjson.loads(it.payload))
                 follow = self.task.repair(ask, answer, exc.reason)
                 body = orjson.dumps({"endpoint": follow.endpoint, "body": follow.body})
-                return outcome(seq, "pending", body, "repair", redact(exc.reason), usage=usage)
+                return outcome(
+                    seq, "pending", None, "repair", redact(exc.reason), usage=usage, follow_up=body
+                )
             return outcome(seq, "invalid", None, exc.error_class, redact(exc.reason), usage=usage)
         result_json, vector = results.encode(fields, self.task.kind == "embed")
         if self.validate is not None:

@@ -85,6 +85,7 @@ def outcome(
     not_before: float = 0.0,
     usage: Usage = Usage(),  # noqa: B008 - an immutable NamedTuple
     vector: bytes | None = None,
+    follow_up: bytes | None = None,
 ) -> Outcome:
     """An Outcome with what its answer cost, by name (the tuple's order is the ledger's)."""
     return Outcome(
@@ -100,6 +101,7 @@ def outcome(
         usage.list_cost,
         vector,
         usage.attempts,
+        follow_up,
     )
 
 

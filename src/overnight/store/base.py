@@ -143,6 +143,9 @@ class Outcome(NamedTuple):
     # Tries this outcome stands for, added to the item's `attempts`: 1, or what a backend that
     # retries on its own counted (the real-time LLM predictor: requests sent; 0: a cache hit).
     attempts: int = 1
+    # A "pending" outcome's follow-up request (a batch backend's repair), sent by the next
+    # batch instead of the record's own (Item.follow_up).
+    follow_up: bytes | None = None
 
 
 @dataclass(frozen=True)

@@ -829,12 +829,12 @@ class SQLLedger:
         to `leftover` (pending for a new batch, or cancelled), and the chunk is collected."""
         base = job_id << SEQ_BITS
         done = _final_params(outcomes, base, now, chunk)
-        again = [  # `result` of a pending item: its follow-up request (a repair), if any
+        again = [
             (
                 o.error_class,
                 o.message,
                 o.not_before,
-                o.result,
+                o.follow_up,
                 *_usage(o),
                 o.attempts,
                 base + o.seq,

@@ -145,6 +145,13 @@ CREATE TABLE IF NOT EXISTS responses (
     PRIMARY KEY (scope, key)
 )
 
+-- name: migration_3()
+-- A pending item's follow-up request (a batch's repair) gets a column of its own: it lived in
+-- `result`, which meant two things. Requests already waiting move over.
+ALTER TABLE items ADD COLUMN follow_up BYTEA;
+UPDATE items SET follow_up = result, result = NULL
+WHERE state IN ('pending', 'submitted') AND result IS NOT NULL
+
 -- name: untokened_jobs()
 SELECT id FROM jobs WHERE token IS NULL
 
@@ -338,7 +345,7 @@ UPDATE items SET state = :state, result = :result, vector = :vector,
     cost = CASE WHEN :cost::float8 IS NULL THEN cost ELSE coalesce(cost, 0) + :cost::float8 END,
     list_cost = CASE WHEN :list_cost::float8 IS NULL THEN list_cost
         ELSE coalesce(list_cost, 0) + :list_cost::float8 END,
-    attempts = attempts + :attempts, lease_owner = NULL, lease_expires = NULL
+    attempts = attempts + :attempts, lease_owner = NULL, lease_expires = NULL, follow_up = NULL
 WHERE id = :id AND state = 'leased' AND lease_owner = :owner
 
 -- name: complete_again(error_class, message, not_before, input_tokens, output_tokens, cost, list_cost, attempts, id, owner)
@@ -349,7 +356,7 @@ UPDATE items SET state = 'pending', error_class = :error_class, message = :messa
     cost = CASE WHEN :cost::float8 IS NULL THEN cost ELSE coalesce(cost, 0) + :cost::float8 END,
     list_cost = CASE WHEN :list_cost::float8 IS NULL THEN list_cost
         ELSE coalesce(list_cost, 0) + :list_cost::float8 END,
-    attempts = attempts + :attempts, lease_owner = NULL, lease_expires = NULL
+    attempts = attempts + :attempts, lease_owner = NULL, lease_expires = NULL, follow_up = NULL
 WHERE id = :id AND state = 'leased' AND lease_owner = :owner
 
 -- name: release_all(lo, hi, owner)
@@ -449,7 +456,7 @@ SELECT line FROM rejects WHERE job_id = :job_id ORDER BY seq LIMIT :limit
 -- name: retry(lo, hi, states)
 -- `states`: a list (a text[] here).
 UPDATE items SET state = 'pending', attempts = 0, not_before = 0, error_class = NULL,
-    message = NULL, result = NULL, vector = NULL
+    message = NULL, result = NULL, vector = NULL, follow_up = NULL
 WHERE id BETWEEN :lo AND :hi AND state = ANY(:states::text[])
 
 -- name: mark_cancelled(now, id)
@@ -471,7 +478,7 @@ UPDATE items SET state = 'pending' WHERE id BETWEEN :lo AND :hi AND state = 'can
 -- Remote batches -------------------------------------------------------------------------
 
 -- name: pending_page(lo, hi, now, limit)
-SELECT id, custom_id, line, payload, attempts, result FROM items
+SELECT id, custom_id, line, payload, attempts, follow_up FROM items
 WHERE state = 'pending' AND id BETWEEN :lo AND :hi AND not_before <= :now
 ORDER BY id LIMIT :limit
 
@@ -515,7 +522,7 @@ WHERE job_id = :job_id
 ORDER BY chunk
 
 -- name: chunk_items(lo, hi, chunk)
-SELECT id, custom_id, line, payload, attempts, result FROM items
+SELECT id, custom_id, line, payload, attempts, follow_up FROM items
 WHERE id BETWEEN :lo AND :hi AND state = 'submitted' AND batch_chunk = :chunk ORDER BY id
 
 -- name: finish_chunk_done(state, result, vector, error_class, message, now, input_tokens, output_tokens, cost, list_cost, attempts, id, chunk)
@@ -526,13 +533,13 @@ UPDATE items SET state = :state, result = :result, vector = :vector,
     cost = CASE WHEN :cost::float8 IS NULL THEN cost ELSE coalesce(cost, 0) + :cost::float8 END,
     list_cost = CASE WHEN :list_cost::float8 IS NULL THEN list_cost
         ELSE coalesce(list_cost, 0) + :list_cost::float8 END,
-    attempts = attempts + :attempts, batch_chunk = NULL
+    attempts = attempts + :attempts, batch_chunk = NULL, follow_up = NULL
 WHERE id = :id AND state = 'submitted' AND batch_chunk = :chunk
 
--- name: finish_chunk_again(error_class, message, not_before, result, input_tokens, output_tokens, cost, list_cost, attempts, id, chunk)
--- `result` of a pending item: its follow-up request (a repair), if any.
+-- name: finish_chunk_again(error_class, message, not_before, follow_up, input_tokens, output_tokens, cost, list_cost, attempts, id, chunk)
+-- `follow_up`: the request the next batch sends for this item instead of its own (a repair).
 UPDATE items SET state = 'pending', error_class = :error_class, message = :message,
-    not_before = :not_before, result = :result,
+    not_before = :not_before, follow_up = :follow_up,
     input_tokens = coalesce(input_tokens, 0) + :input_tokens,
     output_tokens = coalesce(output_tokens, 0) + :output_tokens,
     cost = CASE WHEN :cost::float8 IS NULL THEN cost ELSE coalesce(cost, 0) + :cost::float8 END,
