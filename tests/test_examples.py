@@ -126,3 +126,57 @@ def test_tickets_example_enriches_a_postgresql_table(tmp_path: Path) -> None:
         with engine.begin() as conn:
             conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
         engine.dispose()
+
+
+DBT = Path(__file__).resolve().parent.parent / "examples" / "dbt"
+
+
+@pytest.mark.slow
+def test_dbt_example_builds_around_an_overnight_job(tmp_path: Path) -> None:
+    """examples/dbt as the README shows it: dbt builds stg_tickets, overnight classifies it
+    into tickets_enriched on the same DuckDB file, dbt's downstream model and the tests on
+    overnight's table pass; 25 new tickets later, the rerun computes those 25 only."""
+    import subprocess
+    import sys
+
+    import duckdb
+
+    pytest.importorskip("dbt.cli.main")
+    pytest.importorskip("sentence_transformers")
+    folder = tmp_path / "dbt"
+    shutil.copytree(
+        DBT, folder, ignore=shutil.ignore_patterns(*(DBT / ".gitignore").read_text().split())
+    )
+
+    def run(*args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "run.py", *args],
+            cwd=folder,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done.stdout
+
+    out = run("--tickets", "120")
+    assert "processed   120 items" in out, out[-2000:]
+    db = duckdb.connect(str(folder / "warehouse.duckdb"), read_only=True)
+    try:
+        assert db.execute("SELECT count(*) FROM tickets_enriched").fetchone() == (120,)
+        by_category = db.execute("SELECT sum(tickets) FROM tickets_by_category").fetchone()
+        assert by_category == (120,)
+    finally:
+        db.close()
+
+    out = run("--add", "25")
+    assert "processed   25 items" in out, out[-2000:]
+    db = duckdb.connect(str(folder / "warehouse.duckdb"), read_only=True)
+    try:
+        assert db.execute("SELECT sum(tickets) FROM tickets_by_category").fetchone() == (145,)
+        cats = {
+            r[0] for r in db.execute("SELECT DISTINCT category FROM tickets_enriched").fetchall()
+        }
+        assert cats <= {"billing", "bug", "feature request", "account", "other"} and len(cats) >= 3
+    finally:
+        db.close()
