@@ -1,0 +1,6 @@
+"""`overnight serve`: OpenAI's Files and Batches API over overnight's own backends.
+
+Every batch is a job in the ledger, run in the server's background and resumed when the
+server starts again (batches.py); files live in a folder with a small catalogue (catalogue.py);
+serve.toml is read by config.py, API keys by auth.py, and app.py holds the HTTP routes.
+"""
