@@ -17,8 +17,9 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from . import anthropic
 from .auth import OPEN_TENANT, keys_from_env, tenant_of
-from .batches import ENDPOINTS, Batches, new_batch
+from .batches import ENDPOINTS, Batches, new_batch, openai_view
 from .catalogue import Catalogue
 from .config import ServeConfig
 from .files import FileStore
@@ -49,7 +50,21 @@ class ApiError(Exception):
         )
 
 
-def _error_response(exc: ApiError) -> JSONResponse:
+# Anthropic's error types by status (its body: {"type": "error", "error": {type, message}}).
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "request_too_large",
+}
+
+
+def _error_response(request: Request, exc: ApiError) -> JSONResponse:
+    if request.url.path.startswith(anthropic.ENDPOINT):
+        kind = _ANTHROPIC_TYPES.get(exc.status, "api_error")
+        body: dict[str, Any] = {"type": "error", "error": {"type": kind, "message": exc.message}}
+        return JSONResponse(body, status_code=exc.status)
     body = {
         "error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}
     }
@@ -59,14 +74,14 @@ def _error_response(exc: ApiError) -> JSONResponse:
 
 async def _api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
-    return _error_response(exc)
+    return _error_response(request, exc)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     codes = {404: "not_found", 405: "method_not_allowed"}
     return _error_response(
-        ApiError(exc.status_code, str(exc.detail), code=codes.get(exc.status_code))
+        request, ApiError(exc.status_code, str(exc.detail), code=codes.get(exc.status_code))
     )
 
 
@@ -107,9 +122,12 @@ def create_app(config: ServeConfig) -> Starlette:
     def tenant(request: Request) -> str:
         if keys is None:
             return OPEN_TENANT
-        found = tenant_of(keys, request.headers.get("authorization"))
+        header = request.headers.get("authorization")
+        if header is None and "x-api-key" in request.headers:  # Anthropic's SDK
+            header = "Bearer " + request.headers["x-api-key"]
+        found = tenant_of(keys, header)
         if found is None:
-            given = "authorization" in request.headers
+            given = header is not None
             raise ApiError(
                 401,
                 "Incorrect API key provided."
@@ -262,26 +280,26 @@ def create_app(config: ServeConfig) -> Starlette:
                 f"File {file_id} has purpose {found['purpose']!r}; a batch needs purpose 'batch'.",
                 param="input_file_id",
             )
-        return batches.create(who, new_batch(file_id, endpoint, window, metadata))
+        return openai_view(batches.create(who, new_batch(file_id, endpoint, window, metadata)))
 
     def get_batch(request: Request) -> Response:
         batch_id = request.path_params["batch_id"]
         batch = batches.retrieve(tenant(request), batch_id)
-        if batch is None:
+        if batch is None or batch["api"] != "openai":
             raise no_batch(batch_id)
-        return JSONResponse(batch)
+        return JSONResponse(openai_view(batch))
 
     def list_batches(request: Request) -> Response:
         items, more = catalogue.list_batches(
-            tenant(request), request.query_params.get("after"), _limit(request, 20, 100)
+            tenant(request), "openai", _limit(request, 20, 100), request.query_params.get("after")
         )
-        return JSONResponse(_page(items, more))
+        return JSONResponse(_page([openai_view(b) for b in items], more))
 
     def cancel_batch(request: Request) -> Response:
         who = tenant(request)
         batch_id = request.path_params["batch_id"]
         batch = catalogue.get_batch(batch_id, who)
-        if batch is None:
+        if batch is None or batch["api"] != "openai":
             raise no_batch(batch_id)
         cancelled = batches.cancel(who, batch_id)
         if cancelled is None:
@@ -290,7 +308,88 @@ def create_app(config: ServeConfig) -> Starlette:
                 f"Cannot cancel a batch with status '{batch['status']}'.",
                 code="invalid_state",
             )
-        return JSONResponse(cancelled)
+        return JSONResponse(openai_view(cancelled))
+
+    # -- Anthropic's Message Batches ----------------------------------------------------
+
+    def no_message_batch(batch_id: str) -> ApiError:
+        return ApiError(404, f"No message batch with id {batch_id!r}.")
+
+    def message_batch(request: Request) -> tuple[str, dict[str, Any]]:
+        who = tenant(request)
+        batch_id = request.path_params["batch_id"]
+        batch = batches.retrieve(who, batch_id)
+        if batch is None or batch["api"] != "anthropic":
+            raise no_message_batch(batch_id)
+        return who, batch
+
+    async def create_message_batch(request: Request) -> Response:
+        who = tenant(request)
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > max_upload:
+            raise ApiError(413, f"The request is larger than {max_upload} bytes.")
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > max_upload:
+                raise ApiError(413, f"The request is larger than {max_upload} bytes.")
+        try:
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise ApiError(400, "The body is not valid JSON.") from None
+        requests = data.get("requests") if isinstance(data, dict) else None
+        problem = anthropic.check_requests(requests)
+        if problem is not None:
+            raise ApiError(400, problem)
+        assert isinstance(requests, list)
+        return JSONResponse(
+            anthropic.view(await run_in_threadpool(_create_message_batch, who, requests))
+        )
+
+    def _create_message_batch(who: str, requests: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = anthropic.new_batch(len(requests))
+        lines = [
+            {
+                "custom_id": r["custom_id"],
+                "method": "POST",
+                "url": anthropic.ENDPOINT,
+                "body": r["params"],
+            }
+            for r in requests
+        ]
+        batches.write_input(batch["id"], lines)
+        return batches.create(who, batch)
+
+    def get_message_batch(request: Request) -> Response:
+        return JSONResponse(anthropic.view(message_batch(request)[1]))
+
+    def list_message_batches(request: Request) -> Response:
+        items, more = catalogue.list_batches(
+            tenant(request),
+            "anthropic",
+            _limit(request, 20, 1000),
+            after=request.query_params.get("after_id"),
+            before=request.query_params.get("before_id"),
+        )
+        return JSONResponse(_page([anthropic.view(b) for b in items], more))
+
+    def message_batch_results(request: Request) -> Response:
+        _, batch = message_batch(request)
+        path = batches.workdir(batch["id"]) / "results.jsonl"
+        if anthropic.view(batch)["processing_status"] != "ended" or not path.exists():
+            raise ApiError(400, f"Message batch {batch['id']} has no results yet.")
+        return FileResponse(path, media_type="application/x-jsonl")
+
+    def cancel_message_batch(request: Request) -> Response:
+        who, batch = message_batch(request)
+        return JSONResponse(anthropic.view(batches.cancel(who, batch["id"]) or batch))
+
+    def delete_message_batch(request: Request) -> Response:
+        who, batch = message_batch(request)
+        if anthropic.view(batch)["processing_status"] != "ended":
+            raise ApiError(400, "A batch that is still processing cannot be deleted; cancel it.")
+        catalogue.delete_batch(who, batch["id"])
+        return JSONResponse({"id": batch["id"], "type": "message_batch_deleted"})
 
     def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -320,6 +419,14 @@ def create_app(config: ServeConfig) -> Starlette:
             Route("/v1/batches", list_batches, methods=["GET"]),
             Route("/v1/batches/{batch_id}", get_batch, methods=["GET"]),
             Route("/v1/batches/{batch_id}/cancel", cancel_batch, methods=["POST"]),
+            Route("/v1/messages/batches", create_message_batch, methods=["POST"]),
+            Route("/v1/messages/batches", list_message_batches, methods=["GET"]),
+            Route("/v1/messages/batches/{batch_id}", get_message_batch, methods=["GET"]),
+            Route("/v1/messages/batches/{batch_id}", delete_message_batch, methods=["DELETE"]),
+            Route(
+                "/v1/messages/batches/{batch_id}/results", message_batch_results, methods=["GET"]
+            ),
+            Route("/v1/messages/batches/{batch_id}/cancel", cancel_message_batch, methods=["POST"]),
             Route("/healthz", healthz, methods=["GET"]),
         ],
         exception_handlers=handlers,

@@ -18,10 +18,11 @@ import secrets
 import shutil
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import orjson
 
@@ -29,6 +30,7 @@ from .. import results
 from ..errors import OvernightError
 from ..job import Job
 from ..store import open_ledger
+from . import anthropic
 from .catalogue import Catalogue
 from .config import ServeConfig
 from .files import FileStore
@@ -69,6 +71,8 @@ def new_batch(
         "metadata": metadata,
         "model": None,
         "usage": _usage(0, 0),
+        "api": "openai",
+        "parts": None,  # the ledger jobs that run it, once validated
     }
 
 
@@ -188,50 +192,50 @@ def validate(path: Path, endpoint: str, config: ServeConfig) -> Validated:
     return out
 
 
-# -- the job behind a batch ----------------------------------------------------------------
+# -- the jobs behind a batch ---------------------------------------------------------------
+#
+# A batch runs as one ledger job per model its lines name (`parts`): an OpenAI batch has one
+# model, named like the batch, over `input.jsonl`; an Anthropic batch may mix models, its job
+# `<batch id>.<n>` over `part<n>.jsonl`. `input.jsonl` always holds every line, as OpenAI's
+# lines (`custom_id`, `method`, `url`, `body`): what a python function gets.
 
 
-def job_for(batch: dict[str, Any], config: ServeConfig, workdir: Path) -> Job:
-    """The ledger job that runs a batch's lines on the model they name. A python function
-    gets the lines as records (`custom_id`, `method`, `url`, `body`); the local model embeds
-    each line's `body.input`."""
-    model = config.models[batch["model"]]
+def job_for(batch: dict[str, Any], part: dict[str, str], config: ServeConfig, workdir: Path) -> Job:
+    """The ledger job that runs one model's lines of a batch. A python function gets the
+    lines as records; the local model embeds each line's `body.input`."""
+    model = config.models[part["model"]]
     task = (
         {"kind": "map"}
         if model.backend == "python"
-        else {
-            "kind": "embed",
-            "text": "{{ body.input }}",
-        }
+        else {"kind": "embed", "text": "{{ body.input }}"}
     )
     spec = {
-        "name": batch["id"],
-        "source": {"path": str(workdir / "input.jsonl"), "id": "custom_id", "format": "jsonl"},
+        "name": part["job"],
+        "source": {"path": str(workdir / part["input"]), "id": "custom_id", "format": "jsonl"},
         "task": task,
         "model": model.model_dump(exclude_unset=True),
         "run": config.spec.run.model_dump(exclude_unset=True),
         "output": {
-            "path": str(workdir / "results.jsonl"),
-            "errors": str(workdir / "errors.jsonl"),
+            "path": str(workdir / f"{part['job']}.results.jsonl"),
+            "errors": str(workdir / f"{part['job']}.errors.jsonl"),
         },
     }
     return Job(
         spec,
         base_dir=config.base_dir,
         state=config.ledger_url,
-        name=batch["id"],
+        name=part["job"],
         origin=f"{config.origin}: batch {batch['id']}",
     )
 
 
-def _stable_id(prefix: str, *parts: str) -> str:
+def stable_id(prefix: str, *parts: str) -> str:
     return prefix + hashlib.blake2b("\0".join(parts).encode(), digest_size=12).hexdigest()
 
 
-def response_body(batch: dict[str, Any], custom_id: str, output: Any) -> dict[str, Any]:
+def response_body(batch: dict[str, Any], custom_id: str, model: str, output: Any) -> dict[str, Any]:
     """The body OpenAI's endpoint would have answered with: an embeddings list, or a
     chat.completion whose message content is the function's return value."""
-    model = batch["model"]
     if batch["endpoint"] == "/v1/embeddings":
         vectors = output if _is_matrix(output) else [output]
         return {
@@ -243,22 +247,26 @@ def response_body(batch: dict[str, Any], custom_id: str, output: Any) -> dict[st
             "model": model,
             "usage": {"prompt_tokens": 0, "total_tokens": 0},
         }
-    content = output if isinstance(output, str) else orjson.dumps(output).decode()
     return {
-        "id": _stable_id("chatcmpl-", batch["id"], custom_id),
+        "id": stable_id("chatcmpl-", batch["id"], custom_id),
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": content, "refusal": None},
+                "message": {"role": "assistant", "content": as_text(output), "refusal": None},
                 "logprobs": None,
                 "finish_reason": "stop",
             }
         ],
         "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
     }
+
+
+def as_text(output: Any) -> str:
+    """A function's answer as a message's text: a string as is, anything else as JSON."""
+    return output if isinstance(output, str) else orjson.dumps(output).decode()
 
 
 def _is_matrix(output: Any) -> bool:
@@ -277,7 +285,7 @@ def _line(
 ) -> bytes:
     return orjson.dumps(
         {
-            "id": _stable_id("batch_req_", batch["id"], custom_id),
+            "id": stable_id("batch_req_", batch["id"], custom_id),
             "custom_id": custom_id,
             "response": response,
             "error": error,
@@ -287,7 +295,56 @@ def _line(
 
 
 def _request_id(batch: dict[str, Any], custom_id: str) -> str:
-    return _stable_id("req_", batch["id"], custom_id, "request")
+    return stable_id("req_", batch["id"], custom_id, "request")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one line: `succeeded` (with the model's output), `failed` (the call
+    failed: `message`, `error_class`), `rejected` (never run: its request was not valid),
+    `cancelled` (never run: the batch was cancelled)."""
+
+    custom_id: str
+    kind: str
+    model: str | None = None
+    output: Any = None
+    message: str = ""
+    error_class: str = ""
+
+
+def openai_line(batch: dict[str, Any], o: Outcome) -> bytes:
+    """The output-file line (succeeded) or error-file line of an outcome."""
+    if o.kind == "succeeded":
+        response = {
+            "status_code": 200,
+            "request_id": _request_id(batch, o.custom_id),
+            "body": response_body(batch, o.custom_id, o.model or "", o.output),
+        }
+        return _line(batch, o.custom_id, response, None)
+    if o.kind == "cancelled":
+        error = {"code": "batch_cancelled", "message": "The batch was cancelled."}
+        return _line(batch, o.custom_id, None, error)
+    status = 400 if o.kind == "rejected" else 500
+    error = {
+        "message": o.message,
+        "type": "invalid_request_error" if o.kind == "rejected" else "server_error",
+        "param": None,
+        "code": o.error_class or None,
+    }
+    response = {
+        "status_code": status,
+        "request_id": _request_id(batch, o.custom_id),
+        "body": {"error": error},
+    }
+    return _line(batch, o.custom_id, response, None)
+
+
+def openai_view(batch: dict[str, Any]) -> dict[str, Any]:
+    """The batch as OpenAI's API shows it (without the service's own bookkeeping)."""
+    return {k: v for k, v in batch.items() if k not in INTERNAL}
+
+
+INTERNAL = ("api", "parts", "outcome")
 
 
 # -- running batches -----------------------------------------------------------------------
@@ -310,6 +367,9 @@ class Batches:
         self._running: dict[str, Job] = {}
         self._lock = threading.Lock()
 
+    def workdir(self, batch_id: str) -> Path:
+        return self.work / batch_id
+
     def resume(self) -> list[str]:
         """Queues every batch that had not ended when the server stopped."""
         ids = self.catalogue.batches_in(ACTIVE)
@@ -322,6 +382,12 @@ class Batches:
         self.catalogue.add_batch(tenant, batch)
         self._pool.submit(self._process, batch["id"])
         return batch
+
+    def write_input(self, batch_id: str, lines: list[dict[str, Any]]) -> None:
+        """The lines of a batch created with its requests (Anthropic's), before `create`."""
+        workdir = self.workdir(batch_id)
+        workdir.mkdir(parents=True, exist_ok=True)
+        _write_all(workdir / "input.jsonl", [orjson.dumps(line) for line in lines])
 
     def shutdown(self) -> None:
         self.stop.set()
@@ -336,10 +402,9 @@ class Batches:
     def cancel(self, tenant: str, batch_id: str) -> dict[str, Any] | None:
         """The batch in `cancelling` (its run stops after the records in flight, then it is
         finalised as `cancelled`), or None if it had already ended or is being finalised."""
-        now = int(time.time())
         batch = self.catalogue.update_batch(
             batch_id,
-            {"status": "cancelling", "cancelling_at": now},
+            {"status": "cancelling", "cancelling_at": int(time.time())},
             when=("validating", "in_progress"),
         )
         if batch is None:
@@ -355,16 +420,19 @@ class Batches:
 
     def _live_counts(self, batch: dict[str, Any]) -> None:
         """request_counts of a running batch, from the ledger."""
+        done = failed = 0
         ledger = open_ledger(self.config.ledger_url)
         try:
-            job = ledger.get_job(batch["id"])
-            if job is None:
-                return
-            counts = ledger.counts(job.id)
+            for part in batch.get("parts") or []:
+                job = ledger.get_job(part["job"])
+                if job is not None:
+                    counts = ledger.counts(job.id)
+                    done += counts["succeeded"]
+                    failed += counts.failed + counts["invalid"]
         finally:
             ledger.close()
-        batch["request_counts"]["completed"] = counts["succeeded"]
-        batch["request_counts"]["failed"] = counts.failed + counts["invalid"]
+        batch["request_counts"]["completed"] = done
+        batch["request_counts"]["failed"] = failed
 
     # -- the batch's thread -----------------------------------------------------------------
 
@@ -397,23 +465,25 @@ class Batches:
         batch = self.catalogue.get_batch(batch_id)
         if batch is None or self.stop.is_set():
             return
-        workdir = self.work / batch_id
+        workdir = self.workdir(batch_id)
         if batch["status"] == "validating":
             batch = self._validate(batch, workdir)
             if batch is None or batch["status"] == "failed":
                 return
         if batch["status"] == "in_progress":
-            job = job_for(batch, self.config, workdir)
-            with self._lock:
-                self._running[batch_id] = job
-            try:
-                if self.catalogue.get_batch(batch_id)["status"] == "in_progress":  # type: ignore[index]
-                    report = job.run(stop=self.stop)
-                    if report.interrupted or self.stop.is_set():
-                        return  # the server is stopping: resumed at the next start
-            finally:
+            for part in batch["parts"]:
+                if self.catalogue.get_batch(batch_id)["status"] != "in_progress":  # type: ignore[index]
+                    break  # cancelled
+                job = job_for(batch, part, self.config, workdir)
                 with self._lock:
-                    self._running.pop(batch_id, None)
+                    self._running[batch_id] = job
+                try:
+                    report = job.run(stop=self.stop)
+                finally:
+                    with self._lock:
+                        self._running.pop(batch_id, None)
+                if report.interrupted or self.stop.is_set():
+                    return  # the server is stopping: resumed at the next start
             batch = self.catalogue.update_batch(
                 batch_id,
                 {"status": "finalizing", "finalizing_at": int(time.time())},
@@ -423,53 +493,25 @@ class Batches:
         if batch["status"] == "finalizing":
             self._finalize(batch, workdir, cancelled=False)
         elif batch["status"] == "cancelling":
-            if batch["model"] is not None and (workdir / "input.jsonl").exists():
-                job = job_for(batch, self.config, workdir)
+            for part in batch.get("parts") or []:
+                job = job_for(batch, part, self.config, workdir)
                 with contextlib.suppress(OvernightError):  # not in the ledger: nothing open
                     job.cancel()  # a run killed with the server may have left items open
             self._finalize(batch, workdir, cancelled=True)
 
     def _validate(self, batch: dict[str, Any], workdir: Path) -> dict[str, Any] | None:
-        tenant = self.catalogue.tenant_of_batch(batch["id"])
-        source = self.files.path(batch["input_file_id"])
-        if tenant is None or self.files.get(tenant, batch["input_file_id"]) is None:
-            checked = Validated(
-                errors=[
-                    {
-                        "code": "file_not_found",
-                        "line": None,
-                        "message": f"The input file {batch['input_file_id']} was deleted.",
-                        "param": "input_file_id",
-                    }
-                ]
-            )
+        workdir.mkdir(parents=True, exist_ok=True)
+        if batch["api"] == "anthropic":
+            changes = _plan_anthropic(batch, workdir, self.config)
         else:
-            checked = validate(source, batch["endpoint"], self.config)
+            changes = self._validate_openai(batch, workdir)
         now = int(time.time())
-        if checked.errors:
+        if changes.get("errors"):
             return self.catalogue.update_batch(
                 batch["id"],
-                {
-                    "status": "failed",
-                    "failed_at": now,
-                    "errors": {"object": "list", "data": checked.errors},
-                    "request_counts": {"total": checked.total, "completed": 0, "failed": 0},
-                },
+                {**changes, "status": "failed", "failed_at": now},
                 when=("validating",),
             ) or self.catalogue.get_batch(batch["id"])
-        # The job reads its own copy: deleting the uploaded file never breaks a resume.
-        workdir.mkdir(parents=True, exist_ok=True)
-        copy = workdir / "input.jsonl"
-        if not copy.exists():
-            tmp = workdir / "input.jsonl.tmp"
-            shutil.copyfile(source, tmp)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, copy)
-        changes = {
-            "model": checked.model,
-            "request_counts": {"total": checked.total, "completed": 0, "failed": 0},
-        }
         updated = self.catalogue.update_batch(
             batch["id"],
             {**changes, "status": "in_progress", "in_progress_at": now},
@@ -478,67 +520,92 @@ class Batches:
         # Cancelled while it was validated: it keeps `cancelling`, with what was learnt.
         return updated or self.catalogue.update_batch(batch["id"], changes)
 
-    def _finalize(self, batch: dict[str, Any], workdir: Path, cancelled: bool) -> None:
-        """Writes the output and error files from the ledger and ends the batch. Idempotent:
-        the files' ids come from the batch's, so a finalisation cut short by a kill and done
-        again replaces them."""
+    def _validate_openai(self, batch: dict[str, Any], workdir: Path) -> dict[str, Any]:
         tenant = self.catalogue.tenant_of_batch(batch["id"])
-        assert tenant is not None
-        succeeded = failed = tokens_in = tokens_out = 0
-        out_path, err_path = workdir / "output.jsonl.part", workdir / "errors.jsonl.part"
-        workdir.mkdir(parents=True, exist_ok=True)
+        source = self.files.path(batch["input_file_id"])
+        if tenant is None or self.files.get(tenant, batch["input_file_id"]) is None:
+            error = {
+                "code": "file_not_found",
+                "line": None,
+                "message": f"The input file {batch['input_file_id']} was deleted.",
+                "param": "input_file_id",
+            }
+            return {"errors": {"object": "list", "data": [error]}}
+        checked = validate(source, batch["endpoint"], self.config)
+        counts = {"total": checked.total, "completed": 0, "failed": 0}
+        if checked.errors:
+            return {"errors": {"object": "list", "data": checked.errors}, "request_counts": counts}
+        # The job reads its own copy: deleting the uploaded file never breaks a resume.
+        _copy(source, workdir / "input.jsonl")
+        part = {"model": checked.model, "job": batch["id"], "input": "input.jsonl"}
+        return {"model": checked.model, "parts": [part], "request_counts": counts}
+
+    def _outcomes(self, batch: dict[str, Any], workdir: Path, cancelled: bool) -> Iterator[Outcome]:
+        """Every line's outcome, once: from the ledger, then the lines never run."""
         seen: set[str] = set()
         ledger = open_ledger(self.config.ledger_url)
         try:
-            job = ledger.get_job(batch["id"]) if batch["model"] is not None else None
-            with open(out_path, "wb") as out, open(err_path, "wb") as err:
-                if job is not None:
-                    for custom_id, result, _, vector in ledger.iter_results(job.id):
-                        row = results.decode(result, vector)
-                        body = response_body(batch, custom_id, row.get("output"))
-                        response = {
-                            "status_code": 200,
-                            "request_id": _request_id(batch, custom_id),
-                            "body": body,
-                        }
-                        out.write(_line(batch, custom_id, response, None))
-                        seen.add(custom_id)
-                        succeeded += 1
-                    for f in ledger.iter_failures(job.id):
-                        if f.custom_id is None or f.custom_id in seen:
-                            continue
-                        error = {
-                            "message": f.message,
-                            "type": "server_error" if f.state == "failed" else "invalid_output",
-                            "param": None,
-                            "code": f.error_class,
-                        }
-                        response = {
-                            "status_code": 500,
-                            "request_id": _request_id(batch, f.custom_id),
-                            "body": {"error": error},
-                        }
-                        err.write(_line(batch, f.custom_id, response, None))
+            for part in batch.get("parts") or []:
+                job = ledger.get_job(part["job"])
+                if job is None:
+                    continue
+                for custom_id, result, _, vector in ledger.iter_results(job.id):
+                    seen.add(custom_id)
+                    output = results.decode(result, vector).get("output")
+                    yield Outcome(custom_id, "succeeded", part["model"], output)
+                for f in ledger.iter_failures(job.id):
+                    if f.custom_id is not None and f.custom_id not in seen:
                         seen.add(f.custom_id)
-                        failed += 1
-                    counts = ledger.counts(job.id)
-                    tokens_in, tokens_out = counts.input_tokens, counts.output_tokens
-                if cancelled:
-                    failed += _write_cancelled(batch, workdir / "input.jsonl", seen, err)
+                        yield Outcome(
+                            f.custom_id, "failed", part["model"], None, f.message, f.error_class
+                        )
         finally:
             ledger.close()
-        changes: dict[str, Any] = {
-            "request_counts": {
-                "total": batch["request_counts"]["total"],
-                "completed": succeeded,
-                "failed": failed,
-            },
-            "usage": _usage(tokens_in, tokens_out),
-        }
-        if succeeded or not failed:
-            changes["output_file_id"] = self._result_file(tenant, batch, "output", out_path)
-        if failed:
-            changes["error_file_id"] = self._result_file(tenant, batch, "error", err_path)
+        rejected = workdir / "rejected.jsonl"
+        if rejected.exists():
+            for raw in rejected.read_bytes().splitlines():
+                line = orjson.loads(raw)
+                if line["custom_id"] not in seen:
+                    seen.add(line["custom_id"])
+                    yield Outcome(line["custom_id"], "rejected", message=line["message"])
+        source = workdir / "input.jsonl"
+        if source.exists():
+            with open(source, "rb") as f:
+                for raw in f:
+                    if not raw.strip():
+                        continue
+                    custom_id = orjson.loads(raw)["custom_id"]
+                    if custom_id in seen:
+                        continue
+                    seen.add(custom_id)
+                    if cancelled:
+                        yield Outcome(custom_id, "cancelled")
+                    else:  # not expected: every line of a finished job has a final state
+                        yield Outcome(custom_id, "failed", message="the request was not run")
+
+    def _tokens(self, batch: dict[str, Any]) -> tuple[int, int]:
+        tokens_in = tokens_out = 0
+        ledger = open_ledger(self.config.ledger_url)
+        try:
+            for part in batch.get("parts") or []:
+                job = ledger.get_job(part["job"])
+                if job is not None:
+                    counts = ledger.counts(job.id)
+                    tokens_in += counts.input_tokens
+                    tokens_out += counts.output_tokens
+        finally:
+            ledger.close()
+        return tokens_in, tokens_out
+
+    def _finalize(self, batch: dict[str, Any], workdir: Path, cancelled: bool) -> None:
+        """Writes the results from the ledger and ends the batch. Idempotent: the files' ids
+        come from the batch's, so a finalisation cut short by a kill and done again replaces
+        them."""
+        workdir.mkdir(parents=True, exist_ok=True)
+        if batch["api"] == "anthropic":
+            changes = self._finalize_anthropic(batch, workdir, cancelled)
+        else:
+            changes = self._finalize_openai(batch, workdir, cancelled)
         now = int(time.time())
         if cancelled:
             changes.update(status="cancelled", cancelled_at=now)
@@ -547,31 +614,97 @@ class Batches:
         self.catalogue.update_batch(
             batch["id"], changes, when=("cancelling",) if cancelled else ("finalizing",)
         )
-        out_path.unlink(missing_ok=True)
-        err_path.unlink(missing_ok=True)
+        for tmp in workdir.glob("*.part"):
+            tmp.unlink()
+
+    def _finalize_openai(
+        self, batch: dict[str, Any], workdir: Path, cancelled: bool
+    ) -> dict[str, Any]:
+        tenant = self.catalogue.tenant_of_batch(batch["id"])
+        assert tenant is not None
+        succeeded = failed = 0
+        out_path, err_path = workdir / "output.jsonl.part", workdir / "errors.jsonl.part"
+        with open(out_path, "wb") as out, open(err_path, "wb") as err:
+            for o in self._outcomes(batch, workdir, cancelled):
+                if o.kind == "succeeded":
+                    out.write(openai_line(batch, o))
+                    succeeded += 1
+                else:
+                    err.write(openai_line(batch, o))
+                    failed += 1
+        changes: dict[str, Any] = {
+            "request_counts": {
+                "total": batch["request_counts"]["total"],
+                "completed": succeeded,
+                "failed": failed,
+            },
+            "usage": _usage(*self._tokens(batch)),
+        }
+        if succeeded or not failed:
+            changes["output_file_id"] = self._result_file(tenant, batch, "output", out_path)
+        if failed:
+            changes["error_file_id"] = self._result_file(tenant, batch, "error", err_path)
+        return changes
+
+    def _finalize_anthropic(
+        self, batch: dict[str, Any], workdir: Path, cancelled: bool
+    ) -> dict[str, Any]:
+        tally = {"succeeded": 0, "errored": 0, "canceled": 0, "expired": 0}
+        part = workdir / "results.jsonl.part"
+        with open(part, "wb") as f:
+            for o in self._outcomes(batch, workdir, cancelled):
+                line = anthropic.result_line(batch, o)
+                f.write(orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE))
+                tally[line["result"]["type"]] += 1
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(part, workdir / "results.jsonl")
+        return {"outcome": tally}
 
     def _result_file(self, tenant: str, batch: dict[str, Any], kind: str, path: Path) -> str:
-        file_id = _stable_id("file-", batch["id"], kind)
+        file_id = stable_id("file-", batch["id"], kind)
         self.files.add(tenant, f"{batch['id']}_{kind}.jsonl", "batch_output", path, file_id=file_id)
         return file_id
 
 
-def _write_cancelled(
-    batch: dict[str, Any], input_path: Path, seen: set[str], err: IO[bytes]
-) -> int:
-    """Error lines for the requests a cancel kept from running."""
-    if not input_path.exists():
-        return 0
-    n = 0
-    with open(input_path, "rb") as f:
+def _copy(source: Path, target: Path) -> None:
+    """`source` to `target`, whole or not at all."""
+    if target.exists():
+        return
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.copyfile(source, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, target)
+
+
+def _plan_anthropic(batch: dict[str, Any], workdir: Path, config: ServeConfig) -> dict[str, Any]:
+    """An Anthropic batch's lines (input.jsonl, written at create) split by model: one part
+    per model a python function serves; the others are rejected (errored results), as
+    Anthropic validates `params` after the create call."""
+    by_model: dict[str, list[bytes]] = {}
+    rejected: list[bytes] = []
+    with open(workdir / "input.jsonl", "rb") as f:
         for raw in f:
-            if not raw.strip():
-                continue
-            custom_id = orjson.loads(raw)["custom_id"]
-            if custom_id in seen:
-                continue
-            error = {"code": "batch_cancelled", "message": "The batch was cancelled."}
-            err.write(_line(batch, custom_id, None, error))
-            seen.add(custom_id)
-            n += 1
-    return n
+            line = orjson.loads(raw)
+            problem = anthropic.check_params(line["body"], config)
+            if problem is not None:
+                rejected.append(orjson.dumps({"custom_id": line["custom_id"], "message": problem}))
+            else:
+                by_model.setdefault(line["body"]["model"], []).append(raw.rstrip(b"\n"))
+    parts = []
+    for n, (model, lines) in enumerate(sorted(by_model.items())):
+        name = f"part{n}.jsonl"
+        _write_all(workdir / name, lines)
+        parts.append({"model": model, "job": f"{batch['id']}.{n}", "input": name})
+    _write_all(workdir / "rejected.jsonl", rejected)
+    return {"parts": parts}
+
+
+def _write_all(path: Path, lines: list[bytes]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(b"".join(line + b"\n" for line in lines))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

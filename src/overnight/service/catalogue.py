@@ -33,6 +33,7 @@ CREATE TABLE IF NOT EXISTS batches (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     id TEXT NOT NULL UNIQUE,
     tenant TEXT NOT NULL,
+    api TEXT NOT NULL,  -- 'openai' or 'anthropic': each API lists its own batches
     status TEXT NOT NULL,
     object TEXT NOT NULL
 );
@@ -129,8 +130,8 @@ class Catalogue:
     def add_batch(self, tenant: str, obj: dict[str, Any]) -> None:
         with self._tx() as db:
             db.execute(
-                "INSERT INTO batches (id, tenant, status, object) VALUES (?, ?, ?, ?)",
-                (obj["id"], tenant, obj["status"], orjson.dumps(obj).decode()),
+                "INSERT INTO batches (id, tenant, api, status, object) VALUES (?, ?, ?, ?, ?)",
+                (obj["id"], tenant, obj["api"], obj["status"], orjson.dumps(obj).decode()),
             )
 
     def get_batch(self, batch_id: str, tenant: str | None = None) -> dict[str, Any] | None:
@@ -149,23 +150,47 @@ class Catalogue:
         return row[0] if row else None
 
     def list_batches(
-        self, tenant: str, after: str | None, limit: int
+        self,
+        tenant: str,
+        api: str,
+        limit: int,
+        after: str | None = None,
+        before: str | None = None,
     ) -> tuple[list[dict[str, Any]], bool]:
-        """Newest first; `after` is the id of the last batch of the previous page."""
+        """Newest first. `after`: the page after that batch (older ones); `before`: the page
+        before it (newer ones). Also whether more batches lie beyond the page."""
         with self._tx() as db:
             bound = None
-            if after is not None:
+            if after is not None or before is not None:
                 row = db.execute(
-                    "SELECT seq FROM batches WHERE id = ? AND tenant = ?", (after, tenant)
+                    "SELECT seq FROM batches WHERE id = ? AND tenant = ? AND api = ?",
+                    (after if after is not None else before, tenant, api),
                 ).fetchone()
                 if row is None:
                     return [], False
                 bound = row[0]
-            rows = db.execute(
-                "SELECT object FROM batches WHERE tenant = ? AND seq < ? ORDER BY seq DESC LIMIT ?",
-                (tenant, bound if bound is not None else 2**62, limit + 1),
-            ).fetchall()
-        return [orjson.loads(r[0]) for r in rows[:limit]], len(rows) > limit
+            if before is not None:
+                rows = db.execute(
+                    "SELECT object FROM batches WHERE tenant = ? AND api = ? AND seq > ?"
+                    " ORDER BY seq ASC LIMIT ?",
+                    (tenant, api, bound, limit + 1),
+                ).fetchall()
+                more = len(rows) > limit
+                rows = rows[:limit][::-1]
+            else:
+                rows = db.execute(
+                    "SELECT object FROM batches WHERE tenant = ? AND api = ? AND seq < ?"
+                    " ORDER BY seq DESC LIMIT ?",
+                    (tenant, api, bound if bound is not None else 2**62, limit + 1),
+                ).fetchall()
+                more = len(rows) > limit
+                rows = rows[:limit]
+        return [orjson.loads(r[0]) for r in rows], more
+
+    def delete_batch(self, tenant: str, batch_id: str) -> bool:
+        with self._tx() as db:
+            cur = db.execute("DELETE FROM batches WHERE id = ? AND tenant = ?", (batch_id, tenant))
+        return cur.rowcount > 0
 
     def update_batch(
         self, batch_id: str, changes: dict[str, Any], when: tuple[str, ...] | None = None
