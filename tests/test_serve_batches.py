@@ -238,3 +238,32 @@ def test_cancel_stops_the_batch_and_reports_every_line_once(
         with pytest.raises(openai.BadRequestError):  # an ended batch cannot be cancelled
             oai.batches.cancel(created.id)
         assert wait_for(oai, created.id, ("cancelled",)).cancelled_at is not None
+
+
+def test_a_batch_on_a_postgresql_ledger(tmp_path: Path, pg_ledger_url: str) -> None:
+    config = write_config(tmp_path)
+    config.write_text(config.read_text().replace('"state/ledger.db"', f'"{pg_ledger_url}"'))
+    with serving(config) as url:
+        oai = client(url)
+        created = oai.batches.create(
+            input_file_id=upload(oai, [chat_line(f"p{i}", f"t{i}") for i in range(5)]),
+            endpoint=CHAT,
+            completion_window="24h",
+        )
+        batch = wait_for(oai, created.id, ("completed", "failed"))
+        assert batch.status == "completed", batch.errors
+        got = {
+            line["custom_id"]: line["response"]["body"]["choices"][0]["message"]["content"]
+            for line in lines_of(oai, batch.output_file_id)
+        }
+        assert got == {f"p{i}": f"t{i}"[::-1] for i in range(5)}
+    # The files and the catalogue sit beside serve.toml; the items are in PostgreSQL.
+    assert (tmp_path / ".overnight/serve/catalogue.db").exists()
+    from overnight.store import open_ledger
+
+    ledger = open_ledger(pg_ledger_url)
+    try:
+        job = ledger.get_job(created.id)
+        assert job is not None and ledger.counts(job.id)["succeeded"] == 5
+    finally:
+        ledger.close()

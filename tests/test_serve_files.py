@@ -121,11 +121,24 @@ def _serve(config: Path) -> subprocess.CompletedProcess[str]:
             '[files]\nmax_upload_bytes = 0\n[models.m]\nbackend = "local"\n',
             "[files] max_upload_bytes: Input should be greater than 0",
         ),
+        (
+            '[models.m]\nbackend = "python"\nfunction = "serving:nope"\n',
+            "[models.\"m\"] function: module 'serving' has no 'nope'",
+        ),
+        (
+            '[models.m]\nbackend = "python"\nfunction = "nomodule:f"\n',
+            "[models.\"m\"] function: cannot import module 'nomodule'",
+        ),
+        (
+            '[models.m]\nbackend = "local"\nname = "bert"\n',
+            "[models.\"m\"] name: unknown local model 'bert'",
+        ),
         ("", "models: required key is missing"),
         ("models = [", "not valid TOML"),
     ],
 )
 def test_a_bad_config_exits_2_naming_the_key(tmp_path: Path, text: str, named: str) -> None:
+    write_config(tmp_path)  # serving.py, the module of the functions
     config = tmp_path / "serve.toml"
     config.write_text(text)
     done = _serve(config)

@@ -21,7 +21,7 @@ from . import anthropic
 from .auth import OPEN_TENANT, keys_from_env, tenant_of
 from .batches import ENDPOINTS, Batches, new_batch, openai_view
 from .catalogue import Catalogue
-from .config import ServeConfig
+from .config import ServeConfig, check_models
 from .files import FileStore
 
 log = logging.getLogger(__name__)
@@ -113,6 +113,7 @@ def _limit(request: Request, default: int, most: int) -> int:
 
 
 def create_app(config: ServeConfig) -> Starlette:
+    check_models(config)
     keys = keys_from_env(config.spec.auth.keys_env, config.origin) if config.spec.auth else None
     catalogue = Catalogue(config.folder / "catalogue.db")
     files = FileStore(config.folder, catalogue)

@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..errors import JobFileError
+from ..errors import JobFileError, UsageError
 from ..spec import ModelSpec, RunSpec, format_validation_error
 from ..store import DEFAULT_LEDGER, is_postgres, ledger_location
 
@@ -87,6 +87,33 @@ def parse_config(data: dict[str, Any], base_dir: Path, origin: str) -> ServeConf
     if spec.run.ledger is not None:
         raise JobFileError(f"{origin}: [run] ledger: set the ledger at the top level (`ledger`)")
     return ServeConfig(spec, base_dir, origin)
+
+
+def check_models(config: ServeConfig) -> None:
+    """What a batch would find wrong with a model, found at start-up instead: a python
+    function that cannot be imported (serve.toml's folder is importable), a local model that
+    is not installed."""
+    for name, model in config.models.items():
+        where = f'{config.origin}: [models."{name}"]'
+        if model.backend == "python":
+            from ..backends.python import load_function
+
+            try:
+                load_function(model.function or "", config.base_dir)
+            except UsageError as exc:
+                raise JobFileError(f"{where} {str(exc).removeprefix('[model] ')}") from None
+        elif model.backend == "local":
+            from ..backends.local import KNOWN_MODELS, check_installed
+
+            local = model.name or "all-MiniLM-L6-v2"
+            if local not in KNOWN_MODELS:
+                raise JobFileError(
+                    f"{where} name: unknown local model {local!r}; known: {', '.join(KNOWN_MODELS)}"
+                )
+            try:
+                check_installed(local)
+            except ValueError as exc:
+                raise JobFileError(f"{where} name: {exc}") from None
 
 
 def _messages(origin: str, exc: ValidationError) -> str:
