@@ -97,23 +97,30 @@ def serving(config: Path) -> Iterator[str]:
 
 
 def start_process(config: Path, port: int, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """`overnight serve` as a process of its own; returns once it answers /healthz."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "overnight", "serve", "--config", str(config), "--port", str(port)],
-        env=env or dict(os.environ),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    """`overnight serve` as a process of its own, its log in serve.log beside `config` (a
+    file, not a pipe: a pipe nobody reads would fill and stall the server); returns once it
+    answers /healthz."""
+    with open(config.parent / "serve.log", "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "overnight", "serve", "--config", str(config)]
+            + ["--port", str(port)],
+            env=env or dict(os.environ),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     deadline = time.monotonic() + 60
     while True:
-        assert proc.poll() is None, f"the server exited: {proc.stdout.read()}"  # type: ignore[union-attr]
+        assert proc.poll() is None, f"the server exited: {server_log(config)}"
         assert time.monotonic() < deadline, "the server did not answer in 60 s"
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1):
                 return proc
         except OSError:  # not listening yet
             time.sleep(0.1)
+
+
+def server_log(config: Path) -> str:
+    return (config.parent / "serve.log").read_text()
 
 
 def client(base_url: str, key: str = "unused") -> openai.OpenAI:

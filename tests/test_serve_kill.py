@@ -15,6 +15,7 @@ from serve_helpers import (
     client,
     free_port,
     lines_of,
+    server_log,
     serving,
     start_process,
     upload,
@@ -78,7 +79,7 @@ def test_a_server_killed_mid_batch_finishes_it_after_a_restart(tmp_path: Path) -
     assert len(again) <= batch_size, again
     # SIGTERM: a clean shutdown (uvicorn re-raises the signal once it has shut down).
     assert server.returncode == -signal.SIGTERM
-    assert "Application shutdown complete" in server.stdout.read()  # type: ignore[union-attr]
+    assert "Application shutdown complete" in server_log(config)
 
 
 def test_a_server_stopped_mid_batch_resumes_it_and_runs_batches_a_few_at_a_time(
