@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import http.client
 import subprocess
 import sys
+import urllib.parse
 from pathlib import Path
 
 import openai
@@ -71,9 +73,37 @@ def test_an_upload_over_the_limit_is_413_and_leaves_nothing(tmp_path: Path) -> N
         with pytest.raises(openai.APIStatusError) as err:
             oai.files.create(file=("huge.jsonl", b"x" * 200_000), purpose="batch")
         assert err.value.status_code == 413
+        # Without a Content-Length (chunked): refused once the body read passes the limit.
+        assert _chunked_upload(url, b"x" * 200_000) == 413
         assert [f.id for f in oai.files.list()] == [ok.id]
         stored = sorted(p.name for p in (tmp_path / "state/serve/files").iterdir())
         assert stored == [ok.id]
+
+
+def _chunked_upload(url: str, data: bytes) -> int:
+    boundary = "b0undary"
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="c.jsonl"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n"
+        ).encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    parts = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    try:
+        conn.request(
+            "POST",
+            "/v1/files",
+            body=(body[i : i + 8192] for i in range(0, len(body), 8192)),
+            headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+            encode_chunked=True,
+        )
+        return conn.getresponse().status
+    finally:
+        conn.close()
 
 
 def test_bad_uploads_are_400_in_openais_shape(tmp_path: Path) -> None:
