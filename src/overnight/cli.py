@@ -607,6 +607,33 @@ def _check_model(j: Job) -> None:
         )
 
 
+@app.command()
+def serve(
+    config: Annotated[
+        Path, typer.Option("--config", "-c", help="The service's settings (serve.toml).")
+    ],
+    host: Annotated[str, typer.Option(help="The address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="The port to listen on.")] = 8000,
+) -> None:
+    """Serve OpenAI's Files and Batches API over the models of serve.toml; every batch is a
+    job in the ledger, resumed when the server starts again."""
+    try:
+        import uvicorn
+
+        from .service.app import create_app
+        from .service.config import load_config
+    except ImportError as exc:
+        raise _fail(
+            OvernightError(
+                f"overnight serve needs the `serve` extra ({exc.name} is missing):"
+                " pip install 'overnight[serve]'"
+            )
+        ) from None
+    with _errors():
+        application = create_app(load_config(config))
+    uvicorn.run(application, host=host, port=port, log_level="info")
+
+
 @app.command("ls")
 def list_jobs(
     state: Annotated[

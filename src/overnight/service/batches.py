@@ -1,0 +1,710 @@
+"""OpenAI batches over overnight's backends: validation, the job behind each batch, and the
+output and error files.
+
+A batch moves validating -> in_progress -> finalizing -> completed, or to failed (its file
+did not validate), or cancelling -> cancelled. Its lines run as one ledger job named after
+the batch, over a copy of the uploaded file (`custom_id` is the item id): the ledger decides
+what is done, so a server killed mid-batch and started again resumes the job, and the output
+file, written from the ledger at the end, has every custom_id once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import secrets
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from .. import results
+from ..errors import OvernightError
+from ..job import Job
+from ..store import open_ledger
+from . import anthropic
+from .catalogue import Catalogue
+from .config import ServeConfig
+from .files import FileStore
+
+log = logging.getLogger(__name__)
+
+ENDPOINTS = ("/v1/chat/completions", "/v1/embeddings")
+WINDOW = 24 * 3600
+MAX_REQUESTS = 50_000  # OpenAI's limit per batch
+ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
+ENDED = ("completed", "failed", "cancelled", "expired")
+
+
+def new_batch(
+    input_file_id: str, endpoint: str, window: str, metadata: dict[str, str] | None
+) -> dict[str, Any]:
+    now = int(time.time())
+    return {
+        "id": "batch_" + secrets.token_hex(12),
+        "object": "batch",
+        "endpoint": endpoint,
+        "errors": None,
+        "input_file_id": input_file_id,
+        "completion_window": window,
+        "status": "validating",
+        "output_file_id": None,
+        "error_file_id": None,
+        "created_at": now,
+        "in_progress_at": None,
+        "expires_at": now + WINDOW,
+        "finalizing_at": None,
+        "completed_at": None,
+        "failed_at": None,
+        "expired_at": None,
+        "cancelling_at": None,
+        "cancelled_at": None,
+        "request_counts": {"total": 0, "completed": 0, "failed": 0},
+        "metadata": metadata,
+        "model": None,
+        "usage": _usage(0, 0),
+        "api": "openai",
+        "parts": None,  # the ledger jobs that run it, once validated
+    }
+
+
+def _usage(tokens_in: int, tokens_out: int) -> dict[str, Any]:
+    return {
+        "input_tokens": tokens_in,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": tokens_out,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": tokens_in + tokens_out,
+    }
+
+
+# -- validation ----------------------------------------------------------------------------
+
+
+@dataclass
+class Validated:
+    model: str | None = None
+    total: int = 0
+    errors: list[dict[str, Any]] = field(default_factory=list)
+
+
+def validate(path: Path, endpoint: str, config: ServeConfig) -> Validated:
+    """Every line of the input file, as OpenAI checks them: JSON, `custom_id` unique, `method`
+    POST, `url` the batch's endpoint, one `model`, known to serve.toml and able to serve the
+    endpoint. Errors name their line (1-based); at most [batches] max_errors of them."""
+    out = Validated()
+    seen: set[str] = set()
+    limit = config.spec.batches.max_errors
+
+    def error(code: str, line: int, message: str, param: str | None = None) -> None:
+        if len(out.errors) < limit:
+            out.errors.append({"code": code, "line": line, "message": message, "param": param})
+
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            out.total += 1
+            try:
+                line = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                error("invalid_json_line", n, f"Line {n} is not valid JSON.")
+                continue
+            if not isinstance(line, dict):
+                error("invalid_json_line", n, f"Line {n} is not a JSON object.")
+                continue
+            cid = line.get("custom_id")
+            if not isinstance(cid, str) or not cid:
+                error("missing_custom_id", n, f"Line {n} has no custom_id string.", "custom_id")
+            elif cid in seen:
+                error(
+                    "duplicate_custom_id",
+                    n,
+                    f"The custom_id {cid!r} on line {n} is not unique in the file.",
+                    "custom_id",
+                )
+            else:
+                seen.add(cid)
+            if line.get("method") != "POST":
+                error("invalid_method", n, f"Line {n}: method must be 'POST'.", "method")
+            if line.get("url") != endpoint:
+                error(
+                    "url_mismatch",
+                    n,
+                    f"Line {n}: url {line.get('url')!r} does not match the batch's endpoint"
+                    f" {endpoint!r}.",
+                    "url",
+                )
+            body = line.get("body")
+            if not isinstance(body, dict):
+                error("invalid_body", n, f"Line {n}: body must be a JSON object.", "body")
+                continue
+            model = body.get("model")
+            if not isinstance(model, str) or model not in config.models:
+                known = ", ".join(repr(m) for m in config.models)
+                error(
+                    "model_not_found",
+                    n,
+                    f"Line {n}: model {model!r} is not served here (models: {known}).",
+                    "body.model",
+                )
+                continue
+            if out.model is None:
+                out.model = model
+            elif model != out.model:
+                error(
+                    "model_mismatch",
+                    n,
+                    f"Line {n}: model {model!r} differs from {out.model!r}; a batch file"
+                    " uses one model.",
+                    "body.model",
+                )
+                continue
+            backend = config.models[model].backend
+            if backend == "local" and endpoint != "/v1/embeddings":
+                error(
+                    "unsupported_endpoint",
+                    n,
+                    f"Line {n}: model {model!r} (the local embedding model) serves"
+                    " /v1/embeddings only.",
+                    "url",
+                )
+            elif backend == "local" and not isinstance(body.get("input"), str):
+                error(
+                    "invalid_input",
+                    n,
+                    f"Line {n}: model {model!r} embeds one string per line: `input` must be"
+                    " a string.",
+                    "body.input",
+                )
+    if out.total == 0:
+        error("empty_file", 1, "The input file has no requests.")
+    elif out.total > MAX_REQUESTS:
+        error("too_many_tasks", 1, f"The file has {out.total} requests; at most {MAX_REQUESTS}.")
+    return out
+
+
+# -- the jobs behind a batch ---------------------------------------------------------------
+#
+# A batch runs as one ledger job per model its lines name (`parts`): an OpenAI batch has one
+# model, named like the batch, over `input.jsonl`; an Anthropic batch may mix models, its job
+# `<batch id>.<n>` over `part<n>.jsonl`. `input.jsonl` always holds every line, as OpenAI's
+# lines (`custom_id`, `method`, `url`, `body`): what a python function gets.
+
+
+def job_for(batch: dict[str, Any], part: dict[str, str], config: ServeConfig, workdir: Path) -> Job:
+    """The ledger job that runs one model's lines of a batch. A python function gets the
+    lines as records; the local model embeds each line's `body.input`."""
+    model = config.models[part["model"]]
+    task = (
+        {"kind": "map"}
+        if model.backend == "python"
+        else {"kind": "embed", "text": "{{ body.input }}"}
+    )
+    spec = {
+        "name": part["job"],
+        "source": {"path": str(workdir / part["input"]), "id": "custom_id", "format": "jsonl"},
+        "task": task,
+        "model": model.model_dump(exclude_unset=True),
+        "run": config.spec.run.model_dump(exclude_unset=True),
+        "output": {
+            "path": str(workdir / f"{part['job']}.results.jsonl"),
+            "errors": str(workdir / f"{part['job']}.errors.jsonl"),
+        },
+    }
+    return Job(
+        spec,
+        base_dir=config.base_dir,
+        state=config.ledger_url,
+        name=part["job"],
+        origin=f"{config.origin}: batch {batch['id']}",
+    )
+
+
+def stable_id(prefix: str, *parts: str) -> str:
+    return prefix + hashlib.blake2b("\0".join(parts).encode(), digest_size=12).hexdigest()
+
+
+def response_body(batch: dict[str, Any], custom_id: str, model: str, output: Any) -> dict[str, Any]:
+    """The body OpenAI's endpoint would have answered with: an embeddings list, or a
+    chat.completion whose message content is the function's return value."""
+    if batch["endpoint"] == "/v1/embeddings":
+        vectors = output if _is_matrix(output) else [output]
+        return {
+            "object": "list",
+            "data": [
+                {"object": "embedding", "index": i, "embedding": [float(x) for x in v]}
+                for i, v in enumerate(vectors)
+            ],
+            "model": model,
+            "usage": {"prompt_tokens": 0, "total_tokens": 0},
+        }
+    return {
+        "id": stable_id("chatcmpl-", batch["id"], custom_id),
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": as_text(output), "refusal": None},
+                "logprobs": None,
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+    }
+
+
+def as_text(output: Any) -> str:
+    """A function's answer as a message's text: a string as is, anything else as JSON."""
+    return output if isinstance(output, str) else orjson.dumps(output).decode()
+
+
+def _is_matrix(output: Any) -> bool:
+    return (
+        isinstance(output, list)
+        and len(output) > 0
+        and all(isinstance(v, list | tuple) for v in output)
+    )
+
+
+def _line(
+    batch: dict[str, Any],
+    custom_id: str,
+    response: dict[str, Any] | None,
+    error: dict[str, Any] | None,
+) -> bytes:
+    return orjson.dumps(
+        {
+            "id": stable_id("batch_req_", batch["id"], custom_id),
+            "custom_id": custom_id,
+            "response": response,
+            "error": error,
+        },
+        option=orjson.OPT_APPEND_NEWLINE | orjson.OPT_SERIALIZE_NUMPY,
+    )
+
+
+def _request_id(batch: dict[str, Any], custom_id: str) -> str:
+    return stable_id("req_", batch["id"], custom_id, "request")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one line: `succeeded` (with the model's output), `failed` (the call
+    failed: `message`, `error_class`), `rejected` (never run: its request was not valid),
+    `cancelled` (never run: the batch was cancelled)."""
+
+    custom_id: str
+    kind: str
+    model: str | None = None
+    output: Any = None
+    message: str = ""
+    error_class: str = ""
+
+
+def openai_line(batch: dict[str, Any], o: Outcome) -> bytes:
+    """The output-file line (succeeded) or error-file line of an outcome."""
+    if o.kind == "succeeded":
+        response = {
+            "status_code": 200,
+            "request_id": _request_id(batch, o.custom_id),
+            "body": response_body(batch, o.custom_id, o.model or "", o.output),
+        }
+        return _line(batch, o.custom_id, response, None)
+    if o.kind == "cancelled":
+        error = {"code": "batch_cancelled", "message": "The batch was cancelled."}
+        return _line(batch, o.custom_id, None, error)
+    status = 400 if o.kind == "rejected" else 500
+    error = {
+        "message": o.message,
+        "type": "invalid_request_error" if o.kind == "rejected" else "server_error",
+        "param": None,
+        "code": o.error_class or None,
+    }
+    response = {
+        "status_code": status,
+        "request_id": _request_id(batch, o.custom_id),
+        "body": {"error": error},
+    }
+    return _line(batch, o.custom_id, response, None)
+
+
+def openai_view(batch: dict[str, Any]) -> dict[str, Any]:
+    """The batch as OpenAI's API shows it (without the service's own bookkeeping)."""
+    return {k: v for k, v in batch.items() if k not in INTERNAL}
+
+
+INTERNAL = ("api", "parts", "outcome")
+
+
+# -- running batches -----------------------------------------------------------------------
+
+
+class Batches:
+    """The batches of one server: created, run in a bounded pool of threads, resumed when the
+    server starts, cancelled."""
+
+    def __init__(self, config: ServeConfig, catalogue: Catalogue, files: FileStore) -> None:
+        self.config = config
+        self.catalogue = catalogue
+        self.files = files
+        self.work = config.folder / "batches"
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.stop = threading.Event()  # the server is shutting down: runs stop, resumable
+        self._pool = ThreadPoolExecutor(
+            max_workers=config.spec.batches.concurrency, thread_name_prefix="batch"
+        )
+        self._running: dict[str, Job] = {}
+        self._lock = threading.Lock()
+
+    def workdir(self, batch_id: str) -> Path:
+        return self.work / batch_id
+
+    def resume(self) -> list[str]:
+        """Queues every batch that had not ended when the server stopped."""
+        ids = self.catalogue.batches_in(ACTIVE)
+        for batch_id in ids:
+            log.info("resuming batch %s", batch_id)
+            self._pool.submit(self._process, batch_id)
+        return ids
+
+    def create(self, tenant: str, batch: dict[str, Any]) -> dict[str, Any]:
+        self.catalogue.add_batch(tenant, batch)
+        self._pool.submit(self._process, batch["id"])
+        return batch
+
+    def write_input(self, batch_id: str, lines: list[dict[str, Any]]) -> None:
+        """The lines of a batch created with its requests (Anthropic's), before `create`."""
+        workdir = self.workdir(batch_id)
+        workdir.mkdir(parents=True, exist_ok=True)
+        _write_all(workdir / "input.jsonl", [orjson.dumps(line) for line in lines])
+
+    def shutdown(self) -> None:
+        self.stop.set()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def retrieve(self, tenant: str, batch_id: str) -> dict[str, Any] | None:
+        batch = self.catalogue.get_batch(batch_id, tenant)
+        if batch is not None and batch["status"] in ("in_progress", "cancelling"):
+            self._live_counts(batch)
+        return batch
+
+    def cancel(self, tenant: str, batch_id: str) -> dict[str, Any] | None:
+        """The batch in `cancelling` (its run stops after the records in flight, then it is
+        finalised as `cancelled`), or None if it had already ended or is being finalised."""
+        batch = self.catalogue.update_batch(
+            batch_id,
+            {"status": "cancelling", "cancelling_at": int(time.time())},
+            when=("validating", "in_progress"),
+        )
+        if batch is None:
+            return None
+        with self._lock:
+            job = self._running.get(batch_id)
+        if job is not None:
+            try:
+                job.cancel()
+            except OvernightError as exc:  # not in the ledger yet: the thread sees the status
+                log.debug("cancel of %s: %s", batch_id, exc)
+        return batch
+
+    def _live_counts(self, batch: dict[str, Any]) -> None:
+        """request_counts of a running batch, from the ledger."""
+        done = failed = 0
+        ledger = open_ledger(self.config.ledger_url)
+        try:
+            for part in batch.get("parts") or []:
+                job = ledger.get_job(part["job"])
+                if job is not None:
+                    counts = ledger.counts(job.id)
+                    done += counts["succeeded"]
+                    failed += counts.failed + counts["invalid"]
+        finally:
+            ledger.close()
+        batch["request_counts"]["completed"] = done
+        batch["request_counts"]["failed"] = failed
+
+    # -- the batch's thread -----------------------------------------------------------------
+
+    def _process(self, batch_id: str) -> None:
+        try:
+            self._advance(batch_id)
+        except Exception as exc:  # the batch fails with the reason; the server goes on
+            log.exception("batch %s failed", batch_id)
+            self.catalogue.update_batch(
+                batch_id,
+                {
+                    "status": "failed",
+                    "failed_at": int(time.time()),
+                    "errors": {
+                        "object": "list",
+                        "data": [
+                            {
+                                "code": "server_error",
+                                "message": f"{type(exc).__name__}: {exc}",
+                                "param": None,
+                                "line": None,
+                            }
+                        ],
+                    },
+                },
+                when=ACTIVE,
+            )
+
+    def _advance(self, batch_id: str) -> None:
+        batch = self.catalogue.get_batch(batch_id)
+        if batch is None or self.stop.is_set():
+            return
+        workdir = self.workdir(batch_id)
+        if batch["status"] == "validating":
+            batch = self._validate(batch, workdir)
+            if batch is None or batch["status"] == "failed":
+                return
+        if batch["status"] == "in_progress":
+            for part in batch["parts"]:
+                if self.catalogue.get_batch(batch_id)["status"] != "in_progress":  # type: ignore[index]
+                    break  # cancelled
+                job = job_for(batch, part, self.config, workdir)
+                with self._lock:
+                    self._running[batch_id] = job
+                try:
+                    report = job.run(stop=self.stop)
+                finally:
+                    with self._lock:
+                        self._running.pop(batch_id, None)
+                if report.interrupted or self.stop.is_set():
+                    return  # the server is stopping: resumed at the next start
+            batch = self.catalogue.update_batch(
+                batch_id,
+                {"status": "finalizing", "finalizing_at": int(time.time())},
+                when=("in_progress",),
+            ) or self.catalogue.get_batch(batch_id)
+            assert batch is not None
+        if batch["status"] == "finalizing":
+            self._finalize(batch, workdir, cancelled=False)
+        elif batch["status"] == "cancelling":
+            for part in batch.get("parts") or []:
+                job = job_for(batch, part, self.config, workdir)
+                with contextlib.suppress(OvernightError):  # not in the ledger: nothing open
+                    job.cancel()  # a run killed with the server may have left items open
+            self._finalize(batch, workdir, cancelled=True)
+
+    def _validate(self, batch: dict[str, Any], workdir: Path) -> dict[str, Any] | None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        if batch["api"] == "anthropic":
+            changes = _plan_anthropic(batch, workdir, self.config)
+        else:
+            changes = self._validate_openai(batch, workdir)
+        now = int(time.time())
+        if changes.get("errors"):
+            return self.catalogue.update_batch(
+                batch["id"],
+                {**changes, "status": "failed", "failed_at": now},
+                when=("validating",),
+            ) or self.catalogue.get_batch(batch["id"])
+        updated = self.catalogue.update_batch(
+            batch["id"],
+            {**changes, "status": "in_progress", "in_progress_at": now},
+            when=("validating",),
+        )
+        # Cancelled while it was validated: it keeps `cancelling`, with what was learnt.
+        return updated or self.catalogue.update_batch(batch["id"], changes)
+
+    def _validate_openai(self, batch: dict[str, Any], workdir: Path) -> dict[str, Any]:
+        tenant = self.catalogue.tenant_of_batch(batch["id"])
+        source = self.files.path(batch["input_file_id"])
+        if tenant is None or self.files.get(tenant, batch["input_file_id"]) is None:
+            error = {
+                "code": "file_not_found",
+                "line": None,
+                "message": f"The input file {batch['input_file_id']} was deleted.",
+                "param": "input_file_id",
+            }
+            return {"errors": {"object": "list", "data": [error]}}
+        checked = validate(source, batch["endpoint"], self.config)
+        counts = {"total": checked.total, "completed": 0, "failed": 0}
+        if checked.errors:
+            return {"errors": {"object": "list", "data": checked.errors}, "request_counts": counts}
+        # The job reads its own copy: deleting the uploaded file never breaks a resume.
+        _copy(source, workdir / "input.jsonl")
+        part = {"model": checked.model, "job": batch["id"], "input": "input.jsonl"}
+        return {"model": checked.model, "parts": [part], "request_counts": counts}
+
+    def _outcomes(self, batch: dict[str, Any], workdir: Path, cancelled: bool) -> Iterator[Outcome]:
+        """Every line's outcome, once: from the ledger, then the lines never run."""
+        seen: set[str] = set()
+        ledger = open_ledger(self.config.ledger_url)
+        try:
+            for part in batch.get("parts") or []:
+                job = ledger.get_job(part["job"])
+                if job is None:
+                    continue
+                for custom_id, result, _, vector in ledger.iter_results(job.id):
+                    seen.add(custom_id)
+                    output = results.decode(result, vector).get("output")
+                    yield Outcome(custom_id, "succeeded", part["model"], output)
+                for f in ledger.iter_failures(job.id):
+                    if f.custom_id is not None and f.custom_id not in seen:
+                        seen.add(f.custom_id)
+                        yield Outcome(
+                            f.custom_id, "failed", part["model"], None, f.message, f.error_class
+                        )
+        finally:
+            ledger.close()
+        rejected = workdir / "rejected.jsonl"
+        if rejected.exists():
+            for raw in rejected.read_bytes().splitlines():
+                line = orjson.loads(raw)
+                if line["custom_id"] not in seen:
+                    seen.add(line["custom_id"])
+                    yield Outcome(line["custom_id"], "rejected", message=line["message"])
+        source = workdir / "input.jsonl"
+        if source.exists():
+            with open(source, "rb") as f:
+                for raw in f:
+                    if not raw.strip():
+                        continue
+                    custom_id = orjson.loads(raw)["custom_id"]
+                    if custom_id in seen:
+                        continue
+                    seen.add(custom_id)
+                    if cancelled:
+                        yield Outcome(custom_id, "cancelled")
+                    else:  # not expected: every line of a finished job has a final state
+                        yield Outcome(custom_id, "failed", message="the request was not run")
+
+    def _tokens(self, batch: dict[str, Any]) -> tuple[int, int]:
+        tokens_in = tokens_out = 0
+        ledger = open_ledger(self.config.ledger_url)
+        try:
+            for part in batch.get("parts") or []:
+                job = ledger.get_job(part["job"])
+                if job is not None:
+                    counts = ledger.counts(job.id)
+                    tokens_in += counts.input_tokens
+                    tokens_out += counts.output_tokens
+        finally:
+            ledger.close()
+        return tokens_in, tokens_out
+
+    def _finalize(self, batch: dict[str, Any], workdir: Path, cancelled: bool) -> None:
+        """Writes the results from the ledger and ends the batch. Idempotent: the files' ids
+        come from the batch's, so a finalisation cut short by a kill and done again replaces
+        them."""
+        workdir.mkdir(parents=True, exist_ok=True)
+        if batch["api"] == "anthropic":
+            changes = self._finalize_anthropic(batch, workdir, cancelled)
+        else:
+            changes = self._finalize_openai(batch, workdir, cancelled)
+        now = int(time.time())
+        if cancelled:
+            changes.update(status="cancelled", cancelled_at=now)
+        else:
+            changes.update(status="completed", completed_at=now)
+        self.catalogue.update_batch(
+            batch["id"], changes, when=("cancelling",) if cancelled else ("finalizing",)
+        )
+        for tmp in workdir.glob("*.part"):
+            tmp.unlink()
+
+    def _finalize_openai(
+        self, batch: dict[str, Any], workdir: Path, cancelled: bool
+    ) -> dict[str, Any]:
+        tenant = self.catalogue.tenant_of_batch(batch["id"])
+        assert tenant is not None
+        succeeded = failed = 0
+        out_path, err_path = workdir / "output.jsonl.part", workdir / "errors.jsonl.part"
+        with open(out_path, "wb") as out, open(err_path, "wb") as err:
+            for o in self._outcomes(batch, workdir, cancelled):
+                if o.kind == "succeeded":
+                    out.write(openai_line(batch, o))
+                    succeeded += 1
+                else:
+                    err.write(openai_line(batch, o))
+                    failed += 1
+        changes: dict[str, Any] = {
+            "request_counts": {
+                "total": batch["request_counts"]["total"],
+                "completed": succeeded,
+                "failed": failed,
+            },
+            "usage": _usage(*self._tokens(batch)),
+        }
+        if succeeded or not failed:
+            changes["output_file_id"] = self._result_file(tenant, batch, "output", out_path)
+        if failed:
+            changes["error_file_id"] = self._result_file(tenant, batch, "error", err_path)
+        return changes
+
+    def _finalize_anthropic(
+        self, batch: dict[str, Any], workdir: Path, cancelled: bool
+    ) -> dict[str, Any]:
+        tally = {"succeeded": 0, "errored": 0, "canceled": 0, "expired": 0}
+        part = workdir / "results.jsonl.part"
+        with open(part, "wb") as f:
+            for o in self._outcomes(batch, workdir, cancelled):
+                line = anthropic.result_line(batch, o)
+                f.write(orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE))
+                tally[line["result"]["type"]] += 1
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(part, workdir / "results.jsonl")
+        return {"outcome": tally}
+
+    def _result_file(self, tenant: str, batch: dict[str, Any], kind: str, path: Path) -> str:
+        file_id = stable_id("file-", batch["id"], kind)
+        self.files.add(tenant, f"{batch['id']}_{kind}.jsonl", "batch_output", path, file_id=file_id)
+        return file_id
+
+
+def _copy(source: Path, target: Path) -> None:
+    """`source` to `target`, whole or not at all."""
+    if target.exists():
+        return
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.copyfile(source, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, target)
+
+
+def _plan_anthropic(batch: dict[str, Any], workdir: Path, config: ServeConfig) -> dict[str, Any]:
+    """An Anthropic batch's lines (input.jsonl, written at create) split by model: one part
+    per model a python function serves; the others are rejected (errored results), as
+    Anthropic validates `params` after the create call."""
+    by_model: dict[str, list[bytes]] = {}
+    rejected: list[bytes] = []
+    with open(workdir / "input.jsonl", "rb") as f:
+        for raw in f:
+            line = orjson.loads(raw)
+            problem = anthropic.check_params(line["body"], config)
+            if problem is not None:
+                rejected.append(orjson.dumps({"custom_id": line["custom_id"], "message": problem}))
+            else:
+                by_model.setdefault(line["body"]["model"], []).append(raw.rstrip(b"\n"))
+    parts = []
+    for n, (model, lines) in enumerate(sorted(by_model.items())):
+        name = f"part{n}.jsonl"
+        _write_all(workdir / name, lines)
+        parts.append({"model": model, "job": f"{batch['id']}.{n}", "input": name})
+    _write_all(workdir / "rejected.jsonl", rejected)
+    return {"parts": parts}
+
+
+def _write_all(path: Path, lines: list[bytes]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(b"".join(line + b"\n" for line in lines))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

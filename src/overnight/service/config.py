@@ -1,0 +1,154 @@
+"""serve.toml: the ledger, the API keys, the models the lines may name, and limits."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..errors import JobFileError, UsageError
+from ..spec import ModelSpec, RunSpec, format_validation_error
+from ..store import DEFAULT_LEDGER, is_postgres, ledger_location
+
+# The backends a batch line may be sent to so far (more come with the provider backends).
+SERVED_BACKENDS = ("local", "python")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class AuthSpec(_Section):
+    keys_env: str = Field(min_length=1)  # "key1:tenant-a,key2:tenant-b"
+
+
+class FilesSpec(_Section):
+    # The folder of uploaded and result files and of the service's catalogue (catalogue.py);
+    # relative to serve.toml's folder. Default: `serve/` beside a SQLite ledger, else
+    # .overnight/serve beside serve.toml.
+    folder: str | None = Field(None, min_length=1)
+    max_upload_bytes: int = Field(200 * 1024 * 1024, gt=0)  # OpenAI's limit for a batch file
+
+
+class BatchesSpec(_Section):
+    concurrency: int = Field(2, gt=0)  # batches run at once; the others wait in `validating`
+    max_errors: int = Field(100, gt=0)  # validation errors listed in a failed batch
+
+
+class ServeSpec(_Section):
+    ledger: str | None = None
+    auth: AuthSpec | None = None
+    files: FilesSpec = FilesSpec()
+    batches: BatchesSpec = BatchesSpec()
+    run: RunSpec = RunSpec()  # settings of every batch's job (batch_size, max_attempts, ...)
+    models: dict[str, ModelSpec] = Field(min_length=1)
+
+
+class ServeConfig:
+    """serve.toml, validated, with its paths resolved against its folder."""
+
+    def __init__(self, spec: ServeSpec, base_dir: Path, origin: str) -> None:
+        self.spec = spec
+        self.base_dir = base_dir
+        self.origin = origin
+        key = f"{origin}: ledger"
+        self.ledger_url = (
+            ledger_location(spec.ledger, base_dir, key)
+            if spec.ledger
+            else str(base_dir / DEFAULT_LEDGER)
+        )
+        if spec.files.folder:
+            folder = Path(spec.files.folder).expanduser()
+            self.folder = folder if folder.is_absolute() else base_dir / folder
+        elif is_postgres(self.ledger_url):
+            self.folder = base_dir / DEFAULT_LEDGER.parent / "serve"
+        else:
+            self.folder = Path(self.ledger_url).parent / "serve"
+
+    @property
+    def models(self) -> dict[str, ModelSpec]:
+        return self.spec.models
+
+
+def parse_config(data: dict[str, Any], base_dir: Path, origin: str) -> ServeConfig:
+    try:
+        spec = ServeSpec.model_validate(data)
+    except ValidationError as exc:
+        raise JobFileError(_messages(origin, exc)) from None
+    for name, model in spec.models.items():
+        if model.backend not in SERVED_BACKENDS:
+            raise JobFileError(
+                f'{origin}: [models."{name}"] backend: the service runs'
+                f" {' and '.join(repr(b) for b in SERVED_BACKENDS)} models so far, not"
+                f" {model.backend!r}"
+            )
+    if spec.run.ledger is not None:
+        raise JobFileError(f"{origin}: [run] ledger: set the ledger at the top level (`ledger`)")
+    return ServeConfig(spec, base_dir, origin)
+
+
+def check_models(config: ServeConfig) -> None:
+    """What a batch would find wrong with a model, found at start-up instead: a python
+    function that cannot be imported (serve.toml's folder is importable), a local model that
+    is not installed."""
+    for name, model in config.models.items():
+        where = f'{config.origin}: [models."{name}"]'
+        if model.backend == "python":
+            from ..backends.python import load_function
+
+            try:
+                load_function(model.function or "", config.base_dir)
+            except UsageError as exc:
+                raise JobFileError(f"{where} {str(exc).removeprefix('[model] ')}") from None
+        elif model.backend == "local":
+            from ..backends.local import KNOWN_MODELS, check_installed
+
+            local = model.name or "all-MiniLM-L6-v2"
+            if local not in KNOWN_MODELS:
+                raise JobFileError(
+                    f"{where} name: unknown local model {local!r}; known: {', '.join(KNOWN_MODELS)}"
+                )
+            try:
+                check_installed(local)
+            except ValueError as exc:
+                raise JobFileError(f"{where} name: {exc}") from None
+
+
+def _messages(origin: str, exc: ValidationError) -> str:
+    """pydantic's errors with serve.toml's keys: `[models."m"] function`, `[auth] keys_env`."""
+    lines = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"] if not str(p).startswith("function-")]
+        if loc[:1] == ["models"] and len(loc) >= 2:
+            where = f'[models."{loc[1]}"]' + (f" {'.'.join(loc[2:])}" if len(loc) > 2 else "")
+        elif len(loc) >= 2:
+            where = f"[{loc[0]}] {'.'.join(loc[1:])}"
+        else:
+            where = ".".join(loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"{origin}: {where}: {msg}")
+    return "\n".join(dict.fromkeys(lines)) or format_validation_error(origin, exc)
+
+
+def load_config(path: str | Path) -> ServeConfig:
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise JobFileError(f"{path}: serve config not found") from None
+    except IsADirectoryError:
+        raise JobFileError(f"{path}: is a folder; give the serve config (TOML)") from None
+    except OSError as exc:
+        raise JobFileError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise JobFileError(f"{path}: not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise JobFileError(f"{path}: not valid TOML: {exc}") from None
+    return parse_config(data, path.resolve().parent, str(path))

@@ -1,0 +1,104 @@
+"""`overnight serve` with `[auth] keys_env`: API keys mapped to tenants."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import openai
+import orjson
+import pytest
+from serve_helpers import chat_line, client, serving, upload, wait_for, write_config
+
+from overnight.errors import UsageError
+from overnight.service.auth import parse_keys, tenant_of
+
+AUTH = '[auth]\nkeys_env = "SERVE_TEST_KEYS"'
+
+
+def test_keys_map_to_tenants_and_surrounding_whitespace_is_ignored() -> None:
+    keys = parse_keys(" key1:tenant-a ,\nkey2:tenant-b\n", "$K")
+    assert keys == {"key1": "tenant-a", "key2": "tenant-b"}
+    assert tenant_of(keys, "Bearer key2") == "tenant-b"
+    assert tenant_of(keys, "bearer key1 ") == "tenant-a"
+    for header in (None, "", "Bearer", "Bearer key3", "Basic key1", "key1"):
+        assert tenant_of(keys, header) is None
+    for bad in ("", " , ", "key1", ":tenant", "key1:", "k:a,k:b"):
+        with pytest.raises(UsageError):
+            parse_keys(bad, "$K")
+
+
+def _get(url: str, headers: dict[str, str]) -> tuple[int, dict]:
+    request = urllib.request.Request(url, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, orjson.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, orjson.loads(exc.read())
+
+
+def test_requests_need_a_key_and_tenants_see_only_their_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SERVE_TEST_KEYS", "key-a:tenant-a,key-b:tenant-b\n")
+    with serving(write_config(tmp_path, extra=AUTH)) as url:
+        status, body = _get(f"{url}/files", {})
+        assert status == 401
+        assert body["error"]["type"] == "invalid_request_error"
+        assert set(body["error"]) == {"message", "type", "param", "code"}
+        with pytest.raises(openai.AuthenticationError) as err:
+            client(url, "key-c").files.list()
+        assert err.value.body["code"] == "invalid_api_key"  # type: ignore[index]
+        with pytest.raises(openai.AuthenticationError):
+            client(url, "key-a:tenant-a").batches.list()
+
+        a, b = client(url, "key-a"), client(url, "key-b")
+        file_a = upload(a, [chat_line("x", "hello")])
+        batch_a = a.batches.create(
+            input_file_id=file_a, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        done = wait_for(a, batch_a.id, ("completed",))
+        file_b = upload(b, [chat_line("y", "hi")])
+
+        # Another tenant's file or batch does not exist for b: 404, and never listed.
+        for call in (
+            lambda: b.files.retrieve(file_a),
+            lambda: b.files.content(file_a),
+            lambda: b.files.delete(file_a),
+            lambda: b.files.content(done.output_file_id),  # type: ignore[arg-type]
+            lambda: b.batches.retrieve(batch_a.id),
+            lambda: b.batches.cancel(batch_a.id),
+            lambda: b.batches.create(
+                input_file_id=file_a, endpoint="/v1/chat/completions", completion_window="24h"
+            ),
+        ):
+            with pytest.raises(openai.NotFoundError):
+                call()
+        assert [f.id for f in b.files.list()] == [file_b]
+        assert list(b.batches.list()) == []
+        assert [x.id for x in b.batches.list(after=batch_a.id)] == []
+        assert {f.id for f in a.files.list()} == {file_a, done.output_file_id}
+        assert [x.id for x in a.batches.list()] == [batch_a.id]
+        assert a.files.content(done.output_file_id).content  # type: ignore[arg-type]
+
+
+def test_keys_env_not_set_or_malformed_exits_2(tmp_path: Path) -> None:
+    config = write_config(tmp_path, extra=AUTH)
+    for value, message in ((None, "is not set"), ("key-a", "entry 1 is not KEY:TENANT")):
+        env = {k: v for k, v in os.environ.items() if k != "SERVE_TEST_KEYS"}
+        if value is not None:
+            env["SERVE_TEST_KEYS"] = value
+        done = subprocess.run(
+            [sys.executable, "-m", "overnight", "serve", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+        assert done.returncode == 2, done.stderr
+        assert "[auth] keys_env: $SERVE_TEST_KEYS" in done.stderr and message in done.stderr
+        assert "key-a" not in done.stderr.replace("SERVE_TEST_KEYS", "")  # no key echoed
