@@ -18,9 +18,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+from dashboard_helpers import flaky_job
 from playwright.sync_api import Page, expect, sync_playwright
 from serve_helpers import free_port
-from test_dashboard import flaky_job
 
 from overnight.job import Job
 from overnight.store import open_ledger
