@@ -646,7 +646,7 @@ def dashboard(
         ),
     ] = None,
     host: Annotated[str, typer.Option(help="The address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="The port to listen on.")] = 8000,
+    port: Annotated[int, typer.Option(help="The port to listen on.")] = 8080,
     keys_env: Annotated[
         str | None,
         typer.Option(
