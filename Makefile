@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup setup-llama demo test test-fast mutate bench lint format clean
+.PHONY: setup setup-llama chromium demo test test-fast mutate bench lint format clean
 
 setup: $(VENV)/.installed
 
@@ -33,10 +33,25 @@ $(VENV)/.installed-llama: $(VENV)/.installed
 demo: setup
 	$(BIN)/overnight demo --dir demo-output
 
-test: setup setup-llama
+# The dashboard's browser test runs headless Chromium from Debian's `chromium` package,
+# driven by Playwright (its own browser download cannot reach its host here). Installed with
+# apt-get when missing and run as root; otherwise this says what to do and stops.
+CHROMIUM := /usr/bin/chromium
+chromium:
+	@if [ -x $(CHROMIUM) ]; then exit 0; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		echo "installing Debian's chromium (the dashboard's browser test needs it)"; \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; \
+	else \
+		echo "$(CHROMIUM) is missing: the dashboard's browser test needs Debian's chromium." >&2; \
+		echo "Install it as root: sudo apt-get update && sudo apt-get install -y chromium" >&2; \
+		exit 1; \
+	fi
+
+test: setup setup-llama chromium
 	$(PY) -m pytest -q -ra
 
-test-fast: setup
+test-fast: setup chromium
 	$(PY) -m pytest -q -ra -m "not slow"
 
 # Mutation testing (docs/mutation.md; not part of `make test`, slow): config in pyproject.toml

@@ -634,6 +634,69 @@ def serve(
     uvicorn.run(application, host=host, port=port, log_level="info")
 
 
+@app.command()
+def dashboard(
+    state: Annotated[
+        str | None,
+        typer.Option(
+            "--ledger",
+            "--state",
+            help="The ledger: a PostgreSQL URL or a SQLite file path (default:"
+            " $OVERNIGHT_LEDGER, else .overnight/ledger.db).",
+        ),
+    ] = None,
+    host: Annotated[str, typer.Option(help="The address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="The port to listen on.")] = 8080,
+    keys_env: Annotated[
+        str | None,
+        typer.Option(
+            "--keys-env",
+            help='An environment variable holding API keys ("key1:name-a,key2:name-b"): the'
+            " page then asks for one. Without it the page is open to whoever reaches it, so"
+            " it listens on a loopback address only.",
+        ),
+    ] = None,
+) -> None:
+    """The dashboard alone over a ledger (no API): every job's progress, throughput, cost and
+    failures, a button to retry failed items; /metrics and /healthz."""
+    try:
+        import uvicorn
+
+        from .service.dashboard import create_dashboard_app
+    except ImportError as exc:
+        raise _fail(
+            OvernightError(
+                f"overnight dashboard needs the `serve` extra ({exc.name} is missing):"
+                " pip install 'overnight[serve]'"
+            )
+        ) from None
+    import ipaddress
+
+    from .errors import UsageError
+    from .listing import existing_ledger
+    from .service.auth import parse_keys
+
+    with _errors():
+        keys = None
+        if keys_env:
+            value = os.environ.get(keys_env)
+            if value is None:
+                raise UsageError(f"--keys-env: ${keys_env} is not set")
+            keys = parse_keys(value, f"--keys-env: ${keys_env}")
+        else:
+            try:
+                loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+            except ValueError:
+                loopback = False
+            if not loopback:
+                raise UsageError(
+                    f"--host {host}: without --keys-env the dashboard (and its retry button)"
+                    " is open to whoever reaches it; listen on 127.0.0.1, or give --keys-env"
+                )
+        application = create_dashboard_app(existing_ledger(state), keys)
+    uvicorn.run(application, host=host, port=port, log_level="info")
+
+
 @app.command("ls")
 def list_jobs(
     state: Annotated[

@@ -707,6 +707,25 @@ class SQLLedger:
                 yield Failure(cid, line, state, ecls or "unknown", msg or "", attempts)
 
     @_replayed()
+    def failure_records(self, job_id: int, limit: int) -> list[tuple[Failure, bytes | None]]:
+        """The first `limit` failures in input order, each with its input record (None for a
+        line that could not be read)."""
+        lo, hi = _range(job_id)
+        return [
+            (Failure(cid, line, state, ecls or "unknown", msg or "", attempts), payload)
+            for _, cid, line, state, ecls, msg, attempts, payload in self._conn.fetchall(
+                "failure_records", (lo, hi, job_id, limit)
+            )
+        ]
+
+    @_replayed()
+    def finished_per_interval(self, job_id: int, since: float, width: float) -> dict[int, int]:
+        """{n: items finished in [since + n*width, since + (n+1)*width)}, from `since` on
+        (a throughput over time)."""
+        rows = self._conn.fetchall("finished_per_interval", (*_range(job_id), since, width))
+        return {int(n): int(count) for n, count in rows}
+
+    @_replayed()
     def reject_lines(self, job_id: int, limit: int) -> list[int]:
         """Input lines (or rows) of records that could not be read, first ones first."""
         return [r[0] for r in self._conn.fetchall("reject_lines", (job_id, limit))]

@@ -450,6 +450,22 @@ SELECT seq, custom_id, line, state, error_class, message, attempts FROM (
     FROM rejects WHERE job_id = :job_id
 ) AS f ORDER BY seq
 
+-- name: failure_records(lo, hi, job_id, limit)
+-- The first failures in input order, with each item's input record (NULL for a line that
+-- could not be read): what the dashboard shows.
+SELECT seq, custom_id, line, state, error_class, message, attempts, payload FROM (
+    SELECT id - :lo AS seq, custom_id, line, state, error_class, message, attempts, payload
+    FROM items WHERE id BETWEEN :lo AND :hi AND state IN ('failed', 'invalid')
+    UNION ALL
+    SELECT seq, custom_id, line, 'failed', 'input_error', message, 0, NULL::bytea
+    FROM rejects WHERE job_id = :job_id
+) AS f ORDER BY seq LIMIT :limit
+
+-- name: finished_per_interval(lo, hi, since, width)
+-- Items finished at or after `since`, counted per interval of `width` seconds (0: the first).
+SELECT floor((finished_at - :since) / :width)::bigint AS n, count(*) FROM items
+WHERE id BETWEEN :lo AND :hi AND finished_at >= :since GROUP BY n
+
 -- name: reject_lines(job_id, limit)
 SELECT line FROM rejects WHERE job_id = :job_id ORDER BY seq LIMIT :limit
 
