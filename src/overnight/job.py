@@ -13,7 +13,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cached_property
 from pathlib import Path
@@ -26,12 +25,12 @@ from .backends.base import Predictor
 from .batching import BatchSizer
 from .claim import RunHandle, busy, claimed, describe, holder_alive, live_workers
 from .errors import EndpointDown, InputChangedError, InputError, UsageError, redact
-from .estimate import usd
+from .executors import RunContext, RunOutcome, executor_class, executor_for, remote_batch
 from .inputs import Input, Since, input_for
 from .outputs import Output, output_for
 from .report import Activity, CancelResult, Report, RetryResult
 from .retry import RetryPolicy
-from .runner import Progress, Runner, ingest_only
+from .runner import Progress, ingest_only
 from .spec import (
     SELF_HOSTED,
     JobSpec,
@@ -58,20 +57,6 @@ log = logging.getLogger(__name__)
 
 def _clock(ts: float) -> str:
     return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
-
-
-@dataclass
-class _RunOutcome:
-    """What one of the three run paths hands back to `Job.run` besides the ledger's counts."""
-
-    interrupted: bool = False
-    cancelled: bool = False
-    batch_size: int | None = None
-    batch_trials: tuple[tuple[int, float], ...] = ()
-    deadline: dict[str, Any] | None = None
-    detached: bool = False
-    notes: list[str] = field(default_factory=list)
-    worker: RunHandle | None = None  # this run as one of the job's workers (claim.py)
 
 
 class Job:
@@ -590,7 +575,7 @@ class Job:
 
         `detach` (batch backends): submit every batch and return without waiting; a later
         `run` re-attaches, collects and exports."""
-        if detach and self.spec.model.mode != "batch":
+        if detach and not executor_class(self.spec.model.mode).detaches:
             raise self._usage("--detach applies to the batch backends (openai-batch, ...)")
         self.check()
         with self._provider_errors():
@@ -645,14 +630,10 @@ class Job:
             run.progress = progress
             if on_progress is not None:  # the known total and done count, before the model loads
                 on_progress(progress)
-            outcome = _RunOutcome(detached=detach, notes=notes, worker=run)
+            outcome = RunOutcome(detached=detach, notes=notes)
+            ctx = RunContext(ledger, job, progress, on_progress, stop, run, outcome)
             try:
-                if self.spec.model.mode == "auto":
-                    self._run_auto(ledger, job, progress, outcome, on_progress, stop)
-                elif self.spec.model.mode == "batch":
-                    self._run_batch(ledger, job, progress, outcome, on_progress, stop)
-                else:
-                    self._run_predict(ledger, job, progress, outcome, on_progress, stop)
+                executor_for(self).run(ctx)
             except KeyboardInterrupt:  # leases were released by the runner; resumable
                 outcome.interrupted = True
             except EndpointDown as exc:  # items stay pending; a rerun resumes
@@ -717,7 +698,8 @@ class Job:
     # -- the provider's record of a batch job ---------------------------------------------
 
     def _uses_batches(self) -> bool:
-        return self.spec.model.mode in ("batch", "auto")
+        """The job's executor sends remote batches (a provider's batch API)."""
+        return executor_class(self.spec.model.mode).remote_batches
 
     @property
     def identity_key(self) -> str:
@@ -728,17 +710,12 @@ class Job:
         where = str(self.state_path.resolve()) if self.state_path else self.ledger_name
         return identity_key(where, self.name)
 
-    def _tag(self, job: JobInfo) -> Any:
-        from .llm.batch import JobTag
-
-        return JobTag(job.name, self.identity_key, job.token, f"{job.name}@{job.created_at:.6f}")
-
     def _refuse_earlier_batches(self, job: JobInfo | None) -> None:
         """Exit 2, before anything is submitted, when the provider holds batches of an
         earlier run of this job that the ledger does not know."""
         from .batch_runner import earlier_batches
 
-        found = earlier_batches(self._batch_service(), self.identity_key, job)
+        found = earlier_batches(remote_batch.service(self), self.identity_key, job)
         if not found:
             return
         live = sum(t.live for t in found)
@@ -760,8 +737,8 @@ class Job:
 
         known: set[str] = set()
         if job is not None:
-            known = self._batch_runner(ledger, job, Progress(), None, None).live_remote_ids()
-        n = cancel_earlier(self._batch_service(), self.identity_key, known)
+            known = remote_batch.runner(self, ledger, job, Progress(), None, None).live_remote_ids()
+        n = cancel_earlier(remote_batch.service(self), self.identity_key, known)
         return [f"cancelled {n} live provider batches of the previous run"] if n else []
 
     # -- the three ways to run --------------------------------------------------------
@@ -772,229 +749,6 @@ class Job:
     def _retry_policy(self) -> RetryPolicy:
         run = self.spec.run
         return RetryPolicy(run.max_attempts, run.backoff_base, run.backoff_max)
-
-    def _run_predict(
-        self,
-        ledger: Ledger,
-        job: JobInfo,
-        progress: Progress,
-        outcome: _RunOutcome,
-        on_progress: Callable[[Progress], None] | None,
-        stop: threading.Event | None,
-    ) -> None:
-        """Local models, python functions and real-time APIs: the lease/compute/commit loop."""
-        llm = self.is_llm
-        if llm:
-            window = self._realtime_window()
-            sizer = BatchSizer.fixed(window)
-        else:
-            sizer = self._sizer()
-            window = self._predictor_class().window
-        chunk = max(sources.CHUNK, sizer.maximum, sizer.size, window)
-        from .backends.local import TokenWindow, TruncationWatch
-
-        task = self.task
-        if self.spec.model.backend == "local":  # texts over the model's window: warn
-            task = TruncationWatch(task, TokenWindow(self.spec.model.name or "all-MiniLM-L6-v2"))
-        made: list[Predictor] = []  # an isolated local model counts truncations in its worker
-
-        def predictor() -> Predictor:
-            made.append(self._realtime_predictor() if llm else self._predictor())
-            return made[-1]
-
-        worker = outcome.worker
-        if worker is not None:  # its heartbeat renews its leases while it computes
-            worker.job_id, worker.lease_seconds = job.id, self.spec.run.lease_seconds
-        runner = Runner(
-            ledger,
-            job,
-            task,
-            predictor,
-            reader=self._reader(chunk),
-            sizer=sizer,
-            window=window,
-            retry_policy=self._retry_policy(),
-            lease_seconds=self.spec.run.lease_seconds,
-            validate=self.validator,
-            on_progress=on_progress,
-            stop=stop,
-            progress=progress,
-            meter=llm_job.meter(self.spec, self.prices, batch=False)
-            if llm
-            else llm_job.token_meter()
-            if self.self_hosted_llm
-            else None,
-            max_cost=self.spec.run.max_cost,
-            commit_each_call=llm,
-            # In the runner's own process a record can kill it: count attempts when they
-            # start. In a worker it kills the worker only, which the runner sees.
-            count_starts=not llm and self.spec.isolation == "none",
-            may_ingest=None if worker is None else lambda: worker.take(ledger),
-            alone=None if worker is None else lambda: not worker.others(ledger),
-        )
-        try:
-            runner.run()
-            now = ledger.get_job(self.name)
-            if not job.ingest_done and now is not None and now.ingest_done:
-                self._verify_read(ledger, now)
-        finally:
-            outcome.cancelled = runner.cancelled
-            if isinstance(task, TruncationWatch):
-                task.truncated += sum(getattr(p, "truncated", 0) for p in made)
-                task.warn(self.origin, lambda: self._reader(sources.CHUNK)(sources.Cursor()))
-            outcome.batch_size = None if llm else sizer.size
-            outcome.batch_trials = () if llm else tuple(sizer.trials)
-
-    def _batch_service(self) -> Any:
-        requests, size = llm_job.batch_limits(self.spec)
-        return llm_job.provider(self.spec).batch_service(
-            api_key=llm_job.api_key(self.spec),
-            base_url=self.spec.model.base_url,
-            max_requests=requests,
-            max_bytes=size,
-            timeout=self.spec.model.timeout,
-            tmp_dir=self._ledger_dir / "tmp",
-        )
-
-    def _batch_runner(
-        self,
-        ledger: Ledger,
-        job: JobInfo,
-        progress: Progress,
-        on_progress: Callable[[Progress], None] | None,
-        stop: threading.Event | None,
-        cache: Any = None,
-        worker: RunHandle | None = None,
-    ) -> Any:
-        from .batch_runner import BatchRunner
-
-        return BatchRunner(
-            ledger,
-            job,
-            self.task,  # type: ignore[arg-type]
-            self._batch_service(),
-            tag=self._tag(job),
-            max_attempts=self.spec.run.max_attempts,
-            meter=llm_job.meter(self.spec, self.prices, batch=True),
-            validate=self.validator,
-            progress=progress,
-            on_progress=on_progress,
-            stop=stop,
-            max_cost=self.spec.run.max_cost,
-            poll_interval=self.spec.model.poll_interval,
-            poll_max=max(self.spec.model.poll_interval, 600.0),
-            repair=self.spec.task.repair,
-            cache=cache,
-            may_submit=None if worker is None else lambda: worker.take(ledger),
-        )
-
-    def _ingest(
-        self,
-        ledger: Ledger,
-        job: JobInfo,
-        progress: Progress,
-        on_progress: Callable[[Progress], None] | None,
-        stop: threading.Event | None,
-        worker: RunHandle | None = None,
-    ) -> JobInfo | None:
-        """Batch paths read the whole input into the ledger first; None if stopped. The
-        primary reads it; another worker waits for that (or takes over from a dead primary)."""
-        while worker is not None and not job.ingest_done and not worker.take(ledger):
-            if stop is not None and stop.wait(0.2):
-                return None
-            now = ledger.get_job(self.name)
-            if now is None or now.id != job.id:
-                raise UsageError(f"job {self.name!r} was restarted by another process")
-            job = now
-        if worker is not None and not job.ingest_done:  # the cursor as the last ingester left it
-            job = ledger.get_job(self.name) or job
-        if not ingest_only(
-            ledger,
-            job,
-            self._reader(sources.CHUNK),
-            progress=progress,
-            on_progress=on_progress or (lambda p: None),
-            stop=stop,
-        ):
-            return None
-        fresh = ledger.get_job(self.name)
-        assert fresh is not None
-        if not job.ingest_done:
-            self._verify_read(ledger, fresh)
-        return fresh
-
-    def _run_batch(
-        self,
-        ledger: Ledger,
-        job: JobInfo,
-        progress: Progress,
-        outcome: _RunOutcome,
-        on_progress: Callable[[Progress], None] | None,
-        stop: threading.Event | None,
-    ) -> None:
-        """openai-batch / anthropic-batch: ingest, then submit, poll and collect batches."""
-        fresh = self._ingest(ledger, job, progress, on_progress, stop, outcome.worker)
-        if fresh is None:
-            return
-        with self._cache() as cache:
-            runner = self._batch_runner(
-                ledger, fresh, progress, on_progress, stop, cache, outcome.worker
-            )
-            try:
-                runner.run(detach=outcome.detached)
-            finally:
-                outcome.notes += runner.notes
-        outcome.cancelled = ledger.is_cancelled(job.id)
-
-    def _run_auto(
-        self,
-        ledger: Ledger,
-        job: JobInfo,
-        progress: Progress,
-        outcome: _RunOutcome,
-        on_progress: Callable[[Progress], None] | None,
-        stop: threading.Event | None,
-    ) -> None:
-        """backend = "auto": the batch API (half price) while there is time; when the time
-        left falls under `deadline_margin`, cancel what has not finished and complete it in
-        real time. Without a deadline it is the batch API alone."""
-        fresh = self._ingest(ledger, job, progress, on_progress, stop, outcome.worker)
-        if fresh is None:
-            return
-        deadline = self.spec.run.deadline_at
-        cut = deadline.timestamp() - self.spec.run.deadline_margin if deadline else None
-        switched = False
-        # Past the cut already (say the machine was off): this only adopts, cancels and
-        # collects the live batches, submitting nothing new.
-        with self._cache() as cache:
-            batch = self._batch_runner(
-                ledger, fresh, progress, on_progress, stop, cache, outcome.worker
-            )
-            try:
-                batch.run(until=cut)
-            finally:
-                outcome.notes += batch.notes
-        if stop is not None and stop.is_set():
-            return
-        counts = ledger.counts(job.id)
-        if counts["pending"] and deadline is not None and not ledger.is_cancelled(job.id):
-            switched = True  # the rest in real time, at full price
-            self._run_predict(ledger, fresh, progress, outcome, on_progress, stop)
-        if deadline is not None:
-            counts = ledger.counts(job.id)
-            done_at = counts.last_finished or time.time()
-            held = counts.open == 0 and done_at <= deadline.timestamp()
-            outcome.deadline = {
-                "deadline": deadline.isoformat(),
-                "held": held,
-                "switched_to_realtime": switched,
-                "summary": (
-                    f"{'finished' if counts.open == 0 else 'not finished'}"
-                    f"{' after switching to real time' if switched else ' in batches'};"
-                    f" saved {usd(counts.saved)} vs real time"
-                ),
-            }
-        outcome.cancelled = ledger.is_cancelled(job.id)
 
     def _remote_batches(self, ledger: Ledger, job_id: int) -> list[dict[str, Any]]:
         return [c.to_dict() for c in ledger.chunks(job_id)]
@@ -1420,8 +1174,8 @@ class Job:
                     ledger,
                     job,
                     self.task,  # type: ignore[arg-type]
-                    self._batch_service(),
-                    tag=self._tag(job),
+                    remote_batch.service(self),
+                    tag=remote_batch.tag(self, job),
                     max_attempts=self.spec.run.max_attempts,
                     meter=llm_job.meter(self.spec, self.prices, batch=True),
                 )
