@@ -23,14 +23,15 @@ import orjson
 from . import llm_job, sinks, sources
 from .backends.base import Predictor
 from .batching import BatchSizer
-from .claim import RunHandle, busy, claimed, describe, holder_alive, live_workers
-from .errors import EndpointDown, InputChangedError, InputError, UsageError, redact
+from .claim import claimed, describe, holder_alive, live_workers
+from .errors import EndpointDown, InputError, UsageError, redact
 from .executors import RunContext, RunOutcome, executor_class, executor_for, remote_batch
-from .inputs import Input, Since, input_for
+from .inputs import Input, input_for
+from .opening import Opening, check_origin
 from .outputs import Output, output_for
 from .report import Activity, CancelResult, Report, RetryResult
 from .retry import RetryPolicy
-from .runner import Progress, ingest_only
+from .runner import Progress
 from .spec import (
     SELF_HOSTED,
     JobSpec,
@@ -528,38 +529,8 @@ class Job:
             raise UsageError(
                 f"job {self.name!r} has not been run yet (no ledger entry in {self.ledger_name})"
             )
-        self._check_origin(job)
+        check_origin(self, job)
         return job
-
-    @property
-    def _origin(self) -> str | None:
-        """The job file, relative to the ledger's folder: a project moved with its ledger
-        inside it is still the same job."""
-        if self.job_file is None:
-            return None
-        return os.path.relpath(self.job_file.resolve(), self._ledger_dir.resolve())
-
-    def _check_origin(self, job: JobInfo) -> bool:
-        """The ledger's entry of this name must be this job's: another job file of the same
-        name (a copied job file, another project sharing the ledger through --ledger) would
-        replace its results, and `export` would write them as its own. The same job moved or
-        renamed (its input unchanged) is this job. True when the entry should learn this
-        job file (it did not know one, or the job moved)."""
-        mine = self._origin
-        if mine is None or job.origin == mine:
-            return False
-        if job.origin is not None and not self._same_input(job):
-            raise self._usage(
-                f"the ledger {self.ledger_name} already holds a job named {self.name!r}, run"
-                f" from another job file ({os.path.normpath(self._ledger_dir / job.origin)})"
-                " over another input; run here it would"
-                " replace that job's results. Give this job a name of its own (`name = ...`),"
-                " or a ledger of its own (--ledger)"
-            )
-        return True
-
-    def _same_input(self, job: JobInfo) -> bool:
-        return self.input.same_input(job.fingerprint)
 
     # -- commands -----------------------------------------------------------------------
 
@@ -609,7 +580,7 @@ class Job:
             claimed(ledger, self.name, self._connect, on_lost=stop.set, restart=restart) as run,
         ):
             notes: list[str] = []
-            job = self._join(ledger, spec_hash, restart, notes, on_progress, stop, run)
+            job = Opening(self, ledger, notes, on_progress, stop).join(spec_hash, restart, run)
             if job is None:  # stopped while reading a changed input: the old job is intact
                 run.finish("interrupted", 0, 0.0, 0.0)
                 return Report(job=self.name, counts=Counts(), interrupted=True, notes=tuple(notes))
@@ -633,7 +604,7 @@ class Job:
             outcome = RunOutcome(detached=detach, notes=notes)
             ctx = RunContext(ledger, job, progress, on_progress, stop, run, outcome)
             try:
-                executor_for(self).run(ctx)
+                outcome = executor_for(self).run(ctx)
             except KeyboardInterrupt:  # leases were released by the runner; resumable
                 outcome.interrupted = True
             except EndpointDown as exc:  # items stay pending; a rerun resumes
@@ -697,10 +668,6 @@ class Job:
 
     # -- the provider's record of a batch job ---------------------------------------------
 
-    def _uses_batches(self) -> bool:
-        """The job's executor sends remote batches (a provider's batch API)."""
-        return executor_class(self.spec.model.mode).remote_batches
-
     @property
     def identity_key(self) -> str:
         """This job's mark at the provider, the same for every run of it in this ledger
@@ -710,38 +677,7 @@ class Job:
         where = str(self.state_path.resolve()) if self.state_path else self.ledger_name
         return identity_key(where, self.name)
 
-    def _refuse_earlier_batches(self, job: JobInfo | None) -> None:
-        """Exit 2, before anything is submitted, when the provider holds batches of an
-        earlier run of this job that the ledger does not know."""
-        from .batch_runner import earlier_batches
-
-        found = earlier_batches(remote_batch.service(self), self.identity_key, job)
-        if not found:
-            return
-        live = sum(t.live for t in found)
-        rows = "\n".join(f"  {t.remote_id}  {t.status}  {t.requests} requests" for t in found[:20])
-        more = f"\n  … and {len(found) - 20} more" if len(found) > 20 else ""
-        raise UsageError(
-            f"job {self.name!r}: the provider holds {len(found)} batches of an earlier run of"
-            f" this job ({live} still running) that the ledger {self.ledger_name} does not know"
-            f" (was it deleted or replaced?):\n{rows}{more}\nRunning it now would send their"
-            " requests again and pay for them twice. Put the ledger back if you have it; or run"
-            " with --restart to cancel the running ones and start over (what they finished is"
-            " not used)."
-        )
-
-    def _cancel_earlier_batches(self, ledger: Ledger, job: JobInfo | None) -> list[str]:
-        """`--restart`: cancel the job's live provider batches (from its ledger entry, and
-        any the provider shows with its identity) before its entry is deleted."""
-        from .batch_runner import cancel_earlier
-
-        known: set[str] = set()
-        if job is not None:
-            known = remote_batch.runner(self, ledger, job, Progress(), None, None).live_remote_ids()
-        n = cancel_earlier(remote_batch.service(self), self.identity_key, known)
-        return [f"cancelled {n} live provider batches of the previous run"] if n else []
-
-    # -- the three ways to run --------------------------------------------------------
+    # -- what the executors use ---------------------------------------------------------
 
     def _reader(self, chunk: int) -> Callable[[sources.Cursor], Iterator[list[sources.Row]]]:
         return self.input.reader(chunk)
@@ -753,264 +689,9 @@ class Job:
     def _remote_batches(self, ledger: Ledger, job_id: int) -> list[dict[str, Any]]:
         return [c.to_dict() for c in ledger.chunks(job_id)]
 
-    def _fingerprint(self) -> tuple[sources.Fingerprint, str]:
-        """The input's fingerprint now, and its plain content hash (older ledgers')."""
-        return self.input.fingerprint()
-
-    def _verify_read(self, ledger: Ledger, job: JobInfo) -> None:
-        """After this run read the input to its end: were the bytes it read those it started
-        with? A file rewritten in place while it was read gives records of two inputs (and
-        lines cut in two where reading went on): nothing of it is exported, and the job is
-        marked so that the next run reads the input again (an incremental run). Appending
-        to the input is fine: the next run reads what was added. (A database changes while
-        it is read: the fingerprint taken before the read makes the next run read again.)"""
-        if not self.input.changed_while_read(job.fingerprint):
-            return
-        if job.name == self.name:  # (a generation being read is simply not used)
-            ledger.set_fingerprint(job.id, sources.Fingerprint(0, 0, "changed while read"))
-        raise InputChangedError(
-            f"{self.input.describe()} changed while this run read it, so what was read mixes two"
-            " versions of it; nothing was exported. Run again: the input is read again, and"
-            " records that did not change keep their results"
-        )
-
     def _connect(self) -> Ledger:
         """Another connection to this job's ledger (the claim's heartbeat thread)."""
         return open_ledger(self.ledger_url)
-
-    def _open_job(
-        self,
-        ledger: Ledger,
-        spec_hash: str,
-        restart: bool,
-        notes: list[str],
-        on_progress: Callable[[Progress], None] | None,
-        stop: threading.Event,
-        others: list[str] = [],  # noqa: B006 - read only
-    ) -> JobInfo | None:
-        """The job's ledger entry: created, resumed, or (input changed) reconciled.
-        `others`: the job's other live workers, which a restart or a reconcile would pull
-        the job from under."""
-        if restart and others:
-            raise busy(self.name, others)
-        job = ledger.get_job(self.name)
-        if job is not None and self._check_origin(job):
-            ledger.set_origin(job.id, self._origin or "")
-        discarded_before = 0.0
-        if self._uses_batches():
-            # The provider is a second record of what was sent: look there before anything
-            # is read or submitted.
-            if restart:
-                from .llm.batch import SKEW
-
-                notes += self._cancel_earlier_batches(ledger, job)
-                # Batches of earlier runs, made before now (by the provider's clock, which
-                # may run ahead of ours), are theirs: later runs do not refuse.
-                discarded_before = time.time() + SKEW
-            else:
-                self._refuse_earlier_batches(job)
-        if job is not None and restart:
-            ledger.delete_job(job.id)
-            job = None
-        fingerprint, content = self._fingerprint()
-        if job is None:
-            return ledger.create_job(
-                self.name,
-                spec_hash,
-                fingerprint,
-                discarded_before=discarded_before,
-                origin=self._origin,
-            )
-        if spec_hash != job.spec_hash:
-            raise InputChangedError(
-                f"the [task] or [model] of job {self.name!r} (or its examples) changed since it "
-                "started; results would mix two configurations. Undo the change, give the job a "
-                "new name, or run with --restart to start over."
-            )
-        if (since := self.input.since(job.fingerprint)) is not None:
-            return self._read_changed(ledger, job, fingerprint, since, notes, on_progress, stop)
-        same = fingerprint.digest == job.fingerprint.digest  # by content: size and mtime lie
-        if not same and job.legacy_fingerprint:
-            # Stored by an older overnight, as the content hash alone: compare as it did
-            # (calling the input changed would refuse to collect its live batches), then
-            # store the full fingerprint.
-            same = content == job.fingerprint.digest
-        if same:
-            if fingerprint != job.fingerprint or job.legacy_fingerprint:
-                ledger.set_fingerprint(job.id, fingerprint)
-            return job
-        if others:
-            raise busy(
-                self.name,
-                others,
-                why=f"{self.input.describe()} changed since it started, and reading it again now"
-                " would replace the items it works on",
-            )
-        return self._reconcile(ledger, job, fingerprint, notes, on_progress, stop)
-
-    def _join(
-        self,
-        ledger: Ledger,
-        spec_hash: str,
-        restart: bool,
-        notes: list[str],
-        on_progress: Callable[[Progress], None] | None,
-        stop: threading.Event,
-        run: RunHandle,
-    ) -> JobInfo | None:
-        """The job this worker works on. The primary sets it up (`_open_job`); another
-        worker waits until it is set up (its entry made, for this input and configuration),
-        then works beside the primary. If the primary dies first, this one takes its place."""
-        digest = None
-        while not run.take(ledger):
-            job = ledger.get_job(self.name)
-            if job is not None and job.spec_hash != spec_hash:
-                who = describe(run.held.owner) if run.held else "another process"
-                raise InputChangedError(
-                    f"the [task] or [model] of job {self.name!r} (or its examples) differ from"
-                    f" those of the run at work on it ({who}); another worker joins only the"
-                    " same job. Let it finish, or give this job a new name"
-                )
-            if job is not None:
-                digest = digest or self._fingerprint()[0].digest
-                if job.fingerprint.digest == digest:
-                    self._check_origin(job)
-                    return job
-            if stop.wait(0.1):
-                return None
-        return self._open_job(
-            ledger, spec_hash, restart, notes, on_progress, stop, others=run.others(ledger)
-        )
-
-    def _reconcile(
-        self,
-        ledger: Ledger,
-        job: JobInfo,
-        fingerprint: sources.Fingerprint,
-        notes: list[str],
-        on_progress: Callable[[Progress], None] | None,
-        stop: threading.Event,
-    ) -> JobInfo | None:
-        """An incremental run: read the changed input again; unchanged records keep their
-        results, new and changed ones are computed, ids no longer in the input leave it."""
-        live = ledger.chunks(job.id, ("creating", "live"))
-        if live:
-            raise InputChangedError(
-                f"{self.input_name} changed while {len(live)} provider batch(es) of job "
-                f"{self.name!r} are still running; their results belong to the input as it was."
-                " Restore the input and run again to collect them first, or run with --restart"
-                " to start over."
-            )
-        log.info("job %r: the input changed since the last run; reading it again", self.name)
-        new = ledger.begin_generation(job, fingerprint)
-        progress = Progress(expected=self._expected())
-        if not ingest_only(
-            ledger,
-            new,
-            self._reader(sources.CHUNK),
-            progress=progress,
-            on_progress=on_progress or (lambda p: None),
-            stop=stop,
-        ):
-            return None
-        self._verify_read(ledger, new)
-        before = ledger.counts(job.id).total
-        kept, gone = ledger.carry_results(job.id, new.id)
-        job = ledger.replace_generation(job, new)
-        counts = ledger.counts(job.id)
-        notes.append(
-            f"the input changed since the last run: {kept} of {before} records kept their"
-            f" results, {counts['pending']} new or changed to compute, {gone} no longer in it"
-        )
-        return job
-
-    def _read_changed(
-        self,
-        ledger: Ledger,
-        job: JobInfo,
-        fingerprint: sources.Fingerprint,
-        since: Since,
-        notes: list[str],
-        on_progress: Callable[[Progress], None] | None,
-        stop: threading.Event,
-    ) -> JobInfo | None:
-        """An incremental run with `[source] changed_since`: only rows whose column is past the
-        last run's high-water mark are read from the database. The next generation holds
-        them, and every other record as the ledger has it (the failed ones read again by id,
-        as the ledger keeps no input of theirs but the id); carry_results then keeps the
-        results of all but the changed ones. Rows deleted from the source are not seen (no
-        row says so): they keep their results until a run without `changed_since`. A job
-        still unfinished is resumed first; the next run reads what changed."""
-        counts = ledger.counts(job.id)
-        if not job.ingest_done or counts.open or counts["cancelled"]:
-            return job
-        changed_n = since.count()
-        if not changed_n:
-            return job
-        log.info("job %r: %d rows changed since the last run; reading them", self.name, changed_n)
-        new = ledger.begin_generation(job, fingerprint)
-        read: list[int] = [0]
-
-        def reader(_: sources.Cursor) -> Iterator[list[sources.Row]]:
-            changed: dict[str, sources.Row] = {}
-            bad: list[sources.Row] = []
-            for rows in since.read(sources.CHUNK):
-                for row in rows:
-                    if row.custom_id is None:
-                        bad.append(row)
-                    else:
-                        changed[row.custom_id] = row
-            read[0] = len(changed) + len(bad)
-            line = 0
-            out: list[sources.Row] = []
-
-            def put(row: sources.Row) -> Iterator[list[sources.Row]]:
-                nonlocal line, out
-                line += 1
-                out.append(row._replace(line=line))
-                if len(out) >= sources.CHUNK:
-                    yield out
-                    out = []
-
-            other = self._connect()  # a second connection: this one writes while it reads
-            try:
-                for cid, _, payload, _ in other.iter_results(job.id, with_payload=True):
-                    row = changed.pop(cid, None)
-                    yield from put(row or sources.Row(0, cid, payload, None, None))
-                failed = [
-                    f.custom_id
-                    for f in other.iter_failures(job.id)
-                    if f.custom_id is not None and f.error_class != "input_error"
-                ]
-            finally:
-                other.close()
-            again = [cid for cid in failed if cid not in changed]
-            for row in since.read_ids(again):
-                for r in row:
-                    yield from put(r)
-            for row in [*changed.values(), *bad]:
-                yield from put(row)
-            if out:
-                yield out
-
-        progress = Progress(expected=counts.total + changed_n)
-        if not ingest_only(
-            ledger,
-            new,
-            reader,
-            progress=progress,
-            on_progress=on_progress or (lambda p: None),
-            stop=stop,
-        ):
-            return None
-        kept, gone = ledger.carry_results(job.id, new.id)
-        job = ledger.replace_generation(job, new)
-        counts = ledger.counts(job.id)
-        notes.append(
-            f"read {read[0]} rows changed since the last run ([source] changed_since):"
-            f" {counts['pending']} new or changed to compute; {kept} records kept their results"
-        )
-        return job
 
     def estimate(self) -> Any:
         """Tokens and cost of the whole input, real time vs batch; sends nothing, needs no key.

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, ClassVar
 from .. import llm_job, sources
 from ..backends.base import Predictor
 from ..batching import BatchSizer
+from ..opening import verify_read
 from ..runner import Runner
 from .base import RunContext, RunOutcome, register
 
@@ -79,7 +80,7 @@ class LocalExecutor:
             runner.run()
             now = ledger.get_job(job.name)
             if not info.ingest_done and now is not None and now.ingest_done:
-                job._verify_read(ledger, now)
+                verify_read(job, ledger, now)
         finally:
             outcome.cancelled = runner.cancelled
             if isinstance(task, TruncationWatch):

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from .. import llm_job, sources
 from ..claim import RunHandle
 from ..errors import UsageError
+from ..opening import verify_read
 from ..runner import Progress, ingest_only
 from ..store import JobInfo, Ledger
 from .base import RunContext, RunOutcome, register
@@ -74,6 +75,39 @@ def runner(
     )
 
 
+def refuse_earlier_batches(job: Job, info: JobInfo | None) -> None:
+    """Exit 2, before anything is submitted, when the provider holds batches of an
+    earlier run of this job that the ledger does not know."""
+    from ..batch_runner import earlier_batches
+
+    found = earlier_batches(service(job), job.identity_key, info)
+    if not found:
+        return
+    live = sum(t.live for t in found)
+    rows = "\n".join(f"  {t.remote_id}  {t.status}  {t.requests} requests" for t in found[:20])
+    more = f"\n  … and {len(found) - 20} more" if len(found) > 20 else ""
+    raise UsageError(
+        f"job {job.name!r}: the provider holds {len(found)} batches of an earlier run of"
+        f" this job ({live} still running) that the ledger {job.ledger_name} does not know"
+        f" (was it deleted or replaced?):\n{rows}{more}\nRunning it now would send their"
+        " requests again and pay for them twice. Put the ledger back if you have it; or run"
+        " with --restart to cancel the running ones and start over (what they finished is"
+        " not used)."
+    )
+
+
+def cancel_earlier_batches(job: Job, ledger: Ledger, info: JobInfo | None) -> list[str]:
+    """`--restart`: cancel the job's live provider batches (from its ledger entry, and
+    any the provider shows with its identity) before its entry is deleted."""
+    from ..batch_runner import cancel_earlier
+
+    known: set[str] = set()
+    if info is not None:
+        known = runner(job, ledger, info, Progress(), None, None).live_remote_ids()
+    n = cancel_earlier(service(job), job.identity_key, known)
+    return [f"cancelled {n} live provider batches of the previous run"] if n else []
+
+
 def ingest(job: Job, ctx: RunContext) -> JobInfo | None:
     """Remote batches need the whole input in the ledger first; None if stopped. The
     primary reads it; another worker waits for that (or takes over from a dead primary)."""
@@ -99,7 +133,7 @@ def ingest(job: Job, ctx: RunContext) -> JobInfo | None:
     fresh = ledger.get_job(job.name)
     assert fresh is not None
     if not info.ingest_done:
-        job._verify_read(ledger, fresh)
+        verify_read(job, ledger, fresh)
     return fresh
 
 
