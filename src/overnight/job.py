@@ -10,26 +10,24 @@ import hashlib
 import logging
 import os
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import datetime
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from . import llm_job, sinks, sources
+from . import admin, llm_job, sinks, sources
 from .backends.base import Predictor
 from .batching import BatchSizer
-from .claim import claimed, describe, holder_alive, live_workers
-from .errors import EndpointDown, InputError, UsageError, redact
-from .executors import RunContext, RunOutcome, executor_class, executor_for, remote_batch
+from .claim import claimed
+from .errors import EndpointDown, UsageError, redact
+from .executors import RunContext, RunOutcome, executor_class, executor_for
 from .inputs import Input, input_for
-from .opening import Opening, check_origin
+from .opening import Opening
 from .outputs import Output, output_for
-from .report import Activity, CancelResult, Report, RetryResult
+from .report import CancelResult, Report, RetryResult
 from .retry import RetryPolicy
 from .runner import Progress
 from .spec import (
@@ -45,7 +43,6 @@ from .store import (
     DEFAULT_LEDGER,
     Counts,
     Failure,
-    JobInfo,
     Ledger,
     is_postgres,
     ledger_location,
@@ -54,10 +51,6 @@ from .store import (
 from .tasks import Task, make_task
 
 log = logging.getLogger(__name__)
-
-
-def _clock(ts: float) -> str:
-    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
 
 
 class Job:
@@ -507,31 +500,6 @@ class Job:
         finally:
             ledger.close()
 
-    def _job_or_starting(self, ledger: Ledger, wait: float = 120.0) -> JobInfo:
-        """The job's ledger entry; while a run that holds the job's claim has not made it yet
-        (it hashes the input, or asks the provider about earlier batches), wait for it."""
-        deadline = time.monotonic() + wait
-        while (job := ledger.get_job(self.name)) is None:
-            claim = ledger.get_claim(self.name)
-            if claim is None or not holder_alive(claim):
-                break
-            if time.monotonic() > deadline:
-                raise UsageError(
-                    f"job {self.name!r} is starting ({describe(claim.owner)}) and has no"
-                    " ledger entry yet; try again in a moment"
-                )
-            time.sleep(0.1)
-        return job or self._job_info(ledger)
-
-    def _job_info(self, ledger: Ledger) -> JobInfo:
-        job = ledger.get_job(self.name)
-        if job is None:
-            raise UsageError(
-                f"job {self.name!r} has not been run yet (no ledger entry in {self.ledger_name})"
-            )
-        check_origin(self, job)
-        return job
-
     # -- commands -----------------------------------------------------------------------
 
     def run(
@@ -617,7 +585,7 @@ class Job:
                     job=self.name,
                     counts=ledger.counts(job.id),
                     detached=True,
-                    remote_batches=tuple(self._remote_batches(ledger, job.id)),
+                    remote_batches=tuple(admin.remote_batches(ledger, job.id)),
                     llm=True,
                     ingest_done=True,
                     notes=tuple(outcome.notes),
@@ -636,7 +604,7 @@ class Job:
             # export is whole, and they are the same).
             if not interrupted and run.leave(ledger):
                 try:
-                    exported = self._export(ledger, job.id)
+                    exported = self.output.write(ledger, job.id)
                 except BaseException:
                     run.outcome = "error"
                     raise
@@ -659,7 +627,7 @@ class Job:
                 batch_size=outcome.batch_size,
                 batch_trials=outcome.batch_trials,
                 stop_reason=progress.stop_reason,
-                remote_batches=tuple(self._remote_batches(ledger, job.id)),
+                remote_batches=tuple(admin.remote_batches(ledger, job.id)),
                 deadline=outcome.deadline,
                 llm=self.is_llm,
                 tokens=self._counts_tokens,
@@ -686,188 +654,39 @@ class Job:
         run = self.spec.run
         return RetryPolicy(run.max_attempts, run.backoff_base, run.backoff_max)
 
-    def _remote_batches(self, ledger: Ledger, job_id: int) -> list[dict[str, Any]]:
-        return [c.to_dict() for c in ledger.chunks(job_id)]
-
     def _connect(self) -> Ledger:
         """Another connection to this job's ledger (the claim's heartbeat thread)."""
         return open_ledger(self.ledger_url)
+
+    # -- the commands that run nothing (admin.py) ------------------------------------------
 
     def estimate(self) -> Any:
         """Tokens and cost of the whole input, real time vs batch; sends nothing, needs no key.
 
         Every record is rendered into its request exactly as a run would, so the estimate
         counts the real prompts, schema and parameters."""
-        if not self.is_llm:
-            raise self._usage("estimate applies to the LLM backends (openai, anthropic, ...)")
-        self.check(need_key=False)
-        from .estimate import estimate_requests
-
-        def requests() -> Iterator[tuple[str, dict[str, Any]]]:
-            for rows in self._reader(sources.CHUNK)(sources.Cursor()):
-                for row in rows:
-                    if row.error is not None:
-                        continue
-                    try:
-                        req = self.task.build(row.record)  # type: ignore[arg-type]
-                    except InputError:
-                        continue  # a template field missing: that record fails, costs nothing
-                    yield req.endpoint, req.body
-
-        params = self.spec.model.params
-        max_tokens = params.get("max_tokens", params.get("max_completion_tokens"))
-        return estimate_requests(
-            requests(),
-            self.spec.model.name or "",
-            self.prices,
-            max_tokens=max_tokens if isinstance(max_tokens, int) else None,
-            # A label is a few tokens of JSON: bounding it by max_tokens would overstate.
-            expected_output_tokens=16 if self.spec.task.kind == "classify" else None,
-        )
+        return admin.estimate(self)
 
     def status(self) -> Report:
         """Counts, and whether the job is finished, who runs it, how fast, how long to go.
         The processing figures are the last run's own (those its report showed)."""
-        with self.ledger() as ledger:
-            job = self._job_info(ledger)
-            counts = ledger.counts(job.id)
-            activity = self._activity(ledger, job, counts)
-            last = activity.last_run
-            return Report(
-                job=self.name,
-                counts=counts,
-                processed=last.processed if last else 0,
-                seconds=last.seconds if last else 0.0,
-                setup_seconds=last.setup_seconds if last else 0.0,
-                cancelled=ledger.is_cancelled(job.id),
-                ingest_done=job.ingest_done,
-                remote_batches=tuple(self._remote_batches(ledger, job.id)),
-                llm=self.is_llm,
-                tokens=self._counts_tokens,
-                activity=activity,
-            )
-
-    def _activity(self, ledger: Ledger, job: JobInfo, counts: Counts) -> Activity:
-        now = time.time()
-        claim = ledger.get_claim(self.name)
-        workers = live_workers(ledger, self.name)  # several `run`s of a job: its workers
-        held = claim is not None and holder_alive(claim, now)
-        running = held or bool(workers)
-        last = ledger.last_run(self.name)
-        unfinished: list[str] = []
-        unread: int | None = 0
-        if not job.ingest_done:
-            try:
-                expected = self._expected()
-            except (OSError, ValueError, UsageError):
-                expected = None
-            read = counts.total
-            unread = None if expected is None else max(0, expected - read)
-            unfinished.append(
-                f"the input is not fully read: {read:,} records so far"
-                + (f" of ~{expected:,}" if expected else "")
-            )
-        if counts.open:
-            parts = [f"{counts[s]:,} {s}" for s in ("pending", "leased", "submitted") if counts[s]]
-            unfinished.append(f"{counts.open:,} items still open ({', '.join(parts)})")
-        if ledger.is_cancelled(job.id):
-            unfinished.append("cancelled: `overnight run` resumes it")
-        rate = 0.0
-        if running and last is not None and last.ended_at is None:
-            window = min(60.0, max(1.0, now - last.started_at))
-            rate = ledger.finished_since(job.id, now - window) / window
-        elif last is not None:
-            rate = last.items_per_second
-        remaining = None if unread is None else counts.open + unread
-        eta = remaining / rate if remaining and rate > 0 else (0.0 if remaining == 0 else None)
-        if unfinished and not running:
-            if last is not None and last.ended_at is None:
-                unfinished.append(
-                    f"no run is active: the last one ({describe(last.owner)}) stopped without"
-                    f" finishing at about {_clock(last.updated_at)} (killed?); `overnight run`"
-                    " resumes it"
-                )
-            else:
-                unfinished.append("no run is active: `overnight run` resumes it")
-        owner = claim.owner if held and claim else workers[0] if workers else None
-        owner = owner or (last.owner if last else None)
-        runner = describe(owner) if owner else None
-        if runner and len(workers) > 1:
-            runner += f" and {len(workers) - 1} other worker{'s' if len(workers) > 2 else ''}"
-        return Activity(
-            running=running,
-            runner=runner,
-            last_run=last,
-            items_per_second=rate,
-            remaining=remaining,
-            eta_seconds=eta if running else None,
-            unfinished=tuple(unfinished),
-        )
+        return admin.status(self)
 
     def failures(self) -> list[Failure]:
-        with self.ledger() as ledger:
-            return list(ledger.iter_failures(self._job_info(ledger).id))
+        return admin.failures(self)
 
     def retry(self, invalid: bool = False) -> RetryResult:
         """Move failed (and invalid) items back to pending; `run` then processes them.
 
         Input lines that could not be read are not items and cannot be moved: fixing the
         line and running again is how they are retried (the run reads a changed input again)."""
-        states = ("failed", "invalid") if invalid else ("failed",)
-        with self.ledger() as ledger:
-            job = self._job_info(ledger)
-            moved = ledger.retry(job.id, states)
-            unread = ledger.counts(job.id).rejected
-            return RetryResult(moved, unread, tuple(ledger.reject_lines(job.id, 10)))
+        return admin.retry(self, invalid)
 
     def export(self) -> sinks.Exported:
-        self._check_output()
-        with self.ledger() as ledger:
-            job = self._job_info(ledger)
-            return self._export(ledger, job.id)
-
-    def _export(self, ledger: Ledger, job_id: int) -> sinks.Exported:
-        return self.output.write(ledger, job_id)
+        return admin.export(self)
 
     def cancel(self) -> CancelResult:
         """Open items become cancelled; a running run stops after its batch in flight; live
         provider batches are cancelled remotely and what they finished is kept (collected
         by the running run or the next `run`). `run` resumes the job."""
-        with self.ledger() as ledger:
-            job = self._job_or_starting(ledger)
-            counts = ledger.counts(job.id)
-            activity = self._activity(ledger, job, counts)
-            if (
-                job.ingest_done
-                and not counts.open
-                and not activity.running
-                and not ledger.chunks(job.id, ("creating", "live"))
-            ):
-                # Nothing is open: marking the job cancelled would only make `status` and
-                # the next run say so of a job that had finished.
-                return CancelResult(items=0, runner=None, unread=0, remote_batches=0, finished=True)
-            n = ledger.cancel(job.id)
-            batches = 0
-            if self.is_llm and ledger.chunks(job.id, ("live",)):
-                from .batch_runner import BatchRunner
-
-                runner = BatchRunner(
-                    ledger,
-                    job,
-                    self.task,  # type: ignore[arg-type]
-                    remote_batch.service(self),
-                    tag=remote_batch.tag(self, job),
-                    max_attempts=self.spec.run.max_attempts,
-                    meter=llm_job.meter(self.spec, self.prices, batch=True),
-                )
-                with self._provider_errors():
-                    batches = runner.cancel_remote()
-            unread = None
-            if not job.ingest_done and activity.remaining is not None:
-                unread = max(0, activity.remaining - counts.open)
-            return CancelResult(
-                items=n,
-                runner=activity.runner if activity.running else None,
-                unread=unread if not job.ingest_done else 0,
-                remote_batches=batches,
-            )
+        return admin.cancel(self)
