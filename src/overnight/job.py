@@ -22,7 +22,7 @@ from . import admin, llm_job, sinks, sources
 from .backends.base import Predictor
 from .batching import BatchSizer
 from .claim import claimed
-from .errors import EndpointDown, UsageError, redact
+from .errors import EndpointDown, UsageError, option, redact
 from .executors import RunContext, RunOutcome, executor_class, executor_for
 from .inputs import Input, input_for
 from .opening import Opening
@@ -515,7 +515,9 @@ class Job:
         `detach` (batch backends): submit every batch and return without waiting; a later
         `run` re-attaches, collects and exports."""
         if detach and not executor_class(self.spec.model.mode).detaches:
-            raise self._usage("--detach applies to the batch backends (openai-batch, ...)")
+            raise self._usage(
+                f"{option('detach')} applies to the batch backends (openai-batch, ...)"
+            )
         self.check()
         with self._provider_errors():
             return self._run(restart, on_progress, stop, detach)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from . import sources
 from .claim import RunHandle, busy, describe
-from .errors import InputChangedError
+from .errors import InputChangedError, option
 from .inputs import Since
 from .runner import Progress, ingest_only
 from .store import JobInfo, Ledger
@@ -48,7 +48,7 @@ def check_origin(job: Job, info: JobInfo) -> bool:
             f" from another job file ({os.path.normpath(job._ledger_dir / info.origin)})"
             " over another input; run here it would"
             " replace that job's results. Give this job a name of its own (`name = ...`),"
-            " or a ledger of its own (--ledger)"
+            " or a ledger of its own ([run] ledger)"
         )
     return True
 
@@ -150,7 +150,7 @@ class Opening:
             raise InputChangedError(
                 f"the [task] or [model] of job {job.name!r} (or its examples) changed since it "
                 "started; results would mix two configurations. Undo the change, give the job a "
-                "new name, or run with --restart to start over."
+                f"new name, or run with {option('restart')} to start over."
             )
         if (since := job.input.since(info.fingerprint)) is not None:
             return self._read_changed(info, fingerprint, since)
@@ -197,8 +197,8 @@ class Opening:
             raise InputChangedError(
                 f"{job.input_name} changed while {len(live)} provider batch(es) of job "
                 f"{job.name!r} are still running; their results belong to the input as it was."
-                " Restore the input and run again to collect them first, or run with --restart"
-                " to start over."
+                " Restore the input and run again to collect them first, or run with"
+                f" {option('restart')} to start over."
             )
         log.info("job %r: the input changed since the last run; reading it again", job.name)
         new = ledger.begin_generation(info, fingerprint)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from .. import llm_job, sources
 from ..claim import RunHandle
-from ..errors import UsageError
+from ..errors import UsageError, option
 from ..opening import verify_read
 from ..runner import Progress, ingest_only
 from ..store import JobInfo, Ledger
@@ -91,13 +91,13 @@ def refuse_earlier_batches(job: Job, info: JobInfo | None) -> None:
         f" this job ({live} still running) that the ledger {job.ledger_name} does not know"
         f" (was it deleted or replaced?):\n{rows}{more}\nRunning it now would send their"
         " requests again and pay for them twice. Put the ledger back if you have it; or run"
-        " with --restart to cancel the running ones and start over (what they finished is"
-        " not used)."
+        f" with {option('restart')} to cancel the running ones and start over (what they"
+        " finished is not used)."
     )
 
 
 def cancel_earlier_batches(job: Job, ledger: Ledger, info: JobInfo | None) -> list[str]:
-    """`--restart`: cancel the job's live provider batches (from its ledger entry, and
+    """On a restart: cancel the job's live provider batches (from its ledger entry, and
     any the provider shows with its identity) before its entry is deleted."""
     from ..batch_runner import cancel_earlier
 
