@@ -214,7 +214,7 @@ def cancel(job: Job) -> CancelResult:
             # the next run say so of a job that had finished.
             return CancelResult(items=0, runner=None, unread=0, remote_batches=0, finished=True)
         n = ledger.cancel(info.id)
-        batches = 0
+        remote_cancelled = 0
         if job.is_llm and ledger.chunks(info.id, ("live",)):
             from .batch_runner import BatchRunner
 
@@ -228,7 +228,7 @@ def cancel(job: Job) -> CancelResult:
                 meter=llm_job.meter(job.spec, job.prices, batch=True),
             )
             with job._provider_errors():
-                batches = runner.cancel_remote()
+                remote_cancelled = runner.cancel_remote()
         unread = None
         if not info.ingest_done and activity.remaining is not None:
             unread = max(0, activity.remaining - counts.open)
@@ -236,5 +236,5 @@ def cancel(job: Job) -> CancelResult:
             items=n,
             runner=activity.runner if activity.running else None,
             unread=unread if not info.ingest_done else 0,
-            remote_batches=batches,
+            remote_batches=remote_cancelled,
         )

@@ -512,7 +512,7 @@ class Job:
     ) -> Report:
         """Ingest (once) and process; running again resumes. Exports when the run ends.
 
-        `detach` (batch backends): submit every batch and return without waiting; a later
+        `detach` (batch backends): submit every remote batch and return without waiting; a later
         `run` re-attaches, collects and exports."""
         if detach and not executor_class(self.spec.model.mode).detaches:
             raise self._usage(
@@ -636,7 +636,7 @@ class Job:
                 notes=tuple(outcome.notes),
             )
 
-    # -- the provider's record of a batch job ---------------------------------------------
+    # -- the job's mark at the provider (its remote batches carry it) ----------------------
 
     @property
     def identity_key(self) -> str:
@@ -649,8 +649,9 @@ class Job:
 
     # -- what the executors use ---------------------------------------------------------
 
-    def _reader(self, chunk: int) -> Callable[[sources.Cursor], Iterator[list[sources.Row]]]:
-        return self.input.reader(chunk)
+    def _reader(self, size: int) -> Callable[[sources.Cursor], Iterator[list[sources.Row]]]:
+        """The input's reader, `size` records a read."""
+        return self.input.reader(size)
 
     def _retry_policy(self) -> RetryPolicy:
         run = self.spec.run
