@@ -31,7 +31,7 @@ from rich.table import Column, Table
 from rich.text import Text
 
 from . import __version__
-from .errors import OvernightError
+from .errors import OvernightError, option
 from .estimate import usd
 from .job import Job, Report
 from .runner import Progress as RunProgress
@@ -122,9 +122,18 @@ def _print_json(data: Any) -> None:
     sys.stdout.write(orjson.dumps(data).decode() + "\n")
 
 
+def _words(exc: OvernightError) -> str:
+    """The library's message in the CLI's words: a `Job.run` option it names
+    (`restart=True`) as the flag that sets it (--restart)."""
+    msg = str(exc)
+    for name in ("restart", "detach"):
+        msg = msg.replace(option(name), f"--{name}")
+    return msg
+
+
 def _fail(exc: BaseException) -> typer.Exit:
     code = exc.exit_code if isinstance(exc, OvernightError) else 1
-    msg = str(exc) if isinstance(exc, OvernightError) else f"{type(exc).__name__}: {exc}"
+    msg = _words(exc) if isinstance(exc, OvernightError) else f"{type(exc).__name__}: {exc}"
     # Text, not markup: "[task] colour" must print as written, not as a style tag.
     err.print(Text.assemble(("error: ", "red"), msg), highlight=False, soft_wrap=True)
     return typer.Exit(code)
@@ -579,7 +588,7 @@ def check(job: JobArg, as_json: JsonOpt = False) -> None:
         _check_model(j)
     except OvernightError as exc:
         if as_json:
-            _print_json({"ok": False, "job_file": str(job), "error": str(exc)})
+            _print_json({"ok": False, "job_file": str(job), "error": _words(exc)})
             raise typer.Exit(exc.exit_code) from None
         raise _fail(exc) from None
     if as_json:
