@@ -301,8 +301,15 @@ def _sql_input(spec: JobSpec, base_dir: Path, origin: str, id_field: str | None)
     return SqlInput(spec, base_dir, origin, id_field or "custom_id")
 
 
+def _queue_input(spec: JobSpec, base_dir: Path, origin: str, id_field: str | None) -> Input:
+    from .intake.kinds import QueueInput
+
+    return QueueInput(spec, origin)
+
+
 # The kinds, the first that matches wins; the last, a file, takes what none other does.
 INPUTS: list[InputKind] = [
+    InputKind("queue", lambda spec: spec.source.queue is not None, _queue_input),
     InputKind("sql", lambda spec: spec.source.url is not None, _sql_input),
     InputKind("file", lambda spec: True, _file),
 ]
