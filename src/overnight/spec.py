@@ -11,7 +11,14 @@ from typing import Any, Literal
 
 import jinja2
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import JobFileError
 from .llm.providers import BACKENDS, PROVIDERS, Mode
@@ -310,14 +317,19 @@ class RunSpec(_Section):
     flush_wait: float = Field(5.0, ge=0)
     window: str | None = None  # "01:00-06:00"
 
+    @field_validator("window")
+    @classmethod
+    def _window(cls, value: str | None) -> str | None:
+        if value is not None:
+            from .intake.window import Window
+
+            Window.parse(value)
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> RunSpec:
         if isinstance(self.batch_size, int) and self.batch_size < 1:
             raise ValueError('`batch_size` must be a positive number or "auto"')
-        if self.window is not None:
-            from .intake.window import Window
-
-            Window.parse(self.window)
         self.deadline_at  # noqa: B018 - validates the deadline
         return self
 

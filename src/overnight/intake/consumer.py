@@ -116,6 +116,8 @@ class Consumer:
             finally:
                 if self._receiver is not None:
                     self._receiver.close()
+            if self.stop.is_set():  # a flush cut short by the stop leaves results to publish
+                self.job.export()
         return self.report
 
     def _open(self, now: float) -> bool:

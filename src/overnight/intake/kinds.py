@@ -180,7 +180,10 @@ def rows_of(bodies: list[bytes], first_seq: int, id_field: str) -> list[Row]:
     for k, body in enumerate(bodies):
         line = first_seq + k + 1
         try:
-            rows.append(_row(line, orjson.loads(body), body, id_field))
+            row = _row(line, orjson.loads(body), body, id_field)
+            if row.error is not None:  # "line N: ..." of a file
+                row = row._replace(error=f"message {line}:{row.error.partition(':')[2]}")
+            rows.append(row)
         except orjson.JSONDecodeError as exc:
             rows.append(Row(line, None, body, None, f"message {line}: malformed JSON ({exc})"))
     return rows

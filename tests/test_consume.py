@@ -1,0 +1,298 @@
+"""`overnight consume`: queue intake from RabbitMQ, Redis Streams and SQS (moto's server),
+each real, on loopback. Every message gets one result; a redelivered id is not processed
+again; flushing by size, by wait and only inside a window (an injected clock); a slow model
+never makes the consumer hold more than `prefetch` unacknowledged messages."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from queue_helpers import (  # noqa: F401 - fixtures
+    RedisStreams,
+    broker,
+    calls,
+    moto_endpoint,
+    records,
+    write_job,
+)
+
+from overnight.errors import JobFileError
+from overnight.intake import Consumer
+from overnight.intake.window import Window
+from overnight.job import Job
+from overnight.spec import parse_spec
+
+# -- the job file ---------------------------------------------------------------------------
+
+AMQP = {"queue": "amqp://guest:guest@127.0.0.1:5672/%2F", "queue_name": "in", "id": "id"}
+MODEL = {"backend": "python", "function": "fn:upper"}
+
+
+def error_of(data: dict[str, Any]) -> str:
+    with pytest.raises(JobFileError) as info:
+        parse_spec(data, "job.toml")
+    return str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("source", "run", "output", "message"),
+    [
+        (
+            {"queue": "amqp://127.0.0.1/", "id": "id"},
+            {},
+            {},
+            "[source]: a RabbitMQ `queue` needs `queue_name`",
+        ),
+        (
+            {"queue": "redis://127.0.0.1:6379/0", "queue_name": "x", "id": "id"},
+            {},
+            {},
+            "[source]: a Redis `queue` needs `stream`",
+        ),
+        (
+            {"queue": "kafka://127.0.0.1/", "queue_name": "x", "id": "id"},
+            {},
+            {},
+            "[source]: `queue` must be an amqp://, redis:// or sqs:// URL",
+        ),
+        ({**AMQP, "id": None}, {}, {}, "[source]: `id` is required for a queue source"),
+        ({**AMQP, "path": "in.jsonl"}, {}, {}, "not both `path` and `queue`"),
+        ({**AMQP, "stream": "s"}, {}, {}, "`stream` applies to a Redis `queue`, not to RabbitMQ"),
+        ({**AMQP, "prefetch": 0}, {}, {}, "[source] prefetch: Input should be greater than 0"),
+        (AMQP, {"window": "1am-6am"}, {}, '[run] window: `window` must look like "01:00-06:00"'),
+        (AMQP, {"window": "01:00-24:00"}, {}, "hours are 00-23"),
+        (AMQP, {"flush_size": 0}, {}, "[run] flush_size: Input should be greater than 0"),
+        (
+            {"path": "in.jsonl"},
+            {"flush_wait": 3.0},
+            {},
+            "[run] flush_wait applies to a queue source ([source] queue)",
+        ),
+        ({"path": "in.jsonl"}, {}, {"queue_name": "r"}, "`queue_name` applies to a results queue"),
+        (AMQP, {}, {"queue": AMQP["queue"]}, "[output]: a RabbitMQ `queue` needs `queue_name`"),
+        (
+            AMQP,
+            {},
+            {"queue": AMQP["queue"], "queue_name": "r", "path": "o.jsonl"},
+            "set `queue` (a results queue) or `path`, not both",
+        ),
+    ],
+)
+def test_a_bad_queue_key_is_one_message_naming_it(
+    source: dict[str, Any], run: dict[str, Any], output: dict[str, Any], message: str
+) -> None:
+    source = {k: v for k, v in source.items() if v is not None}
+    data = {"source": source, "model": MODEL, "run": run, "output": output}
+    assert message in error_of(data)
+
+
+def test_consume_on_a_bad_job_file_exits_2_without_a_traceback(tmp_path: Path) -> None:
+    write_job(tmp_path, {"queue": "redis://127.0.0.1:6379/0"}, {})
+    got = subprocess.run(
+        [sys.executable, "-m", "overnight", "consume", "job.toml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert got.returncode == 2
+    assert "[source]: a Redis `queue` needs `stream`" in got.stderr
+    assert "Traceback" not in got.stderr
+
+
+def test_consume_reads_only_a_queue(tmp_path: Path) -> None:
+    (tmp_path / "in.jsonl").write_text('{"id": 1, "text": "a"}\n')
+    job = Job({"source": {"path": "in.jsonl", "id": "id"}, "model": MODEL}, base_dir=tmp_path)
+    with pytest.raises(Exception, match="`overnight consume` reads a queue"):
+        Consumer(job)
+
+
+def test_an_unreachable_broker_is_exit_2(tmp_path: Path) -> None:
+    source = {"queue": "amqp://guest:guest@127.0.0.1:1/%2F", "queue_name": "x"}
+    write_job(tmp_path, source, {"queue": "redis://127.0.0.1:6379/0", "stream": "r"})
+    got = subprocess.run(
+        [sys.executable, "-m", "overnight", "consume", "job.toml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert got.returncode == 2, got.stderr
+    assert "cannot reach the queue at amqp://guest:***@127.0.0.1:1/%2F" in got.stderr
+
+
+def test_a_window_crossing_midnight() -> None:
+    night = Window.parse("22:30-04:00")
+    at = datetime(2026, 12, 1, 0, 0)
+    assert night.contains(at.replace(hour=23))
+    assert night.contains(at.replace(hour=3, minute=59))
+    assert not night.contains(at.replace(hour=4))
+    assert not night.contains(at.replace(hour=22, minute=29))
+    day = Window.parse("01:00-06:00")
+    assert day.contains(at.replace(hour=1)) and not day.contains(at.replace(hour=6))
+
+
+# -- against the brokers ----------------------------------------------------------------------
+
+
+def wait_for(what: Callable[[], bool], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not what():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def consume(job_file: Path, **kwargs: Any) -> Any:
+    return Consumer(Job.from_file(job_file), **kwargs).run()
+
+
+def by_id(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    counts = Counter(r["id"] for r in results)
+    assert max(counts.values(), default=1) == 1, counts.most_common(3)
+    return {r["id"]: r for r in results}
+
+
+def test_every_message_gets_one_result_and_a_redelivered_id_is_not_processed_again(
+    tmp_path: Path, broker: Any
+) -> None:
+    job = write_job(tmp_path, broker.source(), broker.output(), {"flush_size": 20})
+    broker.publish([*records(range(50)), b"not json", orjson.dumps({"text": "no id"})])
+    report = consume(job, idle_exit=1.0)
+    assert (report.received, report.added, report.rejected) == (52, 50, 2)
+    got = by_id(broker.results())
+    assert sorted(got, key=int) == [str(i) for i in range(50)]
+    assert got["7"] == {"id": "7", "state": "succeeded", "output": "HELLO 7"}
+    assert sorted(calls(tmp_path), key=int) == [str(i) for i in range(50)]
+    errors = [orjson.loads(line) for line in (tmp_path / "consume.out.errors.jsonl").open("rb")]
+    assert [e["message"][:30] for e in errors] == [
+        "message 51: malformed JSON (in",
+        "message 52: record has no 'id'",
+    ]
+    # The broker delivers some of them again (their acks lost, say), beside new ones.
+    broker.publish([*records(range(40, 50)), *records(range(50, 55)), *records([52])])
+    report = consume(job, idle_exit=1.0)
+    assert (report.received, report.added, report.redelivered) == (16, 5, 11)
+    assert sorted(by_id(broker.results()), key=int) == ["50", "51", "52", "53", "54"]
+    assert Counter(calls(tmp_path)).most_common(1)[0][1] == 1  # nothing computed twice
+    status = Job.from_file(job).status()
+    assert status.counts["succeeded"] == 55
+
+
+@pytest.fixture
+def redis_broker() -> Iterator[RedisStreams]:
+    harness = RedisStreams()
+    try:
+        yield harness
+    finally:
+        harness.close()
+
+
+class Clock:
+    def __init__(self, at: datetime) -> None:
+        self.now = at.timestamp()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def in_thread(consumer: Consumer) -> threading.Thread:
+    thread = threading.Thread(target=consumer.run, daemon=True)
+    thread.start()
+    return thread
+
+
+def counts(job_file: Path) -> Any:
+    try:
+        return Job.from_file(job_file).status().counts
+    except Exception:  # no ledger entry yet
+        return None
+
+
+def test_flush_by_size_and_by_wait(tmp_path: Path, redis_broker: RedisStreams) -> None:
+    b = redis_broker
+    run = {"flush_size": 10, "flush_wait": 30.0}
+    job_file = write_job(tmp_path, b.source(), b.output(), run)
+    clock = Clock(datetime(2026, 12, 1, 12, 0))
+    consumer = Consumer(Job.from_file(job_file), clock=clock)
+    thread = in_thread(consumer)
+    try:
+        b.publish(records(range(3)))
+        wait_for(lambda: (c := counts(job_file)) is not None and c["pending"] == 3)
+        time.sleep(1.0)  # three wait, under flush_size, for less than flush_wait: collected only
+        assert calls(tmp_path) == [] and b.unacked() == 0 and counts(job_file)["pending"] == 3
+        clock.now += 31  # the oldest has waited flush_wait
+        wait_for(lambda: len(calls(tmp_path)) == 3)
+        b.publish(records(range(3, 13)))  # flush_size arrive: at once, the clock standing still
+        wait_for(lambda: len(calls(tmp_path)) == 13)
+        assert counts(job_file)["succeeded"] == 13
+    finally:
+        consumer.stop.set()
+        thread.join(30)
+    assert sorted(by_id(b.results()), key=int) == [str(i) for i in range(13)]
+
+
+def test_a_window_collects_all_day_and_processes_at_night(
+    tmp_path: Path, redis_broker: RedisStreams
+) -> None:
+    b = redis_broker
+    run = {"flush_size": 5, "flush_wait": 0.0, "window": "01:00-06:00"}
+    job_file = write_job(tmp_path, b.source(), b.output(), run)
+    clock = Clock(datetime(2026, 12, 1, 12, 0))  # noon: outside the window
+    consumer = Consumer(Job.from_file(job_file), clock=clock)
+    thread = in_thread(consumer)
+    try:
+        b.publish(records(range(40)))
+        wait_for(lambda: (c := counts(job_file)) is not None and c["pending"] == 40)
+        time.sleep(1.0)
+        # Collected into the ledger and acknowledged, nothing processed before the window.
+        assert calls(tmp_path) == [] and b.unacked() == 0 and b.results() == []
+        clock.now = datetime(2026, 12, 2, 0, 59).timestamp()
+        time.sleep(0.6)
+        assert calls(tmp_path) == []
+        clock.now = datetime(2026, 12, 2, 1, 0).timestamp()  # the window opens
+        wait_for(lambda: len(calls(tmp_path)) == 40)
+    finally:
+        consumer.stop.set()
+        thread.join(30)
+    assert sorted(by_id(b.results()), key=int) == [str(i) for i in range(40)]
+
+
+def test_a_slow_model_never_makes_the_consumer_hold_more_than_prefetch(
+    tmp_path: Path, broker: Any
+) -> None:
+    n, prefetch = 60, 5
+    source = {**broker.source(), "prefetch": prefetch}
+    run = {"flush_size": 5, "flush_wait": 0.0, "batch_size": 5}
+    job = write_job(tmp_path, source, broker.output(), run, sleep=0.05)
+    broker.publish(records(range(n)))
+    seen: list[tuple[int, int]] = []  # (unacked, not yet handed out) as the broker says
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            seen.append((broker.unacked(), broker.waiting()))
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        report = consume(job, idle_exit=1.5)
+    finally:
+        done.set()
+        watcher.join(60)
+    assert report.added == n
+    assert sorted(by_id(broker.results()), key=int) == [str(i) for i in range(n)]
+    assert len(seen) >= 3, seen
+    assert max(u for u, _ in seen) <= prefetch, seen
+    # It took them a few at a time, as the model got through them: most waited at the broker.
+    assert max(w for _, w in seen) >= n - 3 * prefetch, seen
