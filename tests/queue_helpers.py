@@ -83,8 +83,14 @@ class Rabbit:
         return {"queue": AMQP, "queue_name": self.outbox}
 
     def publish(self, bodies: list[bytes]) -> None:
-        for body in bodies:
-            self._ch.basic_publish("", self.inbox, body)
+        """On a connection of its own: a producer thread may publish while the test reads."""
+        conn = pika.BlockingConnection(pika.URLParameters(AMQP))
+        try:
+            channel = conn.channel()
+            for body in bodies:
+                channel.basic_publish("", self.inbox, body)
+        finally:
+            conn.close()
 
     def results(self) -> list[dict[str, Any]]:
         """Every result message so far (taken off the results queue)."""
@@ -165,12 +171,15 @@ class RedisStreams:
 class Sqs:
     name = "sqs"
 
-    def __init__(self, endpoint: str) -> None:
+    def __init__(self, endpoint: str, visibility: int = 30) -> None:
         tag = uuid.uuid4().hex[:10]
         self.endpoint = endpoint
         self.inbox, self.outbox = f"in-{tag}", f"out-{tag}"
         self._sqs = boto3.client("sqs", endpoint_url=endpoint, region_name="us-east-1")
-        self._in = self._sqs.create_queue(QueueName=self.inbox)["QueueUrl"]
+        # What a consumer received and did not delete is given out again after `visibility` s.
+        self._in = self._sqs.create_queue(
+            QueueName=self.inbox, Attributes={"VisibilityTimeout": str(visibility)}
+        )["QueueUrl"]
         self._out = self._sqs.create_queue(QueueName=self.outbox)["QueueUrl"]
 
     def _url(self) -> str:
