@@ -296,3 +296,40 @@ def test_a_slow_model_never_makes_the_consumer_hold_more_than_prefetch(
     assert max(u for u, _ in seen) <= prefetch, seen
     # It took them a few at a time, as the model got through them: most waited at the broker.
     assert max(w for _, w in seen) >= n - 3 * prefetch, seen
+
+
+def test_the_local_model_classifies_what_a_queue_brings(
+    tmp_path: Path, redis_broker: RedisStreams
+) -> None:
+    b = redis_broker
+    lines = ['name = "triage"', "[source]", 'id = "id"']
+    lines += [f"{k} = {orjson.dumps(v).decode()}" for k, v in b.source().items()]
+    lines += ["[task]", 'kind = "classify"', 'labels = ["billing", "bug"]']
+    lines += ["[model]", 'backend = "local"', "[run]", "flush_size = 4"]
+    lines += ["[output]", *(f"{k} = {orjson.dumps(v).decode()}" for k, v in b.output().items())]
+    (tmp_path / "job.toml").write_text("\n".join(lines) + "\n")
+    texts = [
+        "I was charged twice on my invoice, please refund the payment",
+        "The app crashes with an error every time I open settings",
+        "Refund my last invoice payment",
+        "Clicking save shows an error and crashes",
+    ]
+    b.publish([orjson.dumps({"id": f"t{i}", "text": t}) for i, t in enumerate(texts)])
+    report = consume(tmp_path / "job.toml", idle_exit=1.0)
+    assert report.added == 4
+    got = by_id(b.results())
+    assert [got[f"t{i}"]["output"] for i in range(4)] == ["billing", "bug", "billing", "bug"]
+    assert set(got["t0"]["scores"]) == {"billing", "bug"}
+
+
+def test_exit_idle_counts_no_time_spent_computing(
+    tmp_path: Path, redis_broker: RedisStreams
+) -> None:
+    """A flush longer than --exit-idle, with more messages behind it: they are read too."""
+    b = redis_broker
+    source = {**b.source(), "prefetch": 10}
+    job = write_job(tmp_path, source, b.output(), {"flush_size": 10}, sleep=0.08)
+    b.publish(records(range(30)))
+    report = consume(job, idle_exit=0.5)
+    assert (report.added, report.flushes) == (30, 3)
+    assert len(by_id(b.results())) == 30

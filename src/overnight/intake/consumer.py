@@ -94,6 +94,7 @@ class Consumer:
                     if due and self._open(now):
                         self._flush()
                         waiting, oldest = 0, None
+                        last_seen = time.monotonic()  # idle: no message while receiving
                         continue
                     if (
                         self.idle_exit is not None
