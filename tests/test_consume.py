@@ -333,3 +333,48 @@ def test_exit_idle_counts_no_time_spent_computing(
     report = consume(job, idle_exit=0.5)
     assert (report.added, report.flushes) == (30, 3)
     assert len(by_id(b.results())) == 30
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return str(tmp_path / "ledger.db")
+    return request.getfixturevalue("pg_ledger_url")
+
+
+def test_the_ledger_knows_a_redelivered_id_and_pages_items_in_order(ledger_url: str) -> None:
+    from overnight.intake.kinds import rows_of
+    from overnight.records import Cursor, Fingerprint
+    from overnight.store import Outcome, open_ledger
+
+    ledger = open_ledger(ledger_url)
+    try:
+        job = ledger.create_job("q", "h", Fingerprint(0, 0, "queue"))
+        rows = rows_of(records(range(5)), 0, "id")
+        ledger.add_items(job.id, 0, rows, Cursor(5, 6, 0, "published:0"))
+        assert ledger.known_ids(job.id, ["3", "9", "0", "3"]) == {"0", "3"}
+        outcomes = [Outcome(5, "failed", None, "ValueError", "bad", attempts=1)]
+        ledger.add_items(job.id, 5, rows_of(records([9]), 5, "id"), Cursor(6), outcomes)
+        page = ledger.items_page(job.id, 2, 3)
+        assert [(p.seq, p.custom_id, p.state) for p in page] == [
+            (2, "2", "pending"),
+            (3, "3", "pending"),
+            (4, "4", "pending"),
+        ]
+        last = ledger.items_page(job.id, 5, 10)
+        assert [(p.seq, p.custom_id, p.state, p.message) for p in last] == [
+            (5, "9", "failed", "bad")
+        ]
+    finally:
+        ledger.close()
+
+
+def test_results_go_to_the_jobs_file_when_no_results_queue(
+    tmp_path: Path, redis_broker: RedisStreams
+) -> None:
+    b = redis_broker
+    job = write_job(tmp_path, b.source(), {"path": "out.jsonl"}, {"flush_size": 5})
+    b.publish(records(range(12)))
+    consume(job, idle_exit=1.0)
+    rows = [orjson.loads(line) for line in (tmp_path / "out.jsonl").open("rb")]
+    assert [(r["id"], r["output"]) for r in rows] == [(str(i), f"HELLO {i}") for i in range(12)]
