@@ -378,3 +378,18 @@ def test_results_go_to_the_jobs_file_when_no_results_queue(
     consume(job, idle_exit=1.0)
     rows = [orjson.loads(line) for line in (tmp_path / "out.jsonl").open("rb")]
     assert [(r["id"], r["output"]) for r in rows] == [(str(i), f"HELLO {i}") for i in range(12)]
+
+
+def test_a_queue_job_on_a_postgresql_ledger(
+    tmp_path: Path, redis_broker: RedisStreams, pg_ledger_url: str
+) -> None:
+    b = redis_broker
+    run = {"flush_size": 10, "ledger": pg_ledger_url}
+    job = write_job(tmp_path, b.source(), b.output(), run)
+    b.publish(records(range(25)))
+    assert consume(job, idle_exit=1.0).added == 25
+    b.publish(records(range(20, 30)))  # five delivered again, five new
+    report = consume(job, idle_exit=1.0)
+    assert (report.added, report.redelivered) == (5, 5)
+    assert sorted(by_id(b.results()), key=int) == [str(i) for i in range(30)]
+    assert Job.from_file(job).status().counts["succeeded"] == 30
