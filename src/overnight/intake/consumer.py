@@ -42,7 +42,8 @@ from .window import Window
 
 log = logging.getLogger(__name__)
 
-POLL = 0.2  # seconds a receive waits before the schedule is looked at again
+POLL = 0.2  # seconds a receive waits before the schedule is looked at again ...
+IDLE_POLL = 1.0  # ... or, with nothing waiting, a long poll (SQS: one request a second)
 RECONNECTS = 10  # lost broker connections in a row the consumer lives through
 
 
@@ -102,7 +103,7 @@ class Consumer:
                         and time.monotonic() - last_seen >= self.idle_exit
                     ):
                         break
-                    wait = POLL
+                    wait = POLL if oldest is not None else IDLE_POLL
                     if oldest is not None and self.window is None:
                         wait = min(POLL, max(0.0, oldest + run.flush_wait - now))
                     deliveries = self._receive(self.job.spec.source.prefetch, wait)
@@ -165,8 +166,9 @@ class Consumer:
                 if attempt == RECONNECTS:
                     raise UsageError(f"lost the queue and could not connect again: {exc}") from None
                 log.warning("lost the queue (%s); connecting again", exc)
-                self._receiver.close() if self._receiver is not None else None
-                self._receiver = None
+                if self._receiver is not None:
+                    self._receiver.close()
+                    self._receiver = None
                 self.stop.wait(min(5.0, 0.2 * 2**attempt))
         return []
 
