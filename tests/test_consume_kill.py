@@ -60,19 +60,26 @@ def test_kill_9_mid_stream_loses_nothing(tmp_path: Path, kill_broker: Any) -> No
     source = {**b.source(), "prefetch": 20}
     write_job(tmp_path, source, b.output(), run, sleep=0.01)
 
-    def produce() -> None:  # the stream: 600 records over about three seconds
+    def produce() -> None:  # the stream: 600 records over about ten seconds
         for i in range(0, N, 20):
             b.publish(records(range(i, i + 20)))
-            time.sleep(0.1)
+            time.sleep(0.3)
 
     producer = threading.Thread(target=produce, daemon=True)
     producer.start()
     results: list[dict[str, Any]] = []
     kills = 0
     seen: list[tuple[int, int]] = []  # (results, records computed) at each kill
-    for _ in range(4):
+    for kill in range(4):
         proc = consume(tmp_path)
-        time.sleep(rng.uniform(1.0, 2.5))  # model and worker start, intake, computing...
+        if kill == 0:  # while it starts, or takes in its first messages
+            time.sleep(rng.uniform(0.5, 1.5))
+        else:  # once it has computed some more: while it computes, commits or publishes
+            target = len(calls(tmp_path)) + rng.randint(20, 80)
+            deadline = time.monotonic() + 60
+            while len(calls(tmp_path)) < target and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.0, 0.2))
         results += b.results()
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
