@@ -393,3 +393,13 @@ def test_a_queue_job_on_a_postgresql_ledger(
     assert (report.added, report.redelivered) == (5, 5)
     assert sorted(by_id(b.results()), key=int) == [str(i) for i in range(30)]
     assert Job.from_file(job).status().counts["succeeded"] == 30
+
+
+def test_the_queue_keys_leave_a_file_jobs_fingerprint_as_older_versions_stored_it(
+    tmp_path: Path,
+) -> None:
+    """A file job's fingerprint mixes in how its [source] is read: the queue's keys (and
+    their defaults) must not enter it, or every existing job would read as changed."""
+    (tmp_path / "in.jsonl").write_bytes(b'{"id": 1, "text": "a"}\n')
+    job = Job({"source": {"path": "in.jsonl", "id": "id"}, "model": MODEL}, base_dir=tmp_path)
+    assert job.input.fingerprint()[0].digest == "6c2da3a4fd202f165866643d25bc363e"  # 1a96c1f's

@@ -33,6 +33,11 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
+# [source] keys of a queue (intake/): not part of how a file or a table is read, so not of
+# their fingerprints (inputs.py), which must stay what older versions stored.
+QUEUE_KEYS = frozenset({"queue", "queue_name", "stream", "group", "prefetch"})
+
+
 class SourceSpec(_Section):
     path: str | None = Field(None, min_length=1)
     id: str | None = Field(None, min_length=1)  # "" would fail every record alone
@@ -59,7 +64,6 @@ class SourceSpec(_Section):
                 " (a message queue)"
                 + (f", not both `{given[0]}` and `{given[1]}`" if given else "")
             )
-        queue_keys = ("queue_name", "stream", "group", "prefetch")
         if self.queue is not None:
             from .intake.urls import check_queue_keys
 
@@ -75,7 +79,7 @@ class SourceSpec(_Section):
             if self.stream is None and "group" in self.model_fields_set:
                 raise ValueError("`group` applies to a Redis stream (`stream`)")
             return self
-        for key in queue_keys:
+        for key in ("queue_name", "stream", "group", "prefetch"):
             if key in self.model_fields_set:
                 raise ValueError(f"`{key}` applies to a queue source: set `queue` too")
         if self.url is not None:
