@@ -403,3 +403,43 @@ def test_the_queue_keys_leave_a_file_jobs_fingerprint_as_older_versions_stored_i
     (tmp_path / "in.jsonl").write_bytes(b'{"id": 1, "text": "a"}\n')
     job = Job({"source": {"path": "in.jsonl", "id": "id"}, "model": MODEL}, base_dir=tmp_path)
     assert job.input.fingerprint()[0].digest == "6c2da3a4fd202f165866643d25bc363e"  # 1a96c1f's
+
+
+def close_rabbit_connection(name: str) -> bool:
+    """Have RabbitMQ close the one connection that calls itself `name` (only that one)."""
+    listed = subprocess.run(
+        ["rabbitmqctl", "-q", "list_connections", "pid", "client_properties"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    pids = [line.split("\t")[0] for line in listed.splitlines() if f'"{name}"' in line]
+    for pid in pids:
+        subprocess.run(
+            ["rabbitmqctl", "-q", "close_connection", pid, "closed by a test"],
+            capture_output=True,
+            timeout=60,
+            check=True,
+        )
+    return bool(pids)
+
+
+def test_a_consumer_whose_connection_the_broker_closes_connects_again(tmp_path: Path) -> None:
+    from queue_helpers import Rabbit
+
+    b = Rabbit()
+    try:
+        source = {**b.source(), "prefetch": 10}
+        job = write_job(tmp_path, source, b.output(), {"flush_size": 10}, sleep=0.02)
+        b.publish(records(range(200)))
+        consumer = Consumer(Job.from_file(job), idle_exit=2.0)
+        thread = in_thread(consumer)
+        wait_for(lambda: len(calls(tmp_path)) >= 30)
+        assert close_rabbit_connection(f"overnight consume {b.inbox}")
+        thread.join(120)
+        assert not thread.is_alive()
+        assert sorted(by_id(b.results()), key=int) == [str(i) for i in range(200)]
+        assert Counter(calls(tmp_path)).most_common(1)[0][1] == 1
+    finally:
+        b.close()

@@ -19,9 +19,12 @@ from .base import BrokerLost, Delivery, unreachable
 _LOST = (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError)
 
 
-def _connect(url: str) -> Any:
+def _connect(url: str, name: str) -> Any:
+    """A connection that names itself (`rabbitmqctl list_connections client_properties`)."""
     try:
-        return pika.BlockingConnection(pika.URLParameters(url))
+        params = pika.URLParameters(url)
+        params.client_properties = {"connection_name": name}
+        return pika.BlockingConnection(params)
     except (pika.exceptions.AMQPError, OSError, ValueError) as exc:
         raise unreachable(url, exc) from None
 
@@ -42,7 +45,7 @@ def _declare(conn: Any, queue: str) -> Any:
 class RabbitReceiver:
     def __init__(self, url: str, queue: str, prefetch: int) -> None:
         self.url, self.queue = url, queue
-        self._conn = _connect(url)
+        self._conn = _connect(url, f"overnight consume {queue}")
         self._channel = _declare(self._conn, queue)
         self._channel.basic_qos(prefetch_count=prefetch)
         self._messages: Iterator[Any] = self._channel.consume(queue, inactivity_timeout=0.05)
@@ -81,7 +84,7 @@ class RabbitReceiver:
 class RabbitPublisher:
     def __init__(self, url: str, queue: str) -> None:
         self.queue = queue
-        self._conn = _connect(url)
+        self._conn = _connect(url, f"overnight results {queue}")
         self._channel = _declare(self._conn, queue)
         self._channel.tx_select()
         self._props = pika.BasicProperties(content_type="application/json", delivery_mode=2)
