@@ -392,6 +392,41 @@ def run(
 
 
 @app.command()
+def consume(
+    job: JobArg,
+    state: StateOpt = None,
+    exit_idle: Annotated[
+        float | None,
+        typer.Option(
+            "--exit-idle",
+            help="Stop once no message has arrived, and none waits, for this many seconds.",
+        ),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Collect records from the job's [source] queue and process them in batches, until
+    stopped (Ctrl-C or SIGTERM: the batch in flight is finished first)."""
+    from .intake import Consumer
+
+    with _errors():
+        j = _load(job, state)
+        with _graceful_stop() as stop:
+            previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+            try:
+                report = Consumer(j, stop=stop, idle_exit=exit_idle).run()
+            finally:
+                signal.signal(signal.SIGTERM, previous)
+    if as_json:
+        _print_json(report.to_dict())
+    else:
+        r = report
+        out.print(
+            f"received {r.received:,} messages: {r.added:,} new records, {r.redelivered:,}"
+            f" redelivered (already in the ledger), {r.rejected:,} refused; {r.flushes:,} batches"
+        )
+
+
+@app.command()
 def status(job: JobArg, state: StateOpt = None, as_json: JsonOpt = False) -> None:
     """Counts by state and throughput."""
     with _errors():

@@ -180,6 +180,19 @@ class RemoteBatch:
         }
 
 
+class ItemState(NamedTuple):
+    """An item as a results queue publishes it (Ledger.items_page)."""
+
+    seq: int
+    custom_id: str
+    state: str
+    result: bytes | None
+    vector: bytes | None
+    error_class: str | None
+    message: str | None
+    attempts: int
+
+
 @dataclass(frozen=True)
 class Failure:
     custom_id: str | None
@@ -317,6 +330,8 @@ class Ledger(Protocol):
 
     # remote batches (provider batch APIs): see SQLLedger's section for the guarantees
     def pending_page(self, job_id: int, after_seq: int, limit: int, now: float) -> list[Item]: ...
+    def known_ids(self, job_id: int, custom_ids: list[str]) -> set[str]: ...
+    def items_page(self, job_id: int, from_seq: int, limit: int) -> list[ItemState]: ...
     def plan_chunk(self, job_id: int, provider: str, seqs: list[int], now: float) -> int: ...
     def set_create_until(self, job_id: int, chunk: int, until: float) -> None: ...
     def set_remote(

@@ -29,6 +29,7 @@ from .base import (
     Counts,
     Failure,
     Item,
+    ItemState,
     JobInfo,
     Lease,
     LedgerError,
@@ -769,6 +770,21 @@ class SQLLedger:
         lo, hi = _range(job_id)
         rows = self._conn.fetchall("pending_page", (max(lo, lo + after_seq + 1), hi, now, limit))
         return [_item(r) for r in rows]
+
+    @_replayed()
+    def known_ids(self, job_id: int, custom_ids: list[str]) -> set[str]:
+        """Which of `custom_ids` are items of the job already (a queue's redeliveries)."""
+        fetch = self._conn.fetchone
+        return {
+            cid for cid in dict.fromkeys(custom_ids) if fetch("item_by_custom_id", (job_id, cid))
+        }
+
+    @_replayed()
+    def items_page(self, job_id: int, from_seq: int, limit: int) -> list[ItemState]:
+        """Items from `from_seq` on, in input order, whatever their state (read only)."""
+        lo, hi = _range(job_id)
+        rows = self._conn.fetchall("items_page", (lo + from_seq, hi, limit))
+        return [ItemState(r[0] & _SEQ_MASK, *r[1:]) for r in rows]
 
     @_replayed(_chunk_planned)
     def plan_chunk(self, job_id: int, provider: str, seqs: list[int], now: float) -> int:

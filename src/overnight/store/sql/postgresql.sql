@@ -591,3 +591,10 @@ ON CONFLICT (scope, key) DO UPDATE SET body = excluded.body,
 
 -- name: cache_clear(scope)
 DELETE FROM responses WHERE scope = :scope
+
+-- Queue intake (intake/) -------------------------------------------------------------------
+
+-- name: items_page(lo, hi, limit)
+-- Items in input order from `lo`, whatever their state: a results queue publishes them.
+SELECT id, custom_id, state, result, vector, error_class, message, attempts FROM items
+WHERE id BETWEEN :lo AND :hi ORDER BY id LIMIT :limit
