@@ -468,6 +468,22 @@ def test_counts_by_state_and_rejected(ledger):
     assert c.open == 3
 
 
+def test_counts_add_up_usage_and_times_over_every_state(ledger):
+    job = new_job(ledger, ids=["a", "b", "c", "d"])
+    ledger.lease(job.id, 3, lease_at(now=NOW))
+    paid = Outcome(0, "succeeded", result(0), input_tokens=10, output_tokens=5, cost=0.5)
+    ledger.complete(job.id, "owner-a", [paid._replace(list_cost=1.0)], NOW + 1)
+    failed = Outcome(1, "failed", None, "E", "m", input_tokens=3, output_tokens=1, cost=0.25)
+    ledger.complete(job.id, "owner-a", [failed._replace(list_cost=0.5)], NOW + 2)
+    c = ledger.counts(job.id)
+    assert c.by_state == {"succeeded": 1, "failed": 1, "leased": 1, "pending": 1}
+    assert (c.input_tokens, c.output_tokens) == (13, 6)
+    assert c.cost == pytest.approx(0.75) and c.list_cost == pytest.approx(1.5)
+    assert c.first_started == NOW and c.last_finished == NOW + 2
+    empty = ledger.counts(ledger.create_job("empty", "h", FP).id)
+    assert empty.by_state == {} and empty.first_started is None and empty.cost == 0.0
+
+
 def test_iter_results_in_input_order(ledger):
     job = new_job(ledger, ids=["a", "b", "c", "d"])
     ledger.lease(job.id, 4, lease_at())
