@@ -370,14 +370,7 @@ class Runner:
                         self._drop_suspects(seq + len(window))
                         seq += len(window)
                         continue
-                    works = [
-                        _tuple(Work, (seq + k, r.line, 0, r.record, r.payload))
-                        for k, r in enumerate(window)
-                        if r.error is None
-                    ]
-                    if works and self.count_starts:
-                        self.ledger.mark_inflight(self.job.id, self.owner, seq, last)
-                    pending.add(seq, window, self._attempt(works) if works else [])
+                    pending.add(seq, window, self._attempt_fresh(seq, window))
                     seq += len(window)
                     self.sizer.observe(len(window), time.perf_counter() - t0)
             pending.flush()
@@ -397,6 +390,41 @@ class Runner:
         self.ledger.finish_ingest(self.job.id)
         self.progress.ingest_done = True
         self.on_progress(self.progress)
+
+    def _attempt_fresh(self, seq: int, window: list[Row]) -> list[Outcome]:
+        """The outcomes of a window of fresh records (those that could be read), computed.
+
+        The hot path of a run: a python function or a local model in its worker process
+        (`runs_task`), every record readable, nothing to validate or meter. The records go
+        as they were read and each answer row becomes its outcome: no Work per record, which
+        is built only when a call fails and its batch is split."""
+        self._load()
+        plain = self._runs_task and self.validate is None and self.meter is None
+        if not plain or not all(r[4] is None for r in window):
+            works = [
+                _tuple(Work, (seq + k, r.line, 0, r.record, r.payload))
+                for k, r in enumerate(window)
+                if r.error is None
+            ]
+            if works and self.count_starts:
+                self.ledger.mark_inflight(self.job.id, self.owner, seq, seq + len(window) - 1)
+            return self._attempt(works) if works else []
+        if self.count_starts:
+            self.ledger.mark_inflight(self.job.id, self.owner, seq, seq + len(window) - 1)
+        assert self._predictor is not None
+        payloads = [r[2] for r in window]
+        try:
+            answers = self._predictor.process(payloads, self.sizer.size)
+        except Exception as exc:
+            works = [_tuple(Work, (seq + k, r[0], 0, None, r[2])) for k, r in enumerate(window)]
+            return self._failed(works, payloads, exc)
+        if all(type(a) is bytes for a in answers):
+            return [
+                _tuple(Outcome, (s, "succeeded", a, None, None, 0.0, 0, 0, None, None, None, 1))
+                for s, a in zip(range(seq, seq + len(window)), answers, strict=True)
+            ]
+        works = [_tuple(Work, (seq + k, r[0], 0, None, r[2])) for k, r in enumerate(window)]
+        return [self._finish(w, a) for w, a in zip(works, answers, strict=True)]
 
     def _fresh_with_suspects(self, seq: int, window: list[Row]) -> list[Outcome]:
         """A window holding records a dead runner was computing: those are not computed but
@@ -566,13 +594,16 @@ class Runner:
 
     # -- one batch ----------------------------------------------------------------------
 
-    def _attempt(self, batch: list[Work]) -> list[Outcome]:
-        """One outcome per item of the batch, in the batch's order."""
+    def _load(self) -> None:
         if self._predictor is None:  # the model loads only if there is work
             t0 = time.monotonic()
             self._predictor = self._make_predictor()
             self._runs_task = getattr(self._predictor, "runs_task", False)
             self.progress.setup_seconds += time.monotonic() - t0
+
+    def _attempt(self, batch: list[Work]) -> list[Outcome]:
+        """One outcome per item of the batch, in the batch's order."""
+        self._load()
         if self._runs_task:  # records go as they are stored; build and parse happen there
             return self._predict(batch, [w.payload for w in batch])
         build, loads = self.task.build, orjson.loads
@@ -598,20 +629,8 @@ class Runner:
         assert self._predictor is not None
         try:
             answers = self._predictor.process(inputs, self.sizer.size)
-        except (EndpointDown, KeyRefused):
-            raise  # nothing is wrong with these items: the job stops, they stay pending
-        except OutputCountError as exc:
-            # The batch answered wrongly as a whole: split, each half might "succeed" with
-            # outputs that are not its own. The whole batch fails, with the message.
-            return [self._error(w, exc) for w in works]
         except Exception as exc:
-            if len(works) == 1:
-                return [self._error(works[0], exc)]
-            # One bad input must not sink its batch: split until the poison is alone.
-            mid = len(works) // 2
-            return self._predict(works[:mid], inputs[:mid]) + self._predict(
-                works[mid:], inputs[mid:]
-            )
+            return self._failed(works, inputs, exc)
         if self._runs_task:  # output rows as JSON bytes (or an exception per record)
             plain = self.validate is None and self.meter is None
             if plain and all(type(a) is bytes for a in answers):
@@ -635,6 +654,20 @@ class Runner:
                     for w, r in zip(works, rows, strict=True)
                 ]
         return [self._finish(w, answer) for w, answer in zip(works, answers, strict=True)]
+
+    def _failed(self, works: list[Work], inputs: list[Any], exc: Exception) -> list[Outcome]:
+        """The outcomes of a call that raised `exc` for all of `works`."""
+        if isinstance(exc, EndpointDown | KeyRefused):
+            raise exc  # nothing is wrong with these items: the job stops, they stay pending
+        if isinstance(exc, OutputCountError):
+            # The batch answered wrongly as a whole: split, each half might "succeed" with
+            # outputs that are not its own. The whole batch fails, with the message.
+            return [self._error(w, exc) for w in works]
+        if len(works) == 1:
+            return [self._error(works[0], exc)]
+        # One bad input must not sink its batch: split until the poison is alone.
+        mid = len(works) // 2
+        return self._predict(works[:mid], inputs[:mid]) + self._predict(works[mid:], inputs[mid:])
 
     def _finish(self, w: Work, answer: Any) -> Outcome:
         if isinstance(answer, BaseException):  # the backend failed this item alone
