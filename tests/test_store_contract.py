@@ -342,6 +342,26 @@ def test_add_items_all_succeeded(ledger):
     assert ledger.lease(job.id, 10, lease_at()) == []
 
 
+def test_add_succeeded_inserts_results_moves_the_cursor_and_refuses_repeated_ids(store, ledger):
+    job = ledger.create_job("job", "h", FP)
+    rows = [row(1, "a"), row(2, "b"), row(3, "a", t="again")]
+    results = [result(1), result(2), result(3)]
+    assert ledger.add_succeeded(job.id, 0, rows, Cursor(3, 4, 30), results) == [True, True, False]
+    assert ledger.get_job("job").cursor == Cursor(3, 4, 30)
+    assert list(ledger.iter_results(job.id)) == [
+        ("a", result(1), None, None),
+        ("b", result(2), None, None),
+    ]
+    c = ledger.counts(job.id)
+    assert c.by_state == {"succeeded": 2} and c.rejected == 1
+    assert [(f.line, f.custom_id) for f in ledger.iter_failures(job.id)] == [(3, "a")]
+    assert ledger.lease(job.id, 10, lease_at()) == []  # finished, nothing to lease
+    assert ledger.finished_since(job.id, 0.0) == 2  # finished now, as add_items' outcomes
+    with pytest.raises(ConcurrentIngest):  # another runner moved the cursor first
+        store.open().add_succeeded(job.id, 0, [row(1, "x")], Cursor(1, 2, 10), [result(0)])
+    assert ledger.get_job("job").cursor == Cursor(3, 4, 30)
+
+
 def test_duplicates_are_rejected_first_wins(ledger):
     job = ledger.create_job("job", "h", FP)
     rows = [row(1, "a", t="first"), row(2, "b"), row(3, "a", t="second")]

@@ -510,6 +510,42 @@ class SQLLedger:
                 )
                 for i, r, o in zip(ids, good, outcomes, strict=True)
             ]
+        rejects = [
+            (job_id, first_seq + i, r.line, r.custom_id, r.error)
+            for i, r in enumerate(rows)
+            if r.error is not None
+        ]
+        return self._insert(job_id, first_seq, rows, cursor, query, params, accepted, rejects)
+
+    def add_succeeded(
+        self, job_id: int, first_seq: int, rows: list[Row], cursor: Cursor, results: list[bytes]
+    ) -> list[bool]:
+        """`add_items` with outcomes, in the runner's commonest case, bound with the least work
+        per record: every row could be read, and each was computed once and succeeded with
+        `results[i]` (no usage, no vector). A repeated id is refused as by add_items."""
+        first = (job_id << SEQ_BITS) + first_seq
+        now = time.time()
+        params = [
+            (i, r[1], r[0], r[2], res, job_id, now)
+            for i, r, res in zip(range(first, first + len(rows)), rows, results, strict=True)
+        ]
+        accepted = [True] * len(rows)
+        return self._insert(job_id, first_seq, rows, cursor, "insert_succeeded", params, accepted)
+
+    def _insert(
+        self,
+        job_id: int,
+        first_seq: int,
+        rows: list[Row],
+        cursor: Cursor,
+        query: str,
+        params: list[tuple],
+        accepted: list[bool],
+        rejects: list[tuple] | None = None,
+    ) -> list[bool]:
+        """The transaction of add_items: the cursor moved past `rows` (or ConcurrentIngest),
+        the items inserted, unreadable rows and repeated ids recorded as rejects."""
+        rejects = rejects or []
         with self._conn.transaction():
             moved = self._conn.execute(
                 "move_cursor",
@@ -518,11 +554,6 @@ class SQLLedger:
             if not moved:
                 raise ConcurrentIngest(f"job {job_id}: another runner is ingesting this job")
             inserted = self._conn.executemany(query, params) if params else 0
-            rejects = [
-                (job_id, first_seq + i, r.line, r.custom_id, r.error)
-                for i, r in enumerate(rows)
-                if r.error is not None
-            ]
             if inserted < len(params):
                 rejects += self._duplicates(job_id, first_seq, rows, accepted)
             if rejects:
