@@ -303,7 +303,7 @@ class _GroupCommit:
 def _succeeded(seq: int, results: list[bytes]) -> list[Outcome]:
     """Outcomes of items `seq...` that succeeded on their first attempt with `results`."""
     return [
-        _tuple(Outcome, (s, "succeeded", r, None, None, 0.0, 0, 0, None, None, None, 1))
+        _tuple(Outcome, (s, "succeeded", r, None, None, 0.0, 0, 0, None, None, None, 1, None))
         for s, r in zip(range(seq, seq + len(results)), results, strict=True)
     ]
 
@@ -689,7 +689,8 @@ class Runner:
             if plain and all(type(a) is bytes for a in answers):
                 return [
                     _tuple(
-                        Outcome, (w[0], "succeeded", r, None, None, 0.0, 0, 0, None, None, None, 1)
+                        Outcome,
+                        (w[0], "succeeded", r, None, None, 0.0, 0, 0, None, None, None, 1, None),
                     )
                     for w, r in zip(works, answers, strict=True)
                 ]
@@ -702,7 +703,8 @@ class Runner:
             else:
                 return [
                     _tuple(
-                        Outcome, (w[0], "succeeded", r, None, None, 0.0, 0, 0, None, None, None, 1)
+                        Outcome,
+                        (w[0], "succeeded", r, None, None, 0.0, 0, 0, None, None, None, 1, None),
                     )
                     for w, r in zip(works, rows, strict=True)
                 ]

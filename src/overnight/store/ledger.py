@@ -172,6 +172,17 @@ def _items_added(
     return [first + i in ids for i in range(len(rows))]
 
 
+def _succeeded_added(
+    ledger: SQLLedger,
+    job_id: int,
+    first_seq: int,
+    rows: list[Row],
+    cursor: Cursor,
+    results: list[bytes],
+) -> list[bool] | None:
+    return _items_added(ledger, job_id, first_seq, rows, cursor)
+
+
 def _leased(ledger: SQLLedger, job_id: int, limit: int, lease: Lease) -> list[Item] | None:
     lo, hi = _range(job_id)
     rows = ledger._conn.fetchall("leased_at", (lease.owner, lease.now, lo, hi))
@@ -517,6 +528,7 @@ class SQLLedger:
         ]
         return self._insert(job_id, first_seq, rows, cursor, query, params, accepted, rejects)
 
+    @_replayed(_succeeded_added)
     def add_succeeded(
         self, job_id: int, first_seq: int, rows: list[Row], cursor: Cursor, results: list[bytes]
     ) -> list[bool]:
