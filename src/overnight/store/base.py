@@ -286,6 +286,9 @@ class Ledger(Protocol):
         cursor: Cursor,
         outcomes: list[Outcome] | None = None,
     ) -> list[bool]: ...
+    def add_succeeded(
+        self, job_id: int, first_seq: int, rows: list[Row], cursor: Cursor, results: list[bytes]
+    ) -> list[bool]: ...
     def finish_ingest(self, job_id: int) -> None: ...
 
     # work
