@@ -389,6 +389,10 @@ def make_legacy(ledger: Path, input_path: Path) -> None:
         columns = {r[1] for r in db.execute("PRAGMA table_info(jobs)")}
         if "fp_how" in columns:
             db.execute("ALTER TABLE jobs DROP COLUMN fp_how")
+        items = {r[1] for r in db.execute("PRAGMA table_info(items)")}
+        if "follow_up" in items:  # nor the columns of later migrations
+            db.execute("DROP INDEX IF EXISTS items_leased")
+            db.execute("ALTER TABLE items DROP COLUMN follow_up")
         db.execute("UPDATE jobs SET fp_digest = ?", (sources.fingerprint(input_path).digest,))
         db.commit()
 

@@ -148,7 +148,7 @@ CREATE TABLE IF NOT EXISTS responses (
 -- name: migration_3()
 -- A pending item's follow-up request (a batch's repair) gets a column of its own: it lived in
 -- `result`, which meant two things. Requests already waiting move over.
-ALTER TABLE items ADD COLUMN follow_up BYTEA;
+ALTER TABLE items ADD COLUMN IF NOT EXISTS follow_up BYTEA;
 UPDATE items SET follow_up = result, result = NULL
 WHERE state IN ('pending', 'submitted') AND result IS NOT NULL
 
