@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import threading
@@ -300,3 +301,28 @@ def test_a_bad_job_file_is_an_import_error_of_the_dag(
     )
     assert done.returncode == 1
     assert "OvernightOperator(task_id='enrich')" in done.stderr and "bakend" in done.stderr
+
+
+EXAMPLE = ROOT / "examples" / "airflow"
+
+
+def test_the_example_dag_summarises_the_tickets_and_writes_the_digest(
+    airflow: dict[str, str], tmp_path: Path, fake: FakeProvider
+) -> None:
+    """examples/airflow (the nightly ticket digest), run by `dag.test()` as run_offline.sh
+    runs it, against this test's fake provider."""
+    folder = tmp_path / "airflow"
+    shutil.copytree(
+        EXAMPLE, folder, ignore=shutil.ignore_patterns("data", ".airflow", ".overnight")
+    )
+    job = folder / "summarise.toml"
+    job.write_text(job.read_text().replace("http://127.0.0.1:8000/v1", fake.openai_url))
+    env = {**airflow, "AIRFLOW__CORE__DAGS_FOLDER": str(folder / "dags")}
+    log = tmp_path / "run.log"
+    text = polled_then_end_batches(
+        start_dag(env, folder / "dags" / "ticket_digest.py", log), log, fake
+    )
+    assert "deferring (no worker slot held)" in text
+    digest = (folder / "data" / "digest.md").read_text()
+    assert "tickets: 120 summarised, 0 failed" in digest and "in 2 provider batches" in digest
+    assert len(read_jsonl(folder / "data" / "summaries.jsonl")) == 120
