@@ -173,9 +173,8 @@ class OvernightTrigger(BaseTrigger):
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         while True:
-            try:
-                job = Job.from_file(self.job_file, state=self.ledger)
-                running = await asyncio.to_thread(running_batch, job)
+            try:  # the ledger and the provider are blocking calls: in a thread of their own
+                running = await asyncio.to_thread(self._running_batch)
             except EndpointDown as exc:  # the provider out of reach: look again later
                 self.log.warning("%s; polling again in %gs", exc, self.poll_interval)
             except UsageError as exc:
@@ -185,8 +184,14 @@ class OvernightTrigger(BaseTrigger):
                 if running is None:
                     yield TriggerEvent({"ended": True})
                     return
-                self.log.info("overnight: %s: provider batch %s is running", job.name, running)
+                self.log.info("overnight: %s: provider batch %s is running", *running)
             await asyncio.sleep(self.poll_interval)
+
+    def _running_batch(self) -> tuple[str, str] | None:
+        """(job name, remote id) of a batch still running; None when all have ended."""
+        job = Job.from_file(self.job_file, state=self.ledger)
+        remote_id = running_batch(job)
+        return None if remote_id is None else (job.name, remote_id)
 
 
 def live_batches(job: Job) -> list[str]:
