@@ -284,6 +284,65 @@ def test_a_batch_task_killed_while_deferred_is_retried_and_pays_nothing_twice(
     assert [r["id"] for r in read_jsonl(tmp_path / "out.jsonl")] == [f"r{i}" for i in range(25)]
 
 
+POLICY_DAG = """\
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import orjson
+from airflow.sdk import DAG, task
+
+from overnight.integrations.airflow import OvernightOperator
+
+HERE = Path({folder!r})
+WHEN = datetime(2026, 1, 5, tzinfo=timezone.utc)
+
+with DAG({dag_id!r}, schedule=None, start_date=WHEN) as dag:
+    for policy in ("fail", "warn"):
+        job = OvernightOperator(
+            task_id=policy, job_file=HERE / policy / "job.toml", on_failed=policy
+        )
+
+        @task(task_id=f"keep_{{policy}}")
+        def keep(report, policy=policy):
+            (HERE / policy / "report.json").write_bytes(orjson.dumps(report))
+
+        keep(job.output)
+
+if __name__ == "__main__":
+    dag.test(logical_date=WHEN, run_after=WHEN)
+"""
+
+FAILING_FN = """\
+def score(records):
+    if any(r["n"] == 3 for r in records):
+        raise ValueError("three is refused")
+    return [r["n"] * 2 for r in records]
+"""
+
+
+def test_failed_items_fail_the_task_or_warn(airflow: dict[str, str], tmp_path: Path) -> None:
+    """on_failed: "fail" fails the task (no report downstream), "warn" succeeds and hands the
+    report on; either way what succeeded is written."""
+    for policy in ("fail", "warn"):
+        folder = tmp_path / policy
+        folder.mkdir()
+        (folder / "fn.py").write_text(FAILING_FN)
+        (folder / "job.toml").write_text(PYTHON_JOB.replace("[run]", "[run]\nmax_attempts = 1"))
+        (folder / "in.jsonl").write_bytes(
+            b"".join(orjson.dumps({"id": f"r{i}", "n": i}) + b"\n" for i in range(6))
+        )
+    dag = Path(airflow["AIRFLOW__CORE__DAGS_FOLDER"]) / "overnight_policy.py"
+    dag.write_text(POLICY_DAG.format(folder=str(tmp_path), dag_id="overnight_policy"))
+    text = run_dag(airflow, dag, tmp_path / "run.log")
+    assert "enrich: 1 item(s) failed or invalid (see `overnight failures`)" in text
+    assert not (tmp_path / "fail" / "report.json").exists()  # the task failed: no XCom
+    report = orjson.loads((tmp_path / "warn" / "report.json").read_bytes())
+    assert report["succeeded"] == 5 and report["failed"] == 1 and report["exit_code"] == 3
+    for policy in ("fail", "warn"):
+        assert len(read_jsonl(tmp_path / policy / "out.jsonl")) == 5
+
+
 def test_a_bad_job_file_is_an_import_error_of_the_dag(
     airflow: dict[str, str], tmp_path: Path
 ) -> None:
