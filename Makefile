@@ -6,14 +6,14 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup setup-llama setup-airflow demo test test-fast mutate bench lint format clean
+.PHONY: setup setup-llama setup-airflow chromium demo test test-fast mutate bench lint format clean
 
 setup: $(VENV)/.installed
 
 # torch is pinned in pyproject.toml (2.13.0, a CPU build): an unpinned torch pulls CUDA.
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[local,dev,sql,serve,dbt,dagster]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[local,dev,sql,serve,dbt,dagster,examples,queue]'
 	touch $@
 
 # A real OpenAI-compatible server with a real model for the tests: llama.cpp's server and
@@ -45,10 +45,25 @@ $(AIRFLOW_VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/overnight demo --dir demo-output
 
-test: setup setup-llama setup-airflow
+# The dashboard's browser test runs headless Chromium from Debian's `chromium` package,
+# driven by Playwright (its own browser download cannot reach its host here). Installed with
+# apt-get when missing and run as root; otherwise this says what to do and stops.
+CHROMIUM := /usr/bin/chromium
+chromium:
+	@if [ -x $(CHROMIUM) ]; then exit 0; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		echo "installing Debian's chromium (the dashboard's browser test needs it)"; \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; \
+	else \
+		echo "$(CHROMIUM) is missing: the dashboard's browser test needs Debian's chromium." >&2; \
+		echo "Install it as root: sudo apt-get update && sudo apt-get install -y chromium" >&2; \
+		exit 1; \
+	fi
+
+test: setup setup-llama setup-airflow chromium
 	$(PY) -m pytest -q -ra
 
-test-fast: setup
+test-fast: setup chromium
 	$(PY) -m pytest -q -ra -m "not slow"
 
 # Mutation testing (docs/mutation.md; not part of `make test`, slow): config in pyproject.toml

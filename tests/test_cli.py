@@ -108,6 +108,18 @@ def test_run_all_good_exits_0(tmp_path):
     assert "succeeded" in proc.stdout
 
 
+def test_a_run_option_is_named_as_the_cli_flag_in_the_cli_and_as_the_keyword_in_python(tmp_path):
+    """The library's messages name `Job.run`'s keyword (`detach=True`); the CLI shows the flag."""
+    setup_job(tmp_path)
+    proc = cli(tmp_path, "run", "job.toml", "--detach")
+    assert proc.returncode == 2, proc.stderr
+    assert "--detach applies to the batch backends" in proc.stderr
+    assert "detach=True" not in proc.stderr and "Traceback" not in proc.stderr
+    with pytest.raises(overnight.UsageError, match="`detach=True` applies to the batch"):
+        overnight.Job.from_file(tmp_path / "job.toml").run(detach=True)
+    assert not (tmp_path / "out.jsonl").exists()  # refused before anything ran
+
+
 def test_run_with_failures_exits_3_and_status_json(tmp_path):
     setup_job(tmp_path, broken=True)
     (tmp_path / "in.jsonl").write_bytes((tmp_path / "in.jsonl").read_bytes() + b"{nope\n")

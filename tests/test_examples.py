@@ -3,6 +3,7 @@ examples/self-hosted/*.toml on the real SmolLM2 in the process."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -180,3 +181,104 @@ def test_dbt_example_builds_around_an_overnight_job(tmp_path: Path) -> None:
         assert cats <= {"billing", "bug", "feature request", "account", "other"} and len(cats) >= 3
     finally:
         db.close()
+
+
+# -- a worked example per use case: each folder's run.py, the one command its README shows ---
+
+USE_CASES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def run_example(tmp_path: Path, name: str, *args: str) -> tuple[Path, str]:
+    """Copy examples/<name> (without what running it by hand left) and run its run.py there,
+    as `python run.py` does; returns the copy and what it printed."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / name
+    if not folder.exists():
+        source = USE_CASES / name
+        ignored = (source / ".gitignore").read_text().split()
+        shutil.copytree(
+            source, folder, ignore=shutil.ignore_patterns(*(i.strip("/") for i in ignored))
+        )
+    done = subprocess.run(
+        [sys.executable, "run.py", *args], cwd=folder, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return folder, done.stdout
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_documents_example_chunks_extracts_and_merges(tmp_path: Path) -> None:
+    """examples/documents: 2 PDFs (3 pages) and 2 HTML files -> chunks with doc, page and chunk
+    number -> one schema-valid extraction per chunk (fake provider) -> one row per document."""
+    import jsonschema
+
+    folder, out = run_example(tmp_path, "documents")
+    chunks = read_jsonl(folder / "out" / "chunks.jsonl")
+    pages = {(c["doc_id"], c["page"]) for c in chunks}
+    assert {("invoice-acme-2026-031", 1), ("invoice-acme-2026-031", 2)} <= pages
+    assert {d for d, _ in pages} == {
+        "invoice-acme-2026-031",
+        "invoice-ledgerly-88213",
+        "receipt-shiptrack-5512",
+        "order-nimbus-q4",
+    }
+    text = "\n".join(c["text"] for c in chunks)
+    assert "Total due" in text and "GBP   2371.20" in text  # read from the PDF's second page
+    assert "Total paid: EUR 319.00" in text and "console.log" not in text  # HTML, no script
+    assert all(len(c["text"]) <= 400 for c in chunks)
+
+    schema = json.loads((folder / "invoice.schema.json").read_text())
+    fields = read_jsonl(folder / "out" / "fields.jsonl")
+    assert sorted(f["chunk_id"] for f in fields) == sorted(c["chunk_id"] for c in chunks)
+    for f in fields:
+        jsonschema.validate(f["output"], schema)
+    docs = read_jsonl(folder / "out" / "documents.jsonl")
+    assert len(docs) == 4 and sum(d["chunks"] for d in docs) == len(chunks)
+    assert f"({len(chunks)} computed in this run)" in out
+
+    # A changed document: only its chunks are extracted again.
+    html = folder / "docs" / "receipt-shiptrack-5512.html"
+    html.write_text(html.read_text().replace("319.00", "329.00"))
+    _, out = run_example(tmp_path, "documents")
+    assert "(1 computed in this run)" in out, out
+
+
+def test_catalogue_example_generates_a_description_per_product(tmp_path: Path) -> None:
+    """examples/catalogue: a generate job through the OpenAI Batch API (the fake) writes one
+    description per product of products.csv, and run.py a Markdown page of them."""
+    folder, out = run_example(tmp_path, "catalogue")
+    rows = read_jsonl(folder / "out" / "descriptions.jsonl")
+    assert len(rows) == 8 and all(r["output"] and r["name"] for r in rows)
+    # The template filled the product's fields into the prompt (the fake echoes its start).
+    assert all(r["output"].startswith("echo: Write a product description") for r in rows)
+    page = (folder / "out" / "catalogue.md").read_text()
+    assert all(f"## {r['name']} ({r['sku']})" in page for r in rows)
+    assert "cost with the batch API" in out and "(8 computed in this run)" in out
+
+
+@pytest.mark.slow
+def test_evaluation_example_scores_the_classifier_and_judges_it(tmp_path: Path) -> None:
+    """examples/evaluation on 60 tickets: the local model's labels against the gold set
+    (accuracy, confusion matrix PNG) and an LLM judge's schema-valid verdict on each label."""
+    import re
+
+    import jsonschema
+
+    pytest.importorskip("sentence_transformers")
+    folder, out = run_example(tmp_path, "evaluation", "--tickets", "60")
+    accuracy = float(re.search(r"accuracy (\d\.\d+) on 60 tickets", out).group(1))
+    assert accuracy >= 0.7, out  # ~0.87 on 200 of these tickets
+    png = (folder / "out" / "confusion.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    schema = json.loads((folder / "verdict.schema.json").read_text())
+    verdicts = read_jsonl(folder / "out" / "verdicts.jsonl")
+    assert len(verdicts) == 60
+    for v in verdicts:
+        jsonschema.validate(v["output"], schema)
+    report = (folder / "out" / "report.md").read_text()
+    assert f"**{accuracy:.3f}**" in report and "confusion.png" in report

@@ -178,7 +178,7 @@ def test_a_change_of_task_or_model_is_still_refused_without_restart(tmp_path, fi
     job, log = first_run
     fn2, _ = logging_function(tmp_path)
     changed = make_job(tmp_path, fn2)
-    with pytest.raises(overnight.InputChangedError, match="--restart"):
+    with pytest.raises(overnight.InputChangedError, match="restart=True"):
         changed.run()
     assert changed.run(restart=True).exit_code == 0
 

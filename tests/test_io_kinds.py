@@ -116,4 +116,4 @@ def test_a_third_input_kind_plugs_in_by_registering(tmp_path):
     rows = [orjson.loads(x) for x in (tmp_path / "job.out.jsonl").read_bytes().splitlines()]
     assert rows == [{"id": f"r{i}", "output": 2 * i} for i in range(5)]
     assert inputs.input_kind(_spec({"path": "memory:x", "id": "id"})).name == "file"
-    assert [k.name for k in outputs.OUTPUTS] == ["sql", "file"]
+    assert [k.name for k in outputs.OUTPUTS] == ["queue", "sql", "file"]

@@ -161,6 +161,24 @@ def test_added_items_whose_commit_answer_was_lost_are_not_refused_as_another_ing
     assert state_counts(ledger, job_id) == {"pending": 8}
 
 
+def test_fresh_results_whose_commit_answer_was_lost_are_committed_once(losing):
+    # add_succeeded: the runner's commit of computed fresh records (results paid for).
+    ledger, conn = losing
+    job_id = fresh_job(ledger, 0)
+    conn.armed = True
+    batch = [*rows(3), Row(4, "r0", b"{}", None, None)]  # a repeated id: refused, as ever
+    results = [b'{"y": 1}'] * 4
+    assert ledger.add_succeeded(job_id, 0, batch, Cursor(4, 5, 0), results) == [True] * 3 + [False]
+    assert state_counts(ledger, job_id) == {"succeeded": 3}
+    assert ledger.counts(job_id).rejected == 1
+    conn.armed = False  # and cut before the commit: committed once, all the same
+    assert ledger.add_succeeded(job_id, 4, rows(2, start=10), Cursor(6, 7, 0), results[:2]) == [
+        True,
+        True,
+    ]
+    assert state_counts(ledger, job_id) == {"succeeded": 5}
+
+
 def test_a_chunk_planned_whose_commit_answer_was_lost_is_one_chunk(losing):
     ledger, conn = losing
     job_id = fresh_job(ledger)

@@ -551,7 +551,7 @@ def test_changed_model_is_refused(tmp_path):
     with pytest.raises(InputChangedError) as info:
         make_job(tmp_path, other).run()
     assert "[task] or [model]" in str(info.value)
-    assert "--restart" in str(info.value)
+    assert "`restart=True`" in str(info.value)  # the CLI says --restart
     assert make_job(tmp_path, other).run(restart=True).exit_code == 0
 
 

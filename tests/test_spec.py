@@ -159,12 +159,13 @@ def test_missing_required_key_in_section():
     d = base()
     del d["source"]["path"]
     assert error_of(d) == (
-        "job.toml: [source]: set `path` (a file) or `url` (a database, with `table` or `query`)"
+        "job.toml: [source]: set `path` (a file), `url` (a database, with `table` or `query`)"
+        " or `queue` (a message queue)"
     )
     d["source"].update(path="in.jsonl", url="sqlite:///x.db", table="t")
     assert error_of(d) == (
-        "job.toml: [source]: set `path` (a file) or `url` (a database, with `table` or"
-        " `query`), not both"
+        "job.toml: [source]: set `path` (a file), `url` (a database, with `table` or `query`)"
+        " or `queue` (a message queue), not both `path` and `url`"
     )
 
 

@@ -342,6 +342,26 @@ def test_add_items_all_succeeded(ledger):
     assert ledger.lease(job.id, 10, lease_at()) == []
 
 
+def test_add_succeeded_inserts_results_moves_the_cursor_and_refuses_repeated_ids(store, ledger):
+    job = ledger.create_job("job", "h", FP)
+    rows = [row(1, "a"), row(2, "b"), row(3, "a", t="again")]
+    results = [result(1), result(2), result(3)]
+    assert ledger.add_succeeded(job.id, 0, rows, Cursor(3, 4, 30), results) == [True, True, False]
+    assert ledger.get_job("job").cursor == Cursor(3, 4, 30)
+    assert list(ledger.iter_results(job.id)) == [
+        ("a", result(1), None, None),
+        ("b", result(2), None, None),
+    ]
+    c = ledger.counts(job.id)
+    assert c.by_state == {"succeeded": 2} and c.rejected == 1
+    assert [(f.line, f.custom_id) for f in ledger.iter_failures(job.id)] == [(3, "a")]
+    assert ledger.lease(job.id, 10, lease_at()) == []  # finished, nothing to lease
+    assert ledger.finished_since(job.id, 0.0) == 2  # finished now, as add_items' outcomes
+    with pytest.raises(ConcurrentIngest):  # another runner moved the cursor first
+        store.open().add_succeeded(job.id, 0, [row(1, "x")], Cursor(1, 2, 10), [result(0)])
+    assert ledger.get_job("job").cursor == Cursor(3, 4, 30)
+
+
 def test_duplicates_are_rejected_first_wins(ledger):
     job = ledger.create_job("job", "h", FP)
     rows = [row(1, "a", t="first"), row(2, "b"), row(3, "a", t="second")]
@@ -466,6 +486,22 @@ def test_counts_by_state_and_rejected(ledger):
     assert c.total == 7
     assert c.failed == 2
     assert c.open == 3
+
+
+def test_counts_add_up_usage_and_times_over_every_state(ledger):
+    job = new_job(ledger, ids=["a", "b", "c", "d"])
+    ledger.lease(job.id, 3, lease_at(now=NOW))
+    paid = Outcome(0, "succeeded", result(0), input_tokens=10, output_tokens=5, cost=0.5)
+    ledger.complete(job.id, "owner-a", [paid._replace(list_cost=1.0)], NOW + 1)
+    failed = Outcome(1, "failed", None, "E", "m", input_tokens=3, output_tokens=1, cost=0.25)
+    ledger.complete(job.id, "owner-a", [failed._replace(list_cost=0.5)], NOW + 2)
+    c = ledger.counts(job.id)
+    assert c.by_state == {"succeeded": 1, "failed": 1, "leased": 1, "pending": 1}
+    assert (c.input_tokens, c.output_tokens) == (13, 6)
+    assert c.cost == pytest.approx(0.75) and c.list_cost == pytest.approx(1.5)
+    assert c.first_started == NOW and c.last_finished == NOW + 2
+    empty = ledger.counts(ledger.create_job("empty", "h", FP).id)
+    assert empty.by_state == {} and empty.first_started is None and empty.cost == 0.0
 
 
 def test_iter_results_in_input_order(ledger):

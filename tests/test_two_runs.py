@@ -96,6 +96,7 @@ def test_a_second_run_a_moment_later_joins_and_a_restart_is_refused(tmp_path: Pa
     wait_for_calls(tmp_path, first)  # the first run is computing
     code, _, err = finish(start(job, "--restart"))  # --restart does not get past a live run
     assert code == 2 and "is being run by process" in err and str(first.pid) in err
+    assert "--restart would discard" in err  # the CLI names its flag (the library: restart=True)
     assert "Traceback" not in err
     second = start(job)
     both_finished(finish(first), finish(second))
@@ -124,8 +125,9 @@ def test_a_claim_from_another_host_holds_until_its_heartbeat_stops(tmp_path: Pat
     ledger = SQLiteLedger(tmp_path / ".overnight" / "ledger.db")
     now = time.time()
     ledger.claim("job", "elsewhere:4242:1700000000/abcd", now, now + 60)
-    with pytest.raises(JobBusy, match="process 4242 on elsewhere"):
+    with pytest.raises(JobBusy, match="process 4242 on elsewhere") as refused:
         job.run(restart=True)
+    assert "`restart=True` would discard" in str(refused.value)  # no CLI flag below the CLI
     assert not (tmp_path / "calls.log").exists()
     with sqlite3.connect(ledger.path) as db:  # its heartbeat stops in a moment
         db.execute("UPDATE claims SET expires = ?", (time.time() + 1.5,))

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 
-from .errors import UsageError
+from .errors import UsageError, option
 from .runner import Progress, lease_owner, owner_alive
 from .store import Claim, Ledger, RunRecord
 
@@ -127,7 +127,7 @@ class RunHandle:
         return [o for o in live_workers(ledger, self.name, self.ttl) if o != self.owner]
 
 
-RESTART = "--restart would discard what it computes and send its requests again"
+RESTART = f"{option('restart')} would discard what it computes and send its requests again"
 SAME_PROCESS = "a second run in the same process cannot work beside it (start another process)"
 
 

@@ -31,7 +31,7 @@ from rich.table import Column, Table
 from rich.text import Text
 
 from . import __version__
-from .errors import OvernightError
+from .errors import OvernightError, option
 from .estimate import usd
 from .job import Job, Report
 from .runner import Progress as RunProgress
@@ -122,9 +122,18 @@ def _print_json(data: Any) -> None:
     sys.stdout.write(orjson.dumps(data).decode() + "\n")
 
 
+def _words(exc: OvernightError) -> str:
+    """The library's message in the CLI's words: a `Job.run` option it names
+    (`restart=True`) as the flag that sets it (--restart)."""
+    msg = str(exc)
+    for name in ("restart", "detach"):
+        msg = msg.replace(option(name), f"--{name}")
+    return msg
+
+
 def _fail(exc: BaseException) -> typer.Exit:
     code = exc.exit_code if isinstance(exc, OvernightError) else 1
-    msg = str(exc) if isinstance(exc, OvernightError) else f"{type(exc).__name__}: {exc}"
+    msg = _words(exc) if isinstance(exc, OvernightError) else f"{type(exc).__name__}: {exc}"
     # Text, not markup: "[task] colour" must print as written, not as a style tag.
     err.print(Text.assemble(("error: ", "red"), msg), highlight=False, soft_wrap=True)
     return typer.Exit(code)
@@ -383,6 +392,41 @@ def run(
 
 
 @app.command()
+def consume(
+    job: JobArg,
+    state: StateOpt = None,
+    exit_idle: Annotated[
+        float | None,
+        typer.Option(
+            "--exit-idle",
+            help="Stop once no message has arrived, and none waits, for this many seconds.",
+        ),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Collect records from the job's [source] queue and process them in batches, until
+    stopped (Ctrl-C or SIGTERM: the batch in flight is finished first)."""
+    from .intake import Consumer
+
+    with _errors():
+        j = _load(job, state)
+        with _graceful_stop() as stop:
+            previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+            try:
+                report = Consumer(j, stop=stop, idle_exit=exit_idle).run()
+            finally:
+                signal.signal(signal.SIGTERM, previous)
+    if as_json:
+        _print_json(report.to_dict())
+    else:
+        r = report
+        out.print(
+            f"received {r.received:,} messages: {r.added:,} new records, {r.redelivered:,}"
+            f" redelivered (already in the ledger), {r.rejected:,} refused; {r.flushes:,} batches"
+        )
+
+
+@app.command()
 def status(job: JobArg, state: StateOpt = None, as_json: JsonOpt = False) -> None:
     """Counts by state and throughput."""
     with _errors():
@@ -579,7 +623,7 @@ def check(job: JobArg, as_json: JsonOpt = False) -> None:
         _check_model(j)
     except OvernightError as exc:
         if as_json:
-            _print_json({"ok": False, "job_file": str(job), "error": str(exc)})
+            _print_json({"ok": False, "job_file": str(job), "error": _words(exc)})
             raise typer.Exit(exc.exit_code) from None
         raise _fail(exc) from None
     if as_json:
@@ -631,6 +675,69 @@ def serve(
         ) from None
     with _errors():
         application = create_app(load_config(config))
+    uvicorn.run(application, host=host, port=port, log_level="info")
+
+
+@app.command()
+def dashboard(
+    state: Annotated[
+        str | None,
+        typer.Option(
+            "--ledger",
+            "--state",
+            help="The ledger: a PostgreSQL URL or a SQLite file path (default:"
+            " $OVERNIGHT_LEDGER, else .overnight/ledger.db).",
+        ),
+    ] = None,
+    host: Annotated[str, typer.Option(help="The address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="The port to listen on.")] = 8080,
+    keys_env: Annotated[
+        str | None,
+        typer.Option(
+            "--keys-env",
+            help='An environment variable holding API keys ("key1:name-a,key2:name-b"): the'
+            " page then asks for one. Without it the page is open to whoever reaches it, so"
+            " it listens on a loopback address only.",
+        ),
+    ] = None,
+) -> None:
+    """The dashboard alone over a ledger (no API): every job's progress, throughput, cost and
+    failures, a button to retry failed items; /metrics and /healthz."""
+    try:
+        import uvicorn
+
+        from .service.dashboard import create_dashboard_app
+    except ImportError as exc:
+        raise _fail(
+            OvernightError(
+                f"overnight dashboard needs the `serve` extra ({exc.name} is missing):"
+                " pip install 'overnight[serve]'"
+            )
+        ) from None
+    import ipaddress
+
+    from .errors import UsageError
+    from .listing import existing_ledger
+    from .service.auth import parse_keys
+
+    with _errors():
+        keys = None
+        if keys_env:
+            value = os.environ.get(keys_env)
+            if value is None:
+                raise UsageError(f"--keys-env: ${keys_env} is not set")
+            keys = parse_keys(value, f"--keys-env: ${keys_env}")
+        else:
+            try:
+                loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+            except ValueError:
+                loopback = False
+            if not loopback:
+                raise UsageError(
+                    f"--host {host}: without --keys-env the dashboard (and its retry button)"
+                    " is open to whoever reaches it; listen on 127.0.0.1, or give --keys-env"
+                )
+        application = create_dashboard_app(existing_ledger(state), keys)
     uvicorn.run(application, host=host, port=port, log_level="info")
 
 

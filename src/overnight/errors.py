@@ -105,6 +105,12 @@ class KeyRefused(OvernightError):
         self.message = message
 
 
+def option(name: str) -> str:
+    """A `Job.run` option, as a message below the CLI names it: `restart=True`. The CLI shows
+    it as its flag (--restart; see cli.py), so the library's messages name no flag."""
+    return f"`{name}=True`"
+
+
 def redact(text: str, *secrets: str) -> str:
     """Remove secret values from a message before it is stored, logged or printed: the values
     of environment variables whose names look secret (`*_API_KEY`, `*_TOKEN`, ...) and

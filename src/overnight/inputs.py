@@ -21,7 +21,7 @@ import orjson
 from . import sources
 from .errors import UsageError
 from .records import Cursor, Fingerprint, Row
-from .spec import JobSpec, source_format
+from .spec import QUEUE_KEYS, JobSpec, source_format
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def _usage(origin: str, message: str) -> UsageError:
 
 def _how(spec: JobSpec, content: str) -> str:
     """A content hash, mixed with how the input is read (unless that is the default)."""
-    how = spec.source.model_dump(exclude={"path"})
+    how = spec.source.model_dump(exclude={"path", *QUEUE_KEYS})
     if not any(how.values()):  # the defaults: the plain content hash
         return content
     mixed = hashlib.blake2b(content.encode() + orjson.dumps(how, option=orjson.OPT_SORT_KEYS))
@@ -228,7 +228,7 @@ class SqlInput:
     def _how(self) -> str:
         """How the source is read (table or query, id, changed_since), hashed: the part of
         its fingerprint that says which input it is."""
-        how = self.spec.source.model_dump(exclude={"path", "url"})
+        how = self.spec.source.model_dump(exclude={"path", "url", *QUEUE_KEYS})
         how["exclude"] = sorted(self.source.exclude)
         return hashlib.blake2b(
             orjson.dumps(how, option=orjson.OPT_SORT_KEYS), digest_size=8
@@ -301,8 +301,15 @@ def _sql_input(spec: JobSpec, base_dir: Path, origin: str, id_field: str | None)
     return SqlInput(spec, base_dir, origin, id_field or "custom_id")
 
 
+def _queue_input(spec: JobSpec, base_dir: Path, origin: str, id_field: str | None) -> Input:
+    from .intake.kinds import QueueInput
+
+    return QueueInput(spec, origin)
+
+
 # The kinds, the first that matches wins; the last, a file, takes what none other does.
 INPUTS: list[InputKind] = [
+    InputKind("queue", lambda spec: spec.source.queue is not None, _queue_input),
     InputKind("sql", lambda spec: spec.source.url is not None, _sql_input),
     InputKind("file", lambda spec: True, _file),
 ]

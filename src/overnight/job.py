@@ -10,28 +10,26 @@ import hashlib
 import logging
 import os
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from datetime import datetime
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from . import llm_job, sinks, sources
+from . import admin, llm_job, sinks, sources
 from .backends.base import Predictor
 from .batching import BatchSizer
-from .claim import RunHandle, busy, claimed, describe, holder_alive, live_workers
-from .errors import EndpointDown, InputChangedError, InputError, UsageError, redact
-from .estimate import usd
-from .inputs import Input, Since, input_for
+from .claim import claimed
+from .errors import EndpointDown, UsageError, option, redact
+from .executors import RunContext, RunOutcome, executor_class, executor_for
+from .inputs import Input, input_for
+from .opening import Opening
 from .outputs import Output, output_for
-from .report import Activity, CancelResult, Report, RetryResult
+from .report import CancelResult, Report, RetryResult
 from .retry import RetryPolicy
-from .runner import Progress, Runner, ingest_only
+from .runner import Progress
 from .spec import (
     SELF_HOSTED,
     JobSpec,
@@ -45,7 +43,6 @@ from .store import (
     DEFAULT_LEDGER,
     Counts,
     Failure,
-    JobInfo,
     Ledger,
     is_postgres,
     ledger_location,
@@ -54,24 +51,6 @@ from .store import (
 from .tasks import Task, make_task
 
 log = logging.getLogger(__name__)
-
-
-def _clock(ts: float) -> str:
-    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
-
-
-@dataclass
-class _RunOutcome:
-    """What one of the three run paths hands back to `Job.run` besides the ledger's counts."""
-
-    interrupted: bool = False
-    cancelled: bool = False
-    batch_size: int | None = None
-    batch_trials: tuple[tuple[int, float], ...] = ()
-    deadline: dict[str, Any] | None = None
-    detached: bool = False
-    notes: list[str] = field(default_factory=list)
-    worker: RunHandle | None = None  # this run as one of the job's workers (claim.py)
 
 
 class Job:
@@ -521,61 +500,6 @@ class Job:
         finally:
             ledger.close()
 
-    def _job_or_starting(self, ledger: Ledger, wait: float = 120.0) -> JobInfo:
-        """The job's ledger entry; while a run that holds the job's claim has not made it yet
-        (it hashes the input, or asks the provider about earlier batches), wait for it."""
-        deadline = time.monotonic() + wait
-        while (job := ledger.get_job(self.name)) is None:
-            claim = ledger.get_claim(self.name)
-            if claim is None or not holder_alive(claim):
-                break
-            if time.monotonic() > deadline:
-                raise UsageError(
-                    f"job {self.name!r} is starting ({describe(claim.owner)}) and has no"
-                    " ledger entry yet; try again in a moment"
-                )
-            time.sleep(0.1)
-        return job or self._job_info(ledger)
-
-    def _job_info(self, ledger: Ledger) -> JobInfo:
-        job = ledger.get_job(self.name)
-        if job is None:
-            raise UsageError(
-                f"job {self.name!r} has not been run yet (no ledger entry in {self.ledger_name})"
-            )
-        self._check_origin(job)
-        return job
-
-    @property
-    def _origin(self) -> str | None:
-        """The job file, relative to the ledger's folder: a project moved with its ledger
-        inside it is still the same job."""
-        if self.job_file is None:
-            return None
-        return os.path.relpath(self.job_file.resolve(), self._ledger_dir.resolve())
-
-    def _check_origin(self, job: JobInfo) -> bool:
-        """The ledger's entry of this name must be this job's: another job file of the same
-        name (a copied job file, another project sharing the ledger through --ledger) would
-        replace its results, and `export` would write them as its own. The same job moved or
-        renamed (its input unchanged) is this job. True when the entry should learn this
-        job file (it did not know one, or the job moved)."""
-        mine = self._origin
-        if mine is None or job.origin == mine:
-            return False
-        if job.origin is not None and not self._same_input(job):
-            raise self._usage(
-                f"the ledger {self.ledger_name} already holds a job named {self.name!r}, run"
-                f" from another job file ({os.path.normpath(self._ledger_dir / job.origin)})"
-                " over another input; run here it would"
-                " replace that job's results. Give this job a name of its own (`name = ...`),"
-                " or a ledger of its own (--ledger)"
-            )
-        return True
-
-    def _same_input(self, job: JobInfo) -> bool:
-        return self.input.same_input(job.fingerprint)
-
     # -- commands -----------------------------------------------------------------------
 
     def run(
@@ -588,10 +512,12 @@ class Job:
     ) -> Report:
         """Ingest (once) and process; running again resumes. Exports when the run ends.
 
-        `detach` (batch backends): submit every batch and return without waiting; a later
+        `detach` (batch backends): submit every remote batch and return without waiting; a later
         `run` re-attaches, collects and exports."""
-        if detach and self.spec.model.mode != "batch":
-            raise self._usage("--detach applies to the batch backends (openai-batch, ...)")
+        if detach and not executor_class(self.spec.model.mode).detaches:
+            raise self._usage(
+                f"{option('detach')} applies to the batch backends (openai-batch, ...)"
+            )
         self.check()
         with self._provider_errors():
             return self._run(restart, on_progress, stop, detach)
@@ -624,7 +550,7 @@ class Job:
             claimed(ledger, self.name, self._connect, on_lost=stop.set, restart=restart) as run,
         ):
             notes: list[str] = []
-            job = self._join(ledger, spec_hash, restart, notes, on_progress, stop, run)
+            job = Opening(self, ledger, notes, on_progress, stop).join(spec_hash, restart, run)
             if job is None:  # stopped while reading a changed input: the old job is intact
                 run.finish("interrupted", 0, 0.0, 0.0)
                 return Report(job=self.name, counts=Counts(), interrupted=True, notes=tuple(notes))
@@ -645,14 +571,10 @@ class Job:
             run.progress = progress
             if on_progress is not None:  # the known total and done count, before the model loads
                 on_progress(progress)
-            outcome = _RunOutcome(detached=detach, notes=notes, worker=run)
+            outcome = RunOutcome(detached=detach, notes=notes)
+            ctx = RunContext(ledger, job, progress, on_progress, stop, run, outcome)
             try:
-                if self.spec.model.mode == "auto":
-                    self._run_auto(ledger, job, progress, outcome, on_progress, stop)
-                elif self.spec.model.mode == "batch":
-                    self._run_batch(ledger, job, progress, outcome, on_progress, stop)
-                else:
-                    self._run_predict(ledger, job, progress, outcome, on_progress, stop)
+                outcome = executor_for(self).run(ctx)
             except KeyboardInterrupt:  # leases were released by the runner; resumable
                 outcome.interrupted = True
             except EndpointDown as exc:  # items stay pending; a rerun resumes
@@ -665,7 +587,7 @@ class Job:
                     job=self.name,
                     counts=ledger.counts(job.id),
                     detached=True,
-                    remote_batches=tuple(self._remote_batches(ledger, job.id)),
+                    remote_batches=tuple(admin.remote_batches(ledger, job.id)),
                     llm=True,
                     ingest_done=True,
                     notes=tuple(outcome.notes),
@@ -684,7 +606,7 @@ class Job:
             # export is whole, and they are the same).
             if not interrupted and run.leave(ledger):
                 try:
-                    exported = self._export(ledger, job.id)
+                    exported = self.output.write(ledger, job.id)
                 except BaseException:
                     run.outcome = "error"
                     raise
@@ -707,17 +629,14 @@ class Job:
                 batch_size=outcome.batch_size,
                 batch_trials=outcome.batch_trials,
                 stop_reason=progress.stop_reason,
-                remote_batches=tuple(self._remote_batches(ledger, job.id)),
+                remote_batches=tuple(admin.remote_batches(ledger, job.id)),
                 deadline=outcome.deadline,
                 llm=self.is_llm,
                 tokens=self._counts_tokens,
                 notes=tuple(outcome.notes),
             )
 
-    # -- the provider's record of a batch job ---------------------------------------------
-
-    def _uses_batches(self) -> bool:
-        return self.spec.model.mode in ("batch", "auto")
+    # -- the job's mark at the provider (its remote batches carry it) ----------------------
 
     @property
     def identity_key(self) -> str:
@@ -728,711 +647,49 @@ class Job:
         where = str(self.state_path.resolve()) if self.state_path else self.ledger_name
         return identity_key(where, self.name)
 
-    def _tag(self, job: JobInfo) -> Any:
-        from .llm.batch import JobTag
+    # -- what the executors use ---------------------------------------------------------
 
-        return JobTag(job.name, self.identity_key, job.token, f"{job.name}@{job.created_at:.6f}")
-
-    def _refuse_earlier_batches(self, job: JobInfo | None) -> None:
-        """Exit 2, before anything is submitted, when the provider holds batches of an
-        earlier run of this job that the ledger does not know."""
-        from .batch_runner import earlier_batches
-
-        found = earlier_batches(self._batch_service(), self.identity_key, job)
-        if not found:
-            return
-        live = sum(t.live for t in found)
-        rows = "\n".join(f"  {t.remote_id}  {t.status}  {t.requests} requests" for t in found[:20])
-        more = f"\n  … and {len(found) - 20} more" if len(found) > 20 else ""
-        raise UsageError(
-            f"job {self.name!r}: the provider holds {len(found)} batches of an earlier run of"
-            f" this job ({live} still running) that the ledger {self.ledger_name} does not know"
-            f" (was it deleted or replaced?):\n{rows}{more}\nRunning it now would send their"
-            " requests again and pay for them twice. Put the ledger back if you have it; or run"
-            " with --restart to cancel the running ones and start over (what they finished is"
-            " not used)."
-        )
-
-    def _cancel_earlier_batches(self, ledger: Ledger, job: JobInfo | None) -> list[str]:
-        """`--restart`: cancel the job's live provider batches (from its ledger entry, and
-        any the provider shows with its identity) before its entry is deleted."""
-        from .batch_runner import cancel_earlier
-
-        known: set[str] = set()
-        if job is not None:
-            known = self._batch_runner(ledger, job, Progress(), None, None).live_remote_ids()
-        n = cancel_earlier(self._batch_service(), self.identity_key, known)
-        return [f"cancelled {n} live provider batches of the previous run"] if n else []
-
-    # -- the three ways to run --------------------------------------------------------
-
-    def _reader(self, chunk: int) -> Callable[[sources.Cursor], Iterator[list[sources.Row]]]:
-        return self.input.reader(chunk)
+    def _reader(self, size: int) -> Callable[[sources.Cursor], Iterator[list[sources.Row]]]:
+        """The input's reader, `size` records a read."""
+        return self.input.reader(size)
 
     def _retry_policy(self) -> RetryPolicy:
         run = self.spec.run
         return RetryPolicy(run.max_attempts, run.backoff_base, run.backoff_max)
 
-    def _run_predict(
-        self,
-        ledger: Ledger,
-        job: JobInfo,
-        progress: Progress,
-        outcome: _RunOutcome,
-        on_progress: Callable[[Progress], None] | None,
-        stop: threading.Event | None,
-    ) -> None:
-        """Local models, python functions and real-time APIs: the lease/compute/commit loop."""
-        llm = self.is_llm
-        if llm:
-            window = self._realtime_window()
-            sizer = BatchSizer.fixed(window)
-        else:
-            sizer = self._sizer()
-            window = self._predictor_class().window
-        chunk = max(sources.CHUNK, sizer.maximum, sizer.size, window)
-        from .backends.local import TokenWindow, TruncationWatch
-
-        task = self.task
-        if self.spec.model.backend == "local":  # texts over the model's window: warn
-            task = TruncationWatch(task, TokenWindow(self.spec.model.name or "all-MiniLM-L6-v2"))
-        made: list[Predictor] = []  # an isolated local model counts truncations in its worker
-
-        def predictor() -> Predictor:
-            made.append(self._realtime_predictor() if llm else self._predictor())
-            return made[-1]
-
-        worker = outcome.worker
-        if worker is not None:  # its heartbeat renews its leases while it computes
-            worker.job_id, worker.lease_seconds = job.id, self.spec.run.lease_seconds
-        runner = Runner(
-            ledger,
-            job,
-            task,
-            predictor,
-            reader=self._reader(chunk),
-            sizer=sizer,
-            window=window,
-            retry_policy=self._retry_policy(),
-            lease_seconds=self.spec.run.lease_seconds,
-            validate=self.validator,
-            on_progress=on_progress,
-            stop=stop,
-            progress=progress,
-            meter=llm_job.meter(self.spec, self.prices, batch=False)
-            if llm
-            else llm_job.token_meter()
-            if self.self_hosted_llm
-            else None,
-            max_cost=self.spec.run.max_cost,
-            commit_each_call=llm,
-            # In the runner's own process a record can kill it: count attempts when they
-            # start. In a worker it kills the worker only, which the runner sees.
-            count_starts=not llm and self.spec.isolation == "none",
-            may_ingest=None if worker is None else lambda: worker.take(ledger),
-            alone=None if worker is None else lambda: not worker.others(ledger),
-        )
-        try:
-            runner.run()
-            now = ledger.get_job(self.name)
-            if not job.ingest_done and now is not None and now.ingest_done:
-                self._verify_read(ledger, now)
-        finally:
-            outcome.cancelled = runner.cancelled
-            if isinstance(task, TruncationWatch):
-                task.truncated += sum(getattr(p, "truncated", 0) for p in made)
-                task.warn(self.origin, lambda: self._reader(sources.CHUNK)(sources.Cursor()))
-            outcome.batch_size = None if llm else sizer.size
-            outcome.batch_trials = () if llm else tuple(sizer.trials)
-
-    def _batch_service(self) -> Any:
-        requests, size = llm_job.batch_limits(self.spec)
-        return llm_job.provider(self.spec).batch_service(
-            api_key=llm_job.api_key(self.spec),
-            base_url=self.spec.model.base_url,
-            max_requests=requests,
-            max_bytes=size,
-            timeout=self.spec.model.timeout,
-            tmp_dir=self._ledger_dir / "tmp",
-        )
-
-    def _batch_runner(
-        self,
-        ledger: Ledger,
-        job: JobInfo,
-        progress: Progress,
-        on_progress: Callable[[Progress], None] | None,
-        stop: threading.Event | None,
-        cache: Any = None,
-        worker: RunHandle | None = None,
-    ) -> Any:
-        from .batch_runner import BatchRunner
-
-        return BatchRunner(
-            ledger,
-            job,
-            self.task,  # type: ignore[arg-type]
-            self._batch_service(),
-            tag=self._tag(job),
-            max_attempts=self.spec.run.max_attempts,
-            meter=llm_job.meter(self.spec, self.prices, batch=True),
-            validate=self.validator,
-            progress=progress,
-            on_progress=on_progress,
-            stop=stop,
-            max_cost=self.spec.run.max_cost,
-            poll_interval=self.spec.model.poll_interval,
-            poll_max=max(self.spec.model.poll_interval, 600.0),
-            repair=self.spec.task.repair,
-            cache=cache,
-            may_submit=None if worker is None else lambda: worker.take(ledger),
-        )
-
-    def _ingest(
-        self,
-        ledger: Ledger,
-        job: JobInfo,
-        progress: Progress,
-        on_progress: Callable[[Progress], None] | None,
-        stop: threading.Event | None,
-        worker: RunHandle | None = None,
-    ) -> JobInfo | None:
-        """Batch paths read the whole input into the ledger first; None if stopped. The
-        primary reads it; another worker waits for that (or takes over from a dead primary)."""
-        while worker is not None and not job.ingest_done and not worker.take(ledger):
-            if stop is not None and stop.wait(0.2):
-                return None
-            now = ledger.get_job(self.name)
-            if now is None or now.id != job.id:
-                raise UsageError(f"job {self.name!r} was restarted by another process")
-            job = now
-        if worker is not None and not job.ingest_done:  # the cursor as the last ingester left it
-            job = ledger.get_job(self.name) or job
-        if not ingest_only(
-            ledger,
-            job,
-            self._reader(sources.CHUNK),
-            progress=progress,
-            on_progress=on_progress or (lambda p: None),
-            stop=stop,
-        ):
-            return None
-        fresh = ledger.get_job(self.name)
-        assert fresh is not None
-        if not job.ingest_done:
-            self._verify_read(ledger, fresh)
-        return fresh
-
-    def _run_batch(
-        self,
-        ledger: Ledger,
-        job: JobInfo,
-        progress: Progress,
-        outcome: _RunOutcome,
-        on_progress: Callable[[Progress], None] | None,
-        stop: threading.Event | None,
-    ) -> None:
-        """openai-batch / anthropic-batch: ingest, then submit, poll and collect batches."""
-        fresh = self._ingest(ledger, job, progress, on_progress, stop, outcome.worker)
-        if fresh is None:
-            return
-        with self._cache() as cache:
-            runner = self._batch_runner(
-                ledger, fresh, progress, on_progress, stop, cache, outcome.worker
-            )
-            try:
-                runner.run(detach=outcome.detached)
-            finally:
-                outcome.notes += runner.notes
-        outcome.cancelled = ledger.is_cancelled(job.id)
-
-    def _run_auto(
-        self,
-        ledger: Ledger,
-        job: JobInfo,
-        progress: Progress,
-        outcome: _RunOutcome,
-        on_progress: Callable[[Progress], None] | None,
-        stop: threading.Event | None,
-    ) -> None:
-        """backend = "auto": the batch API (half price) while there is time; when the time
-        left falls under `deadline_margin`, cancel what has not finished and complete it in
-        real time. Without a deadline it is the batch API alone."""
-        fresh = self._ingest(ledger, job, progress, on_progress, stop, outcome.worker)
-        if fresh is None:
-            return
-        deadline = self.spec.run.deadline_at
-        cut = deadline.timestamp() - self.spec.run.deadline_margin if deadline else None
-        switched = False
-        # Past the cut already (say the machine was off): this only adopts, cancels and
-        # collects the live batches, submitting nothing new.
-        with self._cache() as cache:
-            batch = self._batch_runner(
-                ledger, fresh, progress, on_progress, stop, cache, outcome.worker
-            )
-            try:
-                batch.run(until=cut)
-            finally:
-                outcome.notes += batch.notes
-        if stop is not None and stop.is_set():
-            return
-        counts = ledger.counts(job.id)
-        if counts["pending"] and deadline is not None and not ledger.is_cancelled(job.id):
-            switched = True  # the rest in real time, at full price
-            self._run_predict(ledger, fresh, progress, outcome, on_progress, stop)
-        if deadline is not None:
-            counts = ledger.counts(job.id)
-            done_at = counts.last_finished or time.time()
-            held = counts.open == 0 and done_at <= deadline.timestamp()
-            outcome.deadline = {
-                "deadline": deadline.isoformat(),
-                "held": held,
-                "switched_to_realtime": switched,
-                "summary": (
-                    f"{'finished' if counts.open == 0 else 'not finished'}"
-                    f"{' after switching to real time' if switched else ' in batches'};"
-                    f" saved {usd(counts.saved)} vs real time"
-                ),
-            }
-        outcome.cancelled = ledger.is_cancelled(job.id)
-
-    def _remote_batches(self, ledger: Ledger, job_id: int) -> list[dict[str, Any]]:
-        return [c.to_dict() for c in ledger.chunks(job_id)]
-
-    def _fingerprint(self) -> tuple[sources.Fingerprint, str]:
-        """The input's fingerprint now, and its plain content hash (older ledgers')."""
-        return self.input.fingerprint()
-
-    def _verify_read(self, ledger: Ledger, job: JobInfo) -> None:
-        """After this run read the input to its end: were the bytes it read those it started
-        with? A file rewritten in place while it was read gives records of two inputs (and
-        lines cut in two where reading went on): nothing of it is exported, and the job is
-        marked so that the next run reads the input again (an incremental run). Appending
-        to the input is fine: the next run reads what was added. (A database changes while
-        it is read: the fingerprint taken before the read makes the next run read again.)"""
-        if not self.input.changed_while_read(job.fingerprint):
-            return
-        if job.name == self.name:  # (a generation being read is simply not used)
-            ledger.set_fingerprint(job.id, sources.Fingerprint(0, 0, "changed while read"))
-        raise InputChangedError(
-            f"{self.input.describe()} changed while this run read it, so what was read mixes two"
-            " versions of it; nothing was exported. Run again: the input is read again, and"
-            " records that did not change keep their results"
-        )
-
     def _connect(self) -> Ledger:
         """Another connection to this job's ledger (the claim's heartbeat thread)."""
         return open_ledger(self.ledger_url)
 
-    def _open_job(
-        self,
-        ledger: Ledger,
-        spec_hash: str,
-        restart: bool,
-        notes: list[str],
-        on_progress: Callable[[Progress], None] | None,
-        stop: threading.Event,
-        others: list[str] = [],  # noqa: B006 - read only
-    ) -> JobInfo | None:
-        """The job's ledger entry: created, resumed, or (input changed) reconciled.
-        `others`: the job's other live workers, which a restart or a reconcile would pull
-        the job from under."""
-        if restart and others:
-            raise busy(self.name, others)
-        job = ledger.get_job(self.name)
-        if job is not None and self._check_origin(job):
-            ledger.set_origin(job.id, self._origin or "")
-        discarded_before = 0.0
-        if self._uses_batches():
-            # The provider is a second record of what was sent: look there before anything
-            # is read or submitted.
-            if restart:
-                from .llm.batch import SKEW
-
-                notes += self._cancel_earlier_batches(ledger, job)
-                # Batches of earlier runs, made before now (by the provider's clock, which
-                # may run ahead of ours), are theirs: later runs do not refuse.
-                discarded_before = time.time() + SKEW
-            else:
-                self._refuse_earlier_batches(job)
-        if job is not None and restart:
-            ledger.delete_job(job.id)
-            job = None
-        fingerprint, content = self._fingerprint()
-        if job is None:
-            return ledger.create_job(
-                self.name,
-                spec_hash,
-                fingerprint,
-                discarded_before=discarded_before,
-                origin=self._origin,
-            )
-        if spec_hash != job.spec_hash:
-            raise InputChangedError(
-                f"the [task] or [model] of job {self.name!r} (or its examples) changed since it "
-                "started; results would mix two configurations. Undo the change, give the job a "
-                "new name, or run with --restart to start over."
-            )
-        if (since := self.input.since(job.fingerprint)) is not None:
-            return self._read_changed(ledger, job, fingerprint, since, notes, on_progress, stop)
-        same = fingerprint.digest == job.fingerprint.digest  # by content: size and mtime lie
-        if not same and job.legacy_fingerprint:
-            # Stored by an older overnight, as the content hash alone: compare as it did
-            # (calling the input changed would refuse to collect its live batches), then
-            # store the full fingerprint.
-            same = content == job.fingerprint.digest
-        if same:
-            if fingerprint != job.fingerprint or job.legacy_fingerprint:
-                ledger.set_fingerprint(job.id, fingerprint)
-            return job
-        if others:
-            raise busy(
-                self.name,
-                others,
-                why=f"{self.input.describe()} changed since it started, and reading it again now"
-                " would replace the items it works on",
-            )
-        return self._reconcile(ledger, job, fingerprint, notes, on_progress, stop)
-
-    def _join(
-        self,
-        ledger: Ledger,
-        spec_hash: str,
-        restart: bool,
-        notes: list[str],
-        on_progress: Callable[[Progress], None] | None,
-        stop: threading.Event,
-        run: RunHandle,
-    ) -> JobInfo | None:
-        """The job this worker works on. The primary sets it up (`_open_job`); another
-        worker waits until it is set up (its entry made, for this input and configuration),
-        then works beside the primary. If the primary dies first, this one takes its place."""
-        digest = None
-        while not run.take(ledger):
-            job = ledger.get_job(self.name)
-            if job is not None and job.spec_hash != spec_hash:
-                who = describe(run.held.owner) if run.held else "another process"
-                raise InputChangedError(
-                    f"the [task] or [model] of job {self.name!r} (or its examples) differ from"
-                    f" those of the run at work on it ({who}); another worker joins only the"
-                    " same job. Let it finish, or give this job a new name"
-                )
-            if job is not None:
-                digest = digest or self._fingerprint()[0].digest
-                if job.fingerprint.digest == digest:
-                    self._check_origin(job)
-                    return job
-            if stop.wait(0.1):
-                return None
-        return self._open_job(
-            ledger, spec_hash, restart, notes, on_progress, stop, others=run.others(ledger)
-        )
-
-    def _reconcile(
-        self,
-        ledger: Ledger,
-        job: JobInfo,
-        fingerprint: sources.Fingerprint,
-        notes: list[str],
-        on_progress: Callable[[Progress], None] | None,
-        stop: threading.Event,
-    ) -> JobInfo | None:
-        """An incremental run: read the changed input again; unchanged records keep their
-        results, new and changed ones are computed, ids no longer in the input leave it."""
-        live = ledger.chunks(job.id, ("creating", "live"))
-        if live:
-            raise InputChangedError(
-                f"{self.input_name} changed while {len(live)} provider batch(es) of job "
-                f"{self.name!r} are still running; their results belong to the input as it was."
-                " Restore the input and run again to collect them first, or run with --restart"
-                " to start over."
-            )
-        log.info("job %r: the input changed since the last run; reading it again", self.name)
-        new = ledger.begin_generation(job, fingerprint)
-        progress = Progress(expected=self._expected())
-        if not ingest_only(
-            ledger,
-            new,
-            self._reader(sources.CHUNK),
-            progress=progress,
-            on_progress=on_progress or (lambda p: None),
-            stop=stop,
-        ):
-            return None
-        self._verify_read(ledger, new)
-        before = ledger.counts(job.id).total
-        kept, gone = ledger.carry_results(job.id, new.id)
-        job = ledger.replace_generation(job, new)
-        counts = ledger.counts(job.id)
-        notes.append(
-            f"the input changed since the last run: {kept} of {before} records kept their"
-            f" results, {counts['pending']} new or changed to compute, {gone} no longer in it"
-        )
-        return job
-
-    def _read_changed(
-        self,
-        ledger: Ledger,
-        job: JobInfo,
-        fingerprint: sources.Fingerprint,
-        since: Since,
-        notes: list[str],
-        on_progress: Callable[[Progress], None] | None,
-        stop: threading.Event,
-    ) -> JobInfo | None:
-        """An incremental run with `[source] changed_since`: only rows whose column is past the
-        last run's high-water mark are read from the database. The next generation holds
-        them, and every other record as the ledger has it (the failed ones read again by id,
-        as the ledger keeps no input of theirs but the id); carry_results then keeps the
-        results of all but the changed ones. Rows deleted from the source are not seen (no
-        row says so): they keep their results until a run without `changed_since`. A job
-        still unfinished is resumed first; the next run reads what changed."""
-        counts = ledger.counts(job.id)
-        if not job.ingest_done or counts.open or counts["cancelled"]:
-            return job
-        changed_n = since.count()
-        if not changed_n:
-            return job
-        log.info("job %r: %d rows changed since the last run; reading them", self.name, changed_n)
-        new = ledger.begin_generation(job, fingerprint)
-        read: list[int] = [0]
-
-        def reader(_: sources.Cursor) -> Iterator[list[sources.Row]]:
-            changed: dict[str, sources.Row] = {}
-            bad: list[sources.Row] = []
-            for rows in since.read(sources.CHUNK):
-                for row in rows:
-                    if row.custom_id is None:
-                        bad.append(row)
-                    else:
-                        changed[row.custom_id] = row
-            read[0] = len(changed) + len(bad)
-            line = 0
-            out: list[sources.Row] = []
-
-            def put(row: sources.Row) -> Iterator[list[sources.Row]]:
-                nonlocal line, out
-                line += 1
-                out.append(row._replace(line=line))
-                if len(out) >= sources.CHUNK:
-                    yield out
-                    out = []
-
-            other = self._connect()  # a second connection: this one writes while it reads
-            try:
-                for cid, _, payload, _ in other.iter_results(job.id, with_payload=True):
-                    row = changed.pop(cid, None)
-                    yield from put(row or sources.Row(0, cid, payload, None, None))
-                failed = [
-                    f.custom_id
-                    for f in other.iter_failures(job.id)
-                    if f.custom_id is not None and f.error_class != "input_error"
-                ]
-            finally:
-                other.close()
-            again = [cid for cid in failed if cid not in changed]
-            for row in since.read_ids(again):
-                for r in row:
-                    yield from put(r)
-            for row in [*changed.values(), *bad]:
-                yield from put(row)
-            if out:
-                yield out
-
-        progress = Progress(expected=counts.total + changed_n)
-        if not ingest_only(
-            ledger,
-            new,
-            reader,
-            progress=progress,
-            on_progress=on_progress or (lambda p: None),
-            stop=stop,
-        ):
-            return None
-        kept, gone = ledger.carry_results(job.id, new.id)
-        job = ledger.replace_generation(job, new)
-        counts = ledger.counts(job.id)
-        notes.append(
-            f"read {read[0]} rows changed since the last run ([source] changed_since):"
-            f" {counts['pending']} new or changed to compute; {kept} records kept their results"
-        )
-        return job
+    # -- the commands that run nothing (admin.py) ------------------------------------------
 
     def estimate(self) -> Any:
         """Tokens and cost of the whole input, real time vs batch; sends nothing, needs no key.
 
         Every record is rendered into its request exactly as a run would, so the estimate
         counts the real prompts, schema and parameters."""
-        if not self.is_llm:
-            raise self._usage("estimate applies to the LLM backends (openai, anthropic, ...)")
-        self.check(need_key=False)
-        from .estimate import estimate_requests
-
-        def requests() -> Iterator[tuple[str, dict[str, Any]]]:
-            for rows in self._reader(sources.CHUNK)(sources.Cursor()):
-                for row in rows:
-                    if row.error is not None:
-                        continue
-                    try:
-                        req = self.task.build(row.record)  # type: ignore[arg-type]
-                    except InputError:
-                        continue  # a template field missing: that record fails, costs nothing
-                    yield req.endpoint, req.body
-
-        params = self.spec.model.params
-        max_tokens = params.get("max_tokens", params.get("max_completion_tokens"))
-        return estimate_requests(
-            requests(),
-            self.spec.model.name or "",
-            self.prices,
-            max_tokens=max_tokens if isinstance(max_tokens, int) else None,
-            # A label is a few tokens of JSON: bounding it by max_tokens would overstate.
-            expected_output_tokens=16 if self.spec.task.kind == "classify" else None,
-        )
+        return admin.estimate(self)
 
     def status(self) -> Report:
         """Counts, and whether the job is finished, who runs it, how fast, how long to go.
         The processing figures are the last run's own (those its report showed)."""
-        with self.ledger() as ledger:
-            job = self._job_info(ledger)
-            counts = ledger.counts(job.id)
-            activity = self._activity(ledger, job, counts)
-            last = activity.last_run
-            return Report(
-                job=self.name,
-                counts=counts,
-                processed=last.processed if last else 0,
-                seconds=last.seconds if last else 0.0,
-                setup_seconds=last.setup_seconds if last else 0.0,
-                cancelled=ledger.is_cancelled(job.id),
-                ingest_done=job.ingest_done,
-                remote_batches=tuple(self._remote_batches(ledger, job.id)),
-                llm=self.is_llm,
-                tokens=self._counts_tokens,
-                activity=activity,
-            )
-
-    def _activity(self, ledger: Ledger, job: JobInfo, counts: Counts) -> Activity:
-        now = time.time()
-        claim = ledger.get_claim(self.name)
-        workers = live_workers(ledger, self.name)  # several `run`s of a job: its workers
-        held = claim is not None and holder_alive(claim, now)
-        running = held or bool(workers)
-        last = ledger.last_run(self.name)
-        unfinished: list[str] = []
-        unread: int | None = 0
-        if not job.ingest_done:
-            try:
-                expected = self._expected()
-            except (OSError, ValueError, UsageError):
-                expected = None
-            read = counts.total
-            unread = None if expected is None else max(0, expected - read)
-            unfinished.append(
-                f"the input is not fully read: {read:,} records so far"
-                + (f" of ~{expected:,}" if expected else "")
-            )
-        if counts.open:
-            parts = [f"{counts[s]:,} {s}" for s in ("pending", "leased", "submitted") if counts[s]]
-            unfinished.append(f"{counts.open:,} items still open ({', '.join(parts)})")
-        if ledger.is_cancelled(job.id):
-            unfinished.append("cancelled: `overnight run` resumes it")
-        rate = 0.0
-        if running and last is not None and last.ended_at is None:
-            window = min(60.0, max(1.0, now - last.started_at))
-            rate = ledger.finished_since(job.id, now - window) / window
-        elif last is not None:
-            rate = last.items_per_second
-        remaining = None if unread is None else counts.open + unread
-        eta = remaining / rate if remaining and rate > 0 else (0.0 if remaining == 0 else None)
-        if unfinished and not running:
-            if last is not None and last.ended_at is None:
-                unfinished.append(
-                    f"no run is active: the last one ({describe(last.owner)}) stopped without"
-                    f" finishing at about {_clock(last.updated_at)} (killed?); `overnight run`"
-                    " resumes it"
-                )
-            else:
-                unfinished.append("no run is active: `overnight run` resumes it")
-        owner = claim.owner if held and claim else workers[0] if workers else None
-        owner = owner or (last.owner if last else None)
-        runner = describe(owner) if owner else None
-        if runner and len(workers) > 1:
-            runner += f" and {len(workers) - 1} other worker{'s' if len(workers) > 2 else ''}"
-        return Activity(
-            running=running,
-            runner=runner,
-            last_run=last,
-            items_per_second=rate,
-            remaining=remaining,
-            eta_seconds=eta if running else None,
-            unfinished=tuple(unfinished),
-        )
+        return admin.status(self)
 
     def failures(self) -> list[Failure]:
-        with self.ledger() as ledger:
-            return list(ledger.iter_failures(self._job_info(ledger).id))
+        return admin.failures(self)
 
     def retry(self, invalid: bool = False) -> RetryResult:
         """Move failed (and invalid) items back to pending; `run` then processes them.
 
         Input lines that could not be read are not items and cannot be moved: fixing the
         line and running again is how they are retried (the run reads a changed input again)."""
-        states = ("failed", "invalid") if invalid else ("failed",)
-        with self.ledger() as ledger:
-            job = self._job_info(ledger)
-            moved = ledger.retry(job.id, states)
-            unread = ledger.counts(job.id).rejected
-            return RetryResult(moved, unread, tuple(ledger.reject_lines(job.id, 10)))
+        return admin.retry(self, invalid)
 
     def export(self) -> sinks.Exported:
-        self._check_output()
-        with self.ledger() as ledger:
-            job = self._job_info(ledger)
-            return self._export(ledger, job.id)
-
-    def _export(self, ledger: Ledger, job_id: int) -> sinks.Exported:
-        return self.output.write(ledger, job_id)
+        return admin.export(self)
 
     def cancel(self) -> CancelResult:
         """Open items become cancelled; a running run stops after its batch in flight; live
         provider batches are cancelled remotely and what they finished is kept (collected
         by the running run or the next `run`). `run` resumes the job."""
-        with self.ledger() as ledger:
-            job = self._job_or_starting(ledger)
-            counts = ledger.counts(job.id)
-            activity = self._activity(ledger, job, counts)
-            if (
-                job.ingest_done
-                and not counts.open
-                and not activity.running
-                and not ledger.chunks(job.id, ("creating", "live"))
-            ):
-                # Nothing is open: marking the job cancelled would only make `status` and
-                # the next run say so of a job that had finished.
-                return CancelResult(items=0, runner=None, unread=0, remote_batches=0, finished=True)
-            n = ledger.cancel(job.id)
-            batches = 0
-            if self.is_llm and ledger.chunks(job.id, ("live",)):
-                from .batch_runner import BatchRunner
-
-                runner = BatchRunner(
-                    ledger,
-                    job,
-                    self.task,  # type: ignore[arg-type]
-                    self._batch_service(),
-                    tag=self._tag(job),
-                    max_attempts=self.spec.run.max_attempts,
-                    meter=llm_job.meter(self.spec, self.prices, batch=True),
-                )
-                with self._provider_errors():
-                    batches = runner.cancel_remote()
-            unread = None
-            if not job.ingest_done and activity.remaining is not None:
-                unread = max(0, activity.remaining - counts.open)
-            return CancelResult(
-                items=n,
-                runner=activity.runner if activity.running else None,
-                unread=unread if not job.ingest_done else 0,
-                remote_batches=batches,
-            )
+        return admin.cancel(self)

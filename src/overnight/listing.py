@@ -47,9 +47,10 @@ def _is_ledger(path: Path) -> bool:
         return False
 
 
-def list_jobs(where: str | Path | None = None) -> list[JobSummary]:
-    """The jobs of the ledger `where` (--ledger), else $OVERNIGHT_LEDGER, else
-    .overnight/ledger.db in the current folder."""
+def existing_ledger(where: str | Path | None = None) -> str:
+    """The URL of the ledger `where` (--ledger), else $OVERNIGHT_LEDGER, else
+    .overnight/ledger.db in the current folder; a SQLite file must be a ledger already
+    (a reader never creates one)."""
     if where:
         url = ledger_location(str(where), Path.cwd(), "--ledger")
     elif env := os.environ.get("OVERNIGHT_LEDGER"):
@@ -64,6 +65,13 @@ def list_jobs(where: str | Path | None = None) -> list[JobSummary]:
             )
         if not _is_ledger(path):
             raise UsageError(f"--ledger: {path} is not an overnight ledger")
+    return url
+
+
+def list_jobs(where: str | Path | None = None) -> list[JobSummary]:
+    """The jobs of the ledger `where` (--ledger), else $OVERNIGHT_LEDGER, else
+    .overnight/ledger.db in the current folder."""
+    url = existing_ledger(where)
     ledger = open_ledger(url)
     try:
         out = []

@@ -208,8 +208,17 @@ def _sql(
     return SqlOutput(spec, base, path, errors, origin, id_name, job)
 
 
+def _queue(
+    spec: JobSpec, base: Path, path: Path, errors: Path, origin: str, id_name: str, job: str
+) -> Output:
+    from .intake.kinds import QueueOutput
+
+    return QueueOutput(spec, path, errors, origin, id_name, job)
+
+
 # The kinds, the first that matches wins; the last, files, takes what none other does.
 OUTPUTS: list[OutputKind] = [
+    OutputKind("queue", lambda spec: spec.output.queue is not None, _queue),
     OutputKind("sql", lambda spec: spec.output.url is not None, _sql),
     OutputKind("file", lambda spec: True, _file),
 ]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import orjson
 
 _NUMPY = orjson.OPT_SERIALIZE_NUMPY
@@ -20,6 +19,8 @@ def encode(fields: dict[str, Any], vector_output: bool = False) -> tuple[bytes, 
     """(result JSON, vector bytes or None). With `vector_output`, a numeric `output` sequence is
     split off as float32 bytes; anything else stays in the JSON."""
     if vector_output:
+        import numpy as np  # here, not at the top: only embeddings need it (~0.1 s to import)
+
         out = fields.get("output")
         if isinstance(out, np.ndarray | list) and len(out) > 0:
             try:
@@ -38,4 +39,6 @@ def decode(result: bytes, vector: bytes | None) -> dict[str, Any]:
     fields = orjson.loads(result)
     if vector is None:
         return fields
+    import numpy as np
+
     return {"output": np.frombuffer(vector, dtype="<f4"), **fields}

@@ -141,6 +141,11 @@ class Progress:
                 continue
             self.processed += 1
 
+    def count_succeeded(self, n: int) -> None:
+        """Add `n` items committed as succeeded, without usage (the fresh hot path)."""
+        self.succeeded += n
+        self.processed += n
+
     def budget_reached(self, max_cost: float | None, what: str) -> bool:
         """True once `max_cost` is spent; records why the run stopped, once."""
         if max_cost is None or self.cost < max_cost:
@@ -242,11 +247,15 @@ class _GroupCommit:
     """Buffers computed fresh batches and commits them in one transaction once enough rows
     or time has built up: a slow model commits after every batch, a cheap function every few
     thousand records. A crash loses at most that buffer, which is computed again on rerun.
-    (A commit thread was tried and measured slower: it fights the main thread for the GIL.)"""
+    (A commit thread was tried and measured slower: it fights the main thread for the GIL.)
+
+    A window comes with its outcomes, or (the hot path, every row read and succeeded) with
+    its result rows alone; while every window of the buffer is such, it is committed by
+    `add_succeeded`, with no Outcome per record."""
 
     def __init__(
         self,
-        commit: Callable[[int, list[Row], list[Outcome]], None],
+        commit: Callable[[int, list[Row], list[Outcome] | None, list[bytes] | None], None],
         max_rows: int = 8192,
         max_seconds: float = 0.5,
     ) -> None:
@@ -254,23 +263,49 @@ class _GroupCommit:
         self._seq = 0
         self._rows: list[Row] = []
         self._outcomes: list[Outcome] = []
+        self._results: list[bytes] | None = []  # None: a window came with outcomes
         self._since = 0.0
 
-    def add(self, seq: int, rows: list[Row], outcomes: list[Outcome]) -> None:
+    def add(
+        self,
+        seq: int,
+        rows: list[Row],
+        outcomes: list[Outcome] | None,
+        results: list[bytes] | None = None,
+    ) -> None:
         if not self._rows:
             self._seq, self._since = seq, time.monotonic()
+            self._outcomes, self._results = [], []
+        if results is not None and self._results is not None:
+            self._results += results
+        else:
+            if self._results is not None:  # the buffer so far as outcomes: every row is one
+                self._outcomes = _succeeded(self._seq, self._results)
+                self._results = None
+            self._outcomes += outcomes if outcomes is not None else _succeeded(seq, results or [])
         self._rows += rows
-        self._outcomes += outcomes
         if len(self._rows) >= self.max_rows or time.monotonic() - self._since >= self.max_seconds:
             self.flush()
 
     def discard(self) -> None:
-        self._rows, self._outcomes = [], []
+        self._rows, self._outcomes, self._results = [], [], []
 
     def flush(self) -> None:
         if self._rows:
-            rows, outcomes, self._rows, self._outcomes = self._rows, self._outcomes, [], []
-            self._commit(self._seq, rows, outcomes)
+            rows, outcomes, results = self._rows, self._outcomes, self._results
+            self.discard()
+            if results is not None:
+                self._commit(self._seq, rows, None, results)
+            else:
+                self._commit(self._seq, rows, outcomes, None)
+
+
+def _succeeded(seq: int, results: list[bytes]) -> list[Outcome]:
+    """Outcomes of items `seq...` that succeeded on their first attempt with `results`."""
+    return [
+        _tuple(Outcome, (s, "succeeded", r, None, None, 0.0, 0, 0, None, None, None, 1, None))
+        for s, r in zip(range(seq, seq + len(results)), results, strict=True)
+    ]
 
 
 class Runner:
@@ -370,14 +405,7 @@ class Runner:
                         self._drop_suspects(seq + len(window))
                         seq += len(window)
                         continue
-                    works = [
-                        _tuple(Work, (seq + k, r.line, 0, r.record, r.payload))
-                        for k, r in enumerate(window)
-                        if r.error is None
-                    ]
-                    if works and self.count_starts:
-                        self.ledger.mark_inflight(self.job.id, self.owner, seq, last)
-                    pending.add(seq, window, self._attempt(works) if works else [])
+                    pending.add(seq, window, *self._attempt_fresh(seq, window))
                     seq += len(window)
                     self.sizer.observe(len(window), time.perf_counter() - t0)
             pending.flush()
@@ -397,6 +425,41 @@ class Runner:
         self.ledger.finish_ingest(self.job.id)
         self.progress.ingest_done = True
         self.on_progress(self.progress)
+
+    def _attempt_fresh(
+        self, seq: int, window: list[Row]
+    ) -> tuple[list[Outcome] | None, list[bytes] | None]:
+        """A window of fresh records computed: the outcomes of those that could be read, or,
+        when every record was read and succeeded on the hot path, their result rows alone.
+
+        The hot path of a run: a python function or a local model in its worker process
+        (`runs_task`), every record readable, nothing to validate or meter. The records go
+        as they were read and the answer rows are the results: no Work nor Outcome per
+        record (a Work is built only when a call fails and its batch is split)."""
+        self._load()
+        plain = self._runs_task and self.validate is None and self.meter is None
+        if not plain or not all(r[4] is None for r in window):
+            works = [
+                _tuple(Work, (seq + k, r.line, 0, r.record, r.payload))
+                for k, r in enumerate(window)
+                if r.error is None
+            ]
+            if works and self.count_starts:
+                self.ledger.mark_inflight(self.job.id, self.owner, seq, seq + len(window) - 1)
+            return (self._attempt(works) if works else []), None
+        if self.count_starts:
+            self.ledger.mark_inflight(self.job.id, self.owner, seq, seq + len(window) - 1)
+        assert self._predictor is not None
+        payloads = [r[2] for r in window]
+        try:
+            answers = self._predictor.process(payloads, self.sizer.size)
+        except Exception as exc:
+            works = [_tuple(Work, (seq + k, r[0], 0, None, r[2])) for k, r in enumerate(window)]
+            return self._failed(works, payloads, exc), None
+        if len(answers) == len(window) and all(type(a) is bytes for a in answers):
+            return None, answers
+        works = [_tuple(Work, (seq + k, r[0], 0, None, r[2])) for k, r in enumerate(window)]
+        return [self._finish(w, a) for w, a in zip(works, answers, strict=True)], None
 
     def _fresh_with_suspects(self, seq: int, window: list[Row]) -> list[Outcome]:
         """A window holding records a dead runner was computing: those are not computed but
@@ -470,9 +533,27 @@ class Runner:
             self.ledger.clear_inflight(self.job.id, mark[0])
             self._suspects.remove(mark)
 
-    def _commit_fresh(self, seq: int, window: list[Row], outcomes: list[Outcome]) -> None:
-        """Insert computed batches and move the ingest cursor past them, in one transaction."""
+    def _commit_fresh(
+        self,
+        seq: int,
+        window: list[Row],
+        outcomes: list[Outcome] | None,
+        results: list[bytes] | None = None,
+    ) -> None:
+        """Insert computed batches and move the ingest cursor past them, in one transaction
+        (`results` alone: every row was read and succeeded, see _GroupCommit)."""
         cursor = cursor_after(window[-1], seq + len(window))
+        if results is not None:
+            accepted = self.ledger.add_succeeded(self.job.id, seq, window, cursor, results)
+            self.progress.ingested += len(window)
+            done = accepted.count(True)
+            self.progress.failed += len(window) - done  # repeated ids
+            self.progress.count_succeeded(done)
+            self.progress.batch_size = self.sizer.size
+            self.on_progress(self.progress)
+            self._check_cancel()
+            return
+        assert outcomes is not None
         accepted = self.ledger.add_items(self.job.id, seq, window, cursor, outcomes)
         self.progress.ingested += len(window)
         if not all(accepted):
@@ -566,13 +647,16 @@ class Runner:
 
     # -- one batch ----------------------------------------------------------------------
 
-    def _attempt(self, batch: list[Work]) -> list[Outcome]:
-        """One outcome per item of the batch, in the batch's order."""
+    def _load(self) -> None:
         if self._predictor is None:  # the model loads only if there is work
             t0 = time.monotonic()
             self._predictor = self._make_predictor()
             self._runs_task = getattr(self._predictor, "runs_task", False)
             self.progress.setup_seconds += time.monotonic() - t0
+
+    def _attempt(self, batch: list[Work]) -> list[Outcome]:
+        """One outcome per item of the batch, in the batch's order."""
+        self._load()
         if self._runs_task:  # records go as they are stored; build and parse happen there
             return self._predict(batch, [w.payload for w in batch])
         build, loads = self.task.build, orjson.loads
@@ -598,26 +682,15 @@ class Runner:
         assert self._predictor is not None
         try:
             answers = self._predictor.process(inputs, self.sizer.size)
-        except (EndpointDown, KeyRefused):
-            raise  # nothing is wrong with these items: the job stops, they stay pending
-        except OutputCountError as exc:
-            # The batch answered wrongly as a whole: split, each half might "succeed" with
-            # outputs that are not its own. The whole batch fails, with the message.
-            return [self._error(w, exc) for w in works]
         except Exception as exc:
-            if len(works) == 1:
-                return [self._error(works[0], exc)]
-            # One bad input must not sink its batch: split until the poison is alone.
-            mid = len(works) // 2
-            return self._predict(works[:mid], inputs[:mid]) + self._predict(
-                works[mid:], inputs[mid:]
-            )
+            return self._failed(works, inputs, exc)
         if self._runs_task:  # output rows as JSON bytes (or an exception per record)
             plain = self.validate is None and self.meter is None
             if plain and all(type(a) is bytes for a in answers):
                 return [
                     _tuple(
-                        Outcome, (w[0], "succeeded", r, None, None, 0.0, 0, 0, None, None, None, 1)
+                        Outcome,
+                        (w[0], "succeeded", r, None, None, 0.0, 0, 0, None, None, None, 1, None),
                     )
                     for w, r in zip(works, answers, strict=True)
                 ]
@@ -630,11 +703,26 @@ class Runner:
             else:
                 return [
                     _tuple(
-                        Outcome, (w[0], "succeeded", r, None, None, 0.0, 0, 0, None, None, None, 1)
+                        Outcome,
+                        (w[0], "succeeded", r, None, None, 0.0, 0, 0, None, None, None, 1, None),
                     )
                     for w, r in zip(works, rows, strict=True)
                 ]
         return [self._finish(w, answer) for w, answer in zip(works, answers, strict=True)]
+
+    def _failed(self, works: list[Work], inputs: list[Any], exc: Exception) -> list[Outcome]:
+        """The outcomes of a call that raised `exc` for all of `works`."""
+        if isinstance(exc, EndpointDown | KeyRefused):
+            raise exc  # nothing is wrong with these items: the job stops, they stay pending
+        if isinstance(exc, OutputCountError):
+            # The batch answered wrongly as a whole: split, each half might "succeed" with
+            # outputs that are not its own. The whole batch fails, with the message.
+            return [self._error(w, exc) for w in works]
+        if len(works) == 1:
+            return [self._error(works[0], exc)]
+        # One bad input must not sink its batch: split until the poison is alone.
+        mid = len(works) // 2
+        return self._predict(works[:mid], inputs[:mid]) + self._predict(works[mid:], inputs[mid:])
 
     def _finish(self, w: Work, answer: Any) -> Outcome:
         if isinstance(answer, BaseException):  # the backend failed this item alone

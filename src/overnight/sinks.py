@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-import numpy as np
 import orjson
 import psutil
 
@@ -146,6 +145,7 @@ def _write_csv(f: IO[str], ledger: Ledger, job_id: int, id_name: str, include: l
 def _arrow_table(rows: list[dict[str, Any]]) -> Any:
     """Rows as an Arrow table; embeddings (float32 arrays of one length) as a
     fixed_size_list<float32> column, which vector stores and Arrow readers expect."""
+    import numpy as np  # here, as pyarrow: a JSONL or CSV output needs neither
     import pyarrow as pa
 
     outputs = [row.get("output") for row in rows]

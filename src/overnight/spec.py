@@ -11,7 +11,14 @@ from typing import Any, Literal
 
 import jinja2
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import JobFileError
 from .llm.providers import BACKENDS, PROVIDERS, Mode
@@ -26,6 +33,11 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
+# [source] keys of a queue (intake/): not part of how a file or a table is read, so not of
+# their fingerprints (inputs.py), which must stay what older versions stored.
+QUEUE_KEYS = frozenset({"queue", "queue_name", "stream", "group", "prefetch"})
+
+
 class SourceSpec(_Section):
     path: str | None = Field(None, min_length=1)
     id: str | None = Field(None, min_length=1)  # "" would fail every record alone
@@ -36,14 +48,40 @@ class SourceSpec(_Section):
     table: str | None = Field(None, min_length=1)
     query: str | None = Field(None, min_length=1)
     changed_since: str | None = Field(None, min_length=1)  # a column: read only newer rows
+    # A message queue instead (`overnight consume`, intake/): amqp://, redis://, sqs://.
+    queue: str | None = Field(None, min_length=1)
+    queue_name: str | None = Field(None, min_length=1)  # RabbitMQ, SQS
+    stream: str | None = Field(None, min_length=1)  # Redis Streams
+    group: str = Field("overnight", min_length=1)  # Redis Streams: the consumer group
+    prefetch: int = Field(100, gt=0)  # the most messages held unacknowledged at once
 
     @model_validator(mode="after")
     def _check(self) -> SourceSpec:
-        if (self.path is None) == (self.url is None):
+        given = [k for k in ("path", "url", "queue") if getattr(self, k) is not None]
+        if len(given) != 1:
             raise ValueError(
-                "set `path` (a file) or `url` (a database, with `table` or `query`)"
-                + (", not both" if self.path else "")
+                "set `path` (a file), `url` (a database, with `table` or `query`) or `queue`"
+                " (a message queue)"
+                + (f", not both `{given[0]}` and `{given[1]}`" if given else "")
             )
+        if self.queue is not None:
+            from .intake.urls import check_queue_keys
+
+            check_queue_keys(self.queue, self.queue_name, self.stream, "source")
+            if self.id is None:
+                raise ValueError(
+                    "`id` is required for a queue source: the field of each message's record"
+                    " that identifies it (a redelivered id is not processed again)"
+                )
+            for key in ("table", "query", "changed_since", "format", "delimiter"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"`{key}` does not apply to a queue source (`queue`)")
+            if self.stream is None and "group" in self.model_fields_set:
+                raise ValueError("`group` applies to a Redis stream (`stream`)")
+            return self
+        for key in ("queue_name", "stream", "group", "prefetch"):
+            if key in self.model_fields_set:
+                raise ValueError(f"`{key}` applies to a queue source: set `queue` too")
         if self.url is not None:
             if (self.table is None) == (self.query is None):
                 raise ValueError(
@@ -277,6 +315,20 @@ class RunSpec(_Section):
     # and how long one call to it may take, in seconds (default: worker.DEFAULT_TIMEOUT).
     isolation: Literal["process", "none"] | None = None
     timeout: float | None = Field(None, gt=0)
+    # A queue source (`overnight consume`): process the records collected once this many wait,
+    # or the oldest has waited this many seconds; with `window`, only inside it (local time).
+    flush_size: int = Field(100, gt=0)
+    flush_wait: float = Field(5.0, ge=0)
+    window: str | None = None  # "01:00-06:00"
+
+    @field_validator("window")
+    @classmethod
+    def _window(cls, value: str | None) -> str | None:
+        if value is not None:
+            from .intake.window import Window
+
+            Window.parse(value)
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> RunSpec:
@@ -314,9 +366,24 @@ class OutputSpec(_Section):
     mode: Literal["upsert", "update"] = "upsert"
     columns: dict[str, str] | None = None  # target column = result field or input field
     errors_table: str | None = Field(None, min_length=1)
+    # A results queue (intake/): amqp://, redis:// (with `stream`), sqs:// with `queue_name`.
+    queue: str | None = Field(None, min_length=1)
+    queue_name: str | None = Field(None, min_length=1)
+    stream: str | None = Field(None, min_length=1)
 
     @model_validator(mode="after")
     def _check(self) -> OutputSpec:
+        if self.queue is not None:
+            from .intake.urls import check_queue_keys
+
+            check_queue_keys(self.queue, self.queue_name, self.stream, "output")
+            for key in ("path", "url", "include"):
+                if key in self.model_fields_set:
+                    raise ValueError(f"set `queue` (a results queue) or `{key}`, not both")
+            return self
+        for key in ("queue_name", "stream"):
+            if key in self.model_fields_set:
+                raise ValueError(f"`{key}` applies to a results queue: set `queue` too")
         if self.url is None:
             sql = [
                 k
@@ -384,6 +451,10 @@ class JobSpec(_Section):
                 raise ValueError(f"backend = {backend!r} needs [model] name (the model id)")
             if self.task.examples:
                 raise ValueError("[task] examples apply to backend = 'local' only")
+        if self.source.queue is None:
+            for key in ("flush_size", "flush_wait", "window"):
+                if key in self.run.model_fields_set:
+                    raise ValueError(f"[run] {key} applies to a queue source ([source] queue)")
         if self.run.deadline is not None and backend != "auto":
             raise ValueError("[run] deadline needs [model] backend = 'auto'")
         if backend not in WORKER_BACKENDS:

@@ -13,16 +13,18 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from . import anthropic
+from . import anthropic, dashboard
 from .auth import OPEN_TENANT, keys_from_env, tenant_of
 from .batches import ENDPOINTS, Batches, new_batch, openai_view
 from .catalogue import Catalogue
 from .config import ServeConfig, check_models
 from .files import FileStore
+from .metrics import Metrics, MetricsMiddleware
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +121,7 @@ def create_app(config: ServeConfig) -> Starlette:
     files = FileStore(config.folder, catalogue)
     batches = Batches(config, catalogue, files)
     max_upload = config.spec.files.max_upload_bytes
+    metrics = Metrics(config.ledger_url, catalogue)  # /metrics, /healthz
 
     def tenant(request: Request) -> str:
         if keys is None:
@@ -392,9 +395,6 @@ def create_app(config: ServeConfig) -> Starlette:
         catalogue.delete_batch(who, batch["id"])
         return JSONResponse({"id": batch["id"], "type": "message_batch_deleted"})
 
-    def healthz(request: Request) -> Response:
-        return JSONResponse({"status": "ok"})
-
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         resumed = await run_in_threadpool(batches.resume)
@@ -428,10 +428,13 @@ def create_app(config: ServeConfig) -> Starlette:
                 "/v1/messages/batches/{batch_id}/results", message_batch_results, methods=["GET"]
             ),
             Route("/v1/messages/batches/{batch_id}/cancel", cancel_message_batch, methods=["POST"]),
-            Route("/healthz", healthz, methods=["GET"]),
+            *metrics.routes(),
+            *dashboard.routes(config.ledger_url, dashboard.service_access(keys, catalogue)),
         ],
         exception_handlers=handlers,
         lifespan=lifespan,
+        middleware=[Middleware(MetricsMiddleware, metrics=metrics)],
     )
     app.state.batches = batches
+    app.state.metrics = metrics  # the real-time endpoints set its queue depth
     return app

@@ -220,6 +220,15 @@ class Catalogue:
             ).fetchall()
         return [r[0] for r in rows]
 
+    def sizes(self) -> list[tuple[str, str, int]]:
+        """(api, status, requests) of every batch (the service's metrics)."""
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT api, status, coalesce(json_extract(object, '$.request_counts.total'), 0)"
+                " FROM batches"
+            ).fetchall()
+        return [(api, status, int(total)) for api, status, total in rows]
+
 
 def _file(row: tuple[Any, ...]) -> dict[str, Any]:
     file_id, filename, purpose, size, created_at = row

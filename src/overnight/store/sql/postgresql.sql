@@ -152,6 +152,13 @@ ALTER TABLE items ADD COLUMN follow_up BYTEA;
 UPDATE items SET follow_up = result, result = NULL
 WHERE state IN ('pending', 'submitted') AND result IS NOT NULL
 
+-- name: migration_4()
+-- Leased items indexed too (a partial index, as pending ones): a worker's lease owners,
+-- renew, release and reclaim look at the few leased items, not at every item of the job
+-- (a scan of a million-item job took ~0.2 s each, several times per run, in the heartbeat's
+-- write transaction too). Fresh items never enter it: they are inserted finished.
+CREATE INDEX IF NOT EXISTS items_leased ON items (id) WHERE state = 'leased'
+
 -- name: untokened_jobs()
 SELECT id FROM jobs WHERE token IS NULL
 
@@ -415,15 +422,14 @@ SELECT min(not_before) FROM items WHERE state = 'pending' AND id BETWEEN :lo AND
 -- Reading --------------------------------------------------------------------------------
 
 -- name: count_states(lo, hi)
-SELECT state, count(*) FROM items WHERE id BETWEEN :lo AND :hi GROUP BY state
+-- Per state: items, first start, last finish, tokens and cost (one scan of the job's items;
+-- the caller adds the states up).
+SELECT state, count(*), min(started_at), max(finished_at), coalesce(sum(input_tokens), 0),
+    coalesce(sum(output_tokens), 0), coalesce(sum(cost), 0), coalesce(sum(list_cost), 0)
+FROM items WHERE id BETWEEN :lo AND :hi GROUP BY state
 
 -- name: count_rejects(job_id)
 SELECT count(*) FROM rejects WHERE job_id = :job_id
-
--- name: usage(lo, hi)
-SELECT min(started_at), max(finished_at), coalesce(sum(input_tokens), 0),
-    coalesce(sum(output_tokens), 0), coalesce(sum(cost), 0), coalesce(sum(list_cost), 0)
-FROM items WHERE id BETWEEN :lo AND :hi
 
 -- name: results(lo, hi)
 SELECT custom_id, result, NULL::bytea, vector FROM items
@@ -449,6 +455,22 @@ SELECT seq, custom_id, line, state, error_class, message, attempts FROM (
     SELECT seq, custom_id, line, 'failed', 'input_error', message, 0
     FROM rejects WHERE job_id = :job_id
 ) AS f ORDER BY seq
+
+-- name: failure_records(lo, hi, job_id, limit)
+-- The first failures in input order, with each item's input record (NULL for a line that
+-- could not be read): what the dashboard shows.
+SELECT seq, custom_id, line, state, error_class, message, attempts, payload FROM (
+    SELECT id - :lo AS seq, custom_id, line, state, error_class, message, attempts, payload
+    FROM items WHERE id BETWEEN :lo AND :hi AND state IN ('failed', 'invalid')
+    UNION ALL
+    SELECT seq, custom_id, line, 'failed', 'input_error', message, 0, NULL::bytea
+    FROM rejects WHERE job_id = :job_id
+) AS f ORDER BY seq LIMIT :limit
+
+-- name: finished_per_interval(lo, hi, since, width)
+-- Items finished at or after `since`, counted per interval of `width` seconds (0: the first).
+SELECT floor((finished_at - :since) / :width)::bigint AS n, count(*) FROM items
+WHERE id BETWEEN :lo AND :hi AND finished_at >= :since GROUP BY n
 
 -- name: reject_lines(job_id, limit)
 SELECT line FROM rejects WHERE job_id = :job_id ORDER BY seq LIMIT :limit
@@ -575,3 +597,10 @@ ON CONFLICT (scope, key) DO UPDATE SET body = excluded.body,
 
 -- name: cache_clear(scope)
 DELETE FROM responses WHERE scope = :scope
+
+-- Queue intake (intake/) -------------------------------------------------------------------
+
+-- name: items_page(lo, hi, limit)
+-- Items in input order from `lo`, whatever their state: a results queue publishes them.
+SELECT id, custom_id, state, result, vector, error_class, message, attempts FROM items
+WHERE id BETWEEN :lo AND :hi ORDER BY id LIMIT :limit
