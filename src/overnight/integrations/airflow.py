@@ -39,6 +39,7 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from .. import llm_job
 from ..errors import EndpointDown, OvernightError, UsageError
+from ..executors import executor_class, remote_batch
 from ..job import Job, Report
 
 __all__ = ["OvernightOperator", "OvernightTrigger", "live_batches", "running_batch"]
@@ -91,7 +92,7 @@ class OvernightOperator(BaseOperator):
     def execute(self, context: Any) -> dict[str, Any]:
         job = self._job()
         self.log.info("overnight: running %s (ledger %s)", job.name, job.ledger_name)
-        if self.deferrable and job.spec.model.mode == "batch":
+        if self.deferrable and executor_class(job.spec.model.mode).detaches:
             return self._submit_or_finish(job)
         return self._finish(job, self._run(job))
 
@@ -216,7 +217,7 @@ def running_batch(job: Job) -> str | None:
     live = live_batches(job)
     if not live:
         return None
-    service = job._batch_service()
+    service = remote_batch.service(job)
     for remote_id in live:
         try:
             ended = service.poll(remote_id).ended
