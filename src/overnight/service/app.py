@@ -23,6 +23,7 @@ from .batches import ENDPOINTS, Batches, new_batch, openai_view
 from .catalogue import Catalogue
 from .config import ServeConfig, check_models
 from .files import FileStore
+from .realtime import Realtime
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ _ANTHROPIC_TYPES = {
     404: "not_found_error",
     405: "invalid_request_error",
     413: "request_too_large",
+    429: "rate_limit_error",
 }
 
 
@@ -117,7 +119,8 @@ def create_app(config: ServeConfig) -> Starlette:
     keys = keys_from_env(config.spec.auth.keys_env, config.origin) if config.spec.auth else None
     catalogue = Catalogue(config.folder / "catalogue.db")
     files = FileStore(config.folder, catalogue)
-    batches = Batches(config, catalogue, files)
+    realtime = Realtime(config)  # /v1/embeddings, /v1/chat/completions, /v1/messages
+    batches = Batches(config, catalogue, files, give_way=realtime.wait_idle)
     max_upload = config.spec.files.max_upload_bytes
 
     def tenant(request: Request) -> str:
@@ -404,6 +407,7 @@ def create_app(config: ServeConfig) -> Starlette:
             yield
         finally:
             await run_in_threadpool(batches.shutdown)
+            await run_in_threadpool(realtime.close)
 
     handlers: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {
         ApiError: _api_error,
@@ -429,9 +433,11 @@ def create_app(config: ServeConfig) -> Starlette:
             ),
             Route("/v1/messages/batches/{batch_id}/cancel", cancel_message_batch, methods=["POST"]),
             Route("/healthz", healthz, methods=["GET"]),
+            *realtime.routes(tenant),
         ],
         exception_handlers=handlers,
         lifespan=lifespan,
     )
     app.state.batches = batches
+    app.state.realtime = realtime
     return app
