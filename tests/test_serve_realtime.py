@@ -221,8 +221,8 @@ def test_a_full_queue_answers_429_with_retry_after(
 
         answers = asyncio.run(burst())
         statuses = sorted(r.status_code for r in answers)
-        # One computing, two queued: the others are refused at once.
-        assert statuses.count(200) >= 3 and statuses.count(429) >= 1, statuses
+        # Two queued (and, once the thread took one, one computing): the rest refused at once.
+        assert statuses.count(200) >= 2 and statuses.count(429) >= 1, statuses
         assert set(statuses) == {200, 429}
         refused = next(r for r in answers if r.status_code == 429)
         assert int(refused.headers["retry-after"]) >= 1

@@ -178,7 +178,11 @@ class Realtime:
 
                 self._heads[name] = ClassifierHead.zero_shot(encoder, model.label_descriptions())
             encoder.embed(["warm up"])  # the first call pays for lazy initialisation
-            return lambda texts: list(encoder.embed(texts))
+            # A micro-batch is encoded sorted by length, in sub-batches of [run] batch_size
+            # when it is a number (less padding than one batch of mixed lengths), else whole.
+            size = self.config.spec.run.batch_size
+            inner = size if isinstance(size, int) else None
+            return lambda texts: list(encoder.embed(texts, batch_size=inner))
 
         return python if model.backend == "python" else local
 
