@@ -25,6 +25,7 @@ from .catalogue import Catalogue
 from .config import ServeConfig, check_models
 from .files import FileStore
 from .metrics import Metrics, MetricsMiddleware
+from .realtime import Realtime
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ _ANTHROPIC_TYPES = {
     404: "not_found_error",
     405: "invalid_request_error",
     413: "request_too_large",
+    429: "rate_limit_error",
 }
 
 
@@ -119,9 +121,12 @@ def create_app(config: ServeConfig) -> Starlette:
     keys = keys_from_env(config.spec.auth.keys_env, config.origin) if config.spec.auth else None
     catalogue = Catalogue(config.folder / "catalogue.db")
     files = FileStore(config.folder, catalogue)
-    batches = Batches(config, catalogue, files)
-    max_upload = config.spec.files.max_upload_bytes
     metrics = Metrics(config.ledger_url, catalogue)  # /metrics, /healthz
+    # /v1/embeddings, /v1/chat/completions, /v1/messages
+    realtime = Realtime(config, metrics.observe_model_batch)
+    metrics.queue_depths = realtime.queue_depths
+    batches = Batches(config, catalogue, files, give_way=realtime.wait_idle)
+    max_upload = config.spec.files.max_upload_bytes
 
     def tenant(request: Request) -> str:
         if keys is None:
@@ -404,6 +409,7 @@ def create_app(config: ServeConfig) -> Starlette:
             yield
         finally:
             await run_in_threadpool(batches.shutdown)
+            await run_in_threadpool(realtime.close)
 
     handlers: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {
         ApiError: _api_error,
@@ -430,11 +436,13 @@ def create_app(config: ServeConfig) -> Starlette:
             Route("/v1/messages/batches/{batch_id}/cancel", cancel_message_batch, methods=["POST"]),
             *metrics.routes(),
             *dashboard.routes(config.ledger_url, dashboard.service_access(keys, catalogue)),
+            *realtime.routes(tenant),
         ],
         exception_handlers=handlers,
         lifespan=lifespan,
         middleware=[Middleware(MetricsMiddleware, metrics=metrics)],
     )
     app.state.batches = batches
-    app.state.metrics = metrics  # the real-time endpoints set its queue depth
+    app.state.metrics = metrics
+    app.state.realtime = realtime
     return app

@@ -18,7 +18,7 @@ import secrets
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -213,7 +213,7 @@ def job_for(batch: dict[str, Any], part: dict[str, str], config: ServeConfig, wo
         "name": part["job"],
         "source": {"path": str(workdir / part["input"]), "id": "custom_id", "format": "jsonl"},
         "task": task,
-        "model": model.model_dump(exclude_unset=True),
+        "model": model.job_model(),
         "run": config.spec.run.model_dump(exclude_unset=True),
         "output": {
             "path": str(workdir / f"{part['job']}.results.jsonl"),
@@ -354,8 +354,17 @@ class Batches:
     """The batches of one server: created, run in a bounded pool of threads, resumed when the
     server starts, cancelled."""
 
-    def __init__(self, config: ServeConfig, catalogue: Catalogue, files: FileStore) -> None:
+    def __init__(
+        self,
+        config: ServeConfig,
+        catalogue: Catalogue,
+        files: FileStore,
+        give_way: Callable[[str, threading.Event], None] | None = None,
+    ) -> None:
         self.config = config
+        # Called by a batch's job between its commits with the model's name: returns once
+        # real-time requests for that model are served (realtime.Realtime.wait_idle).
+        self.give_way = give_way or (lambda model, stop: None)
         self.catalogue = catalogue
         self.files = files
         self.work = config.folder / "batches"
@@ -478,7 +487,10 @@ class Batches:
                 with self._lock:
                     self._running[batch_id] = job
                 try:
-                    report = job.run(stop=self.stop)
+                    model = part["model"]
+                    report = job.run(
+                        stop=self.stop, on_progress=lambda _, m=model: self.give_way(m, self.stop)
+                    )
                 finally:
                     with self._lock:
                         self._running.pop(batch_id, None)

@@ -6,7 +6,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..errors import JobFileError, UsageError
 from ..spec import ModelSpec, RunSpec, format_validation_error
@@ -37,13 +37,43 @@ class BatchesSpec(_Section):
     max_errors: int = Field(100, gt=0)  # validation errors listed in a failed batch
 
 
+class IntakeSpec(_Section):
+    """The real-time endpoints' micro-batching (realtime.py, microbatch.py), per model."""
+
+    max_batch_size: int = Field(64, gt=0)  # inputs in one model call at most
+    max_wait_ms: float = Field(20, ge=0)  # how long the first input of a call waits for more
+    max_queue: int = Field(1024, gt=0)  # inputs waiting at most; beyond it: 429 + Retry-After
+
+
+class ServedModel(ModelSpec):
+    # A local model given labels also classifies: /v1/chat/completions and /v1/messages
+    # answer with the label nearest the last user message (zero-shot, as [task] labels).
+    labels: list[str] | dict[str, str] | None = Field(None, min_length=2)
+
+    @model_validator(mode="after")
+    def _labels_local(self) -> ServedModel:
+        if self.labels is not None and self.backend != "local":
+            raise ValueError("`labels` applies to backend = 'local' (it classifies)")
+        return self
+
+    def label_descriptions(self) -> dict[str, str]:
+        if isinstance(self.labels, dict):
+            return {label: text or label for label, text in self.labels.items()}
+        return {label: label for label in self.labels or []}
+
+    def job_model(self) -> dict[str, Any]:
+        """The [model] table of a batch's job: what a job file takes."""
+        return self.model_dump(exclude_unset=True, exclude={"labels"})
+
+
 class ServeSpec(_Section):
     ledger: str | None = None
     auth: AuthSpec | None = None
     files: FilesSpec = FilesSpec()
     batches: BatchesSpec = BatchesSpec()
+    intake: IntakeSpec = IntakeSpec()
     run: RunSpec = RunSpec()  # settings of every batch's job (batch_size, max_attempts, ...)
-    models: dict[str, ModelSpec] = Field(min_length=1)
+    models: dict[str, ServedModel] = Field(min_length=1)
 
 
 class ServeConfig:
@@ -68,7 +98,7 @@ class ServeConfig:
             self.folder = Path(self.ledger_url).parent / "serve"
 
     @property
-    def models(self) -> dict[str, ModelSpec]:
+    def models(self) -> dict[str, ServedModel]:
         return self.spec.models
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -46,6 +46,8 @@ class Metrics:
 
     def __init__(self, ledger_url: str, catalogue: Catalogue | None = None) -> None:
         self.ledger_url = ledger_url
+        # Inputs waiting per model, read at each scrape (set by the app: Realtime.queue_depths).
+        self.queue_depths: Callable[[], dict[str, int]] | None = None
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "overnight_http_requests",
@@ -83,6 +85,9 @@ class Metrics:
         self.model_batch.labels(model=model).observe(size)
 
     def exposition(self) -> bytes:
+        if self.queue_depths is not None:
+            for model, depth in self.queue_depths().items():
+                self.set_queue_depth(model, depth)
         return generate_latest(self.registry)
 
     def routes(self) -> list[BaseRoute]:
