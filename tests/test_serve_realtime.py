@@ -199,11 +199,16 @@ def test_concurrent_requests_share_model_calls(tmp_path: Path) -> None:
             return [a.choices[0].message.content or "" for a in answers]
 
         answers = asyncio.run(burst())
+        scraped = httpx2.get(url.removesuffix("/v1") + "/metrics").text
     assert answers == [f"text {i}"[::-1] for i in range(n)]  # each its own answer
     sizes = [size for size, _, _ in calls(tmp_path)]
     assert sum(sizes) == n
     assert max(sizes) <= 8
     assert len(sizes) <= n // 2, sizes  # 32 requests, far fewer calls (4 when all arrive at once)
+    # /metrics saw the same calls: their count, the requests they served, the queue empty now
+    assert f'overnight_model_batch_size_count{{model="rev"}} {float(len(sizes))}' in scraped
+    assert f'overnight_model_batch_size_sum{{model="rev"}} {float(n)}' in scraped
+    assert 'overnight_queue_depth{model="rev"} 0.0' in scraped
 
 
 def test_a_full_queue_answers_429_with_retry_after(

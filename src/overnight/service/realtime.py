@@ -162,7 +162,7 @@ class Realtime:
 
     def queue_depths(self) -> dict[str, int]:
         """Inputs waiting per model (the /metrics gauge, read at each scrape)."""
-        return {name: b.queued for name, b in self.batchers().items()}
+        return {name: b.queued() for name, b in self.batchers().items()}
 
     def batchers(self) -> dict[str, MicroBatcher]:
         with self._lock:
