@@ -499,7 +499,9 @@ def test_cancel_while_a_run_is_starting_stops_it(
     the provider for earlier batches: seconds on a big input). On main `overnight cancel`
     said "job has not been run yet", exit 2, and the run went on to the end."""
     job_file = slow_job(tmp_path, 400)
-    entered, release = hold(monkeypatch, overnight.Job, "_fingerprint")
+    from overnight.inputs import FileInput
+
+    entered, release = hold(monkeypatch, FileInput, "fingerprint")  # hashing the input
     thread, result = run_in_thread(overnight.Job.from_file(job_file))
     assert entered.wait(60)
     threading.Timer(1.0, release.set).start()  # the run goes on a moment later
