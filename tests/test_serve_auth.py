@@ -102,3 +102,38 @@ def test_keys_env_not_set_or_malformed_exits_2(tmp_path: Path) -> None:
         assert done.returncode == 2, done.stderr
         assert "[auth] keys_env: $SERVE_TEST_KEYS" in done.stderr and message in done.stderr
         assert "key-a" not in done.stderr.replace("SERVE_TEST_KEYS", "")  # no key echoed
+
+
+def test_a_tenant_over_its_quota_of_open_batches_gets_429_and_others_do_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """[batches] max_active_per_tenant = 2: a third batch while two are open is 429 (and not
+    recorded); another tenant is not held back; once one ends, the tenant may create again."""
+    monkeypatch.setenv("SERVE_TEST_KEYS", "key-a:tenant-a,key-b:tenant-b")
+    monkeypatch.setenv("SERVE_TEST_SLEEP", "0.5")
+    extra = AUTH + "\n[batches]\nconcurrency = 4\nmax_active_per_tenant = 2\n"
+    with serving(write_config(tmp_path, extra=extra)) as url:
+        a, b = client(url, "key-a"), client(url, "key-b")
+        slow = upload(a, [chat_line(f"s{i}", "sleep") for i in range(4)])
+        open_ids = [
+            a.batches.create(
+                input_file_id=slow, endpoint="/v1/chat/completions", completion_window="24h"
+            ).id
+            for _ in range(2)
+        ]
+        with pytest.raises(openai.RateLimitError) as refused:
+            a.batches.create(
+                input_file_id=slow, endpoint="/v1/chat/completions", completion_window="24h"
+            )
+        assert "max_active_per_tenant" in refused.value.body["message"]  # type: ignore[index]
+        assert sorted(x.id for x in a.batches.list()) == sorted(open_ids)  # not recorded
+        file_b = upload(b, [chat_line("y", "hi")])
+        other = b.batches.create(
+            input_file_id=file_b, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        assert wait_for(b, other.id, ("completed",)).status == "completed"
+        wait_for(a, open_ids[0], ("completed",))
+        again = a.batches.create(
+            input_file_id=slow, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        assert wait_for(a, again.id, ("completed",)).status == "completed"

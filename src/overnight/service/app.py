@@ -20,7 +20,7 @@ from starlette.routing import Route
 
 from . import anthropic, dashboard
 from .auth import OPEN_TENANT, keys_from_env, tenant_of
-from .batches import ENDPOINTS, Batches, new_batch, openai_view
+from .batches import ENDPOINTS, Batches, TooManyActive, new_batch, openai_view
 from .catalogue import Catalogue
 from .config import ServeConfig, check_models
 from .files import FileStore
@@ -289,7 +289,13 @@ def create_app(config: ServeConfig) -> Starlette:
                 f"File {file_id} has purpose {found['purpose']!r}; a batch needs purpose 'batch'.",
                 param="input_file_id",
             )
-        return openai_view(batches.create(who, new_batch(file_id, endpoint, window, metadata)))
+        return openai_view(_create(who, new_batch(file_id, endpoint, window, metadata)))
+
+    def _create(who: str, batch: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return batches.create(who, batch)
+        except TooManyActive as exc:  # the tenant's quota of open batches
+            raise ApiError(429, str(exc), "requests", code="rate_limit_exceeded") from None
 
     def get_batch(request: Request) -> Response:
         batch_id = request.path_params["batch_id"]
@@ -367,7 +373,7 @@ def create_app(config: ServeConfig) -> Starlette:
             for r in requests
         ]
         batches.write_input(batch["id"], lines)
-        return batches.create(who, batch)
+        return _create(who, batch)
 
     def get_message_batch(request: Request) -> Response:
         return JSONResponse(anthropic.view(message_batch(request)[1]))

@@ -41,6 +41,19 @@ ENDPOINTS = ("/v1/chat/completions", "/v1/embeddings")
 WINDOW = 24 * 3600
 MAX_REQUESTS = 50_000  # OpenAI's limit per batch
 ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
+
+
+class TooManyActive(Exception):
+    """The tenant's quota of batches that have not ended is used up (answered 429)."""
+
+    def __init__(self, active: int) -> None:
+        super().__init__(
+            f"This key already has {active} batches that have not ended, its limit"
+            " ([batches] max_active_per_tenant); wait for one to end or cancel one."
+        )
+        self.active = active
+
+
 ENDED = ("completed", "failed", "cancelled", "expired")
 
 
@@ -388,7 +401,13 @@ class Batches:
         return ids
 
     def create(self, tenant: str, batch: dict[str, Any]) -> dict[str, Any]:
-        self.catalogue.add_batch(tenant, batch)
+        """Records the batch and queues it. Raises TooManyActive when the tenant already has
+        `[batches] max_active_per_tenant` batches that have not ended."""
+        limit = self.config.spec.batches.max_active_per_tenant
+        over = self.catalogue.add_batch(tenant, batch, ACTIVE, limit)
+        if over is not None:
+            shutil.rmtree(self.workdir(batch["id"]), ignore_errors=True)  # Anthropic's lines
+            raise TooManyActive(over)
         self._pool.submit(self._process, batch["id"])
         return batch
 

@@ -127,12 +127,30 @@ class Catalogue:
 
     # -- batches --------------------------------------------------------------------------
 
-    def add_batch(self, tenant: str, obj: dict[str, Any]) -> None:
+    def add_batch(
+        self,
+        tenant: str,
+        obj: dict[str, Any],
+        active: tuple[str, ...] = (),
+        max_active: int | None = None,
+    ) -> int | None:
+        """Records the batch, unless the tenant already has `max_active` batches in the
+        `active` statuses: then returns that count and records nothing (counted and inserted
+        in one transaction, so two creates at once cannot both slip under the limit)."""
         with self._tx() as db:
+            if max_active is not None:
+                marks = ",".join("?" * len(active))
+                (n,) = db.execute(
+                    f"SELECT count(*) FROM batches WHERE tenant = ? AND status IN ({marks})",
+                    (tenant, *active),
+                ).fetchone()
+                if n >= max_active:
+                    return int(n)
             db.execute(
                 "INSERT INTO batches (id, tenant, api, status, object) VALUES (?, ?, ?, ?, ?)",
                 (obj["id"], tenant, obj["api"], obj["status"], orjson.dumps(obj).decode()),
             )
+        return None
 
     def get_batch(self, batch_id: str, tenant: str | None = None) -> dict[str, Any] | None:
         """The batch object; with `tenant`, only that tenant's."""

@@ -35,6 +35,9 @@ class FilesSpec(_Section):
 class BatchesSpec(_Section):
     concurrency: int = Field(2, gt=0)  # batches run at once; the others wait in `validating`
     max_errors: int = Field(100, gt=0)  # validation errors listed in a failed batch
+    # Batches of one tenant that may be open (not ended) at once; one more is refused with
+    # 429. None: no limit.
+    max_active_per_tenant: int | None = Field(None, gt=0)
 
 
 class IntakeSpec(_Section):
