@@ -9,6 +9,7 @@ import urllib.parse
 from pathlib import Path
 
 import openai
+import orjson
 import pytest
 from serve_helpers import chat_line, client, jsonl, serving, upload, write_config
 
@@ -180,3 +181,39 @@ def test_a_bad_config_exits_2_naming_the_key(tmp_path: Path, text: str, named: s
 def test_a_missing_config_exits_2(tmp_path: Path) -> None:
     done = _serve(tmp_path / "nope.toml")
     assert done.returncode == 2 and "serve config not found" in done.stderr
+
+
+def _post(url: str, path: str, chunks: list[bytes], chunked: bool) -> tuple[int, dict]:
+    parts = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    try:
+        body: object = iter(chunks) if chunked else b"".join(chunks)
+        conn.request(
+            "POST",
+            path,
+            body=body,
+            headers={"Content-Type": "application/json"},
+            encode_chunked=chunked,
+        )
+        response = conn.getresponse()
+        return response.status, orjson.loads(response.read())
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_json_bodies_over_the_limit_are_413_and_bodies_not_json_are_400(
+    tmp_path: Path, chunked: bool
+) -> None:
+    """A batch create (OpenAI's) and a message batch create (Anthropic's, which carries its
+    requests in the body) are read within [files] max_upload_bytes: over it, 413, whether
+    the size is declared or the body comes in chunks; a body that is not JSON is 400."""
+    config = write_config(tmp_path, extra="[files]\nmax_upload_bytes = 1000")
+    big = [b'{"requests": [' + b'"x",' * 100] * 5 + [b'"x"]}']
+    with serving(config) as url:
+        for path in ("/v1/batches", "/v1/messages/batches"):
+            status, error = _post(url, path, big, chunked)
+            assert status == 413, (path, error)
+            assert "1000 bytes" in str(error), error
+            status, error = _post(url, path, [b"{not json"], chunked)
+            assert status == 400 and "not valid JSON" in str(error), (path, error)

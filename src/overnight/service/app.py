@@ -8,7 +8,6 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import orjson
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -21,6 +20,7 @@ from starlette.routing import Route
 from . import anthropic, dashboard
 from .auth import OPEN_TENANT, keys_from_env, tenant_of
 from .batches import ENDPOINTS, Batches, TooManyActive, new_batch, openai_view
+from .bodies import json_body
 from .catalogue import Catalogue
 from .config import ServeConfig, check_models
 from .files import FileStore
@@ -241,10 +241,7 @@ def create_app(config: ServeConfig) -> Starlette:
 
     async def create_batch(request: Request) -> Response:
         who = tenant(request)
-        try:
-            body = orjson.loads(await request.body())
-        except orjson.JSONDecodeError:
-            raise ApiError(400, "The body is not valid JSON.") from None
+        body = await json_body(request, max_upload, ApiError)
         if not isinstance(body, dict):
             raise ApiError(400, "The body must be a JSON object.")
         return JSONResponse(await run_in_threadpool(_create_batch, who, body))
@@ -340,18 +337,7 @@ def create_app(config: ServeConfig) -> Starlette:
 
     async def create_message_batch(request: Request) -> Response:
         who = tenant(request)
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > max_upload:
-            raise ApiError(413, f"The request is larger than {max_upload} bytes.")
-        body = b""
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > max_upload:
-                raise ApiError(413, f"The request is larger than {max_upload} bytes.")
-        try:
-            data = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            raise ApiError(400, "The body is not valid JSON.") from None
+        data = await json_body(request, max_upload, ApiError)
         requests = data.get("requests") if isinstance(data, dict) else None
         problem = anthropic.check_requests(requests)
         if problem is not None:

@@ -35,6 +35,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .batches import as_text, response_body
+from .bodies import json_body
 from .config import ServeConfig, ServedModel
 from .microbatch import MicroBatcher, Overloaded
 
@@ -92,18 +93,7 @@ def _overloaded(exc: Overloaded, model: str) -> _Refused:
 
 
 async def _body(request: Request) -> dict[str, Any]:
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > MAX_BODY:
-        raise _Refused(413, f"The request is larger than {MAX_BODY} bytes.")
-    raw = b""
-    async for chunk in request.stream():
-        raw += chunk
-        if len(raw) > MAX_BODY:
-            raise _Refused(413, f"The request is larger than {MAX_BODY} bytes.")
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise _Refused(400, "The body is not valid JSON.") from None
+    body = await json_body(request, MAX_BODY, _Refused)
     if not isinstance(body, dict):
         raise _Refused(400, "The body must be a JSON object.")
     return body
