@@ -313,6 +313,24 @@ def test_cache_shared_across_jobs_and_keyed_on_every_ingredient(
         assert fake.stats.requests["/v1/chat/completions"] == sent + 10 * (i + 1)
 
 
+def test_a_shared_cache_never_serves_one_endpoints_answers_to_another(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """The same requests to another base_url (a fake or a proxy first, the real provider next)
+    are sent again: a shared cache is keyed by the endpoint. A trailing slash is the same
+    endpoint."""
+    write_records(tmp_path, 10)
+    run = {"cache": "shared-cache.db"}
+    llm_job(tmp_path, "openai", fake.openai_url, name="first", run=run).run()
+    assert fake.stats.requests["/v1/chat/completions"] == 10
+    llm_job(tmp_path, "openai", fake.openai_url + "/", name="same", run=run).run()
+    assert fake.stats.requests["/v1/chat/completions"] == 10
+    other = fake.openai_url.replace("127.0.0.1", "localhost")
+    report = llm_job(tmp_path, "openai", other, name="other", run=run).run()
+    assert report.counts["succeeded"] == 10
+    assert fake.stats.requests["/v1/chat/completions"] == 20
+
+
 def test_identical_requests_in_one_job_sent_once(tmp_path: Path, fake: FakeProvider) -> None:
     recs = [{"id": f"r{i}", "text": "same text"} for i in range(6)]
     (tmp_path / "in.jsonl").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in recs))

@@ -220,14 +220,20 @@ def response_cache(
 ) -> ResponseCache:
     """Per job by default: in a PostgreSQL ledger itself (every worker shares it), else
     cache.db beside the SQLite ledger (off its write lock); `[run] cache = path` shares one
-    file across jobs."""
+    file across jobs.
+
+    A shared cache is keyed by the endpoint too (`[model] base_url`, when set): a job pointed
+    at the real provider is never served answers that another job got from a fake, a proxy or
+    a self-hosted server under the same model name. A job's own cache follows the job, as
+    its results in the ledger do: moving its base_url keeps what it paid for."""
     from .llm.cache import LedgerResponseCache, ResponseCache
     from .store import is_postgres
 
     if spec.run.cache:
         path = Path(spec.run.cache).expanduser()
         path = path if path.is_absolute() else base_dir / path
-        return ResponseCache(path, scope="shared")
+        endpoint = (spec.model.base_url or "").strip().rstrip("/")
+        return ResponseCache(path, scope=f"shared@{endpoint}" if endpoint else "shared")
     if ledger_url is not None and is_postgres(ledger_url):
         return LedgerResponseCache(ledger_url, scope=f"job:{job_name}")
     return ResponseCache(state_dir / "cache.db", scope=f"job:{job_name}")
