@@ -253,17 +253,35 @@ def test_changed_since_reads_only_rows_past_the_high_water_mark(pg: Db, tmp_path
     pg.execute(f"UPDATE {src} SET updated_at = 2 WHERE id > 3000")
     pg.execute(f"UPDATE {src} SET n = -id, updated_at = 2 WHERE id IN (7, 8, 9)")
     pg.execute(f"UPDATE {src} SET name = 'renamed', updated_at = 2 WHERE id = 10")
-    pg.execute(f"DELETE FROM {src} WHERE id = 1")  # not seen: no row says it is gone
+    pg.execute(f"DELETE FROM {src} WHERE id = 1")  # no row says it is gone: the ids do
     report = job.run()
     assert report.exit_code == 0
     assert sorted(map(int, calls(log))) == [7, 8, 9, 10, *range(3001, 3011)]
-    assert any("read 14 rows changed since the last run" in n for n in report.notes), report.notes
+    notes = " ".join(report.notes)
+    assert "read 14 rows changed since the last run" in notes, notes
+    assert "1 deleted from the source" in notes, notes
     got = pg.rows("results", "id", "doubled", "name")
-    assert len(got) == 3010  # id 1 kept its result (deletes need a run without changed_since)
+    assert len(got) == 3009 and 1 not in got  # the deleted row left the output
     assert got[7] == (-14, "item 7") and got[10] == (20, "renamed") and got[3005][0] == 6010
+    assert report.counts.total == 3009
 
     report = job.run()  # nothing past the mark: nothing read, nothing computed
     assert report.exit_code == 0 and calls(log) == []
+    assert not any("changed since" in n for n in report.notes), report.notes
+
+    # Deletes alone (nothing past the mark), and a delete hidden by an insert (the count of
+    # ids is the same as before): both leave the output, nothing is computed again.
+    pg.execute(f"DELETE FROM {src} WHERE id IN (2, 3)")
+    report = job.run()
+    assert report.exit_code == 0 and calls(log) == []
+    assert "2 deleted from the source" in " ".join(report.notes), report.notes
+    pg.execute(f"DELETE FROM {src} WHERE id = 4")
+    insert_rows(pg, "src", [5000])
+    pg.execute(f"UPDATE {src} SET updated_at = 3 WHERE id = 5000")
+    report = job.run()
+    assert report.exit_code == 0 and calls(log) == ["5000"]
+    got = pg.rows("results", "id", "doubled", "name")
+    assert len(got) == 3007 and not {1, 2, 3, 4} & set(got) and got[5000][0] == 10000
 
 
 def test_update_mode_writes_into_the_source_table_and_a_rerun_computes_nothing(

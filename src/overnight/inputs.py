@@ -43,6 +43,14 @@ class Since(Protocol):
         """The rows of these ids, as they are now."""
         ...
 
+    def count_ids(self) -> int:
+        """How many rows have an id now, changed or not."""
+        ...
+
+    def existing_ids(self, ids: list[str]) -> set[str]:
+        """Those of `ids` still in the input (the others were deleted)."""
+        ...
+
 
 class Input(Protocol):
     """What a job needs of its input."""
@@ -281,6 +289,12 @@ class _SqlSince:
 
     def read_ids(self, ids: list[str]) -> Iterator[list[Row]]:
         return self.input._rows(iter([list(self.input.source.read_ids(ids))]))
+
+    def count_ids(self) -> int:
+        return int(self.input._sql(self.input.source.count_ids))
+
+    def existing_ids(self, ids: list[str]) -> set[str]:
+        return set(self.input._sql(lambda: self.input.source.existing_ids(ids)))
 
 
 @dataclass(frozen=True)

@@ -222,30 +222,39 @@ class Opening:
         last run's high-water mark are read from the database. The next generation holds
         them, and every other record as the ledger has it (the failed ones read again by id,
         as the ledger keeps no input of theirs but the id); carry_results then keeps the
-        results of all but the changed ones. Rows deleted from the source are not seen (no
-        row says so): they keep their results until a run without `changed_since`. A job
-        still unfinished is resumed first; the next run reads what changed."""
+        results of all but the changed ones. A deleted row leaves no row behind: the ids
+        counted now against those the ledger holds (and the new ones read) tell whether any
+        went, and only then are the ledger's ids looked up in the source (the id column
+        alone), so that deleted ones leave the output. A job still unfinished is resumed
+        first; the next run reads what changed."""
         job, ledger = self.job, self.ledger
         counts = ledger.counts(info.id)
         if not info.ingest_done or counts.open or counts["cancelled"]:
             return info
         changed_n = since.count()
-        if not changed_n:
-            return info
-        log.info("job %r: %d rows changed since the last run; reading them", job.name, changed_n)
-        new = ledger.begin_generation(info, fingerprint)
-        read: list[int] = [0]
-
-        def reader(_: sources.Cursor) -> Iterator[list[sources.Row]]:
-            changed: dict[str, sources.Row] = {}
-            bad: list[sources.Row] = []
+        changed: dict[str, sources.Row] = {}
+        bad: list[sources.Row] = []
+        if changed_n:
+            log.info(
+                "job %r: %d rows changed since the last run; reading them", job.name, changed_n
+            )
             for rows in since.read(sources.CHUNK):
                 for row in rows:
                     if row.custom_id is None:
                         bad.append(row)
                     else:
                         changed[row.custom_id] = row
-            read[0] = len(changed) + len(bad)
+        read = len(changed) + len(bad)
+        new_ids = len(changed) - len(ledger.known_ids(info.id, list(changed)))
+        held = counts.total - counts.rejected  # one item per id
+        gone: set[str] = set()
+        if since.count_ids() != held + new_ids:
+            gone = self._deleted(info, since)
+        if not read and not gone:
+            return info
+        new = ledger.begin_generation(info, fingerprint)
+
+        def reader(_: sources.Cursor) -> Iterator[list[sources.Row]]:
             line = 0
             out: list[sources.Row] = []
 
@@ -260,6 +269,8 @@ class Opening:
             other = job._connect()  # a second connection: this one writes while it reads
             try:
                 for cid, _, payload, _ in other.iter_results(info.id, with_payload=True):
+                    if cid in gone:
+                        continue
                     row = changed.pop(cid, None)
                     yield from put(row or sources.Row(0, cid, payload, None, None))
                 failed = [
@@ -269,7 +280,7 @@ class Opening:
                 ]
             finally:
                 other.close()
-            again = [cid for cid in failed if cid not in changed]
+            again = [cid for cid in failed if cid not in changed]  # a deleted one is not read
             for row in since.read_ids(again):
                 for r in row:
                     yield from put(r)
@@ -280,11 +291,37 @@ class Opening:
 
         if not self._ingest(new, reader, Progress(expected=counts.total + changed_n)):
             return None
-        kept, gone = ledger.carry_results(info.id, new.id)
+        kept, _ = ledger.carry_results(info.id, new.id)
         info = ledger.replace_generation(info, new)
         counts = ledger.counts(info.id)
         self.notes.append(
-            f"read {read[0]} rows changed since the last run ([source] changed_since):"
+            f"read {read} rows changed since the last run ([source] changed_since):"
             f" {counts['pending']} new or changed to compute; {kept} records kept their results"
+            + (f"; {len(gone)} deleted from the source" if gone else "")
         )
         return info
+
+    def _deleted(self, info: JobInfo, since: Since, chunk: int = 2000) -> set[str]:
+        """The ids of the job's items (results and failures) no longer in the source."""
+        gone: set[str] = set()
+        ids: list[str] = []
+
+        def look() -> None:
+            present = since.existing_ids(ids)
+            gone.update(cid for cid in ids if cid not in present)
+            ids.clear()
+
+        for cid, *_ in self.ledger.iter_results(info.id):
+            ids.append(cid)
+            if len(ids) >= chunk:
+                look()
+        for f in self.ledger.iter_failures(info.id):
+            if f.custom_id is not None and f.error_class != "input_error":
+                ids.append(f.custom_id)
+                if len(ids) >= chunk:
+                    look()
+        if ids:
+            look()
+        if gone:
+            log.info("job %r: %d rows were deleted from the source", self.job.name, len(gone))
+        return gone
