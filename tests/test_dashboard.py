@@ -178,8 +178,8 @@ def test_metrics_and_healthz(finished_job: tuple[Path, str]) -> None:
         health = http.get("/healthz")
         assert health.status_code == 200 and health.json()["status"] == "ok"
         app.state.metrics.set_queue_depth("enrich", 7)
-        for size in (3, 64):
-            app.state.metrics.observe_model_batch("enrich", size)
+        for size, seconds in ((3, 0.02), (64, 0.4)):
+            app.state.metrics.observe_model_batch("enrich", size, seconds)
         scraped = http.get("/metrics")
         assert scraped.headers["content-type"].startswith("text/plain; version=")
         text = scraped.text
@@ -197,6 +197,13 @@ def test_metrics_and_healthz(finished_job: tuple[Path, str]) -> None:
     assert metric(text, "overnight_model_batch_size_bucket", model="enrich", le="4.0") == 1
     assert metric(text, "overnight_model_batch_size_count", model="enrich") == 2
     assert metric(text, "overnight_model_batch_size_sum", model="enrich") == 67
+    assert metric(text, "overnight_model_call_duration_seconds_count", model="enrich") == 2
+    assert metric(
+        text, "overnight_model_call_duration_seconds_sum", model="enrich"
+    ) == pytest.approx(0.42)
+    assert (
+        metric(text, "overnight_model_call_duration_seconds_bucket", model="enrich", le="0.25") == 1
+    )
 
 
 def test_healthz_is_503_when_the_ledger_cannot_be_reached() -> None:

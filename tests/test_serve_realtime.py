@@ -208,6 +208,9 @@ def test_concurrent_requests_share_model_calls(tmp_path: Path) -> None:
     # /metrics saw the same calls: their count, the requests they served, the queue empty now
     assert f'overnight_model_batch_size_count{{model="rev"}} {float(len(sizes))}' in scraped
     assert f'overnight_model_batch_size_sum{{model="rev"}} {float(n)}' in scraped
+    assert f'overnight_model_call_duration_seconds_count{{model="rev"}} {float(len(sizes))}' in (
+        scraped
+    )
     assert 'overnight_queue_depth{model="rev"} 0.0' in scraped
 
 

@@ -3,8 +3,8 @@
 What a request measures (the middleware): requests by route, method and status, and their
 latency. What the ledger holds, read when Prometheus scrapes: items by state and cost of every
 job, the service's batches by status and their sizes. What the real-time endpoints report as
-they run: the depth of each model's queue (`Metrics.set_queue_depth`) and the requests each
-model call served (`Metrics.observe_model_batch`).
+they run: the depth of each model's queue (`Metrics.set_queue_depth`), and the requests each
+model call served and how long it took (`Metrics.observe_model_batch`).
 
 Each app has its own registry (`Metrics.registry`): two apps in one process (the tests) count
 apart.
@@ -74,15 +74,24 @@ class Metrics:
             buckets=MODEL_BATCH_BUCKETS,
             registry=self.registry,
         )
+        self.model_call = Histogram(
+            "overnight_model_call_duration_seconds",
+            "Time one model call took (one micro-batch), by model: a batch time under the load"
+            " of the moment, what a request's latency is made of.",
+            ["model"],
+            registry=self.registry,
+        )
         self.registry.register(_LedgerCollector(ledger_url, catalogue))
 
     def set_queue_depth(self, model: str, depth: int) -> None:
         """The requests now waiting in `model`'s real-time queue."""
         self.queue_depth.labels(model=model).set(depth)
 
-    def observe_model_batch(self, model: str, size: int) -> None:
-        """One call of `model` served `size` requests."""
+    def observe_model_batch(self, model: str, size: int, seconds: float | None = None) -> None:
+        """One call of `model` served `size` requests (in `seconds`)."""
         self.model_batch.labels(model=model).observe(size)
+        if seconds is not None:
+            self.model_call.labels(model=model).observe(seconds)
 
     def exposition(self) -> bytes:
         if self.queue_depths is not None:

@@ -82,11 +82,11 @@ class MicroBatcher:
         max_batch_size: int,
         max_wait_ms: float,
         max_queue: int,
-        on_call: Callable[[int], None] | None = None,
+        on_call: Callable[[int, float], None] | None = None,
     ) -> None:
         """`load` runs in the batcher's thread, once, before the first call: it returns the
-        model call (inputs -> one output per input). `on_call(n)` is told each call's size
-        (the /metrics histogram)."""
+        model call (inputs -> one output per input). `on_call(n, seconds)` is told each call's
+        size and duration (the /metrics histograms)."""
         self.name = name
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self.max_wait = max_wait_ms / 1000
@@ -232,11 +232,12 @@ class MicroBatcher:
             request.done(i, out)
 
     def _checked(self, call: Callable[[list[Any]], list[Any]], inputs: list[Any]) -> list[Any]:
+        t0 = time.perf_counter()
         outputs = list(call(inputs))
         self.stats.calls += 1
         self.stats.inputs += len(inputs)
         if self._on_call is not None:
-            self._on_call(len(inputs))
+            self._on_call(len(inputs), time.perf_counter() - t0)
         if len(outputs) != len(inputs):
             raise RuntimeError(
                 f"the model returned {len(outputs)} outputs for {len(inputs)} inputs"

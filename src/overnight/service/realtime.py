@@ -126,9 +126,9 @@ class Realtime:
     """The batchers of one server's models, and the routes that feed them."""
 
     def __init__(
-        self, config: ServeConfig, observe: Callable[[str, int], None] | None = None
+        self, config: ServeConfig, observe: Callable[[str, int, float], None] | None = None
     ) -> None:
-        """`observe(model, n)`: each model call's size, for /metrics."""
+        """`observe(model, n, seconds)`: each model call's size and duration, for /metrics."""
         self.config = config
         self._observe = observe
         self.intake = config.spec.intake
