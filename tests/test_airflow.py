@@ -226,6 +226,59 @@ def test_a_task_killed_mid_run_is_retried_and_resumes_the_job(
     assert [r["output"] for r in rows] == [i * 2 for i in range(10)]
 
 
+SLOW_FN = """\
+import time
+from pathlib import Path
+
+CALLS = Path(__file__).with_name("calls.log")
+
+
+def score(records):
+    for r in records:
+        with CALLS.open("a") as f:
+            f.write(r["id"] + "\\n")
+        time.sleep(0.3)
+    return [r["n"] * 2 for r in records]
+"""
+
+
+def test_a_task_stopped_with_sigterm_commits_lets_go_and_its_retry_computes_the_rest(
+    airflow: dict[str, str], tmp_path: Path
+) -> None:
+    """SIGTERM is how Airflow stops a running task (marked failed or cleared in the UI, a
+    worker shut down): the task runner calls the operator's on_kill. The run ends after the
+    record it is computing, commits it and lets go of the job, and the task fails (a retry
+    resumes it); the DAG run again computes only the rest: no record is computed twice, and
+    no lease or claim of the killed try is waited for."""
+    (tmp_path / "fn.py").write_text(SLOW_FN)
+    (tmp_path / "job.toml").write_text(PYTHON_JOB)
+    (tmp_path / "in.jsonl").write_bytes(
+        b"".join(orjson.dumps({"id": f"r{i}", "n": i}) + b"\n" for i in range(20))
+    )
+    dag = dag_file(airflow, tmp_path, "overnight_python_sigterm")
+    calls = tmp_path / "calls.log"
+    log = tmp_path / "first.log"
+    proc = start_dag(airflow, dag, log)
+    try:
+        wait_for(lambda: calls.exists() and len(calls.read_text().split()) >= 3)
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=60)  # on_kill ignored, it would run all 20 records (6 s) or hang
+    finally:
+        proc.kill()
+    text = log.read_text()
+    assert rc != 0 and "stopping the run (task killed)" in text, text[-4000:]
+    assert "the run was interrupted; a retry of the task resumes it" in text, text[-4000:]
+    status = Job.from_file(tmp_path / "job.toml").status()
+    done = status.counts["succeeded"]
+    assert 3 <= done < 20 and status.counts["leased"] == 0
+    assert len(calls.read_text().split()) == done  # what it computed, it committed
+
+    run_dag(airflow, dag, tmp_path / "second.log")  # at once: nothing of the first try held
+    assert Counter(calls.read_text().split()) == Counter(f"r{i}" for i in range(20))
+    report = orjson.loads((tmp_path / "report.json").read_bytes())
+    assert report["succeeded"] == 20 and report["processed"] == 20 - done
+
+
 def test_a_batch_job_defers_while_its_batches_run_and_reports_through_xcom(
     airflow: dict[str, str], tmp_path: Path, fake: FakeProvider
 ) -> None:

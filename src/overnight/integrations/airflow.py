@@ -22,12 +22,15 @@ PostgreSQL URL when workers and triggerer are on several machines) and the API k
 Failed items: `on_failed="fail"` (the default) fails the task when any item failed or was
 invalid (after the job has run: what succeeded is written); `"warn"` logs them and succeeds.
 A run that was interrupted, cancelled or stopped early fails the task; a wrong setting fails it
-without retries (`AirflowFailException`: a retry would fail the same way).
+without retries (`AirflowFailException`: a retry would fail the same way). A task Airflow
+stops (SIGTERM: `on_kill`) ends its run after the batch in flight and fails, so its retry
+starts at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -81,6 +84,7 @@ class OvernightOperator(BaseOperator):
         self.on_failed = on_failed
         self.deferrable = deferrable
         self.poll_interval = float(poll_interval)
+        self._stop = threading.Event()
         try:
             self._job()
         except UsageError as exc:
@@ -125,7 +129,15 @@ class OvernightOperator(BaseOperator):
 
     def _run(self, job: Job, detach: bool = False) -> Report:
         with _airflow_errors():
-            return job.run(detach=detach)
+            return job.run(detach=detach, stop=self._stop)
+
+    def on_kill(self) -> None:
+        """The task was stopped (marked failed or cleared in the UI, a timeout): the run ends
+        after the batch it is computing, commits what it finished and lets go of its leases
+        and of the job, so a retry or another worker takes the rest at once rather than after
+        the lease time. Provider batches stay live; the task's next try collects them."""
+        self.log.info("overnight: stopping the run (task killed)")
+        self._stop.set()
 
     def _finish(self, job: Job, report: Report) -> dict[str, Any]:
         result = report.to_dict()
