@@ -23,7 +23,7 @@ import sqlalchemy as sa
 import overnight
 from overnight.errors import UsageError
 from overnight.records import Cursor
-from overnight.sql_source import SqlSource
+from overnight.sql_source import SqlSource, read_digest
 from overnight.sqldb import dispose_all, parse_url, reflect
 
 PG = "postgresql://127.0.0.1:5432/test"
@@ -226,6 +226,38 @@ def test_round_trip_and_incremental_rerun(db: Db, tmp_path: Path) -> None:
     assert calls(log) == []
 
 
+def test_a_first_run_reads_the_table_once(db: Db, tmp_path: Path) -> None:
+    """The fingerprint of a new job comes from its read: the table is not read a first time
+    just to hash it. A rerun reads it once, to compare (and computes nothing)."""
+    make_source(db, 1200)
+    src = db.name("src")
+    fn, log = logging_function(tmp_path)
+    job = job_for(db, tmp_path, fn)
+    pages: list[str] = []
+
+    def seen(conn, cursor, statement, params, context, executemany) -> None:
+        text = " ".join(statement.split())
+        if (
+            src.split(".")[-1].strip('"`') in text
+            and " LIMIT " in text.upper()
+            and "LIMIT 0" not in text.upper()
+        ):
+            pages.append(text)
+
+    sa.event.listen(sa.engine.Engine, "before_cursor_execute", seen)
+    try:
+        assert job.run().exit_code == 0
+        first = len(pages)
+        assert len(calls(log)) == 1200
+        pages.clear()
+        dispose_all()
+        assert job.run().exit_code == 0 and calls(log) == []
+        rerun = len(pages)
+    finally:
+        sa.event.remove(sa.engine.Engine, "before_cursor_execute", seen)
+    assert first == rerun > 0, (first, rerun)
+
+
 def test_three_thousand_rows_then_1000_new_and_100_changed(pg: Db, tmp_path: Path) -> None:
     make_source(pg, 3000)
     fn, log = logging_function(tmp_path)
@@ -340,6 +372,13 @@ def test_keyset_resume_and_null_ids(sqlite: Db, tmp_path: Path) -> None:
     resumed = [r for rows in source.read(Cursor(10, 11, 0, first[-1].key), 10) for r in rows]
     assert [r.custom_id for r in resumed] == [*(f"k{i:02d}" for i in range(10, 25)), None]
     assert resumed[-1].line == 26 and resumed[-1].error == "row 26: the id column 'id' is NULL"
+    # The cursor carries the hash of what was read: a read cut and resumed ends where one
+    # whole read does (sql_source.read_digest), and both are what `digest` says.
+    whole = [r for rows in source.read(Cursor(), 7) for r in rows]
+    assert read_digest(Cursor(26, 27, 0, whole[-1].key)) == source.digest()
+    assert read_digest(Cursor(26, 27, 0, resumed[-1].key)) == source.digest()
+    assert read_digest(Cursor(10, 11, 0, first[-1].key)) != source.digest()
+    assert read_digest(Cursor(10, 11, 0, '{"after": "k09"}')) is None  # an older cursor
 
     fn, _ = logging_function(tmp_path)
     job = job_for(sqlite, tmp_path, fn, output={"columns": {"doubled": "output"}})
@@ -535,6 +574,17 @@ def test_kill_during_ingest_resumes_after_the_last_committed_id(pg: Db, tmp_path
     assert 1 < resumed <= len(first) + 1
     assert sorted(map(int, second)) == list(range(resumed, total + 1))
     assert pg.rows("results", "id", "output") == {i: 2 * i for i in range(1, total + 1)}
+    # The read that was cut and resumed hashed the whole table, as one read does: a run
+    # now finds it unchanged (no new generation), and computes nothing.
+    again = subprocess.run(
+        [sys.executable, "-m", "overnight", "run", str(tmp_path / "job.toml"), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert again.returncode == 0, again.stderr
+    assert "changed since the last run" not in again.stdout + again.stderr
+    assert calls(log) == []
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from . import sources
+from . import inputs, sources
 from .claim import RunHandle, busy, describe
 from .errors import InputChangedError, option
 from .inputs import Since
@@ -60,6 +60,9 @@ def verify_read(job: Job, ledger: Ledger, info: JobInfo) -> None:
     marked so that the next run reads the input again (an incremental run). Appending
     to the input is fine: the next run reads what was added. (A database changes while
     it is read: the fingerprint taken before the read makes the next run read again.)"""
+    read = inputs.read_fingerprint(job.input, info.fingerprint, info.cursor)
+    if read is not None and info.name == job.name:  # a placeholder: what was read, now
+        ledger.set_fingerprint(info.id, read)
     if not job.input.changed_while_read(info.fingerprint):
         return
     if info.name == job.name:  # (a generation being read is simply not used)
@@ -97,6 +100,12 @@ class Opening:
                     " same job. Let it finish, or give this job a new name"
                 )
             if info is not None:
+                if (
+                    info.fingerprint == inputs.unread_fingerprint(job.input)
+                    and not info.ingest_done
+                ):
+                    check_origin(job, info)  # the primary is reading it: the same input
+                    return info
                 digest = digest or job.input.fingerprint()[0].digest
                 if info.fingerprint.digest == digest:
                     check_origin(job, info)
@@ -137,12 +146,12 @@ class Opening:
         if info is not None and restart:
             ledger.delete_job(info.id)
             info = None
-        fingerprint, content = job.input.fingerprint()
+        unread = inputs.unread_fingerprint(job.input)
         if info is None:
             return ledger.create_job(
                 job.name,
                 spec_hash,
-                fingerprint,
+                unread or job.input.fingerprint()[0],
                 discarded_before=discarded_before,
                 origin=origin_of(job),
             )
@@ -152,6 +161,12 @@ class Opening:
                 "started; results would mix two configurations. Undo the change, give the job a "
                 f"new name, or run with {option('restart')} to start over."
             )
+        if info.fingerprint == unread:
+            if not info.ingest_done:
+                return info  # its first read goes on; it fingerprints what it reads
+            verify_read(job, ledger, info)  # (the run that read it to the end died first)
+            info = ledger.get_job(job.name) or info
+        fingerprint, content = job.input.fingerprint()
         if (since := job.input.since(info.fingerprint)) is not None:
             return self._read_changed(info, fingerprint, since)
         same = fingerprint.digest == info.fingerprint.digest  # by content: size and mtime lie

@@ -8,6 +8,10 @@ from the last committed id. A `query` is wrapped as a subquery for the keyset.
 
 A row becomes a JSON object (Decimal -> number, date/time -> ISO 8601, UUID -> text, bytes ->
 base64). A row whose id is NULL is an input error naming its row number, read after the others.
+
+The content hash of what was read (`digest`) is a sum of each row's hash, carried in the
+cursor (`"h"`): the first run of a job takes its fingerprint from the read itself, not from a
+second read of the whole table before it (`digest`, what a rerun compares with).
 """
 
 from __future__ import annotations
@@ -32,6 +36,20 @@ from .sqldb import SqlError, connect, parse_url, python_type, reflect, safe_url,
 _PLAIN = (str, int, float, bool)
 _MISSING = object()
 _INT64 = (-(2**63), 2**64)  # the integers orjson writes
+_SUM = 2**128
+
+
+def row_hash(payload: bytes | None) -> int:
+    """A row's part of the content hash: the hash of its JSON (which holds its id)."""
+    return int.from_bytes(hashlib.blake2b(payload or b"", digest_size=16).digest(), "big")
+
+
+def sum_digest(total: int) -> str:
+    """The content hash of rows whose row_hash values add up to `total` (mod 2**128). A sum,
+    not a hash of the rows in a row, so that it is carried in the cursor across a resumed
+    read (a hashlib state cannot be); the rows' JSON holds their ids, so a sum tells a
+    changed table as well."""
+    return f"s{total % _SUM:032x}"
 
 
 def plain(value: Any) -> Any:
@@ -240,6 +258,8 @@ class SqlSource:
         state = orjson.loads(start.key) if start.key else {}
         records = start.records
         dumps = orjson.dumps
+        total = int(state.get("h", "0"), 16)  # the rows' hashes so far (see sum_digest)
+        blake2b = hashlib.blake2b
         with connect(self.url, "[source] url") as conn:
             base, id_col, columns, kinds = self._select(conn)
             base = self._since(base, columns, kinds, since)
@@ -257,9 +277,10 @@ class SqlSource:
                     for values in page:
                         records += 1
                         payload, record = encode(values)
+                        total += int.from_bytes(blake2b(payload, digest_size=16).digest(), "big")
                         value = record[self.id]
                         last_json = value
-                        key = dumps({"after": value}).decode()
+                        key = dumps({"after": value, "h": f"{total % _SUM:x}"}).decode()
                         if value == "":
                             rows.append(
                                 Row(
@@ -291,10 +312,12 @@ class SqlSource:
                     records += 1
                     nulls += 1
                     payload, _ = encode(values)
+                    total += row_hash(payload)
+                    h = f"{total % _SUM:x}"
                     mark = (
-                        {"nulls": nulls}
+                        {"nulls": nulls, "h": h}
                         if last_json is _MISSING
-                        else {"after": last_json, "nulls": nulls}
+                        else {"after": last_json, "nulls": nulls, "h": h}
                     )
                     rows.append(
                         Row(
@@ -396,12 +419,21 @@ class SqlSource:
 
     def digest(self, chunk: int = 5000) -> tuple[int, str]:
         """(rows, content hash) of the whole table or query, read as a run reads it: what
-        decides whether a rerun has anything to do."""
-        h = hashlib.blake2b(digest_size=16)
-        n = 0
+        decides whether a rerun has anything to do. The same as `read_digest` of the cursor
+        after reading it all."""
+        total = n = 0
         for rows in self.read(Cursor(), chunk):
-            for row in rows:
-                h.update(row.payload or b"")
-                h.update(b"\n")
+            total += sum(row_hash(row.payload) for row in rows)
             n += len(rows)
-        return n, h.hexdigest()
+        return n, sum_digest(total)
+
+
+def read_digest(cursor: Cursor) -> tuple[int, str] | None:
+    """(rows, content hash) of what a read that ended at `cursor` read (from its start, across
+    resumes): None when the cursor carries no hash (an older overnight's)."""
+    if not cursor.key:
+        return (0, sum_digest(0)) if cursor.records == 0 else None
+    state = orjson.loads(cursor.key)
+    if "h" not in state:
+        return None
+    return cursor.records, sum_digest(int(state["h"], 16))

@@ -75,6 +75,12 @@ class QueueInput:
     def changed_while_read(self, stored: Fingerprint) -> bool:
         return False
 
+    def unread_fingerprint(self) -> Fingerprint | None:
+        return None
+
+    def read_fingerprint(self, stored: Fingerprint, cursor: Cursor) -> Fingerprint | None:
+        return None
+
     def since(self, stored: Fingerprint) -> None:
         return None
 
