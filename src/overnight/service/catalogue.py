@@ -238,6 +238,23 @@ class Catalogue:
             ).fetchall()
         return [r[0] for r in rows]
 
+    def expiring(self, statuses: tuple[str, ...], now: float) -> tuple[list[str], float | None]:
+        """The batches in these statuses whose `expires_at` has passed, oldest first, and the
+        earliest `expires_at` still to come among the others (None: none)."""
+        marks = ",".join("?" * len(statuses))
+        with self._tx() as db:
+            due = db.execute(
+                f"SELECT id FROM batches WHERE status IN ({marks})"
+                " AND json_extract(object, '$.expires_at') <= ? ORDER BY seq",
+                (*statuses, now),
+            ).fetchall()
+            (upcoming,) = db.execute(
+                f"SELECT min(json_extract(object, '$.expires_at')) FROM batches"
+                f" WHERE status IN ({marks}) AND json_extract(object, '$.expires_at') > ?",
+                (*statuses, now),
+            ).fetchone()
+        return [r[0] for r in due], upcoming
+
     def sizes(self) -> list[tuple[str, str, int]]:
         """(api, status, requests) of every batch (the service's metrics)."""
         with self._tx() as db:

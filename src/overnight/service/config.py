@@ -38,6 +38,9 @@ class BatchesSpec(_Section):
     # Batches of one tenant that may be open (not ended) at once; one more is refused with
     # 429. None: no limit.
     max_active_per_tenant: int | None = Field(None, gt=0)
+    # A batch not ended this long after its creation (its `expires_at`) ends `expired`: what
+    # it finished is kept, the rest is not run. OpenAI's and Anthropic's window is 24 hours.
+    completion_window_hours: float = Field(24, gt=0)
 
 
 class IntakeSpec(_Section):
