@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import anthropic
 import openai
 import orjson
 import pytest
@@ -137,3 +140,45 @@ def test_a_tenant_over_its_quota_of_open_batches_gets_429_and_others_do_not(
             input_file_id=slow, endpoint="/v1/chat/completions", completion_window="24h"
         )
         assert wait_for(a, again.id, ("completed",)).status == "completed"
+
+
+def test_creates_at_once_over_a_quota_of_one_yield_one_batch_and_429s(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Eight creates at the same moment from one tenant with max_active_per_tenant = 1,
+    four through the openai SDK and four through the anthropic SDK (one quota for both
+    APIs): exactly one batch is created, the seven others are 429 and recorded nowhere."""
+    monkeypatch.setenv("SERVE_TEST_KEYS", "key-a:tenant-a")
+    monkeypatch.setenv("SERVE_TEST_SLEEP", "0.5")
+    extra = AUTH + "\n[batches]\nconcurrency = 8\nmax_active_per_tenant = 1\n"
+    with serving(write_config(tmp_path, extra=extra)) as url:
+        oai = client(url, "key-a")
+        ant = anthropic.Anthropic(base_url=url.removesuffix("/v1"), api_key="key-a", max_retries=0)
+        file_id = upload(oai, [chat_line(f"s{i}", "sleep") for i in range(4)])
+        request = {
+            "custom_id": "m",
+            "params": {
+                "model": "rev",
+                "max_tokens": 8,
+                "messages": [{"role": "user", "content": "sleep"}],
+            },
+        }
+        start = threading.Barrier(8)
+
+        def create(n: int) -> str:
+            start.wait()
+            try:
+                if n % 2:
+                    return ant.messages.batches.create(requests=[request]).id  # type: ignore[list-item]
+                return oai.batches.create(
+                    input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"
+                ).id
+            except (openai.RateLimitError, anthropic.RateLimitError):
+                return "429"
+
+        with ThreadPoolExecutor(8) as pool:
+            outcomes = list(pool.map(create, range(8)))
+        created = [o for o in outcomes if o != "429"]
+        assert len(created) == 1 and outcomes.count("429") == 7, outcomes
+        listed = [b.id for b in oai.batches.list()] + [b.id for b in ant.messages.batches.list()]
+        assert listed == created
