@@ -17,8 +17,9 @@ import orjson
 import pytest
 from serve_helpers import chat_line, client, serving, upload, wait_for, write_config
 
-from overnight.errors import UsageError
+from overnight.errors import JobFileError, UsageError
 from overnight.service.auth import parse_keys, tenant_of
+from overnight.service.config import parse_config
 
 AUTH = '[auth]\nkeys_env = "SERVE_TEST_KEYS"'
 
@@ -182,3 +183,58 @@ def test_creates_at_once_over_a_quota_of_one_yield_one_batch_and_429s(
         assert len(created) == 1 and outcomes.count("429") == 7, outcomes
         listed = [b.id for b in oai.batches.list()] + [b.id for b in ant.messages.batches.list()]
         assert listed == created
+
+
+def _status(url: str, key: str | None = None) -> int:
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10):
+            return 200
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_metrics_are_open_by_default_and_behind_a_key_with_require_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/metrics is open unless [metrics] require_key = true: then a key of [auth] (of the
+    tenants in [metrics] tenants, if given) is needed. /healthz is always open."""
+    monkeypatch.setenv("SERVE_TEST_KEYS", "key-a:tenant-a,key-ops:ops")
+    for n, (metrics, expected) in enumerate(
+        (
+            ("", {None: 200, "nope": 200, "key-a": 200, "key-ops": 200}),
+            ("[metrics]\nrequire_key = true", {None: 401, "nope": 401, "key-a": 200}),
+            (
+                '[metrics]\nrequire_key = true\ntenants = ["ops"]',
+                {None: 401, "key-a": 401, "key-ops": 200},
+            ),
+        )
+    ):
+        folder = tmp_path / str(n)
+        folder.mkdir()
+        with serving(write_config(folder, extra=f"{AUTH}\n{metrics}")) as url:
+            root = url.removesuffix("/v1")
+            seen = {key: _status(f"{root}/metrics", key) for key in expected}
+            assert seen == expected, metrics
+            assert _status(f"{root}/healthz") == 200
+            assert _status(f"{root}/") == 401  # the dashboard asks for a key with [auth]
+            if expected[None] == 401:
+                request = urllib.request.Request(f"{root}/metrics")
+                with pytest.raises(urllib.error.HTTPError) as refused:
+                    urllib.request.urlopen(request, timeout=10)
+                assert refused.value.headers["www-authenticate"] == "Bearer"
+                assert "API key" in orjson.loads(refused.value.read())["error"]
+
+
+def test_metrics_settings_that_cannot_hold_are_refused(tmp_path: Path) -> None:
+    models = {"rev": {"backend": "python", "function": "serving:answer"}}
+    for metrics, message in (
+        ({"require_key": True}, "[metrics] require_key: there are no keys to ask for; add [auth]"),
+        (
+            {"tenants": ["ops"]},
+            "[metrics] tenants: applies with require_key = true",
+        ),
+    ):
+        with pytest.raises(JobFileError) as refused:
+            parse_config({"models": models, "metrics": metrics}, tmp_path, "serve.toml")
+        assert str(refused.value).startswith(f"serve.toml: {message}")

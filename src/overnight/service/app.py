@@ -146,6 +146,12 @@ def create_app(config: ServeConfig) -> Starlette:
             )
         return found
 
+    def may_scrape(request: Request) -> bool:
+        """[metrics] require_key: a key of [auth], of one of [metrics] tenants if given."""
+        found = tenant_of(keys or {}, request.headers.get("authorization"))
+        allowed = config.spec.metrics.tenants
+        return found is not None and (allowed is None or found in allowed)
+
     def no_file(file_id: str) -> ApiError:
         return ApiError(404, f"No such File object: {file_id}", param="id", code="not_found")
 
@@ -426,7 +432,7 @@ def create_app(config: ServeConfig) -> Starlette:
                 "/v1/messages/batches/{batch_id}/results", message_batch_results, methods=["GET"]
             ),
             Route("/v1/messages/batches/{batch_id}/cancel", cancel_message_batch, methods=["POST"]),
-            *metrics.routes(),
+            *metrics.routes(may_scrape if config.spec.metrics.require_key else None),
             *dashboard.routes(config.ledger_url, dashboard.service_access(keys, catalogue)),
             *realtime.routes(tenant),
         ],
