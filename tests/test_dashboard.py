@@ -245,11 +245,29 @@ def test_on_the_service_a_tenant_sees_and_retries_only_its_own_batches(
             assert f'data-job="{done["a"].id}"' in page and done["b"].id not in page
             assert f'data-batch="{done["a"].id}"' in page
             assert "tenant <b>tenant-a</b>" in page
-            # the batch has ended: its files are final, so no button, and the POST is refused
-            assert "Retry 1 failed" not in page and "its output and error files" in page
+            # The batch has ended: its files are final (a client may have read them), so no
+            # button; the page says where the failed line is and to send it as a new batch.
+            note = (
+                f"Batch {done['a'].id} has ended (completed): its output and error files are"
+                " final, so its failed lines are not retried here. They are in its error file"
+                f" {done['a'].error_file_id}; send them again as a new batch."
+            )
+            assert "Retry 1 failed" not in page and note in page
             as_a = {"authorization": "Bearer key-a", "accept": "application/json"}
             ended = http.post("/dashboard/retry", data={"job": done["a"].id}, headers=as_a)
-            assert ended.status_code == 409
+            assert ended.status_code == 409 and ended.json() == {"error": note}
+            # A form sent from a page drawn before the batch ended: the page, saying why.
+            form = http.post(
+                "/dashboard/retry",
+                data={"job": done["a"].id},
+                headers={"authorization": "Bearer key-a"},
+            )
+            assert form.status_code == 303
+            assert form.headers["location"] == f"/?refused={done['a'].id}"
+            shown = http.get(form.headers["location"], headers={"authorization": "Bearer key-a"})
+            assert f'<p class="notice refused" role="alert">{note}</p>' in shown.text
+            failed = a.files.content(done["a"].error_file_id).content  # type: ignore[arg-type]
+            assert b'"custom_id":"a2"' in failed  # where the note says
             other = http.post("/dashboard/retry", data={"job": done["b"].id}, headers=as_a)
             assert other.status_code == 404
 
