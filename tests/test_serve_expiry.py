@@ -186,9 +186,9 @@ def test_a_batch_that_expired_while_the_server_was_down_expires_at_start(
             completion_window="24h",
         )
         deadline = time.monotonic() + 60
-        while len(_calls(tmp_path)) < 4:
+        while oai.batches.retrieve(created.id).request_counts.completed < 2:  # committed
             assert time.monotonic() < deadline, "the batch did not start in 60 s"
-            time.sleep(0.02)
+            time.sleep(0.05)
         server.send_signal(signal.SIGKILL)
         server.wait(30)
     finally:
@@ -214,7 +214,7 @@ def test_a_batch_that_expired_while_the_server_was_down_expires_at_start(
     assert batch.status == "expired", batch
     assert after == before  # nothing ran after the restart
     done = sorted(line["custom_id"] for line in out)
-    assert 0 < len(done) < n
+    assert 2 <= len(done) < n
     # What was committed before the kill is kept (a pair in flight at the kill is lost).
     assert set(done) <= set(before) and len(before) - len(done) <= 2
     assert {e["error"]["code"] for e in errors} == {"batch_expired"}
