@@ -119,7 +119,7 @@ def _limit(request: Request, default: int, most: int) -> int:
 def create_app(config: ServeConfig) -> Starlette:
     check_models(config)
     keys = keys_from_env(config.spec.auth.keys_env, config.origin) if config.spec.auth else None
-    catalogue = Catalogue(config.folder / "catalogue.db")
+    catalogue = Catalogue.for_service(config.ledger_url, config.folder)
     files = FileStore(config.folder, catalogue)
     metrics = Metrics(config.ledger_url, catalogue)  # /metrics, /healthz
     # /v1/embeddings, /v1/chat/completions, /v1/messages
@@ -408,6 +408,7 @@ def create_app(config: ServeConfig) -> Starlette:
         finally:
             await run_in_threadpool(batches.shutdown)
             await run_in_threadpool(realtime.close)
+            catalogue.close()
 
     handlers: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {
         ApiError: _api_error,

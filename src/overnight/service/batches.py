@@ -30,6 +30,7 @@ from typing import Any
 import orjson
 
 from .. import results
+from ..claim import JobBusy, live_workers
 from ..errors import OvernightError
 from ..job import Job
 from ..store import open_ledger
@@ -45,6 +46,7 @@ MAX_REQUESTS = 50_000  # OpenAI's limit per batch
 ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
 EXPIRABLE = ("validating", "in_progress")  # a batch finalizing or cancelling ends by itself
 WATCH_SECONDS = 60.0  # the longest the expiry watch sleeps (a create wakes it sooner)
+STALE_SECONDS = 3600.0  # a temporary file this old was left by a kill (not a live writer)
 
 
 class TooManyActive(Exception):
@@ -402,6 +404,7 @@ class Batches:
         self.window = round(config.spec.batches.completion_window_hours * 3600)
         self._wake = threading.Event()  # a batch was created: the expiry watch looks again
         self._watch: threading.Thread | None = None
+        self._queued: set[str] = set()  # batches submitted to the pool and not done with
 
     def workdir(self, batch_id: str) -> Path:
         return self.work / batch_id
@@ -410,12 +413,25 @@ class Batches:
         """Queues every batch that had not ended when the server stopped (those whose window
         ended meanwhile are queued to be finalised as expired), and starts the expiry watch."""
         self.expire_due()
-        ids = self.catalogue.batches_in(ACTIVE)
-        for batch_id in ids:
-            log.info("resuming batch %s", batch_id)
-            self._pool.submit(self._process, batch_id)
+        ids = self.adopt()
         self._watch = threading.Thread(target=self._watch_expiry, name="batch-expiry", daemon=True)
         self._watch.start()
+        return ids
+
+    def adopt(self) -> list[str]:
+        """Queues every batch that has not ended and is not queued here already: at start,
+        those the server had not finished; later, those another server on the same
+        catalogue left (stopped or killed). A batch another server still runs is joined:
+        its job's items are shared out by the ledger, and the last run to finish finalises."""
+        ids = []
+        for batch_id in self.catalogue.batches_in(ACTIVE):
+            with self._lock:
+                if batch_id in self._queued:
+                    continue
+                self._queued.add(batch_id)
+            log.info("resuming batch %s", batch_id)
+            self._pool.submit(self._process, batch_id)
+            ids.append(batch_id)
         return ids
 
     def create(self, tenant: str, batch: dict[str, Any]) -> dict[str, Any]:
@@ -427,6 +443,8 @@ class Batches:
         if over is not None:
             shutil.rmtree(self.workdir(batch["id"]), ignore_errors=True)  # Anthropic's lines
             raise TooManyActive(over)
+        with self._lock:
+            self._queued.add(batch["id"])
         self._pool.submit(self._process, batch["id"])
         self._wake.set()
         return batch
@@ -447,16 +465,21 @@ class Batches:
             if batch is None:  # cancelled or finished meanwhile
                 continue
             log.warning("batch %s expired: its completion window ended", batch_id)
-            self._cancel_run(batch_id)
+            self._cancel_run(batch)
         return upcoming
 
     def _watch_expiry(self) -> None:
-        """The server's expiry watch: sleeps until the next `expires_at` (or a create)."""
+        """The server's watch: expires batches at their `expires_at` (it sleeps until the
+        next one, or a create), and every WATCH_SECONDS adopts those another server left."""
+        adopted = time.monotonic()
         while not self.stop.is_set():
             try:
                 upcoming = self.expire_due()
+                if time.monotonic() - adopted >= WATCH_SECONDS:
+                    adopted = time.monotonic()
+                    self.adopt()
             except Exception:  # the catalogue failed: look again later
-                log.exception("the expiry watch failed")
+                log.exception("the batch watch failed")
                 upcoming = None
             wait = WATCH_SECONDS if upcoming is None else upcoming - time.time()
             self._wake.wait(min(WATCH_SECONDS, max(0.05, wait)))
@@ -491,18 +514,26 @@ class Batches:
         )
         if batch is None:
             return None
-        self._cancel_run(batch_id)
+        self._cancel_run(batch)
         return batch
 
-    def _cancel_run(self, batch_id: str) -> None:
-        """Stops the batch's running job, if any, after its records in flight."""
+    def _cancel_run(self, batch: dict[str, Any]) -> None:
+        """Stops the batch's job after its records in flight, wherever it runs: in this
+        server, or in another on the same ledger and catalogue (the ledger's cancel flag,
+        which a run watches)."""
         with self._lock:
-            job = self._running.get(batch_id)
-        if job is not None:
+            job = self._running.get(batch["id"])
+        workdir = self.workdir(batch["id"])
+        jobs = (
+            [job]
+            if job is not None
+            else [job_for(batch, part, self.config, workdir) for part in batch.get("parts") or []]
+        )
+        for job in jobs:
             try:
                 job.cancel()
             except OvernightError as exc:  # not in the ledger yet: the thread sees the status
-                log.debug("cancel of %s: %s", batch_id, exc)
+                log.debug("cancel of %s: %s", batch["id"], exc)
 
     def _live_counts(self, batch: dict[str, Any]) -> None:
         """request_counts of a running batch, from the ledger."""
@@ -525,6 +556,8 @@ class Batches:
     def _process(self, batch_id: str) -> None:
         try:
             self._advance(batch_id)
+        except JobBusy as exc:  # another server in this process runs it (tests): it is theirs
+            log.info("batch %s: %s", batch_id, exc)
         except Exception as exc:  # the batch fails with the reason; the server goes on
             log.exception("batch %s failed", batch_id)
             self.catalogue.update_batch(
@@ -546,6 +579,9 @@ class Batches:
                 },
                 when=ACTIVE,
             )
+        finally:
+            with self._lock:
+                self._queued.discard(batch_id)
 
     def _advance(self, batch_id: str) -> None:
         batch = self.catalogue.get_batch(batch_id)
@@ -577,6 +613,8 @@ class Batches:
                         self._running.pop(batch_id, None)
                 if report.interrupted or self.stop.is_set():
                     return  # the server is stopping: resumed at the next start
+                if report.counts.open and self._runs_elsewhere(part["job"]):
+                    return  # another server's run still holds items: the last to end finalises
             batch = self.catalogue.update_batch(
                 batch_id,
                 {"status": "finalizing", "finalizing_at": int(time.time())},
@@ -592,6 +630,14 @@ class Batches:
                     job.cancel()  # a run killed with the server may have left items open
             ending = "cancelled" if batch["status"] == "cancelling" else "expired"
             self._finalize(batch, workdir, ending)
+
+    def _runs_elsewhere(self, job_name: str) -> bool:
+        """Whether another run (another server on this ledger) still works on the job."""
+        ledger = open_ledger(self.config.ledger_url)
+        try:
+            return bool(live_workers(ledger, job_name))
+        finally:
+            ledger.close()
 
     def _validate(self, batch: dict[str, Any], workdir: Path) -> dict[str, Any] | None:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -708,8 +754,10 @@ class Batches:
         self.catalogue.update_batch(
             batch["id"], changes, when=("cancelling",) if ending == "cancelled" else ("finalizing",)
         )
-        for tmp in workdir.glob("*.part"):
-            tmp.unlink()
+        for tmp in workdir.glob("*.part"):  # left by a finalisation cut short by a kill
+            with contextlib.suppress(FileNotFoundError):
+                if tmp.stat().st_mtime < time.time() - STALE_SECONDS:
+                    tmp.unlink()
 
     def _finalize_openai(
         self, batch: dict[str, Any], workdir: Path, ending: str
@@ -718,36 +766,42 @@ class Batches:
         tenant = self.catalogue.tenant_of_batch(batch["id"])
         assert tenant is not None
         succeeded = failed = unrun = 0
-        out_path, err_path = workdir / "output.jsonl.part", workdir / "errors.jsonl.part"
-        with open(out_path, "wb") as out, open(err_path, "wb") as err:
-            for o in self._outcomes(batch, workdir, ending):
-                if o.kind == "succeeded":
-                    out.write(openai_line(batch, o))
-                    succeeded += 1
-                else:
-                    err.write(openai_line(batch, o))
-                    failed += 1
-                    unrun += o.kind == ending
-        changes: dict[str, Any] = {
-            "request_counts": {
-                # (a batch that expired before it was validated was never counted)
-                "total": batch["request_counts"]["total"] or succeeded + failed,
-                "completed": succeeded,
-                "failed": failed,
-            },
-            "usage": _usage(*self._tokens(batch)),
-        }
-        if succeeded or not failed:
-            changes["output_file_id"] = self._result_file(tenant, batch, "output", out_path)
-        if failed:
-            changes["error_file_id"] = self._result_file(tenant, batch, "error", err_path)
+        # Names of its own: two servers on one catalogue may finalise a batch at once.
+        tag = secrets.token_hex(4)
+        out_path, err_path = workdir / f"output.{tag}.part", workdir / f"errors.{tag}.part"
+        try:
+            with open(out_path, "wb") as out, open(err_path, "wb") as err:
+                for o in self._outcomes(batch, workdir, ending):
+                    if o.kind == "succeeded":
+                        out.write(openai_line(batch, o))
+                        succeeded += 1
+                    else:
+                        err.write(openai_line(batch, o))
+                        failed += 1
+                        unrun += o.kind == ending
+            changes: dict[str, Any] = {
+                "request_counts": {
+                    # (a batch that expired before it was validated was never counted)
+                    "total": batch["request_counts"]["total"] or succeeded + failed,
+                    "completed": succeeded,
+                    "failed": failed,
+                },
+                "usage": _usage(*self._tokens(batch)),
+            }
+            if succeeded or not failed:
+                changes["output_file_id"] = self._result_file(tenant, batch, "output", out_path)
+            if failed:
+                changes["error_file_id"] = self._result_file(tenant, batch, "error", err_path)
+        finally:
+            out_path.unlink(missing_ok=True)
+            err_path.unlink(missing_ok=True)
         return changes, unrun
 
     def _finalize_anthropic(
         self, batch: dict[str, Any], workdir: Path, ending: str
     ) -> tuple[dict[str, Any], int]:
         tally = {"succeeded": 0, "errored": 0, "canceled": 0, "expired": 0}
-        part = workdir / "results.jsonl.part"
+        part = workdir / f"results.{secrets.token_hex(4)}.part"
         with open(part, "wb") as f:
             for o in self._outcomes(batch, workdir, ending):
                 line = anthropic.result_line(batch, o)
