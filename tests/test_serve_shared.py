@@ -154,3 +154,50 @@ def test_a_batch_outlives_a_rolling_restart_of_two_servers(
     assert sorted(ids) == sorted(f"r{i}" for i in range(n)) and set(ids.values()) == {1}
     again = [cid for cid, times in Counter(_calls(tmp_path)).items() if times > 1]
     assert len(again) <= 2, again  # at most the pair in flight at the stop
+
+
+@pytest.mark.slow
+def test_a_batch_left_by_a_killed_server_is_taken_up_by_the_other(
+    tmp_path: Path, pg_ledger_url: str
+) -> None:
+    """Two servers run; the one running a batch is killed (SIGKILL). The other adopts the
+    batch at its next look (every minute) and finishes it: every custom_id once."""
+    n = 30
+    config = _config(tmp_path, pg_ledger_url)
+    env = {**os.environ, "SERVE_TEST_KEYS": "key-a:tenant-a", "SERVE_TEST_SLEEP": "0.2"}
+    ports = free_port(), free_port()
+    first, second = start_process(config, ports[0], env), start_process(config, ports[1], env)
+    try:
+        one = client(f"http://127.0.0.1:{ports[0]}/v1", "key-a")
+        two = client(f"http://127.0.0.1:{ports[1]}/v1", "key-a")
+        created = one.batches.create(
+            input_file_id=upload(one, [chat_line(f"k{i}", "sleep") for i in range(n)]),
+            endpoint=CHAT,
+            completion_window="24h",
+        )
+        deadline = time.monotonic() + 60
+        while (committed := one.batches.retrieve(created.id).request_counts.completed) < 2:
+            assert time.monotonic() < deadline, "the batch did not start in 60 s"
+            time.sleep(0.05)
+        first.send_signal(signal.SIGKILL)
+        first.wait(30)
+        killed_at = time.monotonic()
+        time.sleep(0.5)  # the function's worker process dies with the server
+        before = _calls(tmp_path)
+        assert len(before) < n, "the batch ended before the kill"
+        batch = wait_for(two, created.id, ("completed", "failed"), timeout=150)
+        taken_up = time.monotonic() - killed_at
+        assert batch.status == "completed", batch.errors
+        out = lines_of(two, batch.output_file_id)
+    finally:
+        for proc in (first, second):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(60)
+    assert taken_up < 120
+    assert batch.request_counts.model_dump() == {"total": n, "completed": n, "failed": 0}
+    ids = Counter(line["custom_id"] for line in out)
+    assert sorted(ids) == sorted(f"k{i}" for i in range(n)) and set(ids.values()) == {1}
+    # Only lines the killed server had run but not committed ran again.
+    again = [cid for cid, times in Counter(_calls(tmp_path)).items() if times > 1]
+    assert set(again) <= set(before) and len(again) <= len(before) - committed, again
