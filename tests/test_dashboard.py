@@ -313,3 +313,43 @@ def test_the_command_refuses_an_open_page_off_loopback_and_a_missing_ledger(
     assert missing.returncode == 2 and "no ledger at" in missing.stderr
     unset = _dashboard("--ledger", ledger, "--keys-env", "NO_SUCH_VARIABLE_X", cwd=tmp_path)
     assert unset.returncode == 2 and "$NO_SUCH_VARIABLE_X is not set" in unset.stderr
+
+
+def test_an_ended_message_batch_says_where_its_failed_requests_are(tmp_path: Path) -> None:
+    import anthropic
+
+    with serving(write_config(tmp_path)) as base:
+        root = base.removesuffix("/v1")
+        api = anthropic.Anthropic(base_url=root, api_key="x", max_retries=0)
+        params = {"model": "rev", "max_tokens": 8}
+        created = api.messages.batches.create(
+            requests=[  # type: ignore[list-item]
+                {
+                    "custom_id": "ok",
+                    "params": {**params, "messages": [{"role": "user", "content": "hi"}]},
+                },
+                {
+                    "custom_id": "no",
+                    "params": {**params, "messages": [{"role": "user", "content": "boom"}]},
+                },
+            ]
+        )
+        deadline = time.monotonic() + 60
+        while api.messages.batches.retrieve(created.id).processing_status != "ended":
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        note = (
+            f"Message batch {created.id} has ended: its results are final, so its failed"
+            " requests are not retried here. They are its `errored` results; send them again"
+            " as a new batch."
+        )
+        with httpx.Client(base_url=root) as http:
+            page = http.get("/").text
+            refused = http.post(
+                "/dashboard/retry",
+                data={"job": f"{created.id}.0"},
+                headers={"accept": "application/json"},
+            )
+    assert note in page
+    assert "Retry 1 failed" not in page
+    assert refused.status_code == 409 and refused.json() == {"error": note}

@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 import time
+import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -201,3 +202,28 @@ def test_a_batch_left_by_a_killed_server_is_taken_up_by_the_other(
     # Only lines the killed server had run but not committed ran again.
     again = [cid for cid, times in Counter(_calls(tmp_path)).items() if times > 1]
     assert set(again) <= set(before) and len(again) <= len(before) - committed, again
+
+
+def test_on_postgresql_a_batch_expires_and_metrics_count_the_batches(
+    tmp_path: Path, pg_ledger_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The catalogue's queries that look inside the batch object (expires_at, the request
+    counts of /metrics), on PostgreSQL."""
+    monkeypatch.setenv("SERVE_TEST_KEYS", "key-a:tenant-a")
+    monkeypatch.setenv("SERVE_TEST_SLEEP", "0.3")
+    config = _config(tmp_path, pg_ledger_url, "[batches]\ncompletion_window_hours = 0.001\n")
+    with serving(config) as url:
+        oai = client(url, "key-a")
+        created = oai.batches.create(
+            input_file_id=upload(oai, [chat_line(f"e{i}", "sleep") for i in range(40)]),
+            endpoint=CHAT,
+            completion_window="24h",
+        )
+        batch = wait_for(oai, created.id, ("expired", "completed", "failed"), timeout=60)
+        with urllib.request.urlopen(url.removesuffix("/v1") + "/metrics", timeout=10) as r:
+            text = r.read().decode()
+    assert batch.status == "expired"
+    assert 0 < batch.request_counts.completed < 40
+    assert batch.request_counts.failed == 40 - batch.request_counts.completed
+    assert 'overnight_batches{api="openai",status="expired"} 1.0' in text
+    assert 'overnight_batch_requests_sum{api="openai"} 40.0' in text
