@@ -252,11 +252,29 @@ def test_on_the_service_a_tenant_sees_and_retries_only_its_own_batches(
             assert f'data-job="{done["a"].id}"' in page and done["b"].id not in page
             assert f'data-batch="{done["a"].id}"' in page
             assert "tenant <b>tenant-a</b>" in page
-            # the batch has ended: its files are final, so no button, and the POST is refused
-            assert "Retry 1 failed" not in page and "its output and error files" in page
+            # The batch has ended: its files are final (a client may have read them), so no
+            # button; the page says where the failed line is and to send it as a new batch.
+            note = (
+                f"Batch {done['a'].id} has ended (completed): its output and error files are"
+                " final, so its failed lines are not retried here. They are in its error file"
+                f" {done['a'].error_file_id}; send them again as a new batch."
+            )
+            assert "Retry 1 failed" not in page and note in page
             as_a = {"authorization": "Bearer key-a", "accept": "application/json"}
             ended = http.post("/dashboard/retry", data={"job": done["a"].id}, headers=as_a)
-            assert ended.status_code == 409
+            assert ended.status_code == 409 and ended.json() == {"error": note}
+            # A form sent from a page drawn before the batch ended: the page, saying why.
+            form = http.post(
+                "/dashboard/retry",
+                data={"job": done["a"].id},
+                headers={"authorization": "Bearer key-a"},
+            )
+            assert form.status_code == 303
+            assert form.headers["location"] == f"/?refused={done['a'].id}"
+            shown = http.get(form.headers["location"], headers={"authorization": "Bearer key-a"})
+            assert f'<p class="notice refused" role="alert">{note}</p>' in shown.text
+            failed = a.files.content(done["a"].error_file_id).content  # type: ignore[arg-type]
+            assert b'"custom_id":"a2"' in failed  # where the note says
             other = http.post("/dashboard/retry", data={"job": done["b"].id}, headers=as_a)
             assert other.status_code == 404
 
@@ -302,3 +320,43 @@ def test_the_command_refuses_an_open_page_off_loopback_and_a_missing_ledger(
     assert missing.returncode == 2 and "no ledger at" in missing.stderr
     unset = _dashboard("--ledger", ledger, "--keys-env", "NO_SUCH_VARIABLE_X", cwd=tmp_path)
     assert unset.returncode == 2 and "$NO_SUCH_VARIABLE_X is not set" in unset.stderr
+
+
+def test_an_ended_message_batch_says_where_its_failed_requests_are(tmp_path: Path) -> None:
+    import anthropic
+
+    with serving(write_config(tmp_path)) as base:
+        root = base.removesuffix("/v1")
+        api = anthropic.Anthropic(base_url=root, api_key="x", max_retries=0)
+        params = {"model": "rev", "max_tokens": 8}
+        created = api.messages.batches.create(
+            requests=[  # type: ignore[list-item]
+                {
+                    "custom_id": "ok",
+                    "params": {**params, "messages": [{"role": "user", "content": "hi"}]},
+                },
+                {
+                    "custom_id": "no",
+                    "params": {**params, "messages": [{"role": "user", "content": "boom"}]},
+                },
+            ]
+        )
+        deadline = time.monotonic() + 60
+        while api.messages.batches.retrieve(created.id).processing_status != "ended":
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        note = (
+            f"Message batch {created.id} has ended: its results are final, so its failed"
+            " requests are not retried here. They are its `errored` results; send them again"
+            " as a new batch."
+        )
+        with httpx.Client(base_url=root) as http:
+            page = http.get("/").text
+            refused = http.post(
+                "/dashboard/retry",
+                data={"job": f"{created.id}.0"},
+                headers={"accept": "application/json"},
+            )
+    assert note in page
+    assert "Retry 1 failed" not in page
+    assert refused.status_code == 409 and refused.json() == {"error": note}

@@ -5,17 +5,21 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import anthropic
 import openai
 import orjson
 import pytest
 from serve_helpers import chat_line, client, serving, upload, wait_for, write_config
 
-from overnight.errors import UsageError
+from overnight.errors import JobFileError, UsageError
 from overnight.service.auth import parse_keys, tenant_of
+from overnight.service.config import parse_config
 
 AUTH = '[auth]\nkeys_env = "SERVE_TEST_KEYS"'
 
@@ -137,3 +141,100 @@ def test_a_tenant_over_its_quota_of_open_batches_gets_429_and_others_do_not(
             input_file_id=slow, endpoint="/v1/chat/completions", completion_window="24h"
         )
         assert wait_for(a, again.id, ("completed",)).status == "completed"
+
+
+def test_creates_at_once_over_a_quota_of_one_yield_one_batch_and_429s(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Eight creates at the same moment from one tenant with max_active_per_tenant = 1,
+    four through the openai SDK and four through the anthropic SDK (one quota for both
+    APIs): exactly one batch is created, the seven others are 429 and recorded nowhere."""
+    monkeypatch.setenv("SERVE_TEST_KEYS", "key-a:tenant-a")
+    monkeypatch.setenv("SERVE_TEST_SLEEP", "0.5")
+    extra = AUTH + "\n[batches]\nconcurrency = 8\nmax_active_per_tenant = 1\n"
+    with serving(write_config(tmp_path, extra=extra)) as url:
+        oai = client(url, "key-a")
+        ant = anthropic.Anthropic(base_url=url.removesuffix("/v1"), api_key="key-a", max_retries=0)
+        file_id = upload(oai, [chat_line(f"s{i}", "sleep") for i in range(4)])
+        request = {
+            "custom_id": "m",
+            "params": {
+                "model": "rev",
+                "max_tokens": 8,
+                "messages": [{"role": "user", "content": "sleep"}],
+            },
+        }
+        start = threading.Barrier(8)
+
+        def create(n: int) -> str:
+            start.wait()
+            try:
+                if n % 2:
+                    return ant.messages.batches.create(requests=[request]).id  # type: ignore[list-item]
+                return oai.batches.create(
+                    input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"
+                ).id
+            except (openai.RateLimitError, anthropic.RateLimitError):
+                return "429"
+
+        with ThreadPoolExecutor(8) as pool:
+            outcomes = list(pool.map(create, range(8)))
+        created = [o for o in outcomes if o != "429"]
+        assert len(created) == 1 and outcomes.count("429") == 7, outcomes
+        listed = [b.id for b in oai.batches.list()] + [b.id for b in ant.messages.batches.list()]
+        assert listed == created
+
+
+def _status(url: str, key: str | None = None) -> int:
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10):
+            return 200
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_metrics_are_open_by_default_and_behind_a_key_with_require_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/metrics is open unless [metrics] require_key = true: then a key of [auth] (of the
+    tenants in [metrics] tenants, if given) is needed. /healthz is always open."""
+    monkeypatch.setenv("SERVE_TEST_KEYS", "key-a:tenant-a,key-ops:ops")
+    for n, (metrics, expected) in enumerate(
+        (
+            ("", {None: 200, "nope": 200, "key-a": 200, "key-ops": 200}),
+            ("[metrics]\nrequire_key = true", {None: 401, "nope": 401, "key-a": 200}),
+            (
+                '[metrics]\nrequire_key = true\ntenants = ["ops"]',
+                {None: 401, "key-a": 401, "key-ops": 200},
+            ),
+        )
+    ):
+        folder = tmp_path / str(n)
+        folder.mkdir()
+        with serving(write_config(folder, extra=f"{AUTH}\n{metrics}")) as url:
+            root = url.removesuffix("/v1")
+            seen = {key: _status(f"{root}/metrics", key) for key in expected}
+            assert seen == expected, metrics
+            assert _status(f"{root}/healthz") == 200
+            assert _status(f"{root}/") == 401  # the dashboard asks for a key with [auth]
+            if expected[None] == 401:
+                request = urllib.request.Request(f"{root}/metrics")
+                with pytest.raises(urllib.error.HTTPError) as refused:
+                    urllib.request.urlopen(request, timeout=10)
+                assert refused.value.headers["www-authenticate"] == "Bearer"
+                assert "API key" in orjson.loads(refused.value.read())["error"]
+
+
+def test_metrics_settings_that_cannot_hold_are_refused(tmp_path: Path) -> None:
+    models = {"rev": {"backend": "python", "function": "serving:answer"}}
+    for metrics, message in (
+        ({"require_key": True}, "[metrics] require_key: there are no keys to ask for; add [auth]"),
+        (
+            {"tenants": ["ops"]},
+            "[metrics] tenants: applies with require_key = true",
+        ),
+    ):
+        with pytest.raises(JobFileError) as refused:
+            parse_config({"models": models, "metrics": metrics}, tmp_path, "serve.toml")
+        assert str(refused.value).startswith(f"serve.toml: {message}")

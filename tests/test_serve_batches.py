@@ -257,8 +257,10 @@ def test_a_batch_on_a_postgresql_ledger(tmp_path: Path, pg_ledger_url: str) -> N
             for line in lines_of(oai, batch.output_file_id)
         }
         assert got == {f"p{i}": f"t{i}"[::-1] for i in range(5)}
-    # The files and the catalogue sit beside serve.toml; the items are in PostgreSQL.
-    assert (tmp_path / ".overnight/serve/catalogue.db").exists()
+    # The files sit beside serve.toml; the items and the catalogue are in PostgreSQL (where
+    # every server on this ledger shares it: test_serve_shared.py).
+    assert (tmp_path / ".overnight/serve/files" / batch.output_file_id).exists()  # type: ignore[operator]
+    assert not (tmp_path / ".overnight/serve/catalogue.db").exists()
     from overnight.store import open_ledger
 
     ledger = open_ledger(pg_ledger_url)

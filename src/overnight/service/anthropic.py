@@ -90,7 +90,12 @@ def view(batch: dict[str, Any]) -> dict[str, Any]:
         counts.update(batch["outcome"])
     else:  # the batch failed as a whole
         counts["errored"] = total
-    ended_at = batch["completed_at"] or batch["cancelled_at"] or batch["failed_at"]
+    ended_at = (
+        batch["completed_at"]
+        or batch["cancelled_at"]
+        or batch["failed_at"]
+        or batch.get("expired_at")
+    )
     return {
         "id": batch["id"],
         "type": "message_batch",
@@ -124,6 +129,8 @@ def result_line(batch: dict[str, Any], o: Outcome) -> dict[str, Any]:
         return {"custom_id": o.custom_id, "result": {"type": "succeeded", "message": message}}
     if o.kind == "cancelled":
         return {"custom_id": o.custom_id, "result": {"type": "canceled"}}
+    if o.kind == "expired":
+        return {"custom_id": o.custom_id, "result": {"type": "expired"}}
     kind = "invalid_request_error" if o.kind == "rejected" else "api_error"
     error = {"type": "error", "error": {"type": kind, "message": o.message}}
     return {"custom_id": o.custom_id, "result": {"type": "errored", "error": error}}

@@ -119,7 +119,7 @@ def _limit(request: Request, default: int, most: int) -> int:
 def create_app(config: ServeConfig) -> Starlette:
     check_models(config)
     keys = keys_from_env(config.spec.auth.keys_env, config.origin) if config.spec.auth else None
-    catalogue = Catalogue(config.folder / "catalogue.db")
+    catalogue = Catalogue.for_service(config.ledger_url, config.folder)
     files = FileStore(config.folder, catalogue)
     metrics = Metrics(config.ledger_url, catalogue)  # /metrics, /healthz
     # /v1/embeddings, /v1/chat/completions, /v1/messages
@@ -145,6 +145,12 @@ def create_app(config: ServeConfig) -> Starlette:
                 code="invalid_api_key" if given else None,
             )
         return found
+
+    def may_scrape(request: Request) -> bool:
+        """[metrics] require_key: a key of [auth], of one of [metrics] tenants if given."""
+        found = tenant_of(keys or {}, request.headers.get("authorization"))
+        allowed = config.spec.metrics.tenants
+        return found is not None and (allowed is None or found in allowed)
 
     def no_file(file_id: str) -> ApiError:
         return ApiError(404, f"No such File object: {file_id}", param="id", code="not_found")
@@ -402,6 +408,7 @@ def create_app(config: ServeConfig) -> Starlette:
         finally:
             await run_in_threadpool(batches.shutdown)
             await run_in_threadpool(realtime.close)
+            catalogue.close()
 
     handlers: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {
         ApiError: _api_error,
@@ -426,7 +433,7 @@ def create_app(config: ServeConfig) -> Starlette:
                 "/v1/messages/batches/{batch_id}/results", message_batch_results, methods=["GET"]
             ),
             Route("/v1/messages/batches/{batch_id}/cancel", cancel_message_batch, methods=["POST"]),
-            *metrics.routes(),
+            *metrics.routes(may_scrape if config.spec.metrics.require_key else None),
             *dashboard.routes(config.ledger_url, dashboard.service_access(keys, catalogue)),
             *realtime.routes(tenant),
         ],

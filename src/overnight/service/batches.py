@@ -2,7 +2,10 @@
 output and error files.
 
 A batch moves validating -> in_progress -> finalizing -> completed, or to failed (its file
-did not validate), or cancelling -> cancelled. Its lines run as one ledger job named after
+did not validate), or cancelling -> cancelled, or -- not ended by its `expires_at`
+([batches] completion_window_hours after it was created) -- finalizing -> expired: what it
+finished is kept, the lines not run are reported `batch_expired` and its job's open items are
+cancelled, so no more work is spent. Its lines run as one ledger job named after
 the batch, over a copy of the uploaded file (`custom_id` is the item id): the ledger decides
 what is done, so a server killed mid-batch and started again resumes the job, and the output
 file, written from the ledger at the end, has every custom_id once.
@@ -27,6 +30,7 @@ from typing import Any
 import orjson
 
 from .. import results
+from ..claim import JobBusy, live_workers
 from ..errors import OvernightError
 from ..job import Job
 from ..store import open_ledger
@@ -38,9 +42,11 @@ from .files import FileStore
 log = logging.getLogger(__name__)
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/embeddings")
-WINDOW = 24 * 3600
 MAX_REQUESTS = 50_000  # OpenAI's limit per batch
 ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
+EXPIRABLE = ("validating", "in_progress")  # a batch finalizing or cancelling ends by itself
+WATCH_SECONDS = 60.0  # the longest the expiry watch sleeps (a create wakes it sooner)
+STALE_SECONDS = 3600.0  # a temporary file this old was left by a kill (not a live writer)
 
 
 class TooManyActive(Exception):
@@ -73,7 +79,7 @@ def new_batch(
         "error_file_id": None,
         "created_at": now,
         "in_progress_at": None,
-        "expires_at": now + WINDOW,
+        "expires_at": None,  # set by Batches.create: [batches] completion_window_hours
         "finalizing_at": None,
         "completed_at": None,
         "failed_at": None,
@@ -315,7 +321,8 @@ def _request_id(batch: dict[str, Any], custom_id: str) -> str:
 class Outcome:
     """What became of one line: `succeeded` (with the model's output), `failed` (the call
     failed: `message`, `error_class`), `rejected` (never run: its request was not valid),
-    `cancelled` (never run: the batch was cancelled)."""
+    `cancelled` (never run: the batch was cancelled), `expired` (never run: the batch's
+    completion window ended first)."""
 
     custom_id: str
     kind: str
@@ -337,6 +344,12 @@ def openai_line(batch: dict[str, Any], o: Outcome) -> bytes:
     if o.kind == "cancelled":
         error = {"code": "batch_cancelled", "message": "The batch was cancelled."}
         return _line(batch, o.custom_id, None, error)
+    if o.kind == "expired":
+        error = {
+            "code": "batch_expired",
+            "message": "This request could not be executed before the completion window expired.",
+        }
+        return _line(batch, o.custom_id, None, error)
     status = 400 if o.kind == "rejected" else 500
     error = {
         "message": o.message,
@@ -357,7 +370,7 @@ def openai_view(batch: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in batch.items() if k not in INTERNAL}
 
 
-INTERNAL = ("api", "parts", "outcome")
+INTERNAL = ("api", "parts", "outcome", "expiring")
 
 
 # -- running batches -----------------------------------------------------------------------
@@ -388,28 +401,89 @@ class Batches:
         )
         self._running: dict[str, Job] = {}
         self._lock = threading.Lock()
+        self.window = round(config.spec.batches.completion_window_hours * 3600)
+        self._wake = threading.Event()  # a batch was created: the expiry watch looks again
+        self._watch: threading.Thread | None = None
+        self._queued: set[str] = set()  # batches submitted to the pool and not done with
 
     def workdir(self, batch_id: str) -> Path:
         return self.work / batch_id
 
     def resume(self) -> list[str]:
-        """Queues every batch that had not ended when the server stopped."""
-        ids = self.catalogue.batches_in(ACTIVE)
-        for batch_id in ids:
+        """Queues every batch that had not ended when the server stopped (those whose window
+        ended meanwhile are queued to be finalised as expired), and starts the expiry watch."""
+        self.expire_due()
+        ids = self.adopt()
+        self._watch = threading.Thread(target=self._watch_expiry, name="batch-expiry", daemon=True)
+        self._watch.start()
+        return ids
+
+    def adopt(self) -> list[str]:
+        """Queues every batch that has not ended and is not queued here already: at start,
+        those the server had not finished; later, those another server on the same
+        catalogue left (stopped or killed). A batch another server still runs is joined:
+        its job's items are shared out by the ledger, and the last run to finish finalises."""
+        ids = []
+        for batch_id in self.catalogue.batches_in(ACTIVE):
+            with self._lock:
+                if batch_id in self._queued:
+                    continue
+                self._queued.add(batch_id)
             log.info("resuming batch %s", batch_id)
             self._pool.submit(self._process, batch_id)
+            ids.append(batch_id)
         return ids
 
     def create(self, tenant: str, batch: dict[str, Any]) -> dict[str, Any]:
         """Records the batch and queues it. Raises TooManyActive when the tenant already has
         `[batches] max_active_per_tenant` batches that have not ended."""
+        batch["expires_at"] = batch["created_at"] + self.window
         limit = self.config.spec.batches.max_active_per_tenant
         over = self.catalogue.add_batch(tenant, batch, ACTIVE, limit)
         if over is not None:
             shutil.rmtree(self.workdir(batch["id"]), ignore_errors=True)  # Anthropic's lines
             raise TooManyActive(over)
+        with self._lock:
+            self._queued.add(batch["id"])
         self._pool.submit(self._process, batch["id"])
+        self._wake.set()
         return batch
+
+    # -- the completion window ------------------------------------------------------------
+
+    def expire_due(self) -> float | None:
+        """Moves every batch not ended by its `expires_at` to finalizing, to be finalised as
+        expired by its thread (a running job is cancelled: its records in flight are kept,
+        its other items are not run). Returns the next `expires_at` of an open batch."""
+        due, upcoming = self.catalogue.expiring(EXPIRABLE, time.time())
+        for batch_id in due:
+            batch = self.catalogue.update_batch(
+                batch_id,
+                {"status": "finalizing", "finalizing_at": int(time.time()), "expiring": True},
+                when=EXPIRABLE,
+            )
+            if batch is None:  # cancelled or finished meanwhile
+                continue
+            log.warning("batch %s expired: its completion window ended", batch_id)
+            self._cancel_run(batch)
+        return upcoming
+
+    def _watch_expiry(self) -> None:
+        """The server's watch: expires batches at their `expires_at` (it sleeps until the
+        next one, or a create), and every WATCH_SECONDS adopts those another server left."""
+        adopted = time.monotonic()
+        while not self.stop.is_set():
+            try:
+                upcoming = self.expire_due()
+                if time.monotonic() - adopted >= WATCH_SECONDS:
+                    adopted = time.monotonic()
+                    self.adopt()
+            except Exception:  # the catalogue failed: look again later
+                log.exception("the batch watch failed")
+                upcoming = None
+            wait = WATCH_SECONDS if upcoming is None else upcoming - time.time()
+            self._wake.wait(min(WATCH_SECONDS, max(0.05, wait)))
+            self._wake.clear()
 
     def write_input(self, batch_id: str, lines: list[dict[str, Any]]) -> None:
         """The lines of a batch created with its requests (Anthropic's), before `create`."""
@@ -419,6 +493,9 @@ class Batches:
 
     def shutdown(self) -> None:
         self.stop.set()
+        self._wake.set()
+        if self._watch is not None:
+            self._watch.join()
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     def retrieve(self, tenant: str, batch_id: str) -> dict[str, Any] | None:
@@ -437,14 +514,26 @@ class Batches:
         )
         if batch is None:
             return None
+        self._cancel_run(batch)
+        return batch
+
+    def _cancel_run(self, batch: dict[str, Any]) -> None:
+        """Stops the batch's job after its records in flight, wherever it runs: in this
+        server, or in another on the same ledger and catalogue (the ledger's cancel flag,
+        which a run watches)."""
         with self._lock:
-            job = self._running.get(batch_id)
-        if job is not None:
+            job = self._running.get(batch["id"])
+        workdir = self.workdir(batch["id"])
+        jobs = (
+            [job]
+            if job is not None
+            else [job_for(batch, part, self.config, workdir) for part in batch.get("parts") or []]
+        )
+        for job in jobs:
             try:
                 job.cancel()
             except OvernightError as exc:  # not in the ledger yet: the thread sees the status
-                log.debug("cancel of %s: %s", batch_id, exc)
-        return batch
+                log.debug("cancel of %s: %s", batch["id"], exc)
 
     def _live_counts(self, batch: dict[str, Any]) -> None:
         """request_counts of a running batch, from the ledger."""
@@ -467,6 +556,8 @@ class Batches:
     def _process(self, batch_id: str) -> None:
         try:
             self._advance(batch_id)
+        except JobBusy as exc:  # another server in this process runs it (tests): it is theirs
+            log.info("batch %s: %s", batch_id, exc)
         except Exception as exc:  # the batch fails with the reason; the server goes on
             log.exception("batch %s failed", batch_id)
             self.catalogue.update_batch(
@@ -488,6 +579,9 @@ class Batches:
                 },
                 when=ACTIVE,
             )
+        finally:
+            with self._lock:
+                self._queued.discard(batch_id)
 
     def _advance(self, batch_id: str) -> None:
         batch = self.catalogue.get_batch(batch_id)
@@ -505,6 +599,10 @@ class Batches:
                 job = job_for(batch, part, self.config, workdir)
                 with self._lock:
                     self._running[batch_id] = job
+                if self.catalogue.get_batch(batch_id)["status"] != "in_progress":  # type: ignore[index]
+                    with self._lock:  # cancelled or expired before a cancel could reach it
+                        self._running.pop(batch_id, None)
+                    break
                 try:
                     model = part["model"]
                     report = job.run(
@@ -515,20 +613,31 @@ class Batches:
                         self._running.pop(batch_id, None)
                 if report.interrupted or self.stop.is_set():
                     return  # the server is stopping: resumed at the next start
+                if report.counts.open and self._runs_elsewhere(part["job"]):
+                    return  # another server's run still holds items: the last to end finalises
             batch = self.catalogue.update_batch(
                 batch_id,
                 {"status": "finalizing", "finalizing_at": int(time.time())},
                 when=("in_progress",),
             ) or self.catalogue.get_batch(batch_id)
             assert batch is not None
-        if batch["status"] == "finalizing":
-            self._finalize(batch, workdir, cancelled=False)
-        elif batch["status"] == "cancelling":
+        if batch["status"] == "finalizing" and not batch.get("expiring"):
+            self._finalize(batch, workdir, "completed")
+        elif batch["status"] in ("finalizing", "cancelling"):  # cancelled, or expired
             for part in batch.get("parts") or []:
                 job = job_for(batch, part, self.config, workdir)
                 with contextlib.suppress(OvernightError):  # not in the ledger: nothing open
                     job.cancel()  # a run killed with the server may have left items open
-            self._finalize(batch, workdir, cancelled=True)
+            ending = "cancelled" if batch["status"] == "cancelling" else "expired"
+            self._finalize(batch, workdir, ending)
+
+    def _runs_elsewhere(self, job_name: str) -> bool:
+        """Whether another run (another server on this ledger) still works on the job."""
+        ledger = open_ledger(self.config.ledger_url)
+        try:
+            return bool(live_workers(ledger, job_name))
+        finally:
+            ledger.close()
 
     def _validate(self, batch: dict[str, Any], workdir: Path) -> dict[str, Any] | None:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -571,8 +680,9 @@ class Batches:
         part = {"model": checked.model, "job": batch["id"], "input": "input.jsonl"}
         return {"model": checked.model, "parts": [part], "request_counts": counts}
 
-    def _outcomes(self, batch: dict[str, Any], workdir: Path, cancelled: bool) -> Iterator[Outcome]:
-        """Every line's outcome, once: from the ledger, then the lines never run."""
+    def _outcomes(self, batch: dict[str, Any], workdir: Path, ending: str) -> Iterator[Outcome]:
+        """Every line's outcome, once: from the ledger, then the lines never run (`cancelled`
+        or `expired` as the batch `ending`)."""
         seen: set[str] = set()
         ledger = open_ledger(self.config.ledger_url)
         try:
@@ -600,17 +710,18 @@ class Batches:
                     seen.add(line["custom_id"])
                     yield Outcome(line["custom_id"], "rejected", message=line["message"])
         source = workdir / "input.jsonl"
+        if not source.exists() and batch["api"] == "openai" and ending == "expired":
+            # Expired before it was validated (it waited for a place): its uploaded lines.
+            source = self.files.path(batch["input_file_id"])
         if source.exists():
             with open(source, "rb") as f:
                 for raw in f:
-                    if not raw.strip():
-                        continue
-                    custom_id = orjson.loads(raw)["custom_id"]
-                    if custom_id in seen:
+                    custom_id = _custom_id(raw)
+                    if custom_id is None or custom_id in seen:
                         continue
                     seen.add(custom_id)
-                    if cancelled:
-                        yield Outcome(custom_id, "cancelled")
+                    if ending in ("cancelled", "expired"):
+                        yield Outcome(custom_id, ending)
                     else:  # not expected: every line of a finished job has a final state
                         yield Outcome(custom_id, "failed", message="the request was not run")
 
@@ -628,74 +739,96 @@ class Batches:
             ledger.close()
         return tokens_in, tokens_out
 
-    def _finalize(self, batch: dict[str, Any], workdir: Path, cancelled: bool) -> None:
-        """Writes the results from the ledger and ends the batch. Idempotent: the files' ids
-        come from the batch's, so a finalisation cut short by a kill and done again replaces
-        them."""
+    def _finalize(self, batch: dict[str, Any], workdir: Path, ending: str) -> None:
+        """Writes the results from the ledger and ends the batch `completed`, `cancelled` or
+        `expired`. Idempotent: the files' ids come from the batch's, so a finalisation cut
+        short by a kill and done again replaces them."""
         workdir.mkdir(parents=True, exist_ok=True)
         if batch["api"] == "anthropic":
-            changes = self._finalize_anthropic(batch, workdir, cancelled)
+            changes, unrun = self._finalize_anthropic(batch, workdir, ending)
         else:
-            changes = self._finalize_openai(batch, workdir, cancelled)
-        now = int(time.time())
-        if cancelled:
-            changes.update(status="cancelled", cancelled_at=now)
-        else:
-            changes.update(status="completed", completed_at=now)
+            changes, unrun = self._finalize_openai(batch, workdir, ending)
+        if ending == "expired" and not unrun and batch.get("parts"):
+            ending = "completed"  # its last lines finished as the window ended: none expired
+        changes.update(status=ending, **{f"{ending}_at": int(time.time())})
         self.catalogue.update_batch(
-            batch["id"], changes, when=("cancelling",) if cancelled else ("finalizing",)
+            batch["id"], changes, when=("cancelling",) if ending == "cancelled" else ("finalizing",)
         )
-        for tmp in workdir.glob("*.part"):
-            tmp.unlink()
+        for tmp in workdir.glob("*.part"):  # left by a finalisation cut short by a kill
+            with contextlib.suppress(FileNotFoundError):
+                if tmp.stat().st_mtime < time.time() - STALE_SECONDS:
+                    tmp.unlink()
 
     def _finalize_openai(
-        self, batch: dict[str, Any], workdir: Path, cancelled: bool
-    ) -> dict[str, Any]:
+        self, batch: dict[str, Any], workdir: Path, ending: str
+    ) -> tuple[dict[str, Any], int]:
+        """The output and error files; also how many lines were never run."""
         tenant = self.catalogue.tenant_of_batch(batch["id"])
         assert tenant is not None
-        succeeded = failed = 0
-        out_path, err_path = workdir / "output.jsonl.part", workdir / "errors.jsonl.part"
-        with open(out_path, "wb") as out, open(err_path, "wb") as err:
-            for o in self._outcomes(batch, workdir, cancelled):
-                if o.kind == "succeeded":
-                    out.write(openai_line(batch, o))
-                    succeeded += 1
-                else:
-                    err.write(openai_line(batch, o))
-                    failed += 1
-        changes: dict[str, Any] = {
-            "request_counts": {
-                "total": batch["request_counts"]["total"],
-                "completed": succeeded,
-                "failed": failed,
-            },
-            "usage": _usage(*self._tokens(batch)),
-        }
-        if succeeded or not failed:
-            changes["output_file_id"] = self._result_file(tenant, batch, "output", out_path)
-        if failed:
-            changes["error_file_id"] = self._result_file(tenant, batch, "error", err_path)
-        return changes
+        succeeded = failed = unrun = 0
+        # Names of its own: two servers on one catalogue may finalise a batch at once.
+        tag = secrets.token_hex(4)
+        out_path, err_path = workdir / f"output.{tag}.part", workdir / f"errors.{tag}.part"
+        try:
+            with open(out_path, "wb") as out, open(err_path, "wb") as err:
+                for o in self._outcomes(batch, workdir, ending):
+                    if o.kind == "succeeded":
+                        out.write(openai_line(batch, o))
+                        succeeded += 1
+                    else:
+                        err.write(openai_line(batch, o))
+                        failed += 1
+                        unrun += o.kind == ending
+            changes: dict[str, Any] = {
+                "request_counts": {
+                    # (a batch that expired before it was validated was never counted)
+                    "total": batch["request_counts"]["total"] or succeeded + failed,
+                    "completed": succeeded,
+                    "failed": failed,
+                },
+                "usage": _usage(*self._tokens(batch)),
+            }
+            if succeeded or not failed:
+                changes["output_file_id"] = self._result_file(tenant, batch, "output", out_path)
+            if failed:
+                changes["error_file_id"] = self._result_file(tenant, batch, "error", err_path)
+        finally:
+            out_path.unlink(missing_ok=True)
+            err_path.unlink(missing_ok=True)
+        return changes, unrun
 
     def _finalize_anthropic(
-        self, batch: dict[str, Any], workdir: Path, cancelled: bool
-    ) -> dict[str, Any]:
+        self, batch: dict[str, Any], workdir: Path, ending: str
+    ) -> tuple[dict[str, Any], int]:
         tally = {"succeeded": 0, "errored": 0, "canceled": 0, "expired": 0}
-        part = workdir / "results.jsonl.part"
+        part = workdir / f"results.{secrets.token_hex(4)}.part"
         with open(part, "wb") as f:
-            for o in self._outcomes(batch, workdir, cancelled):
+            for o in self._outcomes(batch, workdir, ending):
                 line = anthropic.result_line(batch, o)
                 f.write(orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE))
                 tally[line["result"]["type"]] += 1
             f.flush()
             os.fsync(f.fileno())
         os.replace(part, workdir / "results.jsonl")
-        return {"outcome": tally}
+        return {"outcome": tally}, tally["canceled"] + tally["expired"]
 
     def _result_file(self, tenant: str, batch: dict[str, Any], kind: str, path: Path) -> str:
         file_id = stable_id("file-", batch["id"], kind)
         self.files.add(tenant, f"{batch['id']}_{kind}.jsonl", "batch_output", path, file_id=file_id)
         return file_id
+
+
+def _custom_id(raw: bytes) -> str | None:
+    """The custom_id of an input line (None for a blank line, or one of an uploaded file
+    that was never validated without one)."""
+    if not raw.strip():
+        return None
+    try:
+        line = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    custom_id = line.get("custom_id") if isinstance(line, dict) else None
+    return custom_id if isinstance(custom_id, str) else None
 
 
 def _copy(source: Path, target: Path) -> None:

@@ -1,17 +1,25 @@
-"""The service's catalogue: its files and batches, one SQLite file in the service's folder.
+"""The service's catalogue: its files and batches.
 
 The items of a batch, their states and results are the ledger's (a batch is a ledger job
 named after it); the catalogue holds what OpenAI's API shows about files and batches: owner
-(tenant), names, sizes, the batch object and its status. It is SQLite in the folder whatever
-the ledger is, because the folder also holds the files' bytes (written once, served as they
-are): the two move, and are backed up, together. Every write is one transaction; a change of
-a batch's status names the statuses it may change from, so two threads (the batch's runner
-and a cancel) never both win.
+(tenant), names, sizes, the batch object and its status. Its queries are named SQL beside the
+ledger's (store/sql/*.sql, `catalogue_*`), run by the ledger's connectors:
+
+- with a SQLite ledger, in a SQLite file of its own in the service's folder (catalogue.db),
+  beside the files' bytes (written once, served as they are): the two move, and are backed
+  up, together;
+- with a PostgreSQL ledger, in the ledger's schema (tables `serve_files`, `serve_batches`):
+  every `overnight serve` on that ledger shares it, so a batch created on one is seen, and
+  can be cancelled, on another. The files' bytes stay in the `[files] folder`, which those
+  servers then share (one machine, or a shared mount).
+
+Every write is one transaction; a change of a batch's status names the statuses it may
+change from, so two threads or servers (the batch's runner and a cancel) never both win.
 """
 
 from __future__ import annotations
 
-import sqlite3
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,65 +27,80 @@ from typing import Any
 
 import orjson
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS files (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT NOT NULL UNIQUE,
-    tenant TEXT NOT NULL,
-    filename TEXT NOT NULL,
-    purpose TEXT NOT NULL,
-    bytes INTEGER NOT NULL,
-    created_at INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS batches (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT NOT NULL UNIQUE,
-    tenant TEXT NOT NULL,
-    api TEXT NOT NULL,  -- 'openai' or 'anthropic': each API lists its own batches
-    status TEXT NOT NULL,
-    object TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS batches_status ON batches (status);
-"""
+from ..store import is_postgres
+from ..store.base import ConnectionLost
+from ..store.connector import Connector
 
-_FILE_COLUMNS = "id, filename, purpose, bytes, created_at"
+POOL = 8  # connections kept between uses; more are opened while more threads need one
+
+
+def _connect(location: str) -> Connector:
+    if is_postgres(location):
+        from ..store.postgresql import PostgresConnector  # psycopg only when needed
+
+        return PostgresConnector(location)
+    from ..store.sqlite import SQLiteConnector
+
+    connector = SQLiteConnector(location)
+    connector.execute("catalogue_durable")
+    return connector
 
 
 class Catalogue:
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(path, timeout=30)
-        try:
-            db.executescript(_SCHEMA)  # commits by itself
-        finally:
-            db.close()
+    """`location`: the PostgreSQL ledger's URL, or the path of the SQLite file."""
+
+    def __init__(self, location: str | Path) -> None:
+        self.location = str(location)
+        self._idle: list[Connector] = []  # connections between uses
+        self._lock = threading.Lock()
+        with self._tx() as db:
+            db.execute("lock_schema")  # two servers starting at once create the tables once
+            db.script("catalogue_schema")
+
+    @classmethod
+    def for_service(cls, ledger_url: str, folder: Path) -> Catalogue:
+        """The catalogue of a service on this ledger whose files are in `folder`."""
+        return cls(ledger_url if is_postgres(ledger_url) else folder / "catalogue.db")
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+    def _db(self) -> Iterator[Connector]:
+        """A connection of the pool (a new one when all are in use); a lost one is dropped."""
+        with self._lock:
+            db = self._idle.pop() if self._idle else None
+        if db is None:
+            db = _connect(self.location)
+        lost = False
         try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
+            yield db
+        except ConnectionLost:
+            lost = True
+            raise
         finally:
+            with self._lock:
+                kept = not lost and len(self._idle) < POOL
+                if kept:
+                    self._idle.append(db)
+            if not kept:
+                db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[Connector]:
+        with self._db() as db, db.transaction():
+            yield db
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for db in idle:
             db.close()
 
     # -- files ----------------------------------------------------------------------------
 
     def add_file(self, tenant: str, obj: dict[str, Any]) -> None:
         """Records a file (its bytes are already in place); the same id again replaces it."""
-        with self._tx() as db:
+        with self._db() as db:
             db.execute(
-                "INSERT INTO files (id, tenant, filename, purpose, bytes, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET"
-                " bytes = excluded.bytes, filename = excluded.filename",
+                "catalogue_add_file",
                 (
                     obj["id"],
                     tenant,
@@ -89,41 +112,28 @@ class Catalogue:
             )
 
     def get_file(self, tenant: str, file_id: str) -> dict[str, Any] | None:
-        with self._tx() as db:
-            row = db.execute(
-                f"SELECT {_FILE_COLUMNS} FROM files WHERE id = ? AND tenant = ?",
-                (file_id, tenant),
-            ).fetchone()
+        with self._db() as db:
+            row = db.fetchone("catalogue_get_file", (file_id, tenant))
         return _file(row) if row else None
 
     def list_files(
         self, tenant: str, after: str | None, limit: int, order: str, purpose: str | None
     ) -> tuple[list[dict[str, Any]], bool]:
         desc = order == "desc"
-        where, params = ["tenant = ?"], [tenant]
-        if purpose is not None:
-            where.append("purpose = ?")
-            params.append(purpose)
         with self._tx() as db:
+            bound = 2**62 if desc else -1
             if after is not None:
-                row = db.execute(
-                    "SELECT seq FROM files WHERE id = ? AND tenant = ?", (after, tenant)
-                ).fetchone()
+                row = db.fetchone("catalogue_file_seq", (after, tenant))
                 if row is None:
                     return [], False
-                where.append("seq < ?" if desc else "seq > ?")
-                params.append(row[0])
-            rows = db.execute(
-                f"SELECT {_FILE_COLUMNS} FROM files WHERE {' AND '.join(where)}"
-                f" ORDER BY seq {'DESC' if desc else 'ASC'} LIMIT ?",
-                (*params, limit + 1),
-            ).fetchall()
+                bound = row[0]
+            query = "catalogue_files_desc" if desc else "catalogue_files_asc"
+            rows = db.fetchall(query, (tenant, purpose, bound, limit + 1))
         return [_file(r) for r in rows[:limit]], len(rows) > limit
 
     def delete_file(self, tenant: str, file_id: str) -> bool:
-        with self._tx() as db:
-            cur = db.execute("DELETE FROM files WHERE id = ? AND tenant = ?", (file_id, tenant))
-        return cur.rowcount > 0
+        with self._db() as db:
+            return db.execute("catalogue_delete_file", (file_id, tenant)) > 0
 
     # -- batches --------------------------------------------------------------------------
 
@@ -136,36 +146,33 @@ class Catalogue:
     ) -> int | None:
         """Records the batch, unless the tenant already has `max_active` batches in the
         `active` statuses: then returns that count and records nothing (counted and inserted
-        in one transaction, so two creates at once cannot both slip under the limit)."""
+        in one transaction that holds the tenant's lock, so two creates at once, on one
+        server or two, cannot both slip under the limit)."""
         with self._tx() as db:
             if max_active is not None:
-                marks = ",".join("?" * len(active))
-                (n,) = db.execute(
-                    f"SELECT count(*) FROM batches WHERE tenant = ? AND status IN ({marks})",
-                    (tenant, *active),
-                ).fetchone()
+                db.execute("catalogue_lock_tenant", (tenant,))
+                row = db.fetchone("catalogue_count_active", (tenant, db.array(active)))
+                n = int(row[0]) if row else 0
                 if n >= max_active:
-                    return int(n)
+                    return n
             db.execute(
-                "INSERT INTO batches (id, tenant, api, status, object) VALUES (?, ?, ?, ?, ?)",
+                "catalogue_add_batch",
                 (obj["id"], tenant, obj["api"], obj["status"], orjson.dumps(obj).decode()),
             )
         return None
 
     def get_batch(self, batch_id: str, tenant: str | None = None) -> dict[str, Any] | None:
         """The batch object; with `tenant`, only that tenant's."""
-        with self._tx() as db:
-            row = db.execute(
-                "SELECT object, tenant FROM batches WHERE id = ?", (batch_id,)
-            ).fetchone()
+        with self._db() as db:
+            row = db.fetchone("catalogue_get_batch", (batch_id,))
         if row is None or (tenant is not None and row[1] != tenant):
             return None
         return orjson.loads(row[0])
 
     def tenant_of_batch(self, batch_id: str) -> str | None:
-        with self._tx() as db:
-            row = db.execute("SELECT tenant FROM batches WHERE id = ?", (batch_id,)).fetchone()
-        return row[0] if row else None
+        with self._db() as db:
+            row = db.fetchone("catalogue_get_batch", (batch_id,))
+        return row[1] if row else None
 
     def list_batches(
         self,
@@ -180,35 +187,29 @@ class Catalogue:
         with self._tx() as db:
             bound = None
             if after is not None or before is not None:
-                row = db.execute(
-                    "SELECT seq FROM batches WHERE id = ? AND tenant = ? AND api = ?",
+                row = db.fetchone(
+                    "catalogue_batch_seq",
                     (after if after is not None else before, tenant, api),
-                ).fetchone()
+                )
                 if row is None:
                     return [], False
                 bound = row[0]
             if before is not None:
-                rows = db.execute(
-                    "SELECT object FROM batches WHERE tenant = ? AND api = ? AND seq > ?"
-                    " ORDER BY seq ASC LIMIT ?",
-                    (tenant, api, bound, limit + 1),
-                ).fetchall()
+                rows = db.fetchall("catalogue_batches_newer", (tenant, api, bound, limit + 1))
                 more = len(rows) > limit
                 rows = rows[:limit][::-1]
             else:
-                rows = db.execute(
-                    "SELECT object FROM batches WHERE tenant = ? AND api = ? AND seq < ?"
-                    " ORDER BY seq DESC LIMIT ?",
+                rows = db.fetchall(
+                    "catalogue_batches_older",
                     (tenant, api, bound if bound is not None else 2**62, limit + 1),
-                ).fetchall()
+                )
                 more = len(rows) > limit
                 rows = rows[:limit]
         return [orjson.loads(r[0]) for r in rows], more
 
     def delete_batch(self, tenant: str, batch_id: str) -> bool:
-        with self._tx() as db:
-            cur = db.execute("DELETE FROM batches WHERE id = ? AND tenant = ?", (batch_id, tenant))
-        return cur.rowcount > 0
+        with self._db() as db:
+            return db.execute("catalogue_delete_batch", (batch_id, tenant)) > 0
 
     def update_batch(
         self, batch_id: str, changes: dict[str, Any], when: tuple[str, ...] | None = None
@@ -216,7 +217,7 @@ class Catalogue:
         """Applies `changes` to the batch object, if its status is one of `when` (any status
         when None); the object after, or None when the status did not allow it."""
         with self._tx() as db:
-            row = db.execute("SELECT object FROM batches WHERE id = ?", (batch_id,)).fetchone()
+            row = db.fetchone("catalogue_batch_for_update", (batch_id,))
             if row is None:
                 return None
             obj = orjson.loads(row[0])
@@ -224,27 +225,27 @@ class Catalogue:
                 return None
             obj.update(changes)
             db.execute(
-                "UPDATE batches SET status = ?, object = ? WHERE id = ?",
-                (obj["status"], orjson.dumps(obj).decode(), batch_id),
+                "catalogue_update_batch", (batch_id, obj["status"], orjson.dumps(obj).decode())
             )
         return obj
 
     def batches_in(self, statuses: tuple[str, ...]) -> list[str]:
         """Ids of the batches in these statuses, oldest first (start-up resumes them)."""
-        marks = ",".join("?" * len(statuses))
+        with self._db() as db:
+            return [r[0] for r in db.fetchall("catalogue_batches_in", (db.array(statuses),))]
+
+    def expiring(self, statuses: tuple[str, ...], now: float) -> tuple[list[str], float | None]:
+        """The batches in these statuses whose `expires_at` has passed, oldest first, and the
+        earliest `expires_at` still to come among the others (None: none)."""
         with self._tx() as db:
-            rows = db.execute(
-                f"SELECT id FROM batches WHERE status IN ({marks}) ORDER BY seq", statuses
-            ).fetchall()
-        return [r[0] for r in rows]
+            due = db.fetchall("catalogue_expired", (db.array(statuses), now))
+            row = db.fetchone("catalogue_next_expiry", (db.array(statuses), now))
+        return [r[0] for r in due], (row[0] if row else None)
 
     def sizes(self) -> list[tuple[str, str, int]]:
         """(api, status, requests) of every batch (the service's metrics)."""
-        with self._tx() as db:
-            rows = db.execute(
-                "SELECT api, status, coalesce(json_extract(object, '$.request_counts.total'), 0)"
-                " FROM batches"
-            ).fetchall()
+        with self._db() as db:
+            rows = db.fetchall("catalogue_sizes")
         return [(api, status, int(total)) for api, status, total in rows]
 
 

@@ -38,6 +38,18 @@ class BatchesSpec(_Section):
     # Batches of one tenant that may be open (not ended) at once; one more is refused with
     # 429. None: no limit.
     max_active_per_tenant: int | None = Field(None, gt=0)
+    # A batch not ended this long after its creation (its `expires_at`) ends `expired`: what
+    # it finished is kept, the rest is not run. OpenAI's and Anthropic's window is 24 hours.
+    completion_window_hours: float = Field(24, gt=0)
+
+
+class MetricsSpec(_Section):
+    # /metrics asks for an API key of [auth] (Prometheus: `authorization` in the scrape
+    # config). Off by default, as for most exporters: the exposition then is open to whoever
+    # reaches the server, and it names every tenant's batches and their counts.
+    require_key: bool = False
+    # With require_key: only the keys of these tenants may scrape (default: any key).
+    tenants: list[str] | None = Field(None, min_length=1)
 
 
 class IntakeSpec(_Section):
@@ -75,6 +87,7 @@ class ServeSpec(_Section):
     files: FilesSpec = FilesSpec()
     batches: BatchesSpec = BatchesSpec()
     intake: IntakeSpec = IntakeSpec()
+    metrics: MetricsSpec = MetricsSpec()
     run: RunSpec = RunSpec()  # settings of every batch's job (batch_size, max_attempts, ...)
     models: dict[str, ServedModel] = Field(min_length=1)
 
@@ -117,6 +130,12 @@ def parse_config(data: dict[str, Any], base_dir: Path, origin: str) -> ServeConf
                 f" {' and '.join(repr(b) for b in SERVED_BACKENDS)} models so far, not"
                 f" {model.backend!r}"
             )
+    if spec.metrics.require_key and spec.auth is None:
+        raise JobFileError(
+            f"{origin}: [metrics] require_key: there are no keys to ask for; add [auth] keys_env"
+        )
+    if spec.metrics.tenants is not None and not spec.metrics.require_key:
+        raise JobFileError(f"{origin}: [metrics] tenants: applies with require_key = true")
     if spec.run.ledger is not None:
         raise JobFileError(f"{origin}: [run] ledger: set the ledger at the top level (`ledger`)")
     return ServeConfig(spec, base_dir, origin)

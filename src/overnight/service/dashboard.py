@@ -225,12 +225,7 @@ def _job_view(
         )
     ]
     owner = claim.owner if held and claim else workers[0] if workers else None
-    note = None
-    if batch is not None and batch["status"] in ENDED:
-        note = (
-            f"batch {batch['id']} has ended ({batch['status']}): its output and error files"
-            " are final; send the failed lines again as a new batch"
-        )
+    note = ended_note(batch) if batch is not None and batch["status"] in ENDED else None
     return JobView(
         name=job.name,
         state=state,
@@ -253,9 +248,35 @@ def _record(payload: bytes | memoryview | None) -> str | None:
     return text if len(text) <= RECORD_CHARS else text[: RECORD_CHARS - 1] + "…"
 
 
+def ended_note(batch: dict[str, Any]) -> str:
+    """Why the failed lines of an ended batch are not retried, and where they are.
+
+    A batch that has ended is final, as at OpenAI and Anthropic: a client may already have
+    read its output and error files (or results), and its status does not go back. Moving
+    its failed items back to pending would run them into results nobody asks for again, so
+    the dashboard refuses and says how to send them again."""
+    if batch["api"] == "anthropic":
+        return (
+            f"Message batch {batch['id']} has ended: its results are final, so its failed"
+            " requests are not retried here. They are its `errored` results; send them again"
+            " as a new batch."
+        )
+    where = (
+        f"They are in its error file {batch['error_file_id']}"
+        if batch.get("error_file_id")
+        else "They are in its error file"
+    )
+    return (
+        f"Batch {batch['id']} has ended ({batch['status']}): its output and error files are"
+        f" final, so its failed lines are not retried here. {where}; send them again as a"
+        " new batch."
+    )
+
+
 def retry(ledger_url: str, access: Access, tenant: str, name: str) -> tuple[int, str | None]:
     """Moves the failed items of job `name` back to pending: (items moved, None), or
-    (0, why not) when the job is not this viewer's or its batch has ended."""
+    (0, why not): "not found" when the job is not this viewer's, else `ended_note` when its
+    batch has ended."""
     batches = access.batches_of(tenant) if access.batches_of is not None else []
     batch = next(
         (b for b in batches for part in (b.get("parts") or []) if part["job"] == name), None
@@ -263,7 +284,7 @@ def retry(ledger_url: str, access: Access, tenant: str, name: str) -> tuple[int,
     if batch is None and not access.every_job:
         return 0, "not found"
     if batch is not None and batch["status"] in ENDED:
-        return 0, "ended"
+        return 0, ended_note(batch)
     ledger = open_ledger(ledger_url)
     try:
         job = ledger.get_job(name)
@@ -362,11 +383,17 @@ def routes(ledger_url: str, access: Access, title: str = "overnight") -> list[Ba
 
     def context(request: Request, tenant: str) -> dict[str, Any]:
         view = overview(ledger_url, access, tenant, window_of(request))
-        notice = None
+        notice = refusal = None
         if "retried" in request.query_params:
             notice = (
                 f"{request.query_params.get('moved', '0')} failed items of"
                 f" {request.query_params['retried']} moved back to pending."
+            )
+        elif "refused" in request.query_params:  # a form sent before its batch ended
+            name = request.query_params["refused"]
+            refusal = next(
+                (j.retry_note for j in view.jobs if j.name == name and j.retry_note),
+                f"The failed items of {name} were not retried.",
             )
         return {
             "view": view,
@@ -375,6 +402,7 @@ def routes(ledger_url: str, access: Access, title: str = "overnight") -> list[Ba
             "tenant": tenant if access.keys is not None else None,
             "title": title,
             "notice": notice,
+            "refusal": refusal,
             "service": access.batches_of is not None,
         }
 
@@ -442,17 +470,14 @@ def routes(ledger_url: str, access: Access, title: str = "overnight") -> list[Ba
         moved, refusal = await run_in_threadpool(retry, ledger_url, access, tenant, name)
         if refusal == "not found":
             return JSONResponse({"error": f"no job {name!r}"}, status_code=404)
-        if refusal == "ended":
-            return JSONResponse(
-                {
-                    "error": f"the batch of job {name!r} has ended: its output and error files"
-                    " are final; send the failed lines again as a new batch"
-                },
-                status_code=409,
-            )
-        if wants_json:
+        if refusal is not None:  # its batch has ended: the page says why, and where to look
+            if wants_json:
+                return JSONResponse({"error": refusal}, status_code=409)
+            query: dict[str, Any] = {"refused": name}
+        elif wants_json:
             return JSONResponse({"job": name, "moved": moved})
-        query = {"retried": name, "moved": moved}
+        else:
+            query = {"retried": name, "moved": moved}
         if window in WINDOWS and window != DEFAULT_WINDOW:
             query["window"] = window
         return RedirectResponse("/?" + urlencode(query), status_code=303)

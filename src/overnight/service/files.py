@@ -2,11 +2,12 @@
 
 A file's bytes are written to a temporary name, synced and renamed into place before the
 catalogue lists it, so a listed file is always whole; a kill between the two leaves only an
-unlisted file, removed at the next start.
+unlisted file, removed at a start an hour or more later.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from .catalogue import Catalogue
+
+STALE_SECONDS = 3600.0  # a temporary file this old was left by a kill (not a live writer)
 
 
 def new_file_id() -> str:
@@ -26,8 +29,11 @@ class FileStore:
         self.folder = folder / "files"
         self.folder.mkdir(parents=True, exist_ok=True)
         self.catalogue = catalogue
+        # Left by a kill; only old ones: another server sharing the folder may be writing.
         for stale in self.folder.glob(".*.tmp"):
-            stale.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                if stale.stat().st_mtime < time.time() - STALE_SECONDS:
+                    stale.unlink()
 
     def path(self, file_id: str) -> Path:
         return self.folder / file_id

@@ -1,5 +1,10 @@
 """`/metrics` (Prometheus' text format, with prometheus_client) and `/healthz`.
 
+/metrics is open by default, as Prometheus exporters usually are (the server listens on
+127.0.0.1 unless told otherwise); serve.toml's `[metrics] require_key = true` asks for an API
+key of [auth] (`tenants` narrows which), since the exposition names every tenant's batches.
+/healthz is always open.
+
 What a request measures (the middleware): requests by route, method and status, and their
 latency. What the ledger holds, read when Prometheus scrapes: items by state and cost of every
 job, the service's batches by status and their sizes. What the real-time endpoints report as
@@ -99,8 +104,17 @@ class Metrics:
                 self.set_queue_depth(model, depth)
         return generate_latest(self.registry)
 
-    def routes(self) -> list[BaseRoute]:
+    def routes(self, may_scrape: Callable[[Request], bool] | None = None) -> list[BaseRoute]:
+        """/metrics (to a request `may_scrape` allows; every request without it) and
+        /healthz (always open: a load balancer's probe brings no key)."""
+
         async def metrics(request: Request) -> Response:
+            if may_scrape is not None and not may_scrape(request):
+                return JSONResponse(
+                    {"error": "/metrics needs an API key: send it as `Authorization: Bearer KEY`"},
+                    status_code=401,
+                    headers={"www-authenticate": "Bearer"},
+                )
             body = await run_in_threadpool(self.exposition)
             return Response(body, media_type=CONTENT_TYPE_LATEST)
 

@@ -14,6 +14,7 @@
       const params = new URLSearchParams(window.location.search);
       params.delete("retried");
       params.delete("moved");
+      params.delete("refused");
       const response = await fetch("/dashboard/main?" + params.toString(), {
         credentials: "same-origin",
         headers: { Accept: "text/html" },

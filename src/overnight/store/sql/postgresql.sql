@@ -604,3 +604,115 @@ DELETE FROM responses WHERE scope = :scope
 -- Items in input order from `lo`, whatever their state: a results queue publishes them.
 SELECT id, custom_id, state, result, vector, error_class, message, attempts FROM items
 WHERE id BETWEEN :lo AND :hi ORDER BY id LIMIT :limit
+
+-- The service's catalogue (service/catalogue.py) -------------------------------------------
+-- `overnight serve`'s files and batches, in the ledger's schema beside its tables (hence the
+-- `serve_` names), so every server on this ledger shares them. `object` is the batch's JSON
+-- as text, read with a cast where a query looks inside.
+
+-- name: catalogue_schema()
+CREATE TABLE IF NOT EXISTS serve_files (
+    seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    tenant TEXT NOT NULL,
+    filename TEXT NOT NULL,
+    purpose TEXT NOT NULL,
+    bytes BIGINT NOT NULL,
+    created_at BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS serve_batches (
+    seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    tenant TEXT NOT NULL,
+    api TEXT NOT NULL,  -- 'openai' or 'anthropic': each API lists its own batches
+    status TEXT NOT NULL,
+    object TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS serve_batches_status ON serve_batches (status)
+
+-- name: catalogue_durable()
+-- Every commit is durable already (synchronous_commit).
+SELECT 1
+
+-- name: catalogue_add_file(id, tenant, filename, purpose, bytes, created_at)
+-- The same id again (a result file written again) replaces it.
+INSERT INTO serve_files (id, tenant, filename, purpose, bytes, created_at)
+VALUES (:id, :tenant, :filename, :purpose, :bytes, :created_at)
+ON CONFLICT (id) DO UPDATE SET bytes = excluded.bytes, filename = excluded.filename
+
+-- name: catalogue_get_file(id, tenant)
+SELECT id, filename, purpose, bytes, created_at FROM serve_files
+WHERE id = :id AND tenant = :tenant
+
+-- name: catalogue_file_seq(id, tenant)
+SELECT seq FROM serve_files WHERE id = :id AND tenant = :tenant
+
+-- name: catalogue_files_asc(tenant, purpose, after, limit)
+SELECT id, filename, purpose, bytes, created_at FROM serve_files
+WHERE tenant = :tenant AND (:purpose::text IS NULL OR purpose = :purpose::text)
+    AND seq > :after
+ORDER BY seq ASC LIMIT :limit
+
+-- name: catalogue_files_desc(tenant, purpose, before, limit)
+SELECT id, filename, purpose, bytes, created_at FROM serve_files
+WHERE tenant = :tenant AND (:purpose::text IS NULL OR purpose = :purpose::text)
+    AND seq < :before
+ORDER BY seq DESC LIMIT :limit
+
+-- name: catalogue_delete_file(id, tenant)
+DELETE FROM serve_files WHERE id = :id AND tenant = :tenant
+
+-- name: catalogue_lock_tenant(tenant)
+-- Held until the transaction ends: one tenant's creates, on any server, take turns, so two
+-- at once cannot both count under its quota.
+SELECT pg_advisory_xact_lock(hashtext('overnight tenant ' || :tenant::text))
+
+-- name: catalogue_count_active(tenant, statuses)
+SELECT count(*) FROM serve_batches
+WHERE tenant = :tenant AND status = ANY(:statuses::text[])
+
+-- name: catalogue_add_batch(id, tenant, api, status, object)
+INSERT INTO serve_batches (id, tenant, api, status, object)
+VALUES (:id, :tenant, :api, :status, :object)
+
+-- name: catalogue_get_batch(id)
+SELECT object, tenant FROM serve_batches WHERE id = :id
+
+-- name: catalogue_batch_for_update(id)
+-- Two servers changing one batch (a cancel, its runner) take turns.
+SELECT object FROM serve_batches WHERE id = :id FOR UPDATE
+
+-- name: catalogue_update_batch(id, status, object)
+UPDATE serve_batches SET status = :status, object = :object WHERE id = :id
+
+-- name: catalogue_batch_seq(id, tenant, api)
+SELECT seq FROM serve_batches WHERE id = :id AND tenant = :tenant AND api = :api
+
+-- name: catalogue_batches_older(tenant, api, before, limit)
+SELECT object FROM serve_batches WHERE tenant = :tenant AND api = :api AND seq < :before
+ORDER BY seq DESC LIMIT :limit
+
+-- name: catalogue_batches_newer(tenant, api, after, limit)
+SELECT object FROM serve_batches WHERE tenant = :tenant AND api = :api AND seq > :after
+ORDER BY seq ASC LIMIT :limit
+
+-- name: catalogue_delete_batch(id, tenant)
+DELETE FROM serve_batches WHERE id = :id AND tenant = :tenant
+
+-- name: catalogue_batches_in(statuses)
+SELECT id FROM serve_batches WHERE status = ANY(:statuses::text[]) ORDER BY seq
+
+-- name: catalogue_expired(statuses, now)
+SELECT id FROM serve_batches
+WHERE status = ANY(:statuses::text[])
+    AND (object::jsonb ->> 'expires_at')::double precision <= :now
+ORDER BY seq
+
+-- name: catalogue_next_expiry(statuses, now)
+SELECT min((object::jsonb ->> 'expires_at')::double precision) FROM serve_batches
+WHERE status = ANY(:statuses::text[])
+    AND (object::jsonb ->> 'expires_at')::double precision > :now
+
+-- name: catalogue_sizes()
+SELECT api, status, coalesce((object::jsonb -> 'request_counts' ->> 'total')::bigint, 0)
+FROM serve_batches

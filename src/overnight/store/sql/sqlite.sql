@@ -626,3 +626,110 @@ DELETE FROM responses WHERE scope = :scope
 -- Items in input order from `lo`, whatever their state: a results queue publishes them.
 SELECT id, custom_id, state, result, vector, error_class, message, attempts FROM items
 WHERE id BETWEEN :lo AND :hi ORDER BY id LIMIT :limit
+
+-- The service's catalogue (service/catalogue.py) -------------------------------------------
+-- `overnight serve`'s files and batches, in a SQLite file of their own (catalogue.db in the
+-- service's folder, beside the files' bytes), so the tables keep their plain names. Lists of
+-- statuses are JSON arrays here.
+
+-- name: catalogue_schema()
+CREATE TABLE IF NOT EXISTS files (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    tenant TEXT NOT NULL,
+    filename TEXT NOT NULL,
+    purpose TEXT NOT NULL,
+    bytes INTEGER NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS batches (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    tenant TEXT NOT NULL,
+    api TEXT NOT NULL,  -- 'openai' or 'anthropic': each API lists its own batches
+    status TEXT NOT NULL,
+    object TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS batches_status ON batches (status)
+
+-- name: catalogue_durable()
+-- A batch the client was told about survives an OS crash, not only a killed process.
+PRAGMA synchronous=FULL
+
+-- name: catalogue_add_file(id, tenant, filename, purpose, bytes, created_at)
+-- The same id again (a result file written again) replaces it.
+INSERT INTO files (id, tenant, filename, purpose, bytes, created_at)
+VALUES (:id, :tenant, :filename, :purpose, :bytes, :created_at)
+ON CONFLICT (id) DO UPDATE SET bytes = excluded.bytes, filename = excluded.filename
+
+-- name: catalogue_get_file(id, tenant)
+SELECT id, filename, purpose, bytes, created_at FROM files WHERE id = :id AND tenant = :tenant
+
+-- name: catalogue_file_seq(id, tenant)
+SELECT seq FROM files WHERE id = :id AND tenant = :tenant
+
+-- name: catalogue_files_asc(tenant, purpose, after, limit)
+SELECT id, filename, purpose, bytes, created_at FROM files
+WHERE tenant = :tenant AND (:purpose IS NULL OR purpose = :purpose) AND seq > :after
+ORDER BY seq ASC LIMIT :limit
+
+-- name: catalogue_files_desc(tenant, purpose, before, limit)
+SELECT id, filename, purpose, bytes, created_at FROM files
+WHERE tenant = :tenant AND (:purpose IS NULL OR purpose = :purpose) AND seq < :before
+ORDER BY seq DESC LIMIT :limit
+
+-- name: catalogue_delete_file(id, tenant)
+DELETE FROM files WHERE id = :id AND tenant = :tenant
+
+-- name: catalogue_lock_tenant(tenant)
+-- BEGIN IMMEDIATE has locked the whole file already: a tenant's creates take turns.
+SELECT :tenant
+
+-- name: catalogue_count_active(tenant, statuses)
+SELECT count(*) FROM batches
+WHERE tenant = :tenant AND status IN (SELECT value FROM json_each(:statuses))
+
+-- name: catalogue_add_batch(id, tenant, api, status, object)
+INSERT INTO batches (id, tenant, api, status, object)
+VALUES (:id, :tenant, :api, :status, :object)
+
+-- name: catalogue_get_batch(id)
+SELECT object, tenant FROM batches WHERE id = :id
+
+-- name: catalogue_batch_for_update(id)
+-- BEGIN IMMEDIATE has locked the whole file already.
+SELECT object FROM batches WHERE id = :id
+
+-- name: catalogue_update_batch(id, status, object)
+UPDATE batches SET status = :status, object = :object WHERE id = :id
+
+-- name: catalogue_batch_seq(id, tenant, api)
+SELECT seq FROM batches WHERE id = :id AND tenant = :tenant AND api = :api
+
+-- name: catalogue_batches_older(tenant, api, before, limit)
+SELECT object FROM batches WHERE tenant = :tenant AND api = :api AND seq < :before
+ORDER BY seq DESC LIMIT :limit
+
+-- name: catalogue_batches_newer(tenant, api, after, limit)
+SELECT object FROM batches WHERE tenant = :tenant AND api = :api AND seq > :after
+ORDER BY seq ASC LIMIT :limit
+
+-- name: catalogue_delete_batch(id, tenant)
+DELETE FROM batches WHERE id = :id AND tenant = :tenant
+
+-- name: catalogue_batches_in(statuses)
+SELECT id FROM batches WHERE status IN (SELECT value FROM json_each(:statuses)) ORDER BY seq
+
+-- name: catalogue_expired(statuses, now)
+SELECT id FROM batches
+WHERE status IN (SELECT value FROM json_each(:statuses))
+    AND json_extract(object, '$.expires_at') <= :now
+ORDER BY seq
+
+-- name: catalogue_next_expiry(statuses, now)
+SELECT min(json_extract(object, '$.expires_at')) FROM batches
+WHERE status IN (SELECT value FROM json_each(:statuses))
+    AND json_extract(object, '$.expires_at') > :now
+
+-- name: catalogue_sizes()
+SELECT api, status, coalesce(json_extract(object, '$.request_counts.total'), 0) FROM batches
