@@ -145,6 +145,23 @@ def test_a_batch_routed_to_a_real_time_provider(
         assert b"spent" in page and b"saved" in page
 
 
+def test_a_line_the_provider_refuses_goes_to_the_error_file_with_its_status(
+    tmp_path: Path, fake: FakeProvider, keys: None
+) -> None:
+    config = write_config(tmp_path, extra=provider_models(fake), run="batch_size = 1")
+    fake.knobs.fail_status, fake.knobs.fail_next = 400, 1  # the first request sent
+    with serving(config) as url:
+        oai = client(url)
+        batch = run_batch(oai, [chat_line(f"c{i}", f"text {i}", model="fast") for i in range(3)])
+        assert batch.status == "completed", batch.errors
+        assert batch.request_counts.model_dump() == {"total": 3, "completed": 2, "failed": 1}
+        (error,) = lines_of(oai, batch.error_file_id)
+        assert error["response"]["status_code"] == 400
+        assert error["response"]["body"]["error"]["type"] == "invalid_request_error"
+        assert len(lines_of(oai, batch.output_file_id)) == 2
+    assert fake.stats.requests["/v1/chat/completions"] == 3  # a 400 is not retried
+
+
 def test_an_embeddings_batch_routed_to_a_provider(
     tmp_path: Path, fake: FakeProvider, keys: None
 ) -> None:
