@@ -351,3 +351,61 @@ def test_a_server_killed_while_a_provider_batch_is_live_finishes_it_creating_it_
     # Nothing paid twice: one remote batch, every line in it once.
     assert fake.stats.batch_creations == 1
     assert sorted(set(fake.stats.batch_items.values())) == [1]
+
+
+# -- a self-hosted LLM: backend = "transformers" ---------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_chat_batch_on_a_self_hosted_transformers_model(tmp_path: Path) -> None:
+    pytest.importorskip("gguf")
+    from test_transformers import need_smollm2
+
+    need_smollm2()
+    config = write_config(
+        tmp_path, extra='[models.smol]\nbackend = "transformers"\nname = "smollm2"\n', run=RUN
+    )
+    lines = [chat_line(f"s{i}", text, model="smol") for i, text in enumerate(["Say hi.", "2+2?"])]
+    for line in lines:
+        line["body"]["max_tokens"] = 8
+    bad = chat_line("bad", "x", model="smol")
+    bad["body"]["messages"] = "not a list"
+    with serving(config) as url:
+        oai = client(url)
+        batch = run_batch(oai, [*lines, bad])
+        assert batch.status == "completed", batch.errors
+        assert batch.request_counts.model_dump() == {"total": 3, "completed": 2, "failed": 1}
+        out = {line["custom_id"]: line for line in lines_of(oai, batch.output_file_id)}
+        for cid in ("s0", "s1"):
+            body = out[cid]["response"]["body"]  # the model's chat.completion
+            assert body["object"] == "chat.completion" and body["model"] == "smollm2"
+            assert isinstance(body["choices"][0]["message"]["content"], str)
+            assert 0 < body["usage"]["completion_tokens"] <= 8
+        (error,) = lines_of(oai, batch.error_file_id)
+        assert error["custom_id"] == "bad" and error["response"]["status_code"] == 400
+        assert "messages" in error["response"]["body"]["error"]["message"]
+        assert batch.usage.input_tokens > 0 and batch.usage.output_tokens > 0
+        # Its own answers: nothing to send in real time to it here.
+        with pytest.raises(Exception) as caught:
+            oai.chat.completions.create(model="smol", messages=[{"role": "user", "content": "x"}])
+        assert getattr(caught.value, "status_code", None) == 400
+
+
+@pytest.mark.parametrize(
+    ("model", "named"),
+    [
+        ('backend = "transformers"\nname = "nowhere"', '[models."m"] name:'),
+        ('backend = "transformers"', '[models."m"] name: a model folder'),
+        ('backend = "openai-batch"\napi_key_env = "SERVE_TEST_NO_KEY"', "SERVE_TEST_NO_KEY"),
+    ],
+)
+def test_start_up_checks_self_hosted_and_provider_models(
+    tmp_path: Path, model: str, named: str
+) -> None:
+    from overnight.errors import JobFileError
+    from overnight.service.config import check_models, load_config
+
+    config = write_config(tmp_path, extra=f"[models.m]\n{model}\n")
+    with pytest.raises(JobFileError) as caught:
+        check_models(load_config(config))
+    assert named in str(caught.value)

@@ -183,7 +183,7 @@ def validate(path: Path, endpoint: str, config: ServeConfig) -> Validated:
                 continue
             served = config.models[model]
             backend = served.backend
-            if served.is_provider and endpoint not in served.endpoints():
+            if served.passes_through and endpoint not in served.endpoints():
                 error(
                     "unsupported_endpoint",
                     n,
@@ -233,6 +233,8 @@ def job_for(batch: dict[str, Any], part: dict[str, str], config: ServeConfig, wo
     model_table = model.job_model()
     if model.backend == "python":
         task: dict[str, Any] = {"kind": "map"}
+    elif model.backend == "transformers":
+        task = {"kind": "passthrough"}
     elif model.is_provider:
         task = {"kind": "passthrough"}
         model_table["name"] = model.provider_model(part["model"])
@@ -643,7 +645,7 @@ class Batches:
                 if job is None:
                     continue
                 served = self.config.models.get(part["model"])
-                raw = served is not None and served.is_provider
+                raw = served is not None and served.passes_through
                 for custom_id, result, _, vector in ledger.iter_results(job.id):
                     seen.add(custom_id)
                     output = results.decode(result, vector).get("output")

@@ -18,8 +18,9 @@ from ..store import DEFAULT_LEDGER, is_postgres, ledger_location
 # lines are sent as they are (a `passthrough` job), the served name swapped for the
 # provider's model id.
 PROVIDER_BACKENDS = ("openai", "openai-batch", "anthropic", "anthropic-batch")
-# The backends a batch line may be sent to.
-SERVED_BACKENDS = ("local", "python", *PROVIDER_BACKENDS)
+# The backends a batch line may be sent to: also a causal LM of Hugging Face's in the worker
+# process (self-hosted: the lines' chat bodies as they are).
+SERVED_BACKENDS = ("local", "python", *PROVIDER_BACKENDS, "transformers")
 
 
 class _Section(BaseModel):
@@ -78,6 +79,12 @@ class ServedModel(ModelSpec):
     def is_provider(self) -> bool:
         return self.backend in PROVIDER_BACKENDS
 
+    @property
+    def passes_through(self) -> bool:
+        """A batch's lines go to it as they are, and its answer bodies come back as they are
+        (a provider's, or a self-hosted LLM's chat.completion)."""
+        return self.is_provider or self.backend == "transformers"
+
     def endpoints(self) -> tuple[str, ...]:
         """What a batch line to this model may post to: a provider's own endpoints (OpenAI:
         chat completions and embeddings; Anthropic: messages), else the service's."""
@@ -87,6 +94,8 @@ class ServedModel(ModelSpec):
             return tuple(e for e in api.endpoints if e in ours)
         if self.backend == "local":
             return ("/v1/embeddings",)
+        if self.backend == "transformers":
+            return ("/v1/chat/completions",)
         return ("/v1/chat/completions", "/v1/embeddings", "/v1/messages")
 
     def provider_model(self, served: str) -> str:
@@ -170,6 +179,8 @@ def check_models(config: ServeConfig) -> None:
                     f"{where} the API key in the environment variable {env} holds whitespace,"
                     " control or non-ASCII characters: set it to the key alone"
                 )
+        elif model.backend == "transformers":
+            _check_transformers(where, model, config.base_dir)
         elif model.backend == "python":
             from ..backends.python import load_function
 
@@ -189,6 +200,25 @@ def check_models(config: ServeConfig) -> None:
                 check_installed(local)
             except ValueError as exc:
                 raise JobFileError(f"{where} name: {exc}") from None
+
+
+def _check_transformers(where: str, model: ServedModel, base_dir: Path) -> None:
+    """A self-hosted model's files and libraries are there, and it is a causal LM (it
+    answers chat lines)."""
+    from ..backends.hf_files import check_libraries, resolve
+
+    if not model.name:
+        raise JobFileError(f'{where} name: a model folder, a .gguf file, or "smollm2"')
+    try:
+        ref = resolve(model.name, base_dir)
+        check_libraries(ref)
+    except ValueError as exc:
+        raise JobFileError(f"{where} name: {exc}") from None
+    if ref.kind != "causal":
+        raise JobFileError(
+            f"{where} name: {model.name!r} is not a causal LM: backend = 'transformers' serves"
+            " /v1/chat/completions lines here"
+        )
 
 
 def _messages(origin: str, exc: ValidationError) -> str:
