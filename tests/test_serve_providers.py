@@ -409,3 +409,43 @@ def test_start_up_checks_self_hosted_and_provider_models(
     with pytest.raises(JobFileError) as caught:
         check_models(load_config(config))
     assert named in str(caught.value)
+
+
+# Connections refused before the test lets the provider answer: in real time, past the 20 in a
+# row that pause the job; the batch API's upload: its first try and two after a pause.
+@pytest.mark.parametrize(("model", "refusals"), [("fast", 25), ("cheap", 3)])
+def test_a_provider_that_cannot_be_reached_pauses_the_batch_until_it_is_back(
+    tmp_path: Path,
+    fake: FakeProvider,
+    keys: None,
+    model: str,
+    refusals: int,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Every connection reset: the batch's job pauses (items as they were) and runs again
+    after a wait; once the provider answers, the batch completes with every line. (In real
+    time the endpoint is down after 20 connection failures in a row: max_attempts is high
+    enough here that no line uses up its attempts first.)"""
+    run = "batch_size = 8\nmax_attempts = 10\nbackoff_base = 0.01\nbackoff_max = 0.05"
+    config = write_config(tmp_path, extra=provider_models(fake), run=run)
+    fake.knobs.refuse_connections = True
+    with serving(config) as url:
+        oai = client(url)
+        created = oai.batches.create(
+            input_file_id=upload(oai, [chat_line(f"d{i}", f"down {i}", model) for i in range(8)]),
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+        )
+        deadline = time.monotonic() + 60
+        # Tried, paused (not failed), tried again.
+        paused = f"batch {created.id}: cannot reach"
+        while fake.stats.connections_refused < refusals or paused not in caplog.text:
+            assert time.monotonic() < deadline, "the batch was not paused"
+            time.sleep(0.05)
+        assert "trying again in" in caplog.text
+        assert oai.batches.retrieve(created.id).status == "in_progress"
+        fake.knobs.refuse_connections = False
+        batch = wait_for(oai, created.id, ("completed", "failed"), timeout=120)
+        assert batch.status == "completed", batch.errors
+        assert batch.request_counts.model_dump() == {"total": 8, "completed": 8, "failed": 0}
+        assert batch.error_file_id is None

@@ -27,9 +27,10 @@ from typing import Any
 import orjson
 
 from .. import results
-from ..errors import OvernightError
+from ..errors import EndpointDown, OvernightError
 from ..job import Job
-from ..store import open_ledger
+from ..report import Report
+from ..store import Counts, open_ledger
 from . import anthropic
 from .catalogue import Catalogue
 from .config import ServeConfig
@@ -55,6 +56,9 @@ class TooManyActive(Exception):
 
 
 ENDED = ("completed", "failed", "cancelled", "expired")
+# A provider that cannot be reached pauses a batch's job: it runs again after this many
+# seconds, doubling up to PAUSE_MAX.
+PAUSE_FIRST, PAUSE_MAX = 1.0, 60.0
 
 
 def new_batch(
@@ -563,14 +567,11 @@ class Batches:
                 with self._lock:
                     self._running[batch_id] = job
                 try:
-                    model = part["model"]
-                    report = job.run(
-                        stop=self.stop, on_progress=lambda _, m=model: self.give_way(m, self.stop)
-                    )
+                    report = self._run_job(batch_id, job, part["model"])
                 finally:
                     with self._lock:
                         self._running.pop(batch_id, None)
-                if report.interrupted or self.stop.is_set():
+                if report is None or report.interrupted or self.stop.is_set():
                     return  # the server is stopping: resumed at the next start
             batch = self.catalogue.update_batch(
                 batch_id,
@@ -586,6 +587,35 @@ class Batches:
                 with contextlib.suppress(OvernightError):  # not in the ledger: nothing open
                     job.cancel()  # a run killed with the server may have left items open
             self._finalize(batch, workdir, cancelled=True)
+
+    def _run_job(self, batch_id: str, job: Job, model: str) -> Report | None:
+        """Runs (or resumes) a part's job. A provider that cannot be reached pauses it, items
+        as they were (EndpointDown: its API unreachable or failing every request), and it
+        runs again after a wait, doubling up to PAUSE_MAX, until the provider is back or the
+        batch is cancelled; None if the server stopped meanwhile."""
+        wait = PAUSE_FIRST
+        while True:
+            try:
+                report = job.run(
+                    stop=self.stop, on_progress=lambda _: self.give_way(model, self.stop)
+                )
+            except EndpointDown as exc:  # the batch API's calls
+                reason = str(exc)
+            else:
+                # Stopped with a reason: the provider was down (run again), or the [run]
+                # max_cost budget is spent (runs would stop at once: the batch ends).
+                if not report.stop_reason or report.stop_reason.startswith("max_cost"):
+                    return report
+                reason = report.stop_reason
+            log.warning("batch %s: %s; trying again in %g s", batch_id, reason, wait)
+            if self.stop.wait(wait):
+                return None
+            current = self.catalogue.get_batch(batch_id)
+            if current is None:
+                return None
+            if current["status"] != "in_progress":  # cancelled while paused: it ends
+                return Report(job=job.name, counts=Counts())
+            wait = min(wait * 2, PAUSE_MAX)
 
     def _validate(self, batch: dict[str, Any], workdir: Path) -> dict[str, Any] | None:
         workdir.mkdir(parents=True, exist_ok=True)
