@@ -69,6 +69,11 @@ poll_interval = 0.05
 """
 
 
+def money(usd: float) -> str:
+    """As the dashboard shows an amount."""
+    return f"${usd:,.4f}" if usd < 1 else f"${usd:,.2f}"
+
+
 def embed_line(custom_id: str, text: str, model: str = "embed") -> dict:
     return {
         "custom_id": custom_id,
@@ -78,8 +83,8 @@ def embed_line(custom_id: str, text: str, model: str = "embed") -> dict:
     }
 
 
-def job_counts(config: Path, job_name: str):
-    ledger = open_ledger(str(config.parent / "state" / "ledger.db"))
+def job_counts(config: Path, job_name: str, ledger_url: str | None = None):
+    ledger = open_ledger(ledger_url or str(config.parent / "state" / "ledger.db"))
     try:
         job = ledger.get_job(job_name)
         assert job is not None
@@ -98,7 +103,13 @@ def run_batch(oai, lines: list[dict], endpoint: str = "/v1/chat/completions"):
 def test_a_batch_routed_to_a_real_time_provider(
     tmp_path: Path, fake: FakeProvider, keys: None
 ) -> None:
-    config = write_config(tmp_path, extra=provider_models(fake), run=RUN)
+    # A price high enough to show on the dashboard ($ with 4 decimals): [run] prices applies.
+    (tmp_path / "prices.toml").write_text(
+        '[models."gpt-4o-mini"]\ninput = 10000.0\noutput = 20000.0\ncontext = 128000\n'
+    )
+    config = write_config(
+        tmp_path, extra=provider_models(fake), run=RUN + '\nprices = "prices.toml"'
+    )
     fake.knobs.fail_next = 2  # two 500s: retried with the job's RetryPolicy
     texts = [f"ticket number {i}" for i in range(6)]
     lines = [chat_line(f"c{i}", t, model="fast") for i, t in enumerate(texts)]
@@ -126,7 +137,9 @@ def test_a_batch_routed_to_a_real_time_provider(
         assert fake.stats.status_counts[500] == 2
         assert fake.stats.requests["/v1/chat/completions"] == 6 + 2
         first = job_counts(config, batch.id)
-        assert first.cost > 0 and first.saved == 0
+        assert first.cost > 0.01 and first.saved == 0
+        tokens = batch.usage.input_tokens, batch.usage.output_tokens
+        assert first.cost == pytest.approx((tokens[0] * 10000 + tokens[1] * 20000) / 1e6)
 
         # The same lines again, in a new batch: answered from the response cache, sent
         # nowhere, costing nothing (what they would have cost shows as saved).
@@ -140,9 +153,9 @@ def test_a_batch_routed_to_a_real_time_provider(
         second = job_counts(config, again.id)
         assert second.cost == 0 and second.saved == pytest.approx(first.cost)
 
-        # The dashboard shows what was spent and saved.
-        page = urllib.request.urlopen(url.removesuffix("/v1") + "/dashboard/main").read()
-        assert b"spent" in page and b"saved" in page
+        # The dashboard shows what was spent and saved: both batches, the second all saved.
+        page = urllib.request.urlopen(url.removesuffix("/v1") + "/dashboard/main").read().decode()
+        assert f"cost {money(first.cost)}" in page and f"saved {money(second.saved)}" in page
 
 
 def test_a_line_the_provider_refuses_goes_to_the_error_file_with_its_status(
@@ -180,10 +193,15 @@ def test_an_embeddings_batch_routed_to_a_provider(
         assert fake.stats.requests["/v1/embeddings"] == 3
 
 
+@pytest.mark.parametrize("ledger", ["sqlite", "postgresql"])
 def test_a_batch_routed_to_the_providers_batch_api(
-    tmp_path: Path, fake: FakeProvider, keys: None
+    tmp_path: Path, fake: FakeProvider, keys: None, ledger: str, request: pytest.FixtureRequest
 ) -> None:
     config = write_config(tmp_path, extra=provider_models(fake), run=RUN)
+    url_of_ledger = None
+    if ledger == "postgresql":
+        url_of_ledger = request.getfixturevalue("pg_ledger_url")
+        config.write_text(config.read_text().replace('"state/ledger.db"', f'"{url_of_ledger}"'))
     texts = [f"note {i}" for i in range(5)]
     lines = [chat_line(f"n{i}", t, model="cheap") for i, t in enumerate(texts)]
     with serving(config) as url:
@@ -200,13 +218,13 @@ def test_a_batch_routed_to_the_providers_batch_api(
         assert fake.stats.batch_creations == 1
         assert sorted(fake.stats.batch_items.values()) == [1] * 5
         assert fake.stats.requests["/v1/chat/completions"] == 0
-        counts = job_counts(config, batch.id)
+        counts = job_counts(config, batch.id, url_of_ledger)
         assert counts.cost > 0 and counts.saved == pytest.approx(counts.cost)  # half price
 
         again = run_batch(oai, lines)  # the cache answers: no second remote batch
         assert again.status == "completed" and again.request_counts.completed == 5
         assert fake.stats.batch_creations == 1
-        assert job_counts(config, again.id).cost == 0
+        assert job_counts(config, again.id, url_of_ledger).cost == 0
 
 
 def test_a_batch_to_a_model_that_cannot_serve_its_endpoint_fails_validation(
