@@ -467,3 +467,40 @@ def test_a_provider_that_cannot_be_reached_pauses_the_batch_until_it_is_back(
         assert batch.status == "completed", batch.errors
         assert batch.request_counts.model_dump() == {"total": 8, "completed": 8, "failed": 0}
         assert batch.error_file_id is None
+
+
+def test_cancelling_a_batch_cancels_its_remote_batch(
+    tmp_path: Path, fake: FakeProvider, keys: None
+) -> None:
+    """The remote batch is cancelled at the provider too; what it finished anyway is in the
+    output file, the rest in the error file, every custom_id once."""
+    config = write_config(tmp_path, extra=provider_models(fake), run=RUN)
+    fake.knobs.batch_seconds = 60
+    n = 6
+    with serving(config) as url:
+        oai = client(url)
+        created = oai.batches.create(
+            input_file_id=upload(oai, [chat_line(f"x{i}", f"text {i}", "cheap") for i in range(n)]),
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+        )
+        deadline = time.monotonic() + 60
+        while fake.stats.batch_creations < 1:
+            assert time.monotonic() < deadline, "no remote batch"
+            time.sleep(0.05)
+        assert oai.batches.cancel(created.id).status == "cancelling"
+        batch = wait_for(oai, created.id, ("cancelled", "completed", "failed"), timeout=60)
+        assert batch.status == "cancelled", batch.errors
+        out = lines_of(oai, batch.output_file_id) + lines_of(oai, batch.error_file_id)
+    remote = oai_remote_batches(fake)
+    assert [b["status"] for b in remote] == ["cancelled"]
+    ids = Counter(line["custom_id"] for line in out)
+    assert sorted(ids) == sorted(f"x{i}" for i in range(n)) and set(ids.values()) == {1}
+    assert batch.request_counts.completed + batch.request_counts.failed == n
+
+
+def oai_remote_batches(fake: FakeProvider) -> list[dict]:
+    import openai
+
+    upstream = openai.OpenAI(base_url=fake.openai_url, api_key=KEY, max_retries=0)
+    return [b.model_dump() for b in upstream.batches.list()]
