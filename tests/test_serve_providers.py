@@ -504,3 +504,63 @@ def oai_remote_batches(fake: FakeProvider) -> list[dict]:
 
     upstream = openai.OpenAI(base_url=fake.openai_url, api_key=KEY, max_retries=0)
     return [b.model_dump() for b in upstream.batches.list()]
+
+
+@pytest.mark.slow
+def test_a_server_killed_while_an_anthropic_batch_is_live_finishes_it_creating_it_once(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """As above, for a Message Batch to an anthropic-batch model: the remote Message Batch
+    created just before the kill is adopted after the restart, never created again."""
+    n = 8
+    config = write_config(tmp_path, extra=provider_models(fake), run=RUN)
+    env = {**os.environ, "OPENAI_API_KEY": KEY, "ANTHROPIC_API_KEY": ANT_KEY}
+    port = free_port()
+    fake.knobs.batch_seconds = 1.0
+    server = start_process(config, port, env)
+    killed = []
+
+    def kill_the_server(method: str, path: str) -> None:
+        if method == "POST" and path == "/v1/messages/batches" and not killed:
+            killed.append(path)
+            os.kill(server.pid, signal.SIGKILL)
+
+    fake.knobs.after_acting = kill_the_server
+    ant = anthropic.Anthropic(base_url=f"http://127.0.0.1:{port}", api_key="x", max_retries=0)
+    requests = [
+        {
+            "custom_id": f"a{i}",
+            "params": {
+                "model": "claude-batch",
+                "max_tokens": 16,
+                "messages": [{"role": "user", "content": f"line {i}"}],
+            },
+        }
+        for i in range(n)
+    ]
+    try:
+        created = ant.messages.batches.create(requests=requests)  # type: ignore[arg-type]
+        assert server.wait(60) == -signal.SIGKILL
+    finally:
+        fake.knobs.after_acting = None
+        if server.poll() is None:
+            server.kill()
+            server.wait(30)
+    assert killed and fake.stats.batch_creations == 1
+
+    server = start_process(config, port, env)
+    try:
+        deadline = time.monotonic() + 120
+        while (batch := ant.messages.batches.retrieve(created.id)).processing_status != "ended":
+            assert time.monotonic() < deadline, server_log(config)
+            time.sleep(0.1)
+        results = list(ant.messages.batches.results(created.id))
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(60)
+    assert batch.request_counts.succeeded == n, server_log(config)
+    ids = Counter(r.custom_id for r in results)
+    assert sorted(ids) == sorted(f"a{i}" for i in range(n)) and set(ids.values()) == {1}
+    assert all(r.result.type == "succeeded" for r in results)
+    assert fake.stats.batch_creations == 1
+    assert sorted(set(fake.stats.batch_items.values())) == [1]
