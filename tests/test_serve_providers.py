@@ -564,3 +564,19 @@ def test_a_server_killed_while_an_anthropic_batch_is_live_finishes_it_creating_i
     assert all(r.result.type == "succeeded" for r in results)
     assert fake.stats.batch_creations == 1
     assert sorted(set(fake.stats.batch_items.values())) == [1]
+
+
+def test_tenants_do_not_share_cached_answers(
+    tmp_path: Path, fake: FakeProvider, keys: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cache is per tenant: the same lines from another key are sent (and paid) again,
+    so no tenant learns what another asked; from the same key they are not."""
+    monkeypatch.setenv("SERVE_TEST_KEYS", "key-a:team-a,key-b:team-b")
+    auth = '[auth]\nkeys_env = "SERVE_TEST_KEYS"\n'
+    config = write_config(tmp_path, extra=auth + provider_models(fake), run=RUN)
+    lines = [chat_line(f"t{i}", f"shared {i}", model="fast") for i in range(3)]
+    with serving(config) as url:
+        for key, sent in (("key-a", 3), ("key-a", 3), ("key-b", 6)):
+            batch = run_batch(client(url, key), lines)
+            assert batch.status == "completed" and batch.request_counts.completed == 3
+            assert fake.stats.requests["/v1/chat/completions"] == sent
