@@ -140,7 +140,7 @@ def _serve(config: Path) -> subprocess.CompletedProcess[str]:
             '[models."m"] functoin: unknown key',
         ),
         (
-            '[models.m]\nbackend = "openai"\nname = "gpt-4o-mini"\n',
+            '[models.m]\nbackend = "vllm"\nname = "some/model"\n',
             '[models."m"] backend: the service runs',
         ),
         (

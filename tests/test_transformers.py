@@ -141,7 +141,7 @@ def _cli(job: Path, *args: str) -> subprocess.CompletedProcess[str]:
         ('name = "smollm2"\nparams = { top_k = 5 }', 'kind = "generate"', "params` key 'top_k'"),
         ('name = "smollm2"\nparams = { max_tokens = 0 }', 'kind = "generate"', "max_tokens must"),
         ("", 'kind = "generate"', "needs [model] name"),
-        ('name = "smollm2"', 'kind = "passthrough"', "runs kind = 'generate'"),
+        ('name = "smollm2"', 'kind = "map"', "runs kind = 'generate'"),
     ],
 )
 def test_bad_model_settings_exit_2_naming_the_key(

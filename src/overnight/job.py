@@ -272,7 +272,7 @@ class Job:
             raise self._usage(f"[model] backend: {exc}") from None
         what = {"causal": "a causal LM", "classifier": "a sequence classifier"}
         allowed = {
-            "causal": ("generate", "extract", "classify"),
+            "causal": ("generate", "extract", "classify", "passthrough"),
             "classifier": ("classify",),
             "encoder": ("embed",),
         }[ref.kind]

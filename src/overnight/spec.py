@@ -428,10 +428,13 @@ class JobSpec(_Section):
         if backend == "local" and kind not in ("embed", "classify"):
             raise ValueError(f"backend = 'local' runs kind = 'embed' or 'classify', not {kind!r}")
         if backend in SELF_HOSTED:
-            if kind not in SELF_HOSTED_KINDS:
+            # transformers also takes OpenAI chat lines as they are (what `overnight serve`
+            # sends it: a batch's /v1/chat/completions lines)
+            kinds = SELF_HOSTED_KINDS + (("passthrough",) if backend == "transformers" else ())
+            if kind not in kinds:
                 raise ValueError(
                     f"backend = {backend!r} runs kind = "
-                    f"{', '.join(repr(k) for k in SELF_HOSTED_KINDS)}, not {kind!r}"
+                    f"{', '.join(repr(k) for k in kinds)}, not {kind!r}"
                 )
             if not self.model.name:
                 raise ValueError(

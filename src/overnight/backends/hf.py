@@ -41,7 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import InvalidOutput
+from ..errors import InputError, InvalidOutput
+from ..llm.providers import CHAT
 from ..llm.requests import Answer, ContextExceeded, LLMTask, Request, make_llm_task
 from .chat import Sampling, answer, conversation, first_json_object, label_hint, schema_hint
 from .hf_files import ModelRef, load_folder, read_gguf
@@ -345,6 +346,10 @@ class CausalLM:
         return list(self.tokenizer(text, add_special_tokens=not self.templated).input_ids)
 
     def _prompt(self, request: Request) -> _Prompt:
+        if request.endpoint != CHAT or not isinstance(request.body.get("messages"), list):
+            raise InputError(  # a passthrough line the model cannot answer
+                f"{self.ref.name} answers {CHAT} lines with `messages`, not {request.endpoint}"
+            )
         sampling = Sampling.of(request.body)
         ids = self._ids(conversation(request.body, self.instruction))
         extra = sampling.max_tokens
@@ -363,7 +368,7 @@ class CausalLM:
         for i, r in enumerate(requests):
             try:
                 prompts[i] = self._prompt(r)
-            except ContextExceeded as exc:
+            except InputError as exc:  # too long for the context, or not a chat request
                 out[i] = exc
         if self.task.kind == "classify":
             for i, a in self._classify(prompts, batch_size):

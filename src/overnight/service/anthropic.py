@@ -53,7 +53,7 @@ def check_params(params: dict[str, Any], config: ServeConfig) -> str | None:
     if not isinstance(model, str) or model not in config.models:
         known = ", ".join(repr(m) for m in config.models)
         return f"model: {model!r} is not served here (models: {known})"
-    if config.models[model].backend != "python":
+    if ENDPOINT not in config.models[model].endpoints():
         return f"model: {model!r} does not serve {ENDPOINT}"
     max_tokens = params.get("max_tokens")
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
@@ -115,6 +115,8 @@ def view(batch: dict[str, Any]) -> dict[str, Any]:
 def result_line(batch: dict[str, Any], o: Outcome) -> dict[str, Any]:
     from .batches import as_text, stable_id
 
+    if o.kind == "succeeded" and o.raw:  # a provider's message, as it gave it
+        return {"custom_id": o.custom_id, "result": {"type": "succeeded", "message": o.output}}
     if o.kind == "succeeded":
         message = {
             "id": stable_id("msg_", batch["id"], o.custom_id),
@@ -131,6 +133,6 @@ def result_line(batch: dict[str, Any], o: Outcome) -> dict[str, Any]:
         return {"custom_id": o.custom_id, "result": {"type": "canceled"}}
     if o.kind == "expired":
         return {"custom_id": o.custom_id, "result": {"type": "expired"}}
-    kind = "invalid_request_error" if o.kind == "rejected" else "api_error"
+    kind = "invalid_request_error" if o.status < 500 else "api_error"
     error = {"type": "error", "error": {"type": kind, "message": o.message}}
     return {"custom_id": o.custom_id, "result": {"type": "errored", "error": error}}

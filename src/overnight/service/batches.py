@@ -21,7 +21,7 @@ import secrets
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,9 +31,10 @@ import orjson
 
 from .. import results
 from ..claim import JobBusy, live_workers
-from ..errors import OvernightError
+from ..errors import EndpointDown, OvernightError
 from ..job import Job
-from ..store import open_ledger
+from ..report import Report
+from ..store import Counts, open_ledger
 from . import anthropic
 from .catalogue import Catalogue
 from .config import ServeConfig
@@ -61,6 +62,9 @@ class TooManyActive(Exception):
 
 
 ENDED = ("completed", "failed", "cancelled", "expired")
+# A provider that cannot be reached pauses a batch's job: it runs again after this many
+# seconds, doubling up to PAUSE_MAX.
+PAUSE_FIRST, PAUSE_MAX = 1.0, 60.0
 
 
 def new_batch(
@@ -187,8 +191,17 @@ def validate(path: Path, endpoint: str, config: ServeConfig) -> Validated:
                     "body.model",
                 )
                 continue
-            backend = config.models[model].backend
-            if backend == "local" and endpoint != "/v1/embeddings":
+            served = config.models[model]
+            backend = served.backend
+            if served.passes_through and endpoint not in served.endpoints():
+                error(
+                    "unsupported_endpoint",
+                    n,
+                    f"Line {n}: model {model!r} (backend {backend!r}) serves"
+                    f" {' and '.join(served.endpoints())} only.",
+                    "url",
+                )
+            elif backend == "local" and endpoint != "/v1/embeddings":
                 error(
                     "unsupported_endpoint",
                     n,
@@ -221,19 +234,32 @@ def validate(path: Path, endpoint: str, config: ServeConfig) -> Validated:
 
 def job_for(batch: dict[str, Any], part: dict[str, str], config: ServeConfig, workdir: Path) -> Job:
     """The ledger job that runs one model's lines of a batch. A python function gets the
-    lines as records; the local model embeds each line's `body.input`."""
+    lines as records; the local model embeds each line's `body.input`; a provider model gets
+    each line as it is (`passthrough`, its body.model already the provider's id: see
+    `provider_lines`), in real time or through the provider's batch API, the answers cached
+    per tenant (an identical line of a later batch costs nothing)."""
     model = config.models[part["model"]]
-    task = (
-        {"kind": "map"}
-        if model.backend == "python"
-        else {"kind": "embed", "text": "{{ body.input }}"}
-    )
+    run = config.spec.run.model_dump(exclude_unset=True)
+    model_table = model.job_model()
+    if model.backend == "python":
+        task: dict[str, Any] = {"kind": "map"}
+    elif model.backend == "transformers":
+        task = {"kind": "passthrough"}
+    elif model.is_provider:
+        task = {"kind": "passthrough"}
+        model_table["name"] = model.provider_model(part["model"])
+        for key in ("isolation", "timeout"):  # a worker's settings; [model] timeout is its own
+            run.pop(key, None)
+        if "cache" not in run and part.get("cache"):
+            run["cache"] = str(config.folder / part["cache"])
+    else:
+        task = {"kind": "embed", "text": "{{ body.input }}"}
     spec = {
         "name": part["job"],
         "source": {"path": str(workdir / part["input"]), "id": "custom_id", "format": "jsonl"},
         "task": task,
-        "model": model.job_model(),
-        "run": config.spec.run.model_dump(exclude_unset=True),
+        "model": model_table,
+        "run": run,
         "output": {
             "path": str(workdir / f"{part['job']}.results.jsonl"),
             "errors": str(workdir / f"{part['job']}.errors.jsonl"),
@@ -252,9 +278,32 @@ def stable_id(prefix: str, *parts: str) -> str:
     return prefix + hashlib.blake2b("\0".join(parts).encode(), digest_size=12).hexdigest()
 
 
-def response_body(batch: dict[str, Any], custom_id: str, model: str, output: Any) -> dict[str, Any]:
+def cache_name(tenant: str) -> str:
+    """A tenant's response cache, relative to the service's folder: tenants never share
+    answers (nor learn what another sent)."""
+    return f"cache/{stable_id('tenant-', tenant)}.db"
+
+
+def provider_lines(lines: Iterator[bytes], model: str, provider_model: str) -> Iterator[bytes]:
+    """A provider model's lines with body.model the provider's id (serve.toml's `name`) in
+    place of the served name."""
+    for raw in lines:
+        if not raw.strip():
+            continue
+        line = orjson.loads(raw)
+        if line["body"].get("model") == model:
+            line["body"]["model"] = provider_model
+        yield orjson.dumps(line)
+
+
+def response_body(
+    batch: dict[str, Any], custom_id: str, model: str, output: Any, raw: bool = False
+) -> dict[str, Any]:
     """The body OpenAI's endpoint would have answered with: an embeddings list, or a
-    chat.completion whose message content is the function's return value."""
+    chat.completion whose message content is the function's return value; `raw`: the
+    provider's own answer body, as it is."""
+    if raw:  # a provider's answer, as it gave it
+        return output
     if batch["endpoint"] == "/v1/embeddings":
         vectors = output if _is_matrix(output) else [output]
         return {
@@ -322,7 +371,8 @@ class Outcome:
     """What became of one line: `succeeded` (with the model's output), `failed` (the call
     failed: `message`, `error_class`), `rejected` (never run: its request was not valid),
     `cancelled` (never run: the batch was cancelled), `expired` (never run: the batch's
-    completion window ended first)."""
+    completion window ended first). `raw`: the output is a provider's answer body, passed on
+    as it is."""
 
     custom_id: str
     kind: str
@@ -330,6 +380,17 @@ class Outcome:
     output: Any = None
     message: str = ""
     error_class: str = ""
+    raw: bool = False
+
+    @property
+    def status(self) -> int:
+        """The HTTP status of a failed line: the provider's (`http_<status>`), 400 for a
+        request that was not valid, else 500."""
+        if self.kind == "rejected" or self.error_class == "input_error":
+            return 400
+        if self.error_class.startswith("http_") and self.error_class[5:].isdigit():
+            return int(self.error_class[5:])
+        return 500
 
 
 def openai_line(batch: dict[str, Any], o: Outcome) -> bytes:
@@ -338,7 +399,7 @@ def openai_line(batch: dict[str, Any], o: Outcome) -> bytes:
         response = {
             "status_code": 200,
             "request_id": _request_id(batch, o.custom_id),
-            "body": response_body(batch, o.custom_id, o.model or "", o.output),
+            "body": response_body(batch, o.custom_id, o.model or "", o.output, o.raw),
         }
         return _line(batch, o.custom_id, response, None)
     if o.kind == "cancelled":
@@ -350,10 +411,10 @@ def openai_line(batch: dict[str, Any], o: Outcome) -> bytes:
             "message": "This request could not be executed before the completion window expired.",
         }
         return _line(batch, o.custom_id, None, error)
-    status = 400 if o.kind == "rejected" else 500
+    status = o.status
     error = {
         "message": o.message,
-        "type": "invalid_request_error" if o.kind == "rejected" else "server_error",
+        "type": "invalid_request_error" if status < 500 else "server_error",
         "param": None,
         "code": o.error_class or None,
     }
@@ -604,14 +665,11 @@ class Batches:
                         self._running.pop(batch_id, None)
                     break
                 try:
-                    model = part["model"]
-                    report = job.run(
-                        stop=self.stop, on_progress=lambda _, m=model: self.give_way(m, self.stop)
-                    )
+                    report = self._run_job(batch_id, job, part["model"])
                 finally:
                     with self._lock:
                         self._running.pop(batch_id, None)
-                if report.interrupted or self.stop.is_set():
+                if report is None or report.interrupted or self.stop.is_set():
                     return  # the server is stopping: resumed at the next start
                 if report.counts.open and self._runs_elsewhere(part["job"]):
                     return  # another server's run still holds items: the last to end finalises
@@ -639,10 +697,40 @@ class Batches:
         finally:
             ledger.close()
 
+    def _run_job(self, batch_id: str, job: Job, model: str) -> Report | None:
+        """Runs (or resumes) a part's job. A provider that cannot be reached pauses it, items
+        as they were (EndpointDown: its API unreachable or failing every request), and it
+        runs again after a wait, doubling up to PAUSE_MAX, until the provider is back or the
+        batch is cancelled; None if the server stopped meanwhile."""
+        wait = PAUSE_FIRST
+        while True:
+            try:
+                report = job.run(
+                    stop=self.stop, on_progress=lambda _: self.give_way(model, self.stop)
+                )
+            except EndpointDown as exc:  # the batch API's calls
+                reason = str(exc)
+            else:
+                # Stopped with a reason: the provider was down (run again), or the [run]
+                # max_cost budget is spent (runs would stop at once: the batch ends).
+                if not report.stop_reason or report.stop_reason.startswith("max_cost"):
+                    return report
+                reason = report.stop_reason
+            log.warning("batch %s: %s; trying again in %g s", batch_id, reason, wait)
+            if self.stop.wait(wait):
+                return None
+            current = self.catalogue.get_batch(batch_id)
+            if current is None:
+                return None
+            if current["status"] != "in_progress":  # cancelled while paused: it ends
+                return Report(job=job.name, counts=Counts())
+            wait = min(wait * 2, PAUSE_MAX)
+
     def _validate(self, batch: dict[str, Any], workdir: Path) -> dict[str, Any] | None:
         workdir.mkdir(parents=True, exist_ok=True)
         if batch["api"] == "anthropic":
-            changes = _plan_anthropic(batch, workdir, self.config)
+            tenant = self.catalogue.tenant_of_batch(batch["id"]) or ""
+            changes = _plan_anthropic(batch, workdir, self.config, tenant)
         else:
             changes = self._validate_openai(batch, workdir)
         now = int(time.time())
@@ -678,6 +766,12 @@ class Batches:
         # The job reads its own copy: deleting the uploaded file never breaks a resume.
         _copy(source, workdir / "input.jsonl")
         part = {"model": checked.model, "job": batch["id"], "input": "input.jsonl"}
+        served = self.config.models[checked.model or ""]
+        if served.is_provider:
+            with open(workdir / "input.jsonl", "rb") as f:
+                lines = provider_lines(f, part["model"], served.provider_model(part["model"]))
+                _write_all(workdir / "provider.jsonl", lines)
+            part.update(input="provider.jsonl", cache=cache_name(tenant))
         return {"model": checked.model, "parts": [part], "request_counts": counts}
 
     def _outcomes(self, batch: dict[str, Any], workdir: Path, ending: str) -> Iterator[Outcome]:
@@ -690,10 +784,12 @@ class Batches:
                 job = ledger.get_job(part["job"])
                 if job is None:
                     continue
+                served = self.config.models.get(part["model"])
+                raw = served is not None and served.passes_through
                 for custom_id, result, _, vector in ledger.iter_results(job.id):
                     seen.add(custom_id)
                     output = results.decode(result, vector).get("output")
-                    yield Outcome(custom_id, "succeeded", part["model"], output)
+                    yield Outcome(custom_id, "succeeded", part["model"], output, raw=raw)
                 for f in ledger.iter_failures(job.id):
                     if f.custom_id is not None and f.custom_id not in seen:
                         seen.add(f.custom_id)
@@ -842,10 +938,13 @@ def _copy(source: Path, target: Path) -> None:
     os.replace(tmp, target)
 
 
-def _plan_anthropic(batch: dict[str, Any], workdir: Path, config: ServeConfig) -> dict[str, Any]:
+def _plan_anthropic(
+    batch: dict[str, Any], workdir: Path, config: ServeConfig, tenant: str
+) -> dict[str, Any]:
     """An Anthropic batch's lines (input.jsonl, written at create) split by model: one part
-    per model a python function serves; the others are rejected (errored results), as
-    Anthropic validates `params` after the create call."""
+    per model that serves /v1/messages (a python function, an Anthropic provider model); the
+    others are rejected (errored results), as Anthropic validates `params` after the create
+    call."""
     by_model: dict[str, list[bytes]] = {}
     rejected: list[bytes] = []
     with open(workdir / "input.jsonl", "rb") as f:
@@ -859,16 +958,25 @@ def _plan_anthropic(batch: dict[str, Any], workdir: Path, config: ServeConfig) -
     parts = []
     for n, (model, lines) in enumerate(sorted(by_model.items())):
         name = f"part{n}.jsonl"
-        _write_all(workdir / name, lines)
-        parts.append({"model": model, "job": f"{batch['id']}.{n}", "input": name})
+        part = {"model": model, "job": f"{batch['id']}.{n}", "input": name}
+        served = config.models[model]
+        if served.is_provider:
+            _write_all(
+                workdir / name, provider_lines(iter(lines), model, served.provider_model(model))
+            )
+            part["cache"] = cache_name(tenant)
+        else:
+            _write_all(workdir / name, lines)
+        parts.append(part)
     _write_all(workdir / "rejected.jsonl", rejected)
     return {"parts": parts}
 
 
-def _write_all(path: Path, lines: list[bytes]) -> None:
+def _write_all(path: Path, lines: Iterable[bytes]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        f.write(b"".join(line + b"\n" for line in lines))
+        for line in lines:
+            f.write(line + b"\n")
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

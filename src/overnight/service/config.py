@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -9,11 +10,17 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..errors import JobFileError, UsageError
+from ..llm import providers
 from ..spec import ModelSpec, RunSpec, format_validation_error
 from ..store import DEFAULT_LEDGER, is_postgres, ledger_location
 
-# The backends a batch line may be sent to so far (more come with the provider backends).
-SERVED_BACKENDS = ("local", "python")
+# A provider's API, in real time or through its batch API (for its discount): a batch's
+# lines are sent as they are (a `passthrough` job), the served name swapped for the
+# provider's model id.
+PROVIDER_BACKENDS = ("openai", "openai-batch", "anthropic", "anthropic-batch")
+# The backends a batch line may be sent to: also a causal LM of Hugging Face's in the worker
+# process (self-hosted: the lines' chat bodies as they are).
+SERVED_BACKENDS = ("local", "python", *PROVIDER_BACKENDS, "transformers")
 
 
 class _Section(BaseModel):
@@ -80,6 +87,37 @@ class ServedModel(ModelSpec):
         """The [model] table of a batch's job: what a job file takes."""
         return self.model_dump(exclude_unset=True, exclude={"labels"})
 
+    @property
+    def is_provider(self) -> bool:
+        return self.backend in PROVIDER_BACKENDS
+
+    @property
+    def passes_through(self) -> bool:
+        """A batch's lines go to it as they are, and its answer bodies come back as they are
+        (a provider's, or a self-hosted LLM's chat.completion)."""
+        return self.is_provider or self.backend == "transformers"
+
+    def endpoints(self) -> tuple[str, ...]:
+        """What a batch line to this model may post to: a provider's own endpoints (OpenAI:
+        chat completions and embeddings; Anthropic: messages), else the service's."""
+        if self.is_provider:
+            ours = ("/v1/chat/completions", "/v1/embeddings", "/v1/messages")
+            api = providers.provider(self.provider_name or "")
+            return tuple(e for e in api.endpoints if e in ours)
+        if self.backend == "local":
+            return ("/v1/embeddings",)
+        if self.backend == "transformers":
+            return ("/v1/chat/completions",)
+        return ("/v1/chat/completions", "/v1/embeddings", "/v1/messages")
+
+    def provider_model(self, served: str) -> str:
+        """The provider's id of a served model: `name`, else its name in serve.toml."""
+        return self.name or served
+
+    def key_env(self) -> str:
+        """The environment variable of a provider model's key."""
+        return self.api_key_env or providers.provider(self.provider_name or "").key_env
+
 
 class ServeSpec(_Section):
     ledger: str | None = None
@@ -127,7 +165,7 @@ def parse_config(data: dict[str, Any], base_dir: Path, origin: str) -> ServeConf
         if model.backend not in SERVED_BACKENDS:
             raise JobFileError(
                 f'{origin}: [models."{name}"] backend: the service runs'
-                f" {' and '.join(repr(b) for b in SERVED_BACKENDS)} models so far, not"
+                f" {', '.join(repr(b) for b in SERVED_BACKENDS)} models, not"
                 f" {model.backend!r}"
             )
     if spec.metrics.require_key and spec.auth is None:
@@ -144,10 +182,25 @@ def parse_config(data: dict[str, Any], base_dir: Path, origin: str) -> ServeConf
 def check_models(config: ServeConfig) -> None:
     """What a batch would find wrong with a model, found at start-up instead: a python
     function that cannot be imported (serve.toml's folder is importable), a local model that
-    is not installed."""
+    is not installed, a provider model without its key in the environment."""
     for name, model in config.models.items():
         where = f'{config.origin}: [models."{name}"]'
-        if model.backend == "python":
+        if model.is_provider:
+            env = model.key_env()
+            key = os.environ.get(env, "").strip()
+            if not key:
+                raise JobFileError(
+                    f"{where} backend = {model.backend!r} needs an API key in the environment"
+                    f" variable {env} (set it, or name another variable with api_key_env)"
+                )
+            if not (key.isascii() and key.isprintable()) or " " in key:
+                raise JobFileError(
+                    f"{where} the API key in the environment variable {env} holds whitespace,"
+                    " control or non-ASCII characters: set it to the key alone"
+                )
+        elif model.backend == "transformers":
+            _check_transformers(where, model, config.base_dir)
+        elif model.backend == "python":
             from ..backends.python import load_function
 
             try:
@@ -166,6 +219,25 @@ def check_models(config: ServeConfig) -> None:
                 check_installed(local)
             except ValueError as exc:
                 raise JobFileError(f"{where} name: {exc}") from None
+
+
+def _check_transformers(where: str, model: ServedModel, base_dir: Path) -> None:
+    """A self-hosted model's files and libraries are there, and it is a causal LM (it
+    answers chat lines)."""
+    from ..backends.hf_files import check_libraries, resolve
+
+    if not model.name:
+        raise JobFileError(f'{where} name: a model folder, a .gguf file, or "smollm2"')
+    try:
+        ref = resolve(model.name, base_dir)
+        check_libraries(ref)
+    except ValueError as exc:
+        raise JobFileError(f"{where} name: {exc}") from None
+    if ref.kind != "causal":
+        raise JobFileError(
+            f"{where} name: {model.name!r} is not a causal LM: backend = 'transformers' serves"
+            " /v1/chat/completions lines here"
+        )
 
 
 def _messages(origin: str, exc: ValidationError) -> str:

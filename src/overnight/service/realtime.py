@@ -214,6 +214,13 @@ class Realtime:
                     else f"The model `{name}` does not exist or you do not have access to it."
                 )
                 raise _Refused(404, message, "model")
+            if model.backend not in ("local", "python"):
+                raise _Refused(
+                    400,
+                    f"model {name!r} (backend {model.backend!r}) is served through batches"
+                    " here (/v1/batches, /v1/messages/batches)",
+                    "model",
+                )
             return name, model
 
         async def compute(name: str, inputs: list[Any]) -> list[Any]:
