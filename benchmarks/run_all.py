@@ -302,6 +302,16 @@ def ray_section(r: dict, when: str, cmd: str) -> str:
     loc, ray = r["local"], r["ray_executor"]
     goal = "met" if r["ray_vs_local"] >= 0.9 else "NOT met"
     load = ", ".join(f"{x:.1f}" for x in r["load_average"])
+    names = {
+        "raw": "raw",
+        "raw1": "raw 1 thread",
+        "local": "local",
+        "ray": "Ray",
+        "data": "Ray Data",
+    }
+    runs = "; ".join(
+        f"{names[k]} {', '.join(str(x) for x in v)}" for k, v in r["runs_items_per_s"].items()
+    )
     return f"""## Ray
 
 Measured by `{cmd}` on {when}; load average at the end {load} (the machine is shared: quote
@@ -325,11 +335,11 @@ s).
 | Ray Data `map_batches` | {r["ray_data_items_per_s"]:,.0f} | {r["ray_data_vs_raw"]:.2f} | | |
 
 - Ray executor / local executor: **{r["ray_vs_local"]:.2f}x** (goal ≥ 0.9x on one node:
-  **{goal}**). Runs (texts/s, best kept): {r["runs_items_per_s"]}.
-- Threads decide much of it: Ray starts each actor with `OMP_NUM_THREADS` = its CPUs (1),
-  while the raw engine and the local executor's worker process use torch's default, a
-  thread per core; on a machine busy with other work, one thread per process loses less to
-  waiting on the other (compare the two raw-engine rows). On an idle machine the gap shrinks.
+  **{goal}**). Each run, texts/s (the best kept): {runs}.
+- Ray starts each actor with `OMP_NUM_THREADS` = its CPUs (1 here): {r["workers"]}
+  single-threaded processes, each on a page of its own, against one process with torch's
+  default threads for the raw engine and the local executor's worker. The two raw-engine rows
+  show what one thread instead of {r["raw_threads"]} is worth on this machine at the time.
 """
 
 
