@@ -1,13 +1,14 @@
 """[run] executor = "ray": the model or function runs in Ray actors, one per worker, each
 loading it once; this process, the driver, is the only one that talks to the ledger.
 
-The driver reads the input into the ledger as pending items (the runner's own ingest, as
-with several workers on one job), then leases pages and keeps `DEPTH` pages in flight per
-actor, so that an actor always has the next page queued while it computes one. An actor runs
-the whole task as the local runner's worker process does (worker.py: records go as stored,
-rows come back as JSON bytes); its answers are settled by the local runner's code (runner.py:
-validation, per-record errors, the job's retry policy) and committed with `ledger.complete`,
-for items the driver still holds: nothing is written twice.
+The driver reads the input into the ledger as pending items, a read at a time as the
+actors need more (the runner's own way with several workers on one job), leases pages and
+keeps `DEPTH` pages in flight per actor, so that an actor always has the next page queued
+while it computes one. An actor runs the whole task as the local runner's worker process
+does (worker.py: records go as stored, rows come back as JSON bytes); its answers are
+settled by the local runner's code (runner.py: validation, per-record errors, the job's
+retry policy) and committed with `ledger.complete`, for items the driver still holds:
+nothing is written twice.
 
 An actor that dies (a record that kills it, kill -9, its node lost) fails the pages it held
 with a `WorkerCrashed` error, like a worker process that dies: the runner splits a failing
@@ -20,16 +21,20 @@ go back to pending when its lease ends, as with any runner.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..backends.base import Predictor
 from ..errors import UsageError, WorkerCrashed, WorkerStartError
+from ..records import Row
 from ..runner import PROCESS_DIED, Runner, Work
+from ..store import ConcurrentIngest
 from ..worker import START_TIMEOUT, Recipe, answer, call_message, load, read_reply
 from .base import RunContext, RunOutcome, register
 from .local import LocalExecutor
@@ -175,8 +180,32 @@ class RayRunner(Runner):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._shared = True  # ingest reads records in as pending items, for the actors
         self.count_starts = False  # a record kills an actor, not this process
+        self._reading: Iterator[list[Row]] | None = None
+        self._next_seq = 0
+
+    def _ingest(self) -> None:
+        """One read of the input in, as pending items for the actors (the drain asks for the
+        next when the ledger runs short of pending items): the actors start at once, and the
+        driver holds one read at a time, however large the input."""
+        if self._reading is None:
+            self._reading = iter(self.reader(self.job.cursor))
+            self._next_seq = self.job.cursor.records
+        try:
+            rows = next(self._reading, None)
+            if rows is not None:
+                self._add_pending(self._next_seq, rows)
+                self._next_seq += len(rows)
+                return
+        except ConcurrentIngest:
+            raise UsageError(
+                f"job {self.job.name!r} is being run by another process right now (it moved "
+                "the input cursor first); let it finish, and see `overnight status`"
+            ) from None
+        self.ledger.finish_ingest(self.job.id)
+        self.job = dataclasses.replace(self.job, ingest_done=True)
+        self.progress.ingest_done = True
+        self.on_progress(self.progress)
 
     def _drain(self) -> None:
         self._load()
@@ -188,7 +217,10 @@ class RayRunner(Runner):
                 self._reclaim()
             room = pool.capacity - len(flight)
             if room > 0:
-                items = self.ledger.lease(self.job.id, room * self._window_size(), self._lease())
+                want = room * self._window_size()
+                items = self.ledger.lease(self.job.id, want, self._lease())
+                if len(items) < want and not self.job.ingest_done:
+                    self._catch_up()  # the next read of the input, for the next lease
                 for page in self._pages(
                     [Work(it.seq, it.line, it.attempts, None, it.payload) for it in items],
                     {it.seq for it in items if it.error_class == PROCESS_DIED},
