@@ -195,6 +195,11 @@ def test_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     }
     with pytest.raises(JobFileError, match=r"\[run\] executor = 'ray' runs backend"):
         overnight.Job(spec, base_dir=tmp_path)
+    # A cluster that is not there: exit 2 at once, naming the key.
+    job = make_job(tmp_path, 3, "double", executor="ray", ray_address=f"127.0.0.1:{_free_port()}")
+    with pytest.raises(UsageError, match=r"\[run\] ray_address: nothing answers") as err:
+        job.run()
+    assert err.value.exit_code == 2
     # Without the [ray] extra: exit 2, saying how to install it.
     monkeypatch.setitem(sys.modules, "ray", None)
     job = make_job(tmp_path, 3, "double", executor="ray")

@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -168,6 +169,21 @@ class Pool:
         self.actors = [None] * len(self.actors)
 
 
+def _check_reachable(address: str) -> None:
+    """Exit 2 at once when a cluster's "host:port" refuses connections (Ray itself retries
+    for minutes). Other forms ("auto", "ray://…") are left to Ray."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "/" in address:
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=10).close()
+    except OSError as exc:
+        raise UsageError(
+            f"[run] ray_address: nothing answers at {address} ({exc.strerror or exc}); is the"
+            " Ray cluster's head node up (`ray start --head`), and is this its GCS port?"
+        ) from None
+
+
 def _cause(exc: BaseException) -> str:
     """The first line of what Ray says about an error (its messages run to many lines)."""
     text = str(exc).strip().splitlines()
@@ -305,6 +321,9 @@ class RayExecutor(LocalExecutor):
         job = self.job
         ours = not ray.is_initialized()
         t0 = time.monotonic()  # reaching (or starting) the cluster counts as setup
+        address = job.spec.run.ray_address
+        if ours and address is not None:
+            _check_reachable(address)
         if ours:
             root = str(Path(__file__).resolve().parent.parent.parent)  # holds overnight/
             path = os.pathsep.join([root, *[p for p in sys.path if p and p != root]])
