@@ -13,7 +13,7 @@ setup: $(VENV)/.installed
 # torch is pinned in pyproject.toml (2.13.0, a CPU build): an unpinned torch pulls CUDA.
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[local,dev,sql,serve,dbt,dagster,examples,queue]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[local,dev,sql,serve,dbt,dagster,examples,queue,ray]'
 	touch $@
 
 # A real OpenAI-compatible server with a real model for the tests: llama.cpp's server and

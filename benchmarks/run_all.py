@@ -15,6 +15,7 @@ import bench_isolation
 import bench_ledger
 import bench_llm
 import bench_local
+import bench_ray
 import bench_serve
 import bench_sql
 import bench_transformers
@@ -297,6 +298,51 @@ exit.
 """
 
 
+def ray_section(r: dict, when: str, cmd: str) -> str:
+    loc, ray = r["local"], r["ray_executor"]
+    goal = "met" if r["ray_vs_local"] >= 0.9 else "NOT met"
+    load = ", ".join(f"{x:.1f}" for x in r["load_average"])
+    names = {
+        "raw": "raw",
+        "raw1": "raw 1 thread",
+        "local": "local",
+        "ray": "Ray",
+        "data": "Ray Data",
+    }
+    runs = "; ".join(
+        f"{names[k]} {', '.join(str(x) for x in v)}" for k, v in r["runs_items_per_s"].items()
+    )
+    return f"""## Ray
+
+Measured by `{cmd}` on {when}; load average at the end {load} (the machine is shared: quote
+the ratios, which come from one run). One node: {r["machine"]}.
+
+The local model (all-MiniLM-L6-v2, CPU, batch size {r["batch_size"]}) on {r["texts"]:,}
+texts, in one run: the raw engine (`SentenceTransformer.encode` over all of them in one
+process), `overnight run` with the local executor, the same job with `executor = "ray"` and
+`workers = {r["workers"]}` (a local Ray instance the job starts), and Ray Data
+`map_batches` with the same model in an actor pool of {r["workers"]}. The jobs' rates are
+their own clocks (loading the model, starting Ray, are setup, shown apart); Ray Data's is
+timed around `map_batches(...).materialize()`, after `ray.init` ({r["ray_data_init_seconds"]}
+s).
+
+| | texts/s | / raw engine | setup s | wall s |
+|---|---:|---:|---:|---:|
+| raw engine ({r["raw_threads"]} torch threads, its default) | {r["raw_items_per_s"]:,.0f} | 1.00 | | |
+| raw engine, 1 torch thread | {r["raw_one_thread_items_per_s"]:,.0f} | {r["raw_one_thread_items_per_s"] / r["raw_items_per_s"]:.2f} | | |
+| overnight, local executor | {loc["items_per_second"]:,.0f} | {r["local_vs_raw"]:.2f} | {loc["setup_seconds"]:.1f} | {loc["wall_seconds"]:.1f} |
+| overnight, Ray executor | {ray["items_per_second"]:,.0f} | {r["ray_vs_raw"]:.2f} | {ray["setup_seconds"]:.1f} | {ray["wall_seconds"]:.1f} |
+| Ray Data `map_batches` | {r["ray_data_items_per_s"]:,.0f} | {r["ray_data_vs_raw"]:.2f} | | |
+
+- Ray executor / local executor: **{r["ray_vs_local"]:.2f}x** (goal ≥ 0.9x on one node:
+  **{goal}**). Each run, texts/s (the best kept): {runs}.
+- Ray starts each actor with `OMP_NUM_THREADS` = its CPUs (1 here): {r["workers"]}
+  single-threaded processes, each on a page of its own, against one process with torch's
+  default threads for the raw engine and the local executor's worker. The two raw-engine rows
+  show what one thread instead of {r["raw_threads"]} is worth on this machine at the time.
+"""
+
+
 def sql_section(r: dict, when: str, cmd: str) -> str:
     read, job = r["read"], r.get("job")
     job_text = (
@@ -389,6 +435,7 @@ ONLY = {
     "isolation": (lambda a: bench_isolation.main(a.records, a.texts), isolation_section),
     "transformers": (lambda a: bench_transformers.main(a.prompts), transformers_section),
     "workers": (lambda a: bench_workers.main(a.worker_records, 4), workers_section),
+    "ray": (lambda a: bench_ray.main(a.ray_texts, 2), ray_section),
     "sql": (lambda a: bench_sql.main(bench_sql.PG_URL, a.sql_rows, a.sql_job_rows), sql_section),
     "serve": (lambda a: bench_serve.main(a.serve_texts, a.serve_unbatched), serve_section),
 }
@@ -408,6 +455,7 @@ def main() -> None:
     ap.add_argument("--sql-job-rows", type=int, default=100_000)
     ap.add_argument("--serve-texts", type=int, default=640)
     ap.add_argument("--serve-unbatched", type=int, default=192)
+    ap.add_argument("--ray-texts", type=int, default=20_000)
     ap.add_argument(
         "--only",
         choices=sorted(ONLY),
@@ -447,6 +495,8 @@ def main() -> None:
     print(sql, file=sys.stderr)
     served = bench_serve.main(a.serve_texts, a.serve_unbatched)
     print(served, file=sys.stderr)
+    rayed = bench_ray.main(a.ray_texts, 2)
+    print(rayed, file=sys.stderr)
     text = f"""# Benchmarks
 
 Written by `{cmd}` on {when}.
@@ -464,6 +514,7 @@ not absolute times across runs.
     text = replace_section(text, "workers", workers_section(workers, when, cmd))
     text = replace_section(text, "sql", sql_section(sql, when, cmd))
     text = replace_section(text, "serve", serve_section(served, when, cmd))
+    text = replace_section(text, "ray", ray_section(rayed, when, cmd))
     (ROOT / "BENCHMARKS.md").write_text(text)
     print(text)
 

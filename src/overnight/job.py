@@ -514,7 +514,7 @@ class Job:
 
         `detach` (batch backends): submit every remote batch and return without waiting; a later
         `run` re-attaches, collects and exports."""
-        if detach and not executor_class(self.spec.model.mode).detaches:
+        if detach and not executor_class(self.spec.model.mode, self.spec.run.executor).detaches:
             raise self._usage(
                 f"{option('detach')} applies to the batch backends (openai-batch, ...)"
             )

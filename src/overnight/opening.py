@@ -131,7 +131,7 @@ class Opening:
         if info is not None and check_origin(job, info):
             ledger.set_origin(info.id, origin_of(job) or "")
         discarded_before = 0.0
-        if executor_class(job.spec.model.mode).remote_batches:
+        if executor_class(job.spec.model.mode, job.spec.run.executor).remote_batches:
             # The provider is a second record of what was sent: look there before anything
             # is read or submitted.
             if restart:

@@ -576,21 +576,29 @@ class Runner:
                     {it.seq for it in items if it.error_class == PROCESS_DIED},
                 )
                 continue
-            self._check_cancel()  # (a cancel while waiting on other workers)
-            if self.cancelled:
+            if not self._wait_for_work():
                 return
-            due = self.ledger.next_due(self.job.id)
-            if due is None:
-                if not self.job.ingest_done:
-                    self._catch_up()  # the input is still being read, by this one or another
-                    due = time.time() + (0.0 if self.job.ingest_done else 0.1)
-                elif not self.ledger.lease_owners(self.job.id):
-                    return  # nothing pending, nothing held by anyone, input read: done
-                else:
-                    # Another runner holds items: wait for it to finish or its lease to end.
-                    self._reclaim()
-                    due = time.time() + 0.2
-            self.stop.wait(min(max(0.0, due - time.time()), 5.0))
+
+    def _wait_for_work(self) -> bool:
+        """Nothing to lease now: wait until something may be due (a retry's backoff, the
+        input read on, another runner's lease ended). False when there is nothing left to
+        wait for: no item open, none held by anyone, the input read (or the job cancelled)."""
+        self._check_cancel()  # (a cancel while waiting on other workers)
+        if self.cancelled:
+            return False
+        due = self.ledger.next_due(self.job.id)
+        if due is None:
+            if not self.job.ingest_done:
+                self._catch_up()  # the input is still being read, by this one or another
+                due = time.time() + (0.0 if self.job.ingest_done else 0.1)
+            elif not self.ledger.lease_owners(self.job.id):
+                return False  # nothing pending, nothing held by anyone, input read: done
+            else:
+                # Another runner holds items: wait for it to finish or its lease to end.
+                self._reclaim()
+                due = time.time() + 0.2
+        self.stop.wait(min(max(0.0, due - time.time()), 5.0))
+        return True
 
     def _catch_up(self) -> None:
         """The input not fully read: read it on if this worker may (it is the ingester, or
@@ -684,6 +692,10 @@ class Runner:
             answers = self._predictor.process(inputs, self.sizer.size)
         except Exception as exc:
             return self._failed(works, inputs, exc)
+        return self._settle(works, answers)
+
+    def _settle(self, works: list[Work], answers: list[Any]) -> list[Outcome]:
+        """The outcomes of a call's answers, one per item of `works`, in its order."""
         if self._runs_task:  # output rows as JSON bytes (or an exception per record)
             plain = self.validate is None and self.meter is None
             if plain and all(type(a) is bytes for a in answers):

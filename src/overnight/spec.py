@@ -315,6 +315,12 @@ class RunSpec(_Section):
     # and how long one call to it may take, in seconds (default: worker.DEFAULT_TIMEOUT).
     isolation: Literal["process", "none"] | None = None
     timeout: float | None = Field(None, gt=0)
+    # Where the model runs: in this machine's runner ("local"), or in Ray actors, one per
+    # worker (executors/ray.py); `ray_address` (default: a local Ray instance) and `workers`
+    # (default: one per GPU of the cluster, else one per CPU) apply to "ray".
+    executor: Literal["local", "ray"] = "local"
+    ray_address: str | None = Field(None, min_length=1)
+    workers: int | None = Field(None, gt=0)
     # A queue source (`overnight consume`): process the records collected once this many wait,
     # or the oldest has waited this many seconds; with `window`, only inside it (local time).
     flush_size: int = Field(100, gt=0)
@@ -334,6 +340,10 @@ class RunSpec(_Section):
     def _check(self) -> RunSpec:
         if isinstance(self.batch_size, int) and self.batch_size < 1:
             raise ValueError('`batch_size` must be a positive number or "auto"')
+        if self.executor != "ray":
+            for key in ("ray_address", "workers"):
+                if key in self.model_fields_set:
+                    raise ValueError(f'`{key}` applies to executor = "ray"')
         self.deadline_at  # noqa: B018 - validates the deadline
         return self
 
@@ -460,6 +470,18 @@ class JobSpec(_Section):
                     raise ValueError(f"[run] {key} applies to a queue source ([source] queue)")
         if self.run.deadline is not None and backend != "auto":
             raise ValueError("[run] deadline needs [model] backend = 'auto'")
+        if self.run.executor == "ray":
+            if backend not in WORKER_BACKENDS:
+                raise ValueError(
+                    "[run] executor = 'ray' runs backend = 'python', 'local', 'transformers'"
+                    f" and 'vllm' (models and functions, in Ray actors), not {backend!r}"
+                )
+            for key in ("isolation", "timeout"):
+                if key in self.run.model_fields_set:
+                    raise ValueError(
+                        f"[run] {key} applies to executor = 'local' (with 'ray', each worker"
+                        " is a Ray actor, a process of its own)"
+                    )
         if backend not in WORKER_BACKENDS:
             if self.run.isolation is not None or self.run.timeout is not None:
                 key = "isolation" if self.run.isolation is not None else "timeout"

@@ -196,7 +196,7 @@ class WorkerProcess:
         assert self._conn is not None
         self._busy = True
         try:
-            self._conn.send_bytes(_CALL.pack(batch_size) + b"[" + b",".join(inputs) + b"]")
+            self._conn.send_bytes(call_message(inputs, batch_size))
         except OSError:  # the child died between calls (say, killed from outside)
             raise self._crashed() from None
         if not self._wait(self.timeout):
@@ -210,17 +210,9 @@ class WorkerProcess:
         except (EOFError, OSError):
             raise self._crashed() from None
         self._busy = False
-        body = pickle.loads(memoryview(reply)[1:])
-        if reply[:1] == _ERROR:
-            raise _rebuild(body)
-        rows, truncated = body
+        rows, truncated = read_reply(reply)
         self.truncated += truncated
-        if all(type(r) is bytes for r in rows):
-            return rows  # type: ignore[no-any-return]
-        return [
-            r if type(r) is bytes else (r[1], r[2]) if r[0] == "vector" else _rebuild(r)
-            for r in rows
-        ]
+        return rows
 
     def close(self) -> None:
         self._stop(kill=self._busy)  # a call cut short (Ctrl-C twice) is not waited for
@@ -406,6 +398,53 @@ def _compute(predictor: Any, task: Any, records: list[Any], batch_size: int) -> 
     return out
 
 
+def call_message(inputs: list[bytes], batch_size: int) -> bytes:
+    """A call as it travels to whatever runs the task: the batch size, then the records (as
+    stored in the ledger, JSON bytes) joined into one JSON array, not re-encoded."""
+    return _CALL.pack(batch_size) + b"[" + b",".join(inputs) + b"]"
+
+
+def read_reply(reply: bytes) -> tuple[list[Any], int]:
+    """An answer to `call_message`: per record its row as JSON bytes, (JSON, an embedding's
+    bytes), or the exception it raised; and the texts cut to the model's window. The call's
+    own error is raised."""
+    body = pickle.loads(memoryview(reply)[1:])
+    if reply[:1] == _ERROR:
+        raise _rebuild(body)
+    rows, truncated = body
+    if all(type(r) is bytes for r in rows):
+        return rows, truncated
+    return [
+        r if type(r) is bytes else (r[1], r[2]) if r[0] == "vector" else _rebuild(r) for r in rows
+    ], truncated
+
+
+def load(recipe: Recipe) -> tuple[Any, Any]:
+    """The predictor and the task a recipe describes, as whatever runs the task holds them
+    (this worker's child, a Ray actor)."""
+    predictor = recipe.build()
+    task = recipe.make_task()
+    if recipe.window_model:  # the local model: count texts over its window
+        from .backends.local import TokenWindow, TruncationWatch
+
+        task = TruncationWatch(task, TokenWindow(recipe.window_model))
+    return predictor, task
+
+
+def answer(predictor: Any, task: Any, msg: bytes) -> bytes:
+    """The reply to one `call_message` (read back by `read_reply`); never raises for what
+    the task or the model raised."""
+    (batch_size,) = _CALL.unpack_from(msg)
+    try:
+        rows = _compute(predictor, task, orjson.loads(memoryview(msg)[_CALL.size :]), batch_size)
+        truncated = getattr(task, "truncated", 0)
+        if truncated:
+            task.truncated = 0
+        return _RESULTS + pickle.dumps((rows, truncated), protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:  # of the computation (or an answer that cannot travel)
+        return _ERROR + pickle.dumps(_describe(exc))
+
+
 def child_main(fd: int) -> None:
     # Ctrl-C reaches the whole process group: the runner finishes the call in flight, so the
     # child must not die of it.
@@ -417,31 +456,15 @@ def child_main(fd: int) -> None:
         return
     _die_with_parent(init["ppid"])
     sys.path[:] = init["sys_path"]
-    recipe: Recipe = init["recipe"]
     try:
-        predictor = recipe.build()
-        task = recipe.make_task()
-        if recipe.window_model:  # the local model: count texts over its window
-            from .backends.local import TokenWindow, TruncationWatch
-
-            task = TruncationWatch(task, TokenWindow(recipe.window_model))
+        predictor, task = load(init["recipe"])
     except Exception as exc:
         conn.send(("failed", _describe(exc)))
         return
     conn.send(("ready", os.getpid()))
-    loads, dumps, top = orjson.loads, pickle.dumps, pickle.HIGHEST_PROTOCOL
     while True:
         try:
             msg = conn.recv_bytes()
         except (EOFError, OSError):  # the runner closed the socket (done) or died
             return
-        (batch_size,) = _CALL.unpack_from(msg)
-        try:
-            rows = _compute(predictor, task, loads(memoryview(msg)[_CALL.size :]), batch_size)
-            truncated = getattr(task, "truncated", 0)
-            if truncated:
-                task.truncated = 0
-            reply = _RESULTS + dumps((rows, truncated), protocol=top)
-        except Exception as exc:  # of the computation (or an answer that cannot travel)
-            reply = _ERROR + dumps(_describe(exc))
-        conn.send_bytes(reply)
+        conn.send_bytes(answer(predictor, task, msg))

@@ -3,9 +3,10 @@
 An executor drives a job's items to a final state, one way: the loop in this process
 (local.py), a provider's batch API (remote_batch.py), or the batch API under a deadline
 (deadline.py). It finds the job open (its ledger entry made or resumed, opening.py) and
-leaves the report to `Job.run`. Which one runs a job is looked up here by the job's sending
-mode (`[model] backend`: None for a model or function in the process, "realtime", "batch",
-"auto"); another way of running is one more class registered under its key.
+leaves the report to `Job.run`. Which one runs a job is looked up here by `[run] executor`
+("local", "ray") and the job's sending mode (`[model] backend`: None for a model or function
+in the process, "realtime", "batch", "auto"); another way of running is one more class
+registered under its keys.
 """
 
 from __future__ import annotations
@@ -62,24 +63,29 @@ class Executor(Protocol):
     def run(self, ctx: RunContext) -> RunOutcome: ...
 
 
-EXECUTORS: dict[str | None, type[Executor]] = {}
+# Keyed by ([run] executor, sending mode): ("local", None) runs a model or function in this
+# process, ("ray", None) on a Ray cluster.
+EXECUTORS: dict[tuple[str, str | None], type[Executor]] = {}
 
 
-def register(*modes: str | None) -> Callable[[type[Executor]], type[Executor]]:
-    """Class decorator: the executor of jobs whose sending mode is one of `modes`."""
+def register(
+    *modes: str | None, executor: str = "local"
+) -> Callable[[type[Executor]], type[Executor]]:
+    """Class decorator: the executor of jobs with `[run] executor` whose sending mode is one
+    of `modes`."""
 
     def put(cls: type[Executor]) -> type[Executor]:
         for mode in modes:
-            EXECUTORS[mode] = cls
+            EXECUTORS[executor, mode] = cls
         return cls
 
     return put
 
 
-def executor_class(mode: str | None) -> type[Executor]:
-    return EXECUTORS[mode]
+def executor_class(mode: str | None, executor: str = "local") -> type[Executor]:
+    return EXECUTORS[executor, mode]
 
 
 def executor_for(job: Job) -> Executor:
-    """The executor of `job`, by its sending mode."""
-    return executor_class(job.spec.model.mode)(job)
+    """The executor of `job`, by its `[run] executor` and sending mode."""
+    return executor_class(job.spec.model.mode, job.spec.run.executor)(job)

@@ -20,9 +20,16 @@ if TYPE_CHECKING:
 class LocalExecutor:
     remote_batches: ClassVar[bool] = False
     detaches: ClassVar[bool] = False
+    # The loop over the ledger, and what computes (another executor may run the same loop
+    # with other computers: ray.py).
+    runner_class: ClassVar[type[Runner]] = Runner
 
     def __init__(self, job: Job) -> None:
         self.job = job
+
+    def make_predictor(self) -> Predictor:
+        job = self.job
+        return job._realtime_predictor() if job.is_llm else job._predictor()
 
     def run(self, ctx: RunContext) -> RunOutcome:
         job, ledger, info, outcome = self.job, ctx.ledger, ctx.info, ctx.outcome
@@ -43,13 +50,13 @@ class LocalExecutor:
         made: list[Predictor] = []  # an isolated local model counts truncations in its worker
 
         def predictor() -> Predictor:
-            made.append(job._realtime_predictor() if llm else job._predictor())
+            made.append(self.make_predictor())
             return made[-1]
 
         worker = ctx.worker
         if worker is not None:  # its heartbeat renews its leases while it computes
             worker.job_id, worker.lease_seconds = info.id, spec.run.lease_seconds
-        runner = Runner(
+        runner = self.runner_class(
             ledger,
             info,
             task,
