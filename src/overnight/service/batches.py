@@ -686,6 +686,8 @@ class Batches:
                 job = job_for(batch, part, self.config, workdir)
                 with contextlib.suppress(OvernightError):  # not in the ledger: nothing open
                     job.cancel()  # a run killed with the server may have left items open
+                if not self._drain(batch_id, job):
+                    return  # the server is stopping: finalised at the next start
             ending = "cancelled" if batch["status"] == "cancelling" else "expired"
             self._finalize(batch, workdir, ending)
 
@@ -724,6 +726,21 @@ class Batches:
                 return None
             if current["status"] != "in_progress":  # cancelled while paused: it ends
                 return Report(job=job.name, counts=Counts())
+            wait = min(wait * 2, PAUSE_MAX)
+
+    def _drain(self, batch_id: str, job: Job) -> bool:
+        """A cancelled or expired part's provider batches to their end before the batch is
+        finalised: the remote batches were cancelled, and what they ran anyway was paid
+        for, so it is collected into the ledger (and the output file). A provider that
+        cannot be reached pauses this as it pauses a run; False if the server stopped."""
+        wait = PAUSE_FIRST
+        while True:
+            try:
+                return job.drain_cancelled(self.stop)
+            except EndpointDown as exc:
+                log.warning("batch %s: %s; collecting again in %g s", batch_id, exc, wait)
+            if self.stop.wait(wait):
+                return False
             wait = min(wait * 2, PAUSE_MAX)
 
     def _validate(self, batch: dict[str, Any], workdir: Path) -> dict[str, Any] | None:

@@ -1,0 +1,174 @@
+"""`overnight serve` under attack: the scenarios that cost users money or lose their work,
+each driven through the official SDKs over loopback HTTP against the repo's fake provider.
+Every paid answer reaches the batch's output file exactly once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+
+from llm_helpers import ANT_KEY, KEY
+from serve_helpers import (
+    chat_line,
+    client,
+    free_port,
+    lines_of,
+    server_log,
+    serving,
+    start_process,
+    upload,
+    wait_for,
+    write_config,
+)
+from test_serve_providers import RUN, oai_remote_batches, provider_models
+
+from overnight.store import open_ledger
+from overnight.testing.fake_provider import FakeProvider
+
+# 0.001 hours: a window of 4 s (3.6 rounded).
+SHORT = "[batches]\ncompletion_window_hours = 0.001\n"
+
+
+def _every_paid_answer_once(fake: FakeProvider, out: list[dict], errors: list[dict]) -> None:
+    """Every line the provider billed is in the output file, once, with its answer."""
+    billed = fake.stats.snapshot().billed
+    answered = Counter(
+        line["response"]["body"]["choices"][0]["message"]["content"].removeprefix("echo: ")
+        for line in out
+    )
+    assert answered == billed, (answered, billed, errors)
+
+
+def test_an_expired_batch_on_a_providers_batch_api_keeps_what_the_provider_finished(
+    tmp_path: Path, fake: FakeProvider, keys: None
+) -> None:
+    """The window ends while the remote batch is live: the remote batch is cancelled, and
+    the half the provider ran anyway (and billed) is in the expired batch's output file."""
+    config = write_config(tmp_path, extra=provider_models(fake) + SHORT, run=RUN)
+    fake.knobs.batch_seconds = 120  # the remote batch outlives the window
+    fake.knobs.cancel_fraction = 0.5
+    n = 8
+    with serving(config) as url:
+        oai = client(url)
+        created = oai.batches.create(
+            input_file_id=upload(oai, [chat_line(f"e{i}", f"text {i}", "cheap") for i in range(n)]),
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+        )
+        batch = wait_for(oai, created.id, ("expired", "completed", "failed"), timeout=60)
+        out = lines_of(oai, batch.output_file_id)
+        errors = lines_of(oai, batch.error_file_id)
+    assert batch.status == "expired", batch
+    assert fake.stats.batch_creations == 1
+    _every_paid_answer_once(fake, out, errors)
+    assert len(out) == n // 2
+    assert {e["error"]["code"] for e in errors} == {"batch_expired"}
+    ids = Counter(line["custom_id"] for line in out + errors)
+    assert sorted(ids) == sorted(f"e{i}" for i in range(n)) and set(ids.values()) == {1}
+    assert batch.request_counts.model_dump() == {"total": n, "completed": n // 2, "failed": n // 2}
+
+
+def test_a_provider_batch_that_expired_while_the_server_was_down_keeps_its_paid_results(
+    tmp_path: Path, fake: FakeProvider, keys: None
+) -> None:
+    """Stopped while its remote batch is live, started again after the window ended: the
+    batch is expired at start-up, and what the provider ran before its remote batch was
+    cancelled (billed) is collected into the output file, not dropped."""
+    config = write_config(tmp_path, extra=provider_models(fake) + SHORT, run=RUN)
+    fake.knobs.batch_seconds = 120
+    fake.knobs.cancel_fraction = 0.5
+    n = 8
+    with serving(config) as url:
+        oai = client(url)
+        created = oai.batches.create(
+            input_file_id=upload(oai, [chat_line(f"d{i}", f"text {i}", "cheap") for i in range(n)]),
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+        )
+        deadline = time.monotonic() + 30
+        while oai.batches.retrieve(created.id).status != "in_progress" or not _live(config):
+            assert time.monotonic() < deadline, "no live remote batch"
+            time.sleep(0.05)
+    assert time.time() < created.expires_at, "the window ended before the stop"
+    while time.time() < created.expires_at + 1:
+        time.sleep(0.1)
+    with serving(config) as url:
+        oai = client(url)
+        batch = wait_for(oai, created.id, ("expired", "completed", "failed"), timeout=60)
+        out = lines_of(oai, batch.output_file_id)
+        errors = lines_of(oai, batch.error_file_id)
+    assert batch.status == "expired", batch
+    assert fake.stats.batch_creations == 1
+    assert [b["status"] for b in oai_remote_batches(fake)] == ["cancelled"]
+    _every_paid_answer_once(fake, out, errors)
+    assert len(out) == n // 2
+    ids = Counter(line["custom_id"] for line in out + errors)
+    assert sorted(ids) == sorted(f"d{i}" for i in range(n)) and set(ids.values()) == {1}
+    assert batch.request_counts.model_dump() == {"total": n, "completed": n // 2, "failed": n // 2}
+
+
+def _live(config: Path) -> bool:
+    """Whether the ledger records a live remote batch (its id known)."""
+    ledger = open_ledger(str(config.parent / "state" / "ledger.db"))
+    try:
+        return any(ledger.chunks(job.id, ("live",)) for job in ledger.list_jobs())
+    finally:
+        ledger.close()
+
+
+def test_killed_between_the_remote_create_and_its_record_then_expired_keeps_paid_results(
+    tmp_path: Path, fake: FakeProvider
+) -> None:
+    """SIGKILL the moment the upstream created the remote batch (its id never recorded),
+    and the window ends while the server is down: at start-up the batch expires, the remote
+    batch the lost create made is found, cancelled and collected: what it ran is in the
+    output file once, and no second remote batch is created."""
+    config = write_config(tmp_path, extra=provider_models(fake) + SHORT, run=RUN)
+    env = {**os.environ, "OPENAI_API_KEY": KEY, "ANTHROPIC_API_KEY": ANT_KEY}
+    port = free_port()
+    fake.knobs.batch_seconds = 120
+    fake.knobs.cancel_fraction = 0.5
+    n = 8
+    server = start_process(config, port, env)
+    killed: list[str] = []
+
+    def kill_the_server(method: str, path: str) -> None:
+        if method == "POST" and path == "/v1/batches" and not killed:
+            killed.append(path)
+            os.kill(server.pid, signal.SIGKILL)
+
+    fake.knobs.after_acting = kill_the_server
+    try:
+        oai = client(f"http://127.0.0.1:{port}/v1")
+        created = oai.batches.create(
+            input_file_id=upload(oai, [chat_line(f"k{i}", f"text {i}", "cheap") for i in range(n)]),
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+        )
+        assert server.wait(60) == -signal.SIGKILL
+    finally:
+        fake.knobs.after_acting = None
+        if server.poll() is None:
+            server.kill()
+            server.wait(30)
+    assert killed and fake.stats.batch_creations == 1
+    while time.time() < created.expires_at + 1:
+        time.sleep(0.1)
+    server = start_process(config, port, env)
+    try:
+        batch = wait_for(oai, created.id, ("expired", "completed", "failed"), timeout=60)
+        out = lines_of(oai, batch.output_file_id)
+        errors = lines_of(oai, batch.error_file_id)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(60)
+    assert batch.status == "expired", (batch, server_log(config))
+    assert fake.stats.batch_creations == 1
+    assert [b["status"] for b in oai_remote_batches(fake)] == ["cancelled"]
+    _every_paid_answer_once(fake, out, errors)
+    assert len(out) == n // 2
+    ids = Counter(line["custom_id"] for line in out + errors)
+    assert sorted(ids) == sorted(f"k{i}" for i in range(n)) and set(ids.values()) == {1}
