@@ -172,3 +172,96 @@ def test_killed_between_the_remote_create_and_its_record_then_expired_keeps_paid
     assert len(out) == n // 2
     ids = Counter(line["custom_id"] for line in out + errors)
     assert sorted(ids) == sorted(f"k{i}" for i in range(n)) and set(ids.values()) == {1}
+
+
+def test_a_real_time_provider_answering_200_with_a_malformed_body(
+    tmp_path: Path, fake: FakeProvider, keys: None
+) -> None:
+    """200 with a body that is not JSON (twice): unreadable answers are retried, every line
+    ends in the output once, and what was billed is what the output holds."""
+    config = write_config(tmp_path, extra=provider_models(fake), run=RUN)
+    fake.knobs.malformed_next = 2
+    n = 6
+    with serving(config) as url:
+        oai = client(url)
+        created = oai.batches.create(
+            input_file_id=upload(oai, [chat_line(f"m{i}", f"text {i}", "fast") for i in range(n)]),
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+        )
+        batch = wait_for(oai, created.id, ("completed", "failed", "expired"), timeout=60)
+        out = lines_of(oai, batch.output_file_id)
+        errors = lines_of(oai, batch.error_file_id)
+    assert batch.status == "completed", batch
+    _every_paid_answer_once(fake, out, errors)
+    ids = Counter(line["custom_id"] for line in out + errors)
+    assert sorted(ids) == sorted(f"m{i}" for i in range(n)) and set(ids.values()) == {1}
+
+
+def test_a_batch_api_result_file_with_garbled_lines(
+    tmp_path: Path, fake: FakeProvider, keys: None
+) -> None:
+    """Two lines of the remote batch's output file are cut in half (not JSON): their
+    requests go out again in a second remote batch and every custom_id ends once. (The
+    provider billed those two twice: an answer that cannot be read cannot be used.)"""
+    config = write_config(tmp_path, extra=provider_models(fake), run=RUN)
+    fake.knobs.garble_result_lines = 2
+    n = 6
+    with serving(config) as url:
+        oai = client(url)
+        created = oai.batches.create(
+            input_file_id=upload(oai, [chat_line(f"g{i}", f"text {i}", "cheap") for i in range(n)]),
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+        )
+        batch = wait_for(oai, created.id, ("completed", "failed", "expired"), timeout=60)
+        out = lines_of(oai, batch.output_file_id)
+        errors = lines_of(oai, batch.error_file_id)
+    assert batch.status == "completed", batch
+    ids = Counter(line["custom_id"] for line in out + errors)
+    assert sorted(ids) == sorted(f"g{i}" for i in range(n)) and set(ids.values()) == {1}
+
+
+def test_a_key_revoked_mid_batch_keeps_the_answers_recorded_before(
+    tmp_path: Path, fake: FakeProvider, keys: None
+) -> None:
+    """The provider refuses the key half-way (401): the batch fails with the reason, and the
+    answers recorded before (paid for: in the ledger, out of reach until now) are in its
+    output file, the lines not run in its error file, every custom_id once."""
+    slow = (
+        f'[models.slow]\nbackend = "openai"\nname = "gpt-4o-mini"\n'
+        f'base_url = "{fake.openai_url}"\nconcurrency = 1\n'
+    )
+    config = write_config(tmp_path, extra=provider_models(fake) + slow, run=RUN)
+    fake.knobs.latency = 0.01
+    n = 80  # a real-time run sends 64 requests per call: the first call's are recorded
+    with serving(config) as url:
+        oai = client(url)
+        created = oai.batches.create(
+            input_file_id=upload(oai, [chat_line(f"r{i}", f"text {i}", "slow") for i in range(n)]),
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+        )
+        deadline = time.monotonic() + 60
+        while (recorded := oai.batches.retrieve(created.id).request_counts.completed) < 64:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        fake.knobs.require_key = "another key"
+        batch = wait_for(oai, created.id, ("completed", "failed", "expired"), timeout=60)
+        out = lines_of(oai, batch.output_file_id)
+        errors = lines_of(oai, batch.error_file_id)
+    assert batch.status == "failed", batch
+    assert batch.errors is not None and "refused the API key" in batch.errors.data[0].message
+    assert recorded <= len(out) < n
+    billed = fake.stats.snapshot().billed
+    assert all(
+        billed[line["response"]["body"]["choices"][0]["message"]["content"][6:]] == 1
+        for line in out
+    )
+    ids = Counter(line["custom_id"] for line in out + errors)
+    assert sorted(ids) == sorted(f"r{i}" for i in range(n)) and set(ids.values()) == {1}
+    assert batch.request_counts.model_dump() == {
+        "total": n,
+        "completed": len(out),
+        "failed": n - len(out),
+    }

@@ -621,28 +621,37 @@ class Batches:
             log.info("batch %s: %s", batch_id, exc)
         except Exception as exc:  # the batch fails with the reason; the server goes on
             log.exception("batch %s failed", batch_id)
-            self.catalogue.update_batch(
-                batch_id,
-                {
-                    "status": "failed",
-                    "failed_at": int(time.time()),
-                    "errors": {
-                        "object": "list",
-                        "data": [
-                            {
-                                "code": "server_error",
-                                "message": f"{type(exc).__name__}: {exc}",
-                                "param": None,
-                                "line": None,
-                            }
-                        ],
-                    },
-                },
-                when=ACTIVE,
-            )
+            self._fail(batch_id, exc)
         finally:
             with self._lock:
                 self._queued.discard(batch_id)
+
+    def _fail(self, batch_id: str, exc: Exception) -> None:
+        """The batch ends `failed` with the reason. What its jobs finished before (paid
+        for, when a provider answered) is kept: the output and error files are written from
+        the ledger, the lines not run in the error file."""
+        changes: dict[str, Any] = {}
+        batch = self.catalogue.get_batch(batch_id)
+        if batch is not None and batch.get("parts") and batch["status"] in ACTIVE:
+            try:
+                if batch["api"] == "anthropic":
+                    changes, _ = self._finalize_anthropic(batch, self.workdir(batch_id), "failed")
+                else:
+                    changes, _ = self._finalize_openai(batch, self.workdir(batch_id), "failed")
+            except Exception:
+                log.exception("batch %s: its results could not be written", batch_id)
+        error = {
+            "code": "server_error",
+            "message": f"{type(exc).__name__}: {exc}",
+            "param": None,
+            "line": None,
+        }
+        changes.update(
+            status="failed",
+            failed_at=int(time.time()),
+            errors={"object": "list", "data": [error]},
+        )
+        self.catalogue.update_batch(batch_id, changes, when=ACTIVE)
 
     def _advance(self, batch_id: str) -> None:
         batch = self.catalogue.get_batch(batch_id)
