@@ -265,3 +265,85 @@ def test_a_key_revoked_mid_batch_keeps_the_answers_recorded_before(
         "completed": len(out),
         "failed": n - len(out),
     }
+
+
+def test_a_window_that_ends_while_the_remote_create_is_in_flight(
+    tmp_path: Path, fake: FakeProvider, keys: None
+) -> None:
+    """The window ends while the upstream is still creating the remote batch (the cancel
+    finds no live batch to cancel): the batch it made is cancelled once recorded, and what
+    it ran is in the expired batch's output file, once."""
+    config = write_config(tmp_path, extra=provider_models(fake) + SHORT, run=RUN)
+    fake.knobs.create_delay = 6.0  # past the 4 s window
+    fake.knobs.batch_seconds = 120
+    fake.knobs.cancel_fraction = 0.5
+    n = 8
+    with serving(config) as url:
+        oai = client(url)
+        created = oai.batches.create(
+            input_file_id=upload(oai, [chat_line(f"c{i}", f"text {i}", "cheap") for i in range(n)]),
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+        )
+        batch = wait_for(oai, created.id, ("expired", "completed", "failed"), timeout=60)
+        out = lines_of(oai, batch.output_file_id)
+        errors = lines_of(oai, batch.error_file_id)
+    assert batch.status == "expired", batch
+    assert fake.stats.batch_creations == 1
+    assert [b["status"] for b in oai_remote_batches(fake)] == ["cancelled"]
+    _every_paid_answer_once(fake, out, errors)
+    assert len(out) == n // 2
+    ids = Counter(line["custom_id"] for line in out + errors)
+    assert sorted(ids) == sorted(f"c{i}" for i in range(n)) and set(ids.values()) == {1}
+
+
+def test_a_message_batch_on_anthropics_batch_api_expired_while_down_keeps_paid_results(
+    tmp_path: Path, fake: FakeProvider, keys: None
+) -> None:
+    """As for OpenAI, a Message Batch to an anthropic-batch model: stopped while its remote
+    Message Batch is live, started after the window ended; the remote batch is cancelled
+    and what it ran (billed) comes back `succeeded`, the rest `expired`."""
+    import anthropic
+
+    config = write_config(tmp_path, extra=provider_models(fake) + SHORT, run=RUN)
+    fake.knobs.batch_seconds = 120
+    fake.knobs.cancel_fraction = 0.5
+    n = 8
+    requests = [
+        {
+            "custom_id": f"a{i}",
+            "params": {
+                "model": "claude-batch",
+                "max_tokens": 32,
+                "messages": [{"role": "user", "content": f"question {i}"}],
+            },
+        }
+        for i in range(n)
+    ]
+    with serving(config) as url:
+        ant = anthropic.Anthropic(base_url=url.removesuffix("/v1"), api_key="x", max_retries=0)
+        created = ant.messages.batches.create(requests=requests)  # type: ignore[arg-type]
+        deadline = time.monotonic() + 30
+        while not _live(config):
+            assert time.monotonic() < deadline, "no live remote batch"
+            time.sleep(0.05)
+    expires_at = created.expires_at.timestamp()
+    assert time.time() < expires_at, "the window ended before the stop"
+    while time.time() < expires_at + 1:
+        time.sleep(0.1)
+    with serving(config) as url:
+        ant = anthropic.Anthropic(base_url=url.removesuffix("/v1"), api_key="x", max_retries=0)
+        deadline = time.monotonic() + 60
+        while (batch := ant.messages.batches.retrieve(created.id)).processing_status != "ended":
+            assert time.monotonic() < deadline, batch.processing_status
+            time.sleep(0.1)
+        results = list(ant.messages.batches.results(created.id))
+    billed = fake.stats.snapshot().billed
+    answered = Counter(
+        r.result.message.content[0].text.removeprefix("echo: ")  # type: ignore[union-attr]
+        for r in results
+        if r.result.type == "succeeded"
+    )
+    assert answered == billed and len(answered) == n // 2, (answered, billed)
+    assert batch.request_counts.succeeded == n // 2 and batch.request_counts.expired == n // 2
+    assert sorted(r.custom_id for r in results) == sorted(f"a{i}" for i in range(n))
