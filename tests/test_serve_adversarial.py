@@ -347,3 +347,37 @@ def test_a_message_batch_on_anthropics_batch_api_expired_while_down_keeps_paid_r
     assert answered == billed and len(answered) == n // 2, (answered, billed)
     assert batch.request_counts.succeeded == n // 2 and batch.request_counts.expired == n // 2
     assert sorted(r.custom_id for r in results) == sorted(f"a{i}" for i in range(n))
+
+
+def test_two_servers_on_postgresql_race_to_expire_a_provider_batch(
+    tmp_path: Path, fake: FakeProvider, keys: None, pg_ledger_url: str
+) -> None:
+    """Two servers on one PostgreSQL ledger, both watching the window of a batch that one of
+    them runs on the provider's batch API: it is expired once, its remote batch cancelled
+    once, and what that ran is in the output file once, seen alike on both servers."""
+    config = write_config(tmp_path, extra=provider_models(fake) + SHORT, run=RUN)
+    config.write_text(config.read_text().replace('"state/ledger.db"', f'"{pg_ledger_url}"'))
+    fake.knobs.batch_seconds = 120
+    fake.knobs.cancel_fraction = 0.5
+    n = 8
+    with serving(config) as one, serving(config) as two:
+        first, second = client(one), client(two)
+        created = first.batches.create(
+            input_file_id=upload(
+                first, [chat_line(f"p{i}", f"text {i}", "cheap") for i in range(n)]
+            ),
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+        )
+        batch = wait_for(second, created.id, ("expired", "completed", "failed"), timeout=60)
+        out = lines_of(second, batch.output_file_id)
+        errors = lines_of(second, batch.error_file_id)
+        assert first.batches.retrieve(created.id) == batch
+        assert lines_of(first, batch.output_file_id) == out
+    assert batch.status == "expired", batch
+    assert fake.stats.batch_creations == 1
+    assert [b["status"] for b in oai_remote_batches(fake)] == ["cancelled"]
+    _every_paid_answer_once(fake, out, errors)
+    assert len(out) == n // 2
+    ids = Counter(line["custom_id"] for line in out + errors)
+    assert sorted(ids) == sorted(f"p{i}" for i in range(n)) and set(ids.values()) == {1}
