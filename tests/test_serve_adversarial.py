@@ -381,3 +381,36 @@ def test_two_servers_on_postgresql_race_to_expire_a_provider_batch(
     assert len(out) == n // 2
     ids = Counter(line["custom_id"] for line in out + errors)
     assert sorted(ids) == sorted(f"p{i}" for i in range(n)) and set(ids.values()) == {1}
+
+
+def test_a_key_refused_while_the_remote_batch_is_live_waits_and_collects_it(
+    tmp_path: Path, fake: FakeProvider, keys: None
+) -> None:
+    """The provider refuses the key while the batch's remote batch runs: the batch does not
+    fail (its remote batch runs on at the provider and is paid for; nothing would ever
+    collect it), it waits; once the key is accepted again its answers are collected."""
+    config = write_config(tmp_path, extra=provider_models(fake), run=RUN)
+    fake.knobs.batch_seconds = 2
+    n = 8
+    with serving(config) as url:
+        oai = client(url)
+        created = oai.batches.create(
+            input_file_id=upload(oai, [chat_line(f"k{i}", f"text {i}", "cheap") for i in range(n)]),
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+        )
+        deadline = time.monotonic() + 30
+        while not _live(config):
+            assert time.monotonic() < deadline, "no live remote batch"
+            time.sleep(0.05)
+        fake.knobs.require_key = "a key the server does not have"
+        time.sleep(3)  # the remote batch ends meanwhile, billed in full
+        assert oai.batches.retrieve(created.id).status == "in_progress"
+        fake.knobs.require_key = None
+        batch = wait_for(oai, created.id, ("completed", "failed", "expired"), timeout=60)
+        out = lines_of(oai, batch.output_file_id)
+        errors = lines_of(oai, batch.error_file_id)
+    assert batch.status == "completed", batch
+    assert fake.stats.batch_creations == 1
+    _every_paid_answer_once(fake, out, errors)
+    assert len(out) == n and not errors

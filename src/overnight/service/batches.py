@@ -31,7 +31,7 @@ import orjson
 
 from .. import results
 from ..claim import JobBusy, live_workers
-from ..errors import EndpointDown, OvernightError
+from ..errors import EndpointDown, OvernightError, UsageError
 from ..job import Job
 from ..report import Report
 from ..store import Counts, open_ledger
@@ -721,6 +721,13 @@ class Batches:
                 )
             except EndpointDown as exc:  # the batch API's calls
                 reason = str(exc)
+            except UsageError as exc:  # the provider refused the key
+                if not self._remote_live(job):
+                    raise  # nothing at the provider: the batch fails with the reason
+                # Its remote batches run on at the provider, paid for: failing the batch now
+                # would leave their answers uncollected for good. It waits (a restart with
+                # the right key resumes it) or ends at its window.
+                reason = f"{exc}; its provider batches are live: waiting, not failing"
             else:
                 # Stopped with a reason: the provider was down (run again), or the [run]
                 # max_cost budget is spent (runs would stop at once: the batch ends).
@@ -736,6 +743,15 @@ class Batches:
             if current["status"] != "in_progress":  # cancelled while paused: it ends
                 return Report(job=job.name, counts=Counts())
             wait = min(wait * 2, PAUSE_MAX)
+
+    def _remote_live(self, job: Job) -> bool:
+        """Whether the job has provider batches created, or being created, and not ended."""
+        ledger = open_ledger(self.config.ledger_url)
+        try:
+            info = ledger.get_job(job.name)
+            return info is not None and bool(ledger.chunks(info.id, ("creating", "live")))
+        finally:
+            ledger.close()
 
     def _drain(self, batch_id: str, job: Job) -> bool:
         """A cancelled or expired part's provider batches to their end before the batch is
