@@ -4,12 +4,15 @@ Every paid answer reaches the batch's output file exactly once."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
 from collections import Counter
 from pathlib import Path
 
+import openai
+import pytest
 from llm_helpers import ANT_KEY, KEY
 from serve_helpers import (
     chat_line,
@@ -414,3 +417,36 @@ def test_a_key_refused_while_the_remote_batch_is_live_waits_and_collects_it(
     assert fake.stats.batch_creations == 1
     _every_paid_answer_once(fake, out, errors)
     assert len(out) == n and not errors
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.4, 0.8, 1.2])
+def test_a_cancel_racing_the_remote_batchs_completion(
+    tmp_path: Path, fake: FakeProvider, keys: None, delay: float
+) -> None:
+    """A cancel that lands around the moment the remote batch completes, before, as or after
+    the server collects it: however it ends, every billed answer is in the output once."""
+    config = write_config(tmp_path, extra=provider_models(fake), run=RUN)
+    fake.knobs.batch_seconds = 1.0
+    n = 8
+    with serving(config) as url:
+        oai = client(url)
+        created = oai.batches.create(
+            input_file_id=upload(oai, [chat_line(f"x{i}", f"text {i}", "cheap") for i in range(n)]),
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+        )
+        deadline = time.monotonic() + 30
+        while not _live(config):
+            assert time.monotonic() < deadline, "no live remote batch"
+            time.sleep(0.01)
+        time.sleep(delay)
+        with contextlib.suppress(openai.BadRequestError):  # too late: finalizing or ended
+            oai.batches.cancel(created.id)
+        batch = wait_for(oai, created.id, ("completed", "cancelled", "failed"), timeout=60)
+        out = lines_of(oai, batch.output_file_id)
+        errors = lines_of(oai, batch.error_file_id)
+    assert batch.status in ("completed", "cancelled"), batch
+    _every_paid_answer_once(fake, out, errors)
+    ids = Counter(line["custom_id"] for line in out + errors)
+    assert sorted(ids) == sorted(f"x{i}" for i in range(n)) and set(ids.values()) == {1}
+    assert batch.request_counts.completed == len(out)
