@@ -450,3 +450,57 @@ def test_a_cancel_racing_the_remote_batchs_completion(
     ids = Counter(line["custom_id"] for line in out + errors)
     assert sorted(ids) == sorted(f"x{i}" for i in range(n)) and set(ids.values()) == {1}
     assert batch.request_counts.completed == len(out)
+
+
+def test_a_message_batch_whose_key_is_revoked_mid_run_keeps_the_answers_recorded_before(
+    tmp_path: Path, fake: FakeProvider, keys: None
+) -> None:
+    """As for OpenAI, a Message Batch to a real-time Anthropic model: the batch ends with
+    the answers recorded before the refusal `succeeded` in its results, the rest `errored`."""
+    import anthropic
+
+    slow = (
+        f'[models.slow-claude]\nbackend = "anthropic"\nname = "claude-3-5-haiku"\n'
+        f'base_url = "{fake.anthropic_url}"\nconcurrency = 1\n'
+    )
+    config = write_config(tmp_path, extra=provider_models(fake) + slow, run=RUN)
+    fake.knobs.latency = 0.01
+    n = 80  # a real-time run sends 64 requests per call: the first call's are recorded
+    requests = [
+        {
+            "custom_id": f"v{i}",
+            "params": {
+                "model": "slow-claude",
+                "max_tokens": 16,
+                "messages": [{"role": "user", "content": f"question {i}"}],
+            },
+        }
+        for i in range(n)
+    ]
+    with serving(config) as url:
+        ant = anthropic.Anthropic(base_url=url.removesuffix("/v1"), api_key="x", max_retries=0)
+        created = ant.messages.batches.create(requests=requests)  # type: ignore[arg-type]
+        deadline = time.monotonic() + 60
+        while _succeeded(config, f"{created.id}.0") < 64:  # its one part's job
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        fake.knobs.require_key = "another key"
+        while (batch := ant.messages.batches.retrieve(created.id)).processing_status != "ended":
+            assert time.monotonic() < deadline, batch.processing_status
+            time.sleep(0.1)
+        results = list(ant.messages.batches.results(created.id))
+    succeeded = [r for r in results if r.result.type == "succeeded"]
+    assert 64 <= len(succeeded) < n
+    assert batch.request_counts.succeeded == len(succeeded)
+    assert batch.request_counts.errored == n - len(succeeded)
+    assert sorted(r.custom_id for r in results) == sorted(f"v{i}" for i in range(n))
+
+
+def _succeeded(config: Path, job: str) -> int:
+    """Items of the ledger job succeeded so far (0 before it exists)."""
+    ledger = open_ledger(str(config.parent / "state" / "ledger.db"))
+    try:
+        found = ledger.get_job(job)
+        return 0 if found is None else ledger.counts(found.id)["succeeded"]
+    finally:
+        ledger.close()
