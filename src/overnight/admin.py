@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -14,6 +15,7 @@ from .errors import InputError, UsageError
 from .executors import remote_batch
 from .opening import check_origin
 from .report import Activity, CancelResult, Report, RetryResult
+from .runner import Progress
 from .store import Counts, Failure, JobInfo, Ledger
 
 if TYPE_CHECKING:
@@ -194,6 +196,19 @@ def export(job: Job) -> sinks.Exported:
     with job.ledger() as ledger:
         info = job_info(job, ledger)
         return job.output.write(ledger, info.id)
+
+
+def drain_cancelled(job: Job, stop: threading.Event) -> bool:
+    """A cancelled job's provider batches to their end (BatchRunner.drain): what they
+    finished is collected into the ledger, nothing is submitted. True when none is left
+    live (or the job has none), False if `stop` came first."""
+    with job.ledger() as ledger:
+        info = ledger.get_job(job.name)
+        if info is None or not job.is_llm or not ledger.chunks(info.id, ("creating", "live")):
+            return True
+        with job._cache() as cache:
+            runner = remote_batch.runner(job, ledger, info, Progress(), None, stop, cache)
+            return bool(runner.drain())
 
 
 def cancel(job: Job) -> CancelResult:

@@ -650,6 +650,35 @@ class BatchRunner:
                 if not _ended_already(exc):  # else the poll sees it end either way
                     raise
 
+    def drain(self) -> bool:
+        """A cancelled job's remote batches to their end, nothing submitted: what they ran
+        before the cancel reached them was paid for, so it is collected (the rest is
+        cancelled). A `creating` chunk whose create may have landed is looked for once that
+        create can no longer land (found: cancelled and collected like a live one), else its
+        items are cancelled; live chunks are cancelled at the provider and polled until they
+        end. False if `stop` came first (the chunks stay as they are, for a later drain)."""
+        for c in self.ledger.chunks(self.job.id, ("creating",)):
+            if c.create_until != 0:  # a create was sent: it may have made a batch
+                if self._found(c):
+                    continue
+                wait = (c.create_until or 0.0) - time.time()
+                if wait > 0 and self.stop.wait(wait):
+                    return False
+                if wait > 0 and self._found(c):
+                    continue
+            self._finish_chunk(
+                c.chunk, [], leftover="cancelled", remote_status="cancelled", count_attempt=False
+            )
+        delay = self.poll_interval
+        while not self.stop.is_set():
+            self._cancel_live()
+            self._poll(leftover="cancelled")
+            if not self.ledger.chunks(self.job.id, ("creating", "live")):
+                return True
+            self.stop.wait(delay)
+            delay = min(self.poll_max, delay * 1.5)
+        return False
+
     def cancel_remote(self) -> int:
         """`overnight cancel`: cancel every live remote batch; their finished part is kept
         when they are collected (by a running runner, or the next `run`)."""

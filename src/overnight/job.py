@@ -693,3 +693,10 @@ class Job:
         provider batches are cancelled remotely and what they finished is kept (collected
         by the running run or the next `run`). `run` resumes the job."""
         return admin.cancel(self)
+
+    def drain_cancelled(self, stop: threading.Event) -> bool:
+        """After a cancel: its live provider batches, cancelled at the provider, are polled
+        to their end and what they finished anyway (paid for) is collected; nothing is
+        submitted, the job stays cancelled. False if `stop` came first."""
+        with self._provider_errors():
+            return admin.drain_cancelled(self, stop)

@@ -31,7 +31,7 @@ import orjson
 
 from .. import results
 from ..claim import JobBusy, live_workers
-from ..errors import EndpointDown, OvernightError
+from ..errors import EndpointDown, OvernightError, UsageError
 from ..job import Job
 from ..report import Report
 from ..store import Counts, open_ledger
@@ -621,28 +621,37 @@ class Batches:
             log.info("batch %s: %s", batch_id, exc)
         except Exception as exc:  # the batch fails with the reason; the server goes on
             log.exception("batch %s failed", batch_id)
-            self.catalogue.update_batch(
-                batch_id,
-                {
-                    "status": "failed",
-                    "failed_at": int(time.time()),
-                    "errors": {
-                        "object": "list",
-                        "data": [
-                            {
-                                "code": "server_error",
-                                "message": f"{type(exc).__name__}: {exc}",
-                                "param": None,
-                                "line": None,
-                            }
-                        ],
-                    },
-                },
-                when=ACTIVE,
-            )
+            self._fail(batch_id, exc)
         finally:
             with self._lock:
                 self._queued.discard(batch_id)
+
+    def _fail(self, batch_id: str, exc: Exception) -> None:
+        """The batch ends `failed` with the reason. What its jobs finished before (paid
+        for, when a provider answered) is kept: the output and error files are written from
+        the ledger, the lines not run in the error file."""
+        changes: dict[str, Any] = {}
+        batch = self.catalogue.get_batch(batch_id)
+        if batch is not None and batch.get("parts") and batch["status"] in ACTIVE:
+            try:
+                if batch["api"] == "anthropic":
+                    changes, _ = self._finalize_anthropic(batch, self.workdir(batch_id), "failed")
+                else:
+                    changes, _ = self._finalize_openai(batch, self.workdir(batch_id), "failed")
+            except Exception:
+                log.exception("batch %s: its results could not be written", batch_id)
+        error = {
+            "code": "server_error",
+            "message": f"{type(exc).__name__}: {exc}",
+            "param": None,
+            "line": None,
+        }
+        changes.update(
+            status="failed",
+            failed_at=int(time.time()),
+            errors={"object": "list", "data": [error]},
+        )
+        self.catalogue.update_batch(batch_id, changes, when=ACTIVE)
 
     def _advance(self, batch_id: str) -> None:
         batch = self.catalogue.get_batch(batch_id)
@@ -686,6 +695,8 @@ class Batches:
                 job = job_for(batch, part, self.config, workdir)
                 with contextlib.suppress(OvernightError):  # not in the ledger: nothing open
                     job.cancel()  # a run killed with the server may have left items open
+                if not self._drain(batch_id, job):
+                    return  # the server is stopping: finalised at the next start
             ending = "cancelled" if batch["status"] == "cancelling" else "expired"
             self._finalize(batch, workdir, ending)
 
@@ -710,6 +721,13 @@ class Batches:
                 )
             except EndpointDown as exc:  # the batch API's calls
                 reason = str(exc)
+            except UsageError as exc:  # the provider refused the key
+                if not self._remote_live(job):
+                    raise  # nothing at the provider: the batch fails with the reason
+                # Its remote batches run on at the provider, paid for: failing the batch now
+                # would leave their answers uncollected for good. It waits (a restart with
+                # the right key resumes it) or ends at its window.
+                reason = f"{exc}; its provider batches are live: waiting, not failing"
             else:
                 # Stopped with a reason: the provider was down (run again), or the [run]
                 # max_cost budget is spent (runs would stop at once: the batch ends).
@@ -724,6 +742,30 @@ class Batches:
                 return None
             if current["status"] != "in_progress":  # cancelled while paused: it ends
                 return Report(job=job.name, counts=Counts())
+            wait = min(wait * 2, PAUSE_MAX)
+
+    def _remote_live(self, job: Job) -> bool:
+        """Whether the job has provider batches created, or being created, and not ended."""
+        ledger = open_ledger(self.config.ledger_url)
+        try:
+            info = ledger.get_job(job.name)
+            return info is not None and bool(ledger.chunks(info.id, ("creating", "live")))
+        finally:
+            ledger.close()
+
+    def _drain(self, batch_id: str, job: Job) -> bool:
+        """A cancelled or expired part's provider batches to their end before the batch is
+        finalised: the remote batches were cancelled, and what they ran anyway was paid
+        for, so it is collected into the ledger (and the output file). A provider that
+        cannot be reached pauses this as it pauses a run; False if the server stopped."""
+        wait = PAUSE_FIRST
+        while True:
+            try:
+                return job.drain_cancelled(self.stop)
+            except EndpointDown as exc:
+                log.warning("batch %s: %s; collecting again in %g s", batch_id, exc, wait)
+            if self.stop.wait(wait):
+                return False
             wait = min(wait * 2, PAUSE_MAX)
 
     def _validate(self, batch: dict[str, Any], workdir: Path) -> dict[str, Any] | None:
