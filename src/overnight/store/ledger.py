@@ -1089,9 +1089,13 @@ class SQLLedger:
     @_replayed()
     def known_ids(self, job_id: int, custom_ids: list[str]) -> set[str]:
         """Which of `custom_ids` are items of the job already (a queue's redeliveries)."""
-        return {
-            cid for cid in dict.fromkeys(custom_ids) if self._first_line(job_id, cid) is not None
-        }
+        at = self._conn.fetchone("ingest_position", (job_id,))
+        if at is None:
+            return set()
+        # The ids of every item so far (add_items and add_succeeded keep it): read again only
+        # when another process moved the cursor since.
+        seen = self._seen_ids(job_id, int(at[0]))
+        return {cid for cid in dict.fromkeys(custom_ids) if cid in seen}
 
     @_replayed()
     def items_page(self, job_id: int, from_seq: int, limit: int) -> list[ItemState]:
