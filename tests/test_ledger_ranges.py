@@ -259,3 +259,64 @@ def test_results_a_range_cannot_cut_apart_go_item_by_item(store):
         b'{"id":"w","a": 1}\n{"id":"x","a":\n 2}\n{"id":"y",3]\n{"id":"z",}\n'
         b'{"id":"v","output":"V","ok":true}\n'
     )
+
+
+def test_a_failure_now_and_then_leaves_the_rest_of_a_batch_ranged(store):
+    ledger = store.open()
+    job = ledger.create_job("job", "h", FP)
+    before = ledger.create_job("items", "h", FP)
+    ids = [f"r{i}" for i in range(700)]
+    rows = rows_of(ids)
+    rows[650] = Row(651, None, None, None, "line 651: malformed JSON")
+
+    def outcome(k: int) -> Outcome:
+        if k == 300:
+            return Outcome(k, "failed", None, "E", "boom", attempts=1)
+        if k == 600:  # paid for: usage is kept on an item row
+            return Outcome(k, "succeeded", res(ids[k]), attempts=1, input_tokens=5)
+        return Outcome(k, "succeeded", res(ids[k]), attempts=1)
+
+    outcomes = [outcome(k) for k in range(700) if k != 650]
+    accepted = ledger.add_items(job.id, 0, rows, Cursor(700, 701, 0), outcomes)
+    assert accepted == [k != 650 for k in range(700)]
+    # 0-299 and 301-599 are ranges; 601-649 and 651-699 are too short a run: items
+    assert ranged(ledger, job.id) == 2
+    for at in range(0, 700, 50):  # the same records 50 at a time: all item rows
+        part = [o for o in outcomes if at <= o.seq < at + 50]
+        ledger.add_items(before.id, at, rows[at : at + 50], Cursor(at + 50, at + 51, 0), part)
+    assert ranged(ledger, before.id) == 0
+    assert export(ledger, job.id) == export(ledger, before.id)
+    assert ledger.counts(job.id).by_state == {"succeeded": 698, "failed": 1}
+    assert ledger.counts(job.id).input_tokens == 5 and ledger.counts(job.id).rejected == 1
+    # a repeated id in a fast-path batch: the runs around it are ranges still
+    more = rows_of([f"s{i}" for i in range(300)] + ["r5"] + [f"t{i}" for i in range(600)], 701)
+    more[600] = row(1301, 'q"x', n=1300)  # an id that JSON escapes: an item between two runs
+    results = [res("x")] * len(more)
+    got = ledger.add_succeeded(job.id, 700, more, Cursor(1601, 1602, 0), results)
+    assert got == [True] * 300 + [False] + [True] * 600
+    assert ranged(ledger, job.id) == 5
+    assert ledger.known_ids(job.id, ['q"x', "t0", "t449"]) == {'q"x', "t0", "t449"}
+    assert [f.message for f in ledger.iter_failures(job.id)][-1] == (
+        "line 1001: duplicate id 'r5' (first seen on line 6)"
+    )
+
+
+def test_ranged_runs_whose_commit_answer_was_lost_are_committed_once(pg_ledger_url):
+    conn = LosingConnector(pg_ledger_url)
+    ledger = SQLLedger(conn)
+    try:
+        job = ledger.create_job("j", "h", FP)
+        ids = [f"r{i}" for i in range(600)]
+        outcomes = [
+            Outcome(k, "failed", None, "E", "x", attempts=1)
+            if k == 299
+            else Outcome(k, "succeeded", res(c), attempts=1)
+            for k, c in enumerate(ids)
+        ]
+        conn.armed = True
+        rows = rows_of(ids)
+        assert ledger.add_items(job.id, 0, rows, Cursor(600, 601, 0), outcomes) == [True] * 600
+        assert ranged(ledger, job.id) == 2
+        assert ledger.counts(job.id).by_state == {"succeeded": 599, "failed": 1}
+    finally:
+        ledger.close()

@@ -180,6 +180,10 @@ def _items_added(
     ledger._seen.pop(job_id, None)
     first = (job_id << SEQ_BITS) + first_seq
     ids = {r[0] for r in ledger._conn.fetchall("item_ids", (first, first + len(rows) - 1))}
+    last_seq = first_seq + len(rows) - 1
+    window = (job_id, first_seq - 1, last_seq, len(rows) + 1)
+    for r in ledger._conn.fetchall("ranges_page", window):  # runs committed as ranges
+        ids.update(range(first - first_seq + r[0], first - first_seq + r[1] + 1))
     return [first + i in ids for i in range(len(rows))]
 
 
@@ -221,6 +225,22 @@ _ALL = _SEQ_MASK  # the last seq of a job
 
 
 _LINE, _CUSTOM_ID, _PAYLOAD = (operator.itemgetter(i) for i in range(3))  # of a Row
+_MIN_RUN = 256  # records in a row that succeeded plainly, worth a ranges row among items
+
+
+def _plain(o: Outcome) -> bool:
+    """Succeeded at the first attempt, with a result and nothing else (no usage, no vector):
+    what a ranges row holds. (By position: a field looked up by name costs more.)"""
+    return (
+        o[1] == "succeeded"
+        and o[2] is not None
+        and o[11] == 1
+        and not o[6]
+        and not o[7]
+        and o[8] is None
+        and o[9] is None
+        and o[10] is None
+    )
 
 
 def _one_object_a_line(joined: bytes, n: int) -> bool:
@@ -232,6 +252,30 @@ def _one_object_a_line(joined: bytes, n: int) -> bool:
         and joined.count(b"\n") == n - 1
         and joined.count(b"\n{") == n - 1
         and b"\r" not in joined
+    )
+
+
+def _range_args(
+    job_id: int, first_seq: int, rows: list[Row], results: list[bytes], now: float
+) -> tuple | None:
+    """The parameters of insert_range for `rows` from `first_seq`, each succeeded with
+    `results[i]`; None when a range cannot hold them as they are (an id that JSON escapes,
+    a result that is not one line of a JSON object): they go item by item."""
+    id_json = orjson.dumps(list(map(_CUSTOM_ID, rows)))
+    joined = b"\n".join(results)
+    if b"\\" in id_json or not _one_object_a_line(joined, len(rows)):
+        return None
+    payloads = list(map(_PAYLOAD, rows))
+    return (
+        job_id,
+        first_seq,
+        first_seq + len(rows) - 1,
+        now,
+        id_json,
+        orjson.dumps(list(map(_LINE, rows))),
+        orjson.dumps(list(map(len, payloads))),
+        b"".join(payloads),
+        joined,
     )
 
 
@@ -526,7 +570,8 @@ class SQLLedger:
 
         Without outcomes the items are pending. With outcomes (one per readable row, computed
         before the insert: the runner's fast path), each item is inserted in its final state
-        with its result, so a fresh item costs one write, not three. Rows that cannot be read,
+        with its result, so a fresh item costs one write, not three; runs of _MIN_RUN or more
+        that succeeded plainly are ranges rows (see add_succeeded). Rows that cannot be read,
         and repeated ids (the first one wins), go to `rejects`. Returns, per row, whether it
         became an item. Raises ConcurrentIngest when another runner moved the cursor first.
         """
@@ -547,6 +592,9 @@ class SQLLedger:
             now = None
         else:
             now = time.time()
+        ranged: list[tuple] = []
+        if now is not None and len(good) >= _MIN_RUN:
+            good, ids, outcomes, ranged = self._runs(job_id, good, ids, outcomes, now)
         # (By position: o[6] input_tokens, o[8] cost, o[10] vector, o[11] attempts; a
         # field looked up by name costs more, once per record.)
         if now is not None and all(
@@ -590,7 +638,53 @@ class SQLLedger:
             if r.error is not None
         ]
         rejects = sorted(rejects + repeats, key=operator.itemgetter(1))
-        return self._insert(job_id, first_seq, rows, cursor, query, params, accepted, rejects)
+        return self._insert(
+            job_id, first_seq, rows, cursor, query, params, accepted, rejects, ranged
+        )
+
+    def _runs(
+        self,
+        job_id: int,
+        good: list[Row],
+        ids: range | list[int],
+        outcomes: list[Outcome],
+        now: float,
+    ) -> tuple[list[Row], list[int], list[Outcome], list[tuple]]:
+        """A batch with outcomes: its runs of at least _MIN_RUN consecutive records that
+        succeeded plainly become ranges rows (a failure now and then leaves the rest of the
+        batch ranged); returns the rows, ids and outcomes left to insert as items, and the
+        ranges rows' parameters."""
+        # (An id that JSON escapes ends a run: a range holds ids as they are.)
+        plain = [
+            _plain(o) and b"\\" not in orjson.dumps(r[1])
+            for r, o in zip(good, outcomes, strict=True)
+        ]
+        base = job_id << SEQ_BITS
+        keep = [True] * len(good)
+        ranged = []
+        k = 0
+        while k < len(good):
+            if not plain[k]:
+                k += 1
+                continue
+            j = k + 1
+            while j < len(good) and plain[j] and ids[j] == ids[j - 1] + 1:
+                j += 1
+            if j - k >= _MIN_RUN:
+                results = [o[2] for o in outcomes[k:j]]
+                args = _range_args(job_id, ids[k] - base, good[k:j], results, now)
+                if args is not None:
+                    ranged.append(args)
+                    keep[k:j] = [False] * (j - k)
+            k = j
+        if not ranged:
+            return good, list(ids), outcomes, []
+        return (
+            [r for r, ok in zip(good, keep, strict=True) if ok],
+            [i for i, ok in zip(ids, keep, strict=True) if ok],
+            [o for o, ok in zip(outcomes, keep, strict=True) if ok],
+            ranged,
+        )
 
     @_replayed(_succeeded_added)
     def add_succeeded(
@@ -605,43 +699,18 @@ class SQLLedger:
         JSON escapes, or a result that is not one line of a JSON object is inserted item by
         item instead."""
         now = time.time()
-        ids = list(map(_CUSTOM_ID, rows))
-        fresh = set(ids)
+        fresh = set(map(_CUSTOM_ID, rows))
         seen = self._seen_ids(job_id, first_seq)
-        id_json = orjson.dumps(ids)
-        joined = b"\n".join(results)
-        if (
-            not rows
-            or len(fresh) < len(rows)
-            or not seen.isdisjoint(fresh)
-            or b"\\" in id_json
-            or not _one_object_a_line(joined, len(rows))
-        ):
-            first = (job_id << SEQ_BITS) + first_seq
-            accepted = [True] * len(rows)
-            rejects = self._repeats(job_id, first_seq, rows, accepted)
-            params = [
-                (i, r[1], r[0], r[2], res, job_id, now)
-                for i, r, res, ok in zip(
-                    range(first, first + len(rows)), rows, results, accepted, strict=True
-                )
-                if ok
+        args = None
+        if rows and len(fresh) == len(rows) and seen.isdisjoint(fresh):
+            args = _range_args(job_id, first_seq, rows, results, now)
+        if args is None:  # as add_items (its runs of plain records still become ranges)
+            outcomes = [
+                Outcome(first_seq + k, "succeeded", res, attempts=1)
+                for k, res in enumerate(results)
             ]
-            return self._insert(
-                job_id, first_seq, rows, cursor, "insert_succeeded", params, accepted, rejects
-            )
-        payloads = list(map(_PAYLOAD, rows))
-        args = (
-            job_id,
-            first_seq,
-            first_seq + len(rows) - 1,
-            now,
-            id_json,
-            orjson.dumps(list(map(_LINE, rows))),
-            orjson.dumps(list(map(len, payloads))),
-            b"".join(payloads),
-            joined,
-        )
+            add_items = SQLLedger.add_items.__wrapped__  # type: ignore[attr-defined]
+            return add_items(self, job_id, first_seq, rows, cursor, outcomes)
         with self._conn.transaction():
             self._move_cursor(job_id, first_seq, cursor)
             self._conn.execute("insert_range", args)
@@ -784,12 +853,16 @@ class SQLLedger:
         params: list[tuple],
         accepted: list[bool],
         rejects: list[tuple] | None = None,
+        ranged: list[tuple] | None = None,
     ) -> list[bool]:
         """The transaction of add_items: the cursor moved past `rows` (or ConcurrentIngest),
-        the items inserted, unreadable rows and repeated ids recorded as rejects."""
+        the items inserted (and `ranged`, runs of them as ranges rows), unreadable rows and
+        repeated ids recorded as rejects."""
         rejects = rejects or []
         with self._conn.transaction():
             self._move_cursor(job_id, first_seq, cursor)
+            if ranged:
+                self._conn.executemany("insert_range", ranged)
             inserted = self._conn.executemany(query, params) if params else 0
             if inserted < len(params):
                 rejects += self._duplicates(job_id, first_seq, rows, accepted)
