@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shutil
 import time
@@ -138,6 +139,7 @@ def main(n: int, postgres: int = 2) -> dict:
     # each one's best run. overnight goes first: ru_maxrss of children is a running maximum
     # (see common.run_timed), and no other child is larger.
     runs, orjson_runs, json_runs = [], [], []
+    load_before = os.getloadavg()[0]
     for _ in range(3):
         shutil.rmtree(work / ".overnight", ignore_errors=True)  # a fresh job, not a restart
         ours = run_timed([*overnight_cmd(), "run", "job.toml", "--json"], cwd=work)
@@ -162,6 +164,8 @@ def main(n: int, postgres: int = 2) -> dict:
                 lambda r: (json.dumps(r) + "\n").encode(),
             )
         )
+    load_after = os.getloadavg()[0]
+    ledger_bytes = sum(f.stat().st_size for f in (work / ".overnight").glob("ledger.db*"))
     _, ours, report = min(runs, key=lambda r: r[0])
     plain_orjson, plain_json = min(orjson_runs), min(json_runs)
     export = run_timed([*overnight_cmd(), "export", "job.toml"], cwd=work)
@@ -180,6 +184,8 @@ def main(n: int, postgres: int = 2) -> dict:
         "plain_json_items_per_s": n / plain_json,
         "batch_size": report["batch_size"],
         "overnight_runs_items_per_s": [round(n / r[0]) for r in runs],
+        "load_average": [round(load_before, 2), round(load_after, 2)],
+        "ledger_mb": ledger_bytes / 1e6,
     }
 
 

@@ -50,7 +50,10 @@ returns its input: JSONL in, JSONL out, end to end (`overnight run` as a process
 ingest, process, export, SQLite WAL ledger), against plain streaming loops with no ledger
 (read JSONL, call the function per 1,000, write JSONL) timed in the same run. Each of the
 three alternates three times and keeps its best run (overnight's three:
-{r["overnight_runs_items_per_s"]} items/s).
+{r["overnight_runs_items_per_s"]} items/s). Machine load (1-minute load average, 2 cores)
+when the runs started and ended: {r.get("load_average")}. Fresh records are committed one
+`ranges` row per group commit (store/ledger.py, migration 5); the ledger file after a run:
+{r.get("ledger_mb", 0):.0f} MB.
 
 | | items/s | wall s | peak RSS MB |
 |---|---:|---:|---:|

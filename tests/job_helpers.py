@@ -67,3 +67,38 @@ def wait_for_calls(folder: Path, proc: subprocess.Popen, at_least: int = 1) -> N
         assert proc.poll() is None, "the run ended before it computed enough"
         assert time.monotonic() < deadline, "the run computed too little in 60 s"
         time.sleep(0.05)
+
+
+# Every item of a SQLite ledger as rows, those committed per range by the runner's fast path
+# (the `ranges` table, store/ledger.py) included: what a test that reads the ledger's tables
+# itself reads instead of `items`. A ranged item succeeded at its first attempt.
+ALL_ITEMS = (
+    "(SELECT id, job_id, custom_id, state, attempts FROM items UNION ALL"
+    " SELECT (r.job_id << 40) + r.first_seq + j.key, r.job_id, j.value, 'succeeded', 1"
+    " FROM ranges AS r, json_each(CAST(r.ids AS TEXT)) AS j)"
+)
+# The same on a PostgreSQL ledger.
+ALL_ITEMS_PG = (
+    "(SELECT id, job_id, custom_id, state, attempts FROM items UNION ALL"
+    " SELECT (r.job_id << 40) + r.first_seq + j.n - 1, r.job_id, j.value, 'succeeded', 1"
+    " FROM ranges AS r, jsonb_array_elements_text(convert_from(r.ids, 'UTF8')::jsonb)"
+    " WITH ORDINALITY AS j(value, n))"
+)
+
+
+def explode_ranges(ledger_path: Path) -> None:
+    """Turn a SQLite ledger's ranges into item rows, as an operation on one of their items
+    would (SQLLedger._explode): for a test that writes the items table itself."""
+    import sqlite3
+
+    from overnight.store import SQLiteLedger
+
+    with sqlite3.connect(ledger_path) as db:
+        jobs = [r[0] for r in db.execute("SELECT DISTINCT job_id FROM ranges")]
+    ledger = SQLiteLedger(ledger_path)
+    try:
+        with ledger._conn.transaction():
+            for job_id in jobs:
+                ledger._explode(job_id)
+    finally:
+        ledger.close()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+from job_helpers import ALL_ITEMS, ALL_ITEMS_PG
 
 pytestmark = pytest.mark.slow
 
@@ -74,7 +75,8 @@ def committed(tmp_path: Path) -> set[str]:
         return set()
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
-        return {r[0] for r in con.execute("SELECT custom_id FROM items WHERE state = 'succeeded'")}
+        sql = f"SELECT custom_id FROM {ALL_ITEMS} WHERE state = 'succeeded'"
+        return {r[0] for r in con.execute(sql)}
     except sqlite3.OperationalError:  # not created yet
         return set()
     finally:
@@ -139,7 +141,8 @@ def test_sigkill_in_a_loop_until_done(tmp_path):
     assert proc.returncode == 0, err.decode()
     check_output(tmp_path, N)
     with sqlite3.connect(tmp_path / ".overnight" / "ledger.db") as con:
-        states = dict(con.execute("SELECT state, count(*) FROM items GROUP BY state").fetchall())
+        sql = f"SELECT state, count(*) FROM {ALL_ITEMS} GROUP BY state"
+        states = dict(con.execute(sql).fetchall())
     assert states == {"succeeded": N}
 
 
@@ -182,7 +185,8 @@ def test_ctrl_c_finishes_the_batch_and_resumes(tmp_path):
     assert proc.returncode == 130
     with sqlite3.connect(tmp_path / ".overnight" / "ledger.db") as con:
         leased = con.execute("SELECT count(*) FROM items WHERE state = 'leased'").fetchone()[0]
-        done = con.execute("SELECT count(*) FROM items WHERE state = 'succeeded'").fetchone()[0]
+        sql = f"SELECT count(*) FROM {ALL_ITEMS} WHERE state = 'succeeded'"
+        done = con.execute(sql).fetchone()[0]
     assert leased == 0
     # Ctrl-C commits what was computed: the log and the ledger agree exactly.
     assert done == len(computed(tmp_path))
@@ -201,7 +205,8 @@ def committed_pg(url: str) -> set[str]:
 
     with psycopg.connect(url, autocommit=True) as con:
         try:
-            rows = con.execute("SELECT custom_id FROM items WHERE state = 'succeeded'")
+            sql = f"SELECT custom_id FROM {ALL_ITEMS_PG} AS i WHERE state = 'succeeded'"
+            rows = con.execute(sql)
             return {r[0] for r in rows}
         except psycopg.errors.UndefinedTable:  # not created yet
             return set()

@@ -16,6 +16,7 @@ import httpx2 as httpx
 import openai
 import orjson
 import pytest
+from job_helpers import ALL_ITEMS
 
 import overnight
 from overnight.errors import InputError, InvalidOutput, PermanentError, TransientError
@@ -333,7 +334,7 @@ def test_connection_and_memory_errors_from_a_function_are_retried(tmp_path: Path
     assert failure.custom_id == "k13" and failure.error_class == "MemoryError"
     assert failure.attempts == 3 and "gave up after 3 attempts" in failure.message
     db = sqlite3.connect(tmp_path / ".overnight" / "ledger.db")
-    attempts = dict(db.execute("SELECT custom_id, attempts FROM items"))
+    attempts = dict(db.execute(f"SELECT custom_id, attempts FROM {ALL_ITEMS}"))
     db.close()
     # Failed once, then answered: two tries each; the others one. (Batches of one record,
     # so that no split of a failing batch calls the function again in the same attempt.)

@@ -20,6 +20,7 @@ import orjson
 import psutil
 import pyarrow.parquet as pq
 import pytest
+from job_helpers import ALL_ITEMS
 
 import overnight
 from overnight import sources
@@ -901,7 +902,7 @@ def dead_runner() -> str:
 
 def ledger_attempts(folder: Path) -> dict[str, int]:
     with sqlite3.connect(folder / ".overnight" / "ledger.db") as db:
-        return dict(db.execute("SELECT custom_id, attempts FROM items"))
+        return dict(db.execute(f"SELECT custom_id, attempts FROM {ALL_ITEMS}"))
 
 
 def unrun_job(folder: Path, n: int, **run) -> tuple[overnight.Job, SQLiteLedger, int]:

@@ -18,6 +18,7 @@ from pathlib import Path
 import orjson
 import psutil
 import pytest
+from job_helpers import ALL_ITEMS
 
 import overnight
 from overnight.backends.python import PythonFunction
@@ -134,7 +135,7 @@ def attempts(folder: Path) -> dict[str, int]:
     import sqlite3
 
     with sqlite3.connect(folder / ".overnight" / "ledger.db") as con:
-        return dict(con.execute("SELECT custom_id, attempts FROM items"))
+        return dict(con.execute(f"SELECT custom_id, attempts FROM {ALL_ITEMS}"))
 
 
 def check_the_rest(folder: Path, n: int, bad: int) -> None:

@@ -197,6 +197,7 @@ def test_a_lease_held_from_another_host_is_taken_once_it_expires(tmp_path):
     all_finished([start(job)])
     (tmp_path / "calls.log").unlink()
     expires = time.time() + 1.5
+    job_helpers.explode_ranges(tmp_path / ".overnight" / "ledger.db")
     with sqlite3.connect(tmp_path / ".overnight" / "ledger.db") as db:  # a worker elsewhere
         db.execute(
             "UPDATE items SET state = 'leased', result = NULL, lease_owner = ?,"

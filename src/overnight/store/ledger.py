@@ -5,12 +5,21 @@ an item's row id *is* its key, `job_id << 40 | seq` (seq is the record's positio
 input), which makes "the items of a job in input order" a range scan of the table itself; all
 writes are bulk statements; and only pending items are indexed by state (a partial index),
 because most items go from ingest straight to a lease and never sit in the queue.
+
+Fresh records that a runner read, computed once and saw succeed (its fast path, most of a
+big job) are not item rows at all: each committed batch is one `ranges` row, its ids, lines,
+records and results stored together (add_succeeded). Counts, exports and the dashboard read
+ranges as they are, merged with item rows in input order; an operation that changes or looks
+at one of those records on its own (a retry, an incremental rerun, a results queue) first
+turns the ranges it touches back into the item rows the fast path used to write (_explode).
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
+import operator
 import random
 import secrets
 import string
@@ -168,8 +177,13 @@ def _items_added(
     at = ledger._conn.fetchone("ingest_position", (job_id,))
     if at is None or tuple(at) != (cursor.records, cursor.line, cursor.offset, cursor.key):
         return None  # the cursor did not move past these rows: they were not added
+    ledger._seen.pop(job_id, None)
     first = (job_id << SEQ_BITS) + first_seq
     ids = {r[0] for r in ledger._conn.fetchall("item_ids", (first, first + len(rows) - 1))}
+    last_seq = first_seq + len(rows) - 1
+    window = (job_id, first_seq - 1, last_seq, len(rows) + 1)
+    for r in ledger._conn.fetchall("ranges_page", window):  # runs committed as ranges
+        ids.update(range(first - first_seq + r[0], first - first_seq + r[1] + 1))
     return [first + i in ids for i in range(len(rows))]
 
 
@@ -181,6 +195,12 @@ def _succeeded_added(
     cursor: Cursor,
     results: list[bytes],
 ) -> list[bool] | None:
+    at = ledger._conn.fetchone("ingest_position", (job_id,))
+    if at is None or tuple(at) != (cursor.records, cursor.line, cursor.offset, cursor.key):
+        return None
+    ledger._seen.pop(job_id, None)  # its ids went in, but not into the set: read it again
+    if ledger._conn.fetchone("range_at", (job_id, first_seq)) is not None:
+        return [True] * len(rows)
     return _items_added(ledger, job_id, first_seq, rows, cursor)
 
 
@@ -200,11 +220,85 @@ def _chunk_planned(
     return None if row is None else int(row[0])
 
 
+_RANGE_PAGE = 16  # ranges read at a time (each up to a group commit: 8,192 records)
+_ALL = _SEQ_MASK  # the last seq of a job
+
+
+_LINE, _CUSTOM_ID, _PAYLOAD = (operator.itemgetter(i) for i in range(3))  # of a Row
+_MIN_RUN = 256  # records in a row that succeeded plainly, worth a ranges row among items
+
+
+def _plain(o: Outcome) -> bool:
+    """Succeeded at the first attempt, with a result and nothing else (no usage, no vector):
+    what a ranges row holds. (By position: a field looked up by name costs more.)"""
+    return (
+        o[1] == "succeeded"
+        and o[2] is not None
+        and o[11] == 1
+        and not o[6]
+        and not o[7]
+        and o[8] is None
+        and o[9] is None
+        and o[10] is None
+    )
+
+
+def _one_object_a_line(joined: bytes, n: int) -> bool:
+    """Whether `joined`, n results joined by newlines, is n JSON objects, one a line: then a
+    range holds them as they are, and an export cuts them apart and splices the ids in with
+    bytes methods alone (SQLLedger.iter_result_lines)."""
+    return (
+        joined[:1] == b"{"
+        and joined.count(b"\n") == n - 1
+        and joined.count(b"\n{") == n - 1
+        and b"\r" not in joined
+    )
+
+
+def _range_args(
+    job_id: int, first_seq: int, rows: list[Row], results: list[bytes], now: float
+) -> tuple | None:
+    """The parameters of insert_range for `rows` from `first_seq`, each succeeded with
+    `results[i]`; None when a range cannot hold them as they are (an id that JSON escapes,
+    a result that is not one line of a JSON object): they go item by item."""
+    id_json = orjson.dumps(list(map(_CUSTOM_ID, rows)))
+    joined = b"\n".join(results)
+    if b"\\" in id_json or not _one_object_a_line(joined, len(rows)):
+        return None
+    payloads = list(map(_PAYLOAD, rows))
+    return (
+        job_id,
+        first_seq,
+        first_seq + len(rows) - 1,
+        now,
+        id_json,
+        orjson.dumps(list(map(_LINE, rows))),
+        orjson.dumps(list(map(len, payloads))),
+        b"".join(payloads),
+        joined,
+    )
+
+
+def _split(blob: bytes, sizes: list[int]) -> list[bytes]:
+    """The parts of a concatenation, given their sizes."""
+    parts, pos = [], 0
+    for n in sizes:
+        end = pos + n
+        parts.append(blob[pos:end])
+        pos = end
+    return parts
+
+
 class SQLLedger:
     """Every `Ledger` operation as named queries run through a connector (any dialect)."""
 
     def __init__(self, connector: Connector) -> None:
         self._conn = connector
+        # Per job being ingested by this process: (the seq its next batch starts at, the ids
+        # of its items so far). A repeated id is refused against it (the first one wins):
+        # ranges have no index on their ids. Read again from the ledger whenever the next
+        # batch does not start where this process left off (a resume, another ingester).
+        self._seen: dict[int, tuple[int, set[str]]] = {}
         try:
             self._migrate()
         except BaseException:
@@ -323,7 +417,9 @@ class SQLLedger:
     @_replayed()
     def finished_since(self, job_id: int, since: float) -> int:
         """Items finished at or after `since` (a recent throughput)."""
-        return self._conn.fetchone("finished_since", (*_range(job_id), since))[0]  # type: ignore[index]
+        items = self._conn.fetchone("finished_since", (*_range(job_id), since))[0]  # type: ignore[index]
+        ranged = self._conn.fetchone("ranges_finished_since", (job_id, since))[0]  # type: ignore[index]
+        return int(items) + int(ranged)
 
     # -- jobs ---------------------------------------------------------------------------
 
@@ -377,10 +473,12 @@ class SQLLedger:
         with self._conn.transaction():
             self._conn.execute("lock_job", (job_id,))
             self._conn.execute("delete_items", _range(job_id))
+            self._conn.execute("delete_ranges", (job_id,))
             self._conn.execute("delete_rejects", (job_id,))
             self._conn.execute("delete_inflight", (job_id,))
             self._conn.execute("delete_chunks", (job_id,))
             self._conn.execute("delete_job", (job_id,))
+        self._seen.pop(job_id, None)
 
     @_replayed()
     def set_origin(self, job_id: int, origin: str) -> None:
@@ -430,6 +528,8 @@ class SQLLedger:
         state, result, attempts, usage and times; the rest of `new_id` stays pending.
         Returns (items carried over, ids of `old_id` that `new_id` no longer has)."""
         with self._conn.transaction():
+            self._explode(old_id)
+            self._explode(new_id)
             gone = self._conn.fetchone("count_gone", (*_range(old_id), new_id))[0]  # type: ignore[index]
             kept = self._conn.execute("carry_results", (*_range(new_id), old_id))
         return kept, gone
@@ -441,6 +541,7 @@ class SQLLedger:
             self._conn.execute("lock_job", (old.id,))
             self._conn.execute("move_chunks", (new.id, old.id))
             self._conn.execute("delete_items", _range(old.id))
+            self._conn.execute("delete_ranges", (old.id,))
             self._conn.execute("delete_rejects", (old.id,))
             # In-flight marks name the old positions; the records they name are pending in
             # the new generation (never finished), so they are computed again anyway.
@@ -449,6 +550,7 @@ class SQLLedger:
             self._conn.execute("copy_cancelled", (old.id, new.id))
             self._conn.execute("delete_job", (old.id,))
             self._conn.execute("rename_job", (old.name, new.id))
+        self._seen.pop(old.id, None)
         job = self.get_job(old.name)
         assert job is not None
         return job
@@ -468,13 +570,18 @@ class SQLLedger:
 
         Without outcomes the items are pending. With outcomes (one per readable row, computed
         before the insert: the runner's fast path), each item is inserted in its final state
-        with its result, so a fresh item costs one write, not three. Rows that cannot be read,
+        with its result, so a fresh item costs one write, not three; runs of _MIN_RUN or more
+        that succeeded plainly are ranges rows (see add_succeeded). Rows that cannot be read,
         and repeated ids (the first one wins), go to `rejects`. Returns, per row, whether it
         became an item. Raises ConcurrentIngest when another runner moved the cursor first.
         """
         first = (job_id << SEQ_BITS) + first_seq
         accepted = [r.error is None for r in rows]
-        good = rows if all(accepted) else [r for r in rows if r.error is None]
+        repeats = self._repeats(job_id, first_seq, rows, accepted)
+        if repeats and outcomes is not None:  # one outcome per readable row: drop theirs
+            readable = [i for i, r in enumerate(rows) if r.error is None]
+            outcomes = [o for i, o in zip(readable, outcomes, strict=True) if accepted[i]]
+        good = rows if all(accepted) else [r for r, ok in zip(rows, accepted, strict=True) if ok]
         seqs = range(first, first + len(rows))
         if len(good) == len(rows):
             ids: range | list[int] = seqs
@@ -485,6 +592,9 @@ class SQLLedger:
             now = None
         else:
             now = time.time()
+        ranged: list[tuple] = []
+        if now is not None and len(good) >= _MIN_RUN:
+            good, ids, outcomes, ranged = self._runs(job_id, good, ids, outcomes, now)
         # (By position: o[6] input_tokens, o[8] cost, o[10] vector, o[11] attempts; a
         # field looked up by name costs more, once per record.)
         if now is not None and all(
@@ -527,7 +637,54 @@ class SQLLedger:
             for i, r in enumerate(rows)
             if r.error is not None
         ]
-        return self._insert(job_id, first_seq, rows, cursor, query, params, accepted, rejects)
+        rejects = sorted(rejects + repeats, key=operator.itemgetter(1))
+        return self._insert(
+            job_id, first_seq, rows, cursor, query, params, accepted, rejects, ranged
+        )
+
+    def _runs(
+        self,
+        job_id: int,
+        good: list[Row],
+        ids: range | list[int],
+        outcomes: list[Outcome],
+        now: float,
+    ) -> tuple[list[Row], list[int], list[Outcome], list[tuple]]:
+        """A batch with outcomes: its runs of at least _MIN_RUN consecutive records that
+        succeeded plainly become ranges rows (a failure now and then leaves the rest of the
+        batch ranged); returns the rows, ids and outcomes left to insert as items, and the
+        ranges rows' parameters."""
+        # (An id that JSON escapes ends a run: a range holds ids as they are.)
+        plain = [
+            _plain(o) and b"\\" not in orjson.dumps(r[1])
+            for r, o in zip(good, outcomes, strict=True)
+        ]
+        base = job_id << SEQ_BITS
+        keep = [True] * len(good)
+        ranged = []
+        k = 0
+        while k < len(good):
+            if not plain[k]:
+                k += 1
+                continue
+            j = k + 1
+            while j < len(good) and plain[j] and ids[j] == ids[j - 1] + 1:
+                j += 1
+            if j - k >= _MIN_RUN:
+                results = [o[2] for o in outcomes[k:j]]
+                args = _range_args(job_id, ids[k] - base, good[k:j], results, now)
+                if args is not None:
+                    ranged.append(args)
+                    keep[k:j] = [False] * (j - k)
+            k = j
+        if not ranged:
+            return good, list(ids), outcomes, []
+        return (
+            [r for r, ok in zip(good, keep, strict=True) if ok],
+            [i for i, ok in zip(ids, keep, strict=True) if ok],
+            [o for o, ok in zip(outcomes, keep, strict=True) if ok],
+            ranged,
+        )
 
     @_replayed(_succeeded_added)
     def add_succeeded(
@@ -535,15 +692,156 @@ class SQLLedger:
     ) -> list[bool]:
         """`add_items` with outcomes, in the runner's commonest case, bound with the least work
         per record: every row could be read, and each was computed once and succeeded with
-        `results[i]` (no usage, no vector). A repeated id is refused as by add_items."""
-        first = (job_id << SEQ_BITS) + first_seq
+        `results[i]` (no usage, no vector). A repeated id is refused as by add_items.
+
+        The rows are committed as one `ranges` row (ids, lines, records and results each
+        stored together), not an item row each. A batch that holds a repeated id, an id that
+        JSON escapes, or a result that is not one line of a JSON object is inserted item by
+        item instead."""
         now = time.time()
-        params = [
-            (i, r[1], r[0], r[2], res, job_id, now)
-            for i, r, res in zip(range(first, first + len(rows)), rows, results, strict=True)
-        ]
-        accepted = [True] * len(rows)
-        return self._insert(job_id, first_seq, rows, cursor, "insert_succeeded", params, accepted)
+        fresh = set(map(_CUSTOM_ID, rows))
+        seen = self._seen_ids(job_id, first_seq)
+        args = None
+        if rows and len(fresh) == len(rows) and seen.isdisjoint(fresh):
+            args = _range_args(job_id, first_seq, rows, results, now)
+        if args is None:  # as add_items (its runs of plain records still become ranges)
+            outcomes = [
+                Outcome(first_seq + k, "succeeded", res, attempts=1)
+                for k, res in enumerate(results)
+            ]
+            add_items = SQLLedger.add_items.__wrapped__  # type: ignore[attr-defined]
+            return add_items(self, job_id, first_seq, rows, cursor, outcomes)
+        with self._conn.transaction():
+            self._move_cursor(job_id, first_seq, cursor)
+            self._conn.execute("insert_range", args)
+        seen |= fresh
+        self._seen[job_id] = (first_seq + len(rows), seen)
+        return [True] * len(rows)
+
+    def _move_cursor(self, job_id: int, first_seq: int, cursor: Cursor) -> None:
+        moved = self._conn.execute(
+            "move_cursor",
+            (cursor.records, cursor.line, cursor.offset, cursor.key, job_id, first_seq),
+        )
+        if not moved:
+            raise ConcurrentIngest(f"job {job_id}: another runner is ingesting this job")
+
+    def _seen_ids(self, job_id: int, first_seq: int) -> set[str]:
+        """The ids of job `job_id`'s items (rows and ranges), for a batch from `first_seq`."""
+        got = self._seen.get(job_id)
+        if got is not None and got[0] == first_seq:
+            return got[1]
+        seen = {r[0] for r in self._conn.fetchall("item_custom_ids", (job_id,))}
+        for (ids,) in self._conn.fetchall("range_ids", (job_id,)):
+            seen.update(orjson.loads(ids))
+        self._seen[job_id] = (first_seq, seen)
+        return seen
+
+    def _repeats(
+        self, job_id: int, first_seq: int, rows: list[Row], accepted: list[bool]
+    ) -> list[tuple[int, int, int, str | None, str]]:
+        """Rows whose id an earlier record has (of this batch or of the job): refused, the
+        first one wins. Marks them not accepted; returns their rejects."""
+        seen = self._seen_ids(job_id, first_seq)
+        firsts: dict[str | None, int] = {}
+        out = []
+        for i, r in enumerate(rows):
+            if not accepted[i]:
+                continue
+            cid = r[1]
+            line = firsts.get(cid)
+            if line is None and cid in seen:
+                line = self._first_line(job_id, cid)  # type: ignore[arg-type]
+            if line is None:
+                firsts[cid] = r[0]
+                continue
+            accepted[i] = False
+            out.append(
+                (
+                    job_id,
+                    first_seq + i,
+                    r[0],
+                    cid,
+                    f"line {r[0]}: duplicate id {cid!r} (first seen on line {line})",
+                )
+            )
+        return out
+
+    def _first_line(self, job_id: int, custom_id: str) -> int | None:
+        """The input line of the job's item `custom_id` (None: no such item)."""
+        got = self._conn.fetchone("item_by_custom_id", (job_id, custom_id))
+        if got is not None:
+            return int(got[1])
+        needle = orjson.dumps(custom_id)
+        for _, ids, lines in self._conn.fetchall("ranges_with_id", (job_id, needle)):
+            held = orjson.loads(ids)
+            if custom_id in held:
+                return int(orjson.loads(lines)[held.index(custom_id)])
+        return None
+
+    def _explode(self, job_id: int, after: int = -1) -> int:
+        """Turn the job's ranges holding seqs past `after` back into item rows, as the fast
+        path's insert_succeeded made them (in the caller's transaction). Returns the items."""
+        base = job_id << SEQ_BITS
+        n = 0
+        while page := self._conn.fetchall("ranges_page", (job_id, after, _ALL, _RANGE_PAGE)):
+            rows = []
+            for first, _, at, ids, lines, sizes, payloads, results in page:
+                parts = zip(
+                    orjson.loads(ids),
+                    orjson.loads(lines),
+                    _split(payloads, orjson.loads(sizes)),
+                    bytes(results).split(b"\n"),
+                    strict=True,
+                )
+                rows += [
+                    (base + first + k, job_id, cid, line, payload, "succeeded", 1, 0)
+                    + (None, None, result, at, at, None, None, None, None, None)
+                    for k, (cid, line, payload, result) in enumerate(parts)
+                ]
+                self._conn.execute("delete_range", (job_id, first))
+            n += self._conn.executemany("insert_item", rows)
+        return n
+
+    def _ranges(self, job_id: int) -> Iterator[tuple]:
+        """The job's ranges in input order, a page at a time."""
+        after = -1
+        while page := self._conn.fetchall("ranges_page", (job_id, after, _ALL, _RANGE_PAGE)):
+            yield from page
+            after = page[-1][1]
+
+    def _merged(
+        self,
+        job_id: int,
+        query: str,
+        params: tuple,
+        size: int,
+        of_item: Callable[[tuple], Any],
+        of_range: Callable[[tuple], list],
+    ) -> Iterator[list]:
+        """Batches of a query over item rows (its first column the item's id), with the
+        job's ranges (`of_range`) in their place in input order."""
+        lo = job_id << SEQ_BITS
+        ranges = self._ranges(job_id)
+        nxt = next(ranges, None)
+        for batch in self._conn.iterate(query, params, size):
+            if nxt is None or batch[-1][0] < lo + nxt[0]:
+                yield [of_item(r) for r in batch]
+                continue
+            out = []
+            for row in batch:
+                while nxt is not None and lo + nxt[0] < row[0]:
+                    if out:
+                        yield out
+                        out = []
+                    yield of_range(nxt)
+                    nxt = next(ranges, None)
+                out.append(of_item(row))
+            if out:
+                yield out
+        while nxt is not None:
+            yield of_range(nxt)
+            nxt = next(ranges, None)
 
     def _insert(
         self,
@@ -555,22 +853,24 @@ class SQLLedger:
         params: list[tuple],
         accepted: list[bool],
         rejects: list[tuple] | None = None,
+        ranged: list[tuple] | None = None,
     ) -> list[bool]:
         """The transaction of add_items: the cursor moved past `rows` (or ConcurrentIngest),
-        the items inserted, unreadable rows and repeated ids recorded as rejects."""
+        the items inserted (and `ranged`, runs of them as ranges rows), unreadable rows and
+        repeated ids recorded as rejects."""
         rejects = rejects or []
         with self._conn.transaction():
-            moved = self._conn.execute(
-                "move_cursor",
-                (cursor.records, cursor.line, cursor.offset, cursor.key, job_id, first_seq),
-            )
-            if not moved:
-                raise ConcurrentIngest(f"job {job_id}: another runner is ingesting this job")
+            self._move_cursor(job_id, first_seq, cursor)
+            if ranged:
+                self._conn.executemany("insert_range", ranged)
             inserted = self._conn.executemany(query, params) if params else 0
             if inserted < len(params):
                 rejects += self._duplicates(job_id, first_seq, rows, accepted)
             if rejects:
                 self._conn.executemany("insert_reject", rejects)
+        seen = self._seen_ids(job_id, first_seq)
+        seen.update(r[1] for r, ok in zip(rows, accepted, strict=True) if ok)  # type: ignore[misc]
+        self._seen[job_id] = (first_seq + len(rows), seen)
         return accepted
 
     def _duplicates(
@@ -721,11 +1021,17 @@ class SQLLedger:
         # One scan of the job's items, grouped by state, added up here (two scans, one for
         # the states and one for usage, took ~1 s at the end of a million-item run).
         rows = self._conn.fetchall("count_states", _range(job_id))
+        ranged, first, last = self._conn.fetchone("count_ranges", (job_id,))  # type: ignore[misc]
+        if ranged:
+            rows.append(("succeeded", int(ranged), first, last, 0, 0, 0.0, 0.0))
         rejected = self._conn.fetchone("count_rejects", (job_id,))[0]  # type: ignore[index]
+        states: dict[str, int] = {}
+        for r in rows:
+            states[r[0]] = states.get(r[0], 0) + r[1]
         starts = [r[2] for r in rows if r[2] is not None]
         ends = [r[3] for r in rows if r[3] is not None]
         return Counts(
-            {r[0]: r[1] for r in rows},
+            states,
             rejected,
             min(starts) if starts else None,
             max(ends) if ends else None,
@@ -739,7 +1045,15 @@ class SQLLedger:
         self, job_id: int, with_payload: bool = False
     ) -> Iterator[tuple[str, bytes, bytes | None, bytes | None]]:
         query = "results_with_payload" if with_payload else "results"
-        for batch in self._conn.iterate(query, _range(job_id), 5000):
+
+        def of_range(r: tuple) -> list:
+            first, last, _, ids, _, sizes, payloads, results = r
+            none = [None] * (last - first + 1)
+            held = _split(payloads, orjson.loads(sizes)) if with_payload else none
+            return list(zip(orjson.loads(ids), results.split(b"\n"), held, none, strict=True))
+
+        of_item = operator.itemgetter(1, 2, 3, 4)
+        for batch in self._merged(job_id, query, _range(job_id), 5000, of_item, of_range):
             yield from batch
 
     def iter_result_lines(self, job_id: int, id_name: str) -> Iterator[list[bytes]]:
@@ -748,8 +1062,26 @@ class SQLLedger:
         The database splices the id into the stored result JSON itself, which is cheaper
         than handing a million rows to Python to splice."""
         head = "{" + orjson.dumps(id_name).decode() + ":"
-        for batch in self._conn.iterate("result_lines", (head, *_range(job_id)), 10000):
-            yield [r[0] for r in batch]
+        start = head.encode() + b'"'
+
+        def of_range(r: tuple) -> list[bytes]:
+            # The same bytes as the query's, made with bytes methods alone: a ranged id has
+            # nothing JSON escapes, so it is quoted as it is and '","' only separates two;
+            # its results are objects, one a line (add_succeeded).
+            ids, results = r[3], r[7]
+            parts = zip(
+                itertools.repeat(start),
+                ids[2:-2].split(b'","'),
+                itertools.repeat(b'",'),
+                results[1:].split(b"\n{"),
+                itertools.repeat(b"\n"),
+            )
+            return b"".join(itertools.chain.from_iterable(parts)).splitlines(keepends=True)
+
+        params = (head, *_range(job_id))
+        yield from self._merged(
+            job_id, "result_lines", params, 10000, operator.itemgetter(1), of_range
+        )
 
     def iter_failures(self, job_id: int) -> Iterator[Failure]:
         lo, hi = _range(job_id)
@@ -774,7 +1106,11 @@ class SQLLedger:
         """{n: items finished in [since + n*width, since + (n+1)*width)}, from `since` on
         (a throughput over time)."""
         rows = self._conn.fetchall("finished_per_interval", (*_range(job_id), since, width))
-        return {int(n): int(count) for n, count in rows}
+        rows += self._conn.fetchall("ranges_finished_per_interval", (job_id, since, width))
+        out: dict[int, int] = {}
+        for n, count in rows:
+            out[int(n)] = out.get(int(n), 0) + int(count)
+        return out
 
     @_replayed()
     def reject_lines(self, job_id: int, limit: int) -> list[int]:
@@ -784,6 +1120,8 @@ class SQLLedger:
     @_replayed()
     def retry(self, job_id: int, states: tuple[str, ...]) -> int:
         with self._conn.transaction():
+            if "succeeded" in states:
+                self._explode(job_id)
             return self._conn.execute("retry", (*_range(job_id), self._conn.array(states)))
 
     @_replayed()
@@ -824,15 +1162,22 @@ class SQLLedger:
     @_replayed()
     def known_ids(self, job_id: int, custom_ids: list[str]) -> set[str]:
         """Which of `custom_ids` are items of the job already (a queue's redeliveries)."""
-        fetch = self._conn.fetchone
-        return {
-            cid for cid in dict.fromkeys(custom_ids) if fetch("item_by_custom_id", (job_id, cid))
-        }
+        at = self._conn.fetchone("ingest_position", (job_id,))
+        if at is None:
+            return set()
+        # The ids of every item so far (add_items and add_succeeded keep it): read again only
+        # when another process moved the cursor since.
+        seen = self._seen_ids(job_id, int(at[0]))
+        return {cid for cid in dict.fromkeys(custom_ids) if cid in seen}
 
     @_replayed()
     def items_page(self, job_id: int, from_seq: int, limit: int) -> list[ItemState]:
-        """Items from `from_seq` on, in input order, whatever their state (read only)."""
+        """Items from `from_seq` on, in input order, whatever their state (ranges from there on
+        become item rows first)."""
         lo, hi = _range(job_id)
+        if self._conn.fetchall("ranges_page", (job_id, from_seq - 1, _ALL, 1)):
+            with self._conn.transaction():  # what it reads item by item is item rows
+                self._explode(job_id, from_seq - 1)
         rows = self._conn.fetchall("items_page", (lo + from_seq, hi, limit))
         return [ItemState(r[0] & _SEQ_MASK, *r[1:]) for r in rows]
 
