@@ -1,1 +1,2 @@
-"""Backends: predictors (local models, python functions) and, later, batch services."""
+"""Backends: predictors that run in the process (the local model, python functions, self-hosted
+LLMs). The providers' APIs are in llm/."""

@@ -1,2 +1,2 @@
-"""overnight inside pipelines: Dagster (dagster.py). Each module needs its extra installed
-(`pip install overnight[dagster]`)."""
+"""overnight inside pipelines: Dagster (dagster.py) and Airflow (airflow.py). Each module needs
+its extra installed (`pip install overnight[dagster]`, `overnight[airflow]`)."""
