@@ -151,28 +151,36 @@ def server_batch_seconds(url: str, texts: list[str]) -> float:
     return sorted(times)[1]
 
 
-def model_calls(url: str) -> tuple[int, float]:
-    """The server's model calls so far, and their total seconds (its /metrics)."""
+def model_calls(url: str) -> tuple[int, float, float]:
+    """The server's model calls so far, their total seconds and the inputs they served (its
+    /metrics)."""
     text = httpx2.get(f"{url}/metrics", timeout=60).text
+    model = '{model="all-MiniLM-L6-v2"}'
+    heads = {
+        "count": f"overnight_model_call_duration_seconds_count{model} ",
+        "seconds": f"overnight_model_call_duration_seconds_sum{model} ",
+        "inputs": f"overnight_model_batch_size_sum{model} ",
+    }
     found = {}
     for line in text.splitlines():
-        for name in ("count", "sum"):
-            head = f'overnight_model_call_duration_seconds_{name}{{model="all-MiniLM-L6-v2"}} '
+        for name, head in heads.items():
             if line.startswith(head):
                 found[name] = float(line[len(head) :])
-    return int(found.get("count", 0)), found.get("sum", 0.0)
+    return int(found.get("count", 0)), found.get("seconds", 0.0), found.get("inputs", 0.0)
 
 
 def serve_run(work: Path, max_batch_size: int, texts: list[str], tag: str, batch_size: int) -> dict:
     proc, url = start_server(work / tag, max_batch_size, batch_size)
     try:
-        calls0, seconds0 = model_calls(url)  # the warm-up call
+        calls0, seconds0, inputs0 = model_calls(url)  # the warm-up call
         result = asyncio.run(drive(url, texts))
-        calls, seconds = model_calls(url)
-        # A batch time as it was during the run (the same load on the same cores): the
-        # model calls' mean, from the server's own histogram.
+        calls, seconds, inputs = model_calls(url)
+        # A full batch's time as it was during the run (the same load on the same cores):
+        # the model calls' seconds per input, from the server's own histograms, times
+        # max_batch_size (the calls served fewer inputs on average than a full batch).
         result["model_calls"] = calls - calls0
-        result["in_run_batch_seconds"] = (seconds - seconds0) / max(1, calls - calls0)
+        per_input = (seconds - seconds0) / max(1.0, inputs - inputs0)
+        result["in_run_batch_seconds"] = per_input * max_batch_size
         if max_batch_size > 1:
             result["batch_seconds"] = server_batch_seconds(url, texts)
         return result
