@@ -172,8 +172,10 @@ def _items_added(
     first_seq: int,
     rows: list[Row],
     cursor: Cursor,
-    outcomes: list[Outcome] | None = None,
+    outcomes: list[Outcome] | list[bytes] | None = None,
 ) -> list[bool] | None:
+    """Whether the add_items or add_succeeded that was cut off committed: per row, whether
+    it is an item (a row, or in a range) now; None when the cursor did not move."""
     at = ledger._conn.fetchone("ingest_position", (job_id,))
     if at is None or tuple(at) != (cursor.records, cursor.line, cursor.offset, cursor.key):
         return None  # the cursor did not move past these rows: they were not added
@@ -185,23 +187,6 @@ def _items_added(
     for r in ledger._conn.fetchall("ranges_page", window):  # runs committed as ranges
         ids.update(range(first - first_seq + r[0], first - first_seq + r[1] + 1))
     return [first + i in ids for i in range(len(rows))]
-
-
-def _succeeded_added(
-    ledger: SQLLedger,
-    job_id: int,
-    first_seq: int,
-    rows: list[Row],
-    cursor: Cursor,
-    results: list[bytes],
-) -> list[bool] | None:
-    at = ledger._conn.fetchone("ingest_position", (job_id,))
-    if at is None or tuple(at) != (cursor.records, cursor.line, cursor.offset, cursor.key):
-        return None
-    ledger._seen.pop(job_id, None)  # its ids went in, but not into the set: read it again
-    if ledger._conn.fetchone("range_at", (job_id, first_seq)) is not None:
-        return [True] * len(rows)
-    return _items_added(ledger, job_id, first_seq, rows, cursor)
 
 
 def _leased(ledger: SQLLedger, job_id: int, limit: int, lease: Lease) -> list[Item] | None:
@@ -686,7 +671,7 @@ class SQLLedger:
             ranged,
         )
 
-    @_replayed(_succeeded_added)
+    @_replayed(_items_added)
     def add_succeeded(
         self, job_id: int, first_seq: int, rows: list[Row], cursor: Cursor, results: list[bytes]
     ) -> list[bool]:

@@ -638,10 +638,6 @@ INSERT INTO ranges (job_id, first_seq, last_seq, finished_at, ids, lines, sizes,
     results)
 VALUES (:job_id, :first_seq, :last_seq, :now, :ids, :lines, :sizes, :payloads, :results)
 
--- name: range_at(job_id, first_seq)
--- After a lost connection: did the add_succeeded that was cut off commit? (replay)
-SELECT last_seq FROM ranges WHERE job_id = :job_id AND first_seq = :first_seq
-
 -- name: ranges_page(job_id, after, upto, limit)
 -- A job's ranges that hold a seq in (after, upto], in input order.
 SELECT first_seq, last_seq, finished_at, ids, lines, sizes, payloads, results FROM ranges
