@@ -233,8 +233,9 @@ def test_flush_by_size_and_by_wait(tmp_path: Path, redis_broker: RedisStreams) -
         clock.now += 31  # the oldest has waited flush_wait
         wait_for(lambda: len(calls(tmp_path)) == 3)
         b.publish(records(range(3, 13)))  # flush_size arrive: at once, the clock standing still
-        wait_for(lambda: len(calls(tmp_path)) == 13)
-        assert counts(job_file)["succeeded"] == 13
+        # The function has seen all 13 before their batch commits: wait for the commit.
+        wait_for(lambda: counts(job_file)["succeeded"] == 13)
+        assert len(calls(tmp_path)) == 13
     finally:
         consumer.stop.set()
         thread.join(30)
