@@ -170,7 +170,9 @@ def test_a_worker_takes_the_ingest_over_when_the_ingester_dies(tmp_path):
     for attempt in range(3):
         folder = tmp_path / f"attempt{attempt}"
         folder.mkdir()
-        job = make_job(folder, n, sleep=0.0, run='batch_size = 500\nisolation = "none"')
+        # 5 ms a call of 500: alone, the ingester reads for about a second, time for the
+        # helper to start and join (at 0 ms it often read all 100,000 first on a quiet box).
+        job = make_job(folder, n, sleep=0.005, run='batch_size = 500\nisolation = "none"')
         job.write_text(job.read_text().replace("batch_size = 10\n", ""))
         ingester = start(job)
         wait(lambda f=folder: len(calls(f)) > 0)  # alone: it computes as it reads
