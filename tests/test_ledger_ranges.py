@@ -320,3 +320,38 @@ def test_ranged_runs_whose_commit_answer_was_lost_are_committed_once(pg_ledger_u
         assert ledger.counts(job.id).by_state == {"succeeded": 599, "failed": 1}
     finally:
         ledger.close()
+
+
+def test_the_ids_seen_are_hashes_in_sorted_arrays_about_8_bytes_each():
+    from overnight.store.idset import IdHashes
+
+    added = [f"r{i}" for i in range(100_000)]
+    seen = IdHashes(added[:50_000])
+    seen.update(added[50_000:])
+    assert len(seen) == 100_000
+    assert all(seen.maybe(added[::7]))
+    others = [f"s{i}" for i in range(20_000)]
+    assert sum(seen.maybe(others)) == 0  # a 64-bit hash: no false hit in 20,000
+    assert seen.isdisjoint(others) and not seen.isdisjoint(["s1", "r99999"])
+    held = sum(level.nbytes for level in seen._levels)
+    assert held <= 8 * 100_000 and len(seen._levels) <= 6  # ~log2(100,000 / 4,096) levels
+
+
+def test_an_id_whose_hash_is_seen_but_which_is_no_item_is_taken_not_refused(store):
+    """Two ids that share a hash: the set of seen ids says "maybe"; the ledger asks its rows,
+    so the second id is an item all the same, and a queue's message with it is new."""
+    from overnight.store.idset import IdHashes
+
+    ledger = store.open()
+    job = ledger.create_job("job", "h", FP)
+    assert add_ranged(ledger, job.id, 0, ["a", "b"]) == [True, True]
+    # As if "c" and "x" hashed alike with "a": the set claims them, no item holds them.
+    ledger._seen[job.id] = (2, IdHashes(["a", "b", "c", "x"]))
+    assert ledger.known_ids(job.id, ["b", "c", "x", "new"]) == {"b"}
+    assert add_ranged(ledger, job.id, 2, ["c", "d"]) == [True, True]
+    rows = rows_of(["x", "b"], first_line=5)
+    assert ledger.add_items(job.id, 4, rows, Cursor(6, 7, 0)) == [True, False]
+    assert [f.message for f in ledger.iter_failures(job.id)] == [
+        "line 6: duplicate id 'b' (first seen on line 2)"
+    ]
+    assert ledger.counts(job.id).by_state == {"succeeded": 4, "pending": 1}

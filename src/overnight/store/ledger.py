@@ -47,6 +47,7 @@ from .base import (
     RunRecord,
 )
 from .connector import Connector
+from .idset import IdHashes
 
 SEQ_BITS = 40  # up to a trillion records per job
 _SEQ_MASK = (1 << SEQ_BITS) - 1
@@ -280,10 +281,11 @@ class SQLLedger:
     def __init__(self, connector: Connector) -> None:
         self._conn = connector
         # Per job being ingested by this process: (the seq its next batch starts at, the ids
-        # of its items so far). A repeated id is refused against it (the first one wins):
-        # ranges have no index on their ids. Read again from the ledger whenever the next
-        # batch does not start where this process left off (a resume, another ingester).
-        self._seen: dict[int, tuple[int, set[str]]] = {}
+        # of its items so far, as hashes: idset.py). A repeated id is refused against it (the
+        # first one wins): ranges have no index on their ids. Read again from the ledger
+        # whenever the next batch does not start where this process left off (a resume,
+        # another ingester).
+        self._seen: dict[int, tuple[int, IdHashes]] = {}
         try:
             self._migrate()
         except BaseException:
@@ -687,7 +689,7 @@ class SQLLedger:
         fresh = set(map(_CUSTOM_ID, rows))
         seen = self._seen_ids(job_id, first_seq)
         args = None
-        if rows and len(fresh) == len(rows) and seen.isdisjoint(fresh):
+        if rows and len(fresh) == len(rows) and seen.isdisjoint(list(fresh)):
             args = _range_args(job_id, first_seq, rows, results, now)
         if args is None:  # as add_items (its runs of plain records still become ranges)
             outcomes = [
@@ -699,7 +701,7 @@ class SQLLedger:
         with self._conn.transaction():
             self._move_cursor(job_id, first_seq, cursor)
             self._conn.execute("insert_range", args)
-        seen |= fresh
+        seen.update(fresh)
         self._seen[job_id] = (first_seq + len(rows), seen)
         return [True] * len(rows)
 
@@ -711,12 +713,13 @@ class SQLLedger:
         if not moved:
             raise ConcurrentIngest(f"job {job_id}: another runner is ingesting this job")
 
-    def _seen_ids(self, job_id: int, first_seq: int) -> set[str]:
-        """The ids of job `job_id`'s items (rows and ranges), for a batch from `first_seq`."""
+    def _seen_ids(self, job_id: int, first_seq: int) -> IdHashes:
+        """The ids of job `job_id`'s items (rows and ranges), for a batch from `first_seq`:
+        their hashes (a hit is confirmed with _first_line)."""
         got = self._seen.get(job_id)
         if got is not None and got[0] == first_seq:
             return got[1]
-        seen = {r[0] for r in self._conn.fetchall("item_custom_ids", (job_id,))}
+        seen = IdHashes(r[0] for r in self._conn.fetchall("item_custom_ids", (job_id,)))
         for (ids,) in self._conn.fetchall("range_ids", (job_id,)):
             seen.update(orjson.loads(ids))
         self._seen[job_id] = (first_seq, seen)
@@ -727,7 +730,7 @@ class SQLLedger:
     ) -> list[tuple[int, int, int, str | None, str]]:
         """Rows whose id an earlier record has (of this batch or of the job): refused, the
         first one wins. Marks them not accepted; returns their rejects."""
-        seen = self._seen_ids(job_id, first_seq)
+        maybe = self._seen_ids(job_id, first_seq).maybe([r[1] for r in rows])
         firsts: dict[str | None, int] = {}
         out = []
         for i, r in enumerate(rows):
@@ -735,7 +738,7 @@ class SQLLedger:
                 continue
             cid = r[1]
             line = firsts.get(cid)
-            if line is None and cid in seen:
+            if line is None and maybe[i]:
                 line = self._first_line(job_id, cid)  # type: ignore[arg-type]
             if line is None:
                 firsts[cid] = r[0]
@@ -1152,8 +1155,13 @@ class SQLLedger:
             return set()
         # The ids of every item so far (add_items and add_succeeded keep it): read again only
         # when another process moved the cursor since.
-        seen = self._seen_ids(job_id, int(at[0]))
-        return {cid for cid in dict.fromkeys(custom_ids) if cid in seen}
+        asked = list(dict.fromkeys(custom_ids))
+        maybe = self._seen_ids(job_id, int(at[0])).maybe(asked)
+        return {
+            cid
+            for cid, hit in zip(asked, maybe, strict=True)
+            if hit and self._first_line(job_id, cid) is not None  # a hash hit, confirmed
+        }
 
     @_replayed()
     def items_page(self, job_id: int, from_seq: int, limit: int) -> list[ItemState]:
