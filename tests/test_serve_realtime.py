@@ -412,3 +412,31 @@ def test_intake_settings_are_checked(tmp_path: Path) -> None:
         "max_wait_ms": 2.5,
         "max_queue": 10,
     }
+
+
+def test_a_micro_batch_is_encoded_in_sub_batches_of_equal_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """[run] batch_size = 8 and 9 texts: two sub-batches of 5 and 4, not 8 and 1 (a small
+    batch's fixed cost paid for one text), each text still answered in its place."""
+    from overnight.backends.local import LocalModel
+    from overnight.service.realtime import Realtime
+
+    config = write(tmp_path, run="batch_size = 8")
+    config.write_text(config.read_text() + '[models.mini]\nbackend = "local"\n')
+    served = load_config(config)
+    sizes: list[int | None] = []
+    embed = LocalModel.embed
+
+    def spy(self: LocalModel, texts: list[str], batch_size: int | None = None) -> object:
+        sizes.append(batch_size)
+        return embed(self, texts, batch_size=batch_size)
+
+    monkeypatch.setattr(LocalModel, "embed", spy)
+    call = Realtime(served)._loader("mini", served.models["mini"])()
+    texts = [f"ticket number {i} " * (i + 1) for i in range(9)]
+    sizes.clear()  # the warm-up call
+    together = np.array(call(texts))
+    assert sizes == [5]
+    alone = np.array([call([t])[0] for t in texts])
+    assert np.allclose(together, alone, atol=1e-5)

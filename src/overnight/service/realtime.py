@@ -178,11 +178,20 @@ class Realtime:
 
                 self._heads[name] = ClassifierHead.zero_shot(encoder, model.label_descriptions())
             encoder.embed(["warm up"])  # the first call pays for lazy initialisation
-            # A micro-batch is encoded sorted by length, in sub-batches of [run] batch_size
-            # when it is a number (less padding than one batch of mixed lengths), else whole.
+            # A micro-batch is encoded sorted by length, in sub-batches of at most [run]
+            # batch_size when it is a number (less padding than one batch of mixed lengths),
+            # else whole. The sub-batches are of equal size: 34 texts as 17 + 17 ran at 230
+            # texts/s, as 32 + 2 at 184 (all-MiniLM-L6-v2, 2 cores), a small batch's fixed
+            # cost paid for two texts.
             size = self.config.spec.run.batch_size
-            inner = size if isinstance(size, int) else None
-            return lambda texts: list(encoder.embed(texts, batch_size=inner))
+            if not isinstance(size, int):
+                return lambda texts: list(encoder.embed(texts))
+
+            def embed(texts: list[Any]) -> list[Any]:
+                parts = -(-len(texts) // size)  # ceil
+                return list(encoder.embed(texts, batch_size=-(-len(texts) // max(parts, 1))))
+
+            return embed
 
         return python if model.backend == "python" else local
 
