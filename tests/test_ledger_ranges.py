@@ -355,3 +355,31 @@ def test_an_id_whose_hash_is_seen_but_which_is_no_item_is_taken_not_refused(stor
         "line 6: duplicate id 'b' (first seen on line 2)"
     ]
     assert ledger.counts(job.id).by_state == {"succeeded": 4, "pending": 1}
+
+
+def test_an_id_with_nul_and_its_stored_twin_are_one_id_or_two_the_same_in_every_process(store):
+    """PostgreSQL's text stores NUL as U+FFFD (store/postgresql.py): there "x\\0" and "x\\uFFFD"
+    are one id, and the second is a repeat, in the process that ingested the first as in a
+    fresh one. Before, the ingesting process took both (the export held two records with id
+    "x\\uFFFD") and a resume or an incremental rerun refused the second."""
+    ledger = store.open()
+    job = ledger.create_job("job", "h", FP)
+    nul, twin = "x\x00", "x\ufffd"
+    rows = rows_of([nul, "a"])
+    outcomes = [Outcome(k, "succeeded", res(r.custom_id), attempts=1) for k, r in enumerate(rows)]
+    assert ledger.add_items(job.id, 0, rows, Cursor(2, 3, 0), outcomes) == [True, True]
+    one = store.kind == "postgresql"  # SQLite keeps the id as it is: two ids
+    assert add_ranged(ledger, job.id, 2, [twin, "b"]) == [not one, True]
+    other = store.open()  # a resume: what a fresh process decides is the same
+    assert add_ranged(other, job.id, 4, [twin, "c"]) == [False, True]
+    assert ledger.known_ids(job.id, [nul, twin, "d"]) == {nul, twin}
+    lines = b"".join(b"".join(b) for b in other.iter_result_lines(job.id, "id"))
+    ids = [orjson.loads(x)["id"] for x in lines.splitlines()]
+    assert len(ids) == len(set(ids)) == (4 if one else 5)  # each id once in the output
+    messages = [f.message for f in other.iter_failures(job.id)]
+    if one:
+        assert messages == [
+            f"line {n}: duplicate id {twin!r} (first seen on line 1)" for n in (3, 5)
+        ]
+    else:
+        assert messages == [f"line 5: duplicate id {twin!r} (first seen on line 3)"]

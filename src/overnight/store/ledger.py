@@ -729,14 +729,18 @@ class SQLLedger:
         self, job_id: int, first_seq: int, rows: list[Row], accepted: list[bool]
     ) -> list[tuple[int, int, int, str | None, str]]:
         """Rows whose id an earlier record has (of this batch or of the job): refused, the
-        first one wins. Marks them not accepted; returns their rejects."""
-        maybe = self._seen_ids(job_id, first_seq).maybe([r[1] for r in rows])
+        first one wins. Marks them not accepted; returns their rejects. Ids are compared as
+        the database stores them (Connector.text): two ids it stores alike are one id, in
+        this process as in the next one that reads them back."""
+        text = self._conn.text
+        stored = [text(r[1]) if ok else None for r, ok in zip(rows, accepted, strict=True)]  # type: ignore[arg-type]
+        maybe = self._seen_ids(job_id, first_seq).maybe(stored)  # type: ignore[arg-type]
         firsts: dict[str | None, int] = {}
         out = []
         for i, r in enumerate(rows):
             if not accepted[i]:
                 continue
-            cid = r[1]
+            cid = stored[i]
             line = firsts.get(cid)
             if line is None and maybe[i]:
                 line = self._first_line(job_id, cid)  # type: ignore[arg-type]
@@ -749,8 +753,8 @@ class SQLLedger:
                     job_id,
                     first_seq + i,
                     r[0],
-                    cid,
-                    f"line {r[0]}: duplicate id {cid!r} (first seen on line {line})",
+                    r[1],
+                    f"line {r[0]}: duplicate id {r[1]!r} (first seen on line {line})",
                 )
             )
         return out
@@ -857,7 +861,8 @@ class SQLLedger:
             if rejects:
                 self._conn.executemany("insert_reject", rejects)
         seen = self._seen_ids(job_id, first_seq)
-        seen.update(r[1] for r, ok in zip(rows, accepted, strict=True) if ok)  # type: ignore[misc]
+        text = self._conn.text  # as the rows read back hold them (_seen_ids)
+        seen.update(text(r[1]) for r, ok in zip(rows, accepted, strict=True) if ok)  # type: ignore[arg-type]
         self._seen[job_id] = (first_seq + len(rows), seen)
         return accepted
 
@@ -1156,11 +1161,12 @@ class SQLLedger:
         # The ids of every item so far (add_items and add_succeeded keep it): read again only
         # when another process moved the cursor since.
         asked = list(dict.fromkeys(custom_ids))
-        maybe = self._seen_ids(job_id, int(at[0])).maybe(asked)
+        stored = list(map(self._conn.text, asked))  # as the items hold them (_repeats)
+        maybe = self._seen_ids(job_id, int(at[0])).maybe(stored)
         return {
             cid
-            for cid, hit in zip(asked, maybe, strict=True)
-            if hit and self._first_line(job_id, cid) is not None  # a hash hit, confirmed
+            for cid, as_stored, hit in zip(asked, stored, maybe, strict=True)
+            if hit and self._first_line(job_id, as_stored) is not None  # a hash hit, confirmed
         }
 
     @_replayed()

@@ -69,12 +69,17 @@ def _translate(url: str, exc: psycopg.Error) -> LedgerError:
     return LedgerError(f"ledger {url}: {text}" + (f" ({hint})" if hint else ""))
 
 
+def _text(value: str) -> str:
+    return value.replace("\x00", "\ufffd") if "\x00" in value else value
+
+
 class _TextDumper(StrDumperUnknown):
     """PostgreSQL's text cannot hold NUL, which an error message (a user function's, a
-    provider's) may: it is stored as U+FFFD rather than failing the commit it belongs to."""
+    provider's) or an id may: it is stored as U+FFFD rather than failing the commit it
+    belongs to (so "x\\0" and "x\\uFFFD" are one id there: SQLLedger._repeats)."""
 
     def dump(self, obj: str) -> Buffer | None:
-        return super().dump(obj.replace("\x00", "\ufffd") if "\x00" in obj else obj)
+        return super().dump(_text(obj))
 
 
 class PostgresConnector:
@@ -173,6 +178,8 @@ class PostgresConnector:
 
     def array(self, values: Sequence[str]) -> Any:
         return list(values)  # a text[]
+
+    text = staticmethod(_text)
 
     @contextmanager
     def transaction(self) -> Iterator[None]:

@@ -153,6 +153,10 @@ class SQLiteConnector:
     def array(self, values: Sequence[str]) -> Any:
         return orjson.dumps(list(values)).decode()  # read by json_each()
 
+    @staticmethod
+    def text(value: str) -> str:
+        return value  # stored as it is
+
     def _check_file(self) -> None:
         try:
             inode = os.stat(self.path).st_ino
