@@ -112,6 +112,10 @@ class Connector(Protocol):
         NUL as U+FFFD)."""
 
     def transaction(self) -> AbstractContextManager[None]: ...
+    def snapshot(self) -> AbstractContextManager[None]:
+        """Reads that see one state of the database, while other connections write on (a
+        read-only transaction; inside one already, that one's). No write inside it."""
+
     def reconnect(self) -> None:
         """After `ConnectionLost`: a new connection in place of the broken one (or
         `LedgerError` when the server stays out of reach)."""

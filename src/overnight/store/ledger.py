@@ -812,7 +812,22 @@ class SQLLedger:
         of_range: Callable[[tuple], list],
     ) -> Iterator[list]:
         """Batches of a query over item rows (its first column the item's id), with the
-        job's ranges (`of_range`) in their place in input order."""
+        job's ranges (`of_range`) in their place in input order.
+
+        In one snapshot: another process may turn ranges into item rows (_explode) between
+        two reads, and the reads in between would then miss those records or see them twice."""
+        with self._conn.snapshot():
+            yield from self._merged_now(job_id, query, params, size, of_item, of_range)
+
+    def _merged_now(
+        self,
+        job_id: int,
+        query: str,
+        params: tuple,
+        size: int,
+        of_item: Callable[[tuple], Any],
+        of_range: Callable[[tuple], list],
+    ) -> Iterator[list]:
         lo = job_id << SEQ_BITS
         ranges = self._ranges(job_id)
         nxt = next(ranges, None)

@@ -182,6 +182,21 @@ class PostgresConnector:
     text = staticmethod(_text)
 
     @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        if self.db.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            yield
+            return
+        try:
+            self.db.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        except psycopg.Error as exc:
+            raise self._error(exc) from None
+        try:
+            yield
+        finally:
+            with contextlib.suppress(psycopg.Error):
+                self.db.execute("COMMIT")  # a lost connection: nothing to end
+
+    @contextmanager
     def transaction(self) -> Iterator[None]:
         try:
             with self.db.transaction():

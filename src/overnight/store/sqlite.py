@@ -170,6 +170,24 @@ class SQLiteConnector:
             )
 
     @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        if self.db.in_transaction:
+            yield
+            return
+        try:
+            # Deferred: the first read fixes what this connection sees until COMMIT (WAL:
+            # writers are not held up), and it takes no write lock.
+            self.db.execute("BEGIN")
+        except sqlite3.Error as exc:
+            raise _translate(self.path, exc) from None
+        try:
+            yield
+        finally:
+            if self.db.in_transaction:
+                with suppress(sqlite3.Error):
+                    self.db.execute("COMMIT")
+
+    @contextmanager
     def transaction(self) -> Iterator[None]:
         self._check_file()
         try:
