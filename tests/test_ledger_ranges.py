@@ -411,3 +411,36 @@ def test_an_export_while_another_process_turns_ranges_into_rows_has_every_record
         assert got == ids, read
         assert writer.counts(job.id).by_state == {"succeeded": 200}
     assert reader.add_items(job.id, 200, rows_of(["after"], 201), Cursor(201, 202, 0)) == [True]
+
+
+def test_an_input_read_twice_scans_the_ranges_once_a_batch_not_once_a_repeat(store):
+    """Each repeated id is confirmed, and its first line found, in the ledger's rows. Per
+    repeat, that was a scan of every range of the job: an input file concatenated with itself
+    (100,000 lines) took 47 s instead of 0.5 s, and grew with the square of its size. Now
+    one batch's repeats are looked up in one pass over the ranges' ids."""
+    ledger = store.open()
+    job = ledger.create_job("job", "h", FP)
+    ids = [f"r{i}" for i in range(3000)]
+    for k in range(0, 3000, 1000):
+        assert add_ranged(ledger, job.id, k, ids[k : k + 1000]) == [True] * 1000
+    scans = []
+    conn = ledger._conn
+    fetchall, iterate = conn.fetchall, conn.iterate
+
+    def counted(read, query: str, *params):
+        if query.startswith("range"):  # ranges_with_id, range_ids, range_lines
+            scans.append(query)
+        return read(query, *params)
+
+    conn.fetchall = lambda *a: counted(fetchall, *a)  # type: ignore[method-assign]
+    conn.iterate = lambda *a: counted(iterate, *a)  # type: ignore[method-assign]
+    for k in range(0, 3000, 1000):  # the file again, its batches on the fast path
+        assert add_ranged(ledger, job.id, 3000 + k, ids[k : k + 1000]) == [False] * 1000
+    assert len(scans) <= 3 * 2, scans[:5]
+    messages = [f.message for f in ledger.iter_failures(job.id)]
+    assert len(messages) == 3000
+    assert messages[0] == "line 3001: duplicate id 'r0' (first seen on line 1)"
+    assert messages[-1] == "line 6000: duplicate id 'r2999' (first seen on line 3000)"
+    assert ledger.known_ids(job.id, ids[::2] + ["new"]) == set(ids[::2])
+    assert len(scans) <= 3 * 2 + 2, scans[:5]
+    assert ledger.counts(job.id).by_state == {"succeeded": 3000}

@@ -735,6 +735,8 @@ class SQLLedger:
         text = self._conn.text
         stored = [text(r[1]) if ok else None for r, ok in zip(rows, accepted, strict=True)]  # type: ignore[arg-type]
         maybe = self._seen_ids(job_id, first_seq).maybe(stored)  # type: ignore[arg-type]
+        hits = [c for c, hit in zip(stored, maybe, strict=True) if hit and c is not None]
+        earlier = self._first_lines(job_id, hits)  # type: ignore[arg-type]
         firsts: dict[str | None, int] = {}
         out = []
         for i, r in enumerate(rows):
@@ -742,8 +744,8 @@ class SQLLedger:
                 continue
             cid = stored[i]
             line = firsts.get(cid)
-            if line is None and maybe[i]:
-                line = self._first_line(job_id, cid)  # type: ignore[arg-type]
+            if line is None:
+                line = earlier.get(cid)  # type: ignore[arg-type]
             if line is None:
                 firsts[cid] = r[0]
                 continue
@@ -770,6 +772,32 @@ class SQLLedger:
             if custom_id in held:
                 return int(orjson.loads(lines)[held.index(custom_id)])
         return None
+
+    def _first_lines(self, job_id: int, custom_ids: list[str]) -> dict[str, int]:
+        """The input line of each of `custom_ids` that is an item of the job (_first_line for
+        many ids): the ranges are read once for all of them, not once an id (an input file
+        concatenated with itself made that a scan of every range per line of its second half)."""
+        if len(custom_ids) <= 2:  # a repeat now and then: the database searches the ranges
+            found = {c: self._first_line(job_id, c) for c in custom_ids}
+            return {c: line for c, line in found.items() if line is not None}
+        out: dict[str, int] = {}
+        for cid in dict.fromkeys(custom_ids):
+            got = self._conn.fetchone("item_by_custom_id", (job_id, cid))
+            if got is not None:
+                out[cid] = int(got[1])
+        wanted = set(custom_ids).difference(out)
+        if wanted:
+            for page in self._conn.iterate("range_lines", (job_id,), _RANGE_PAGE):
+                for _, ids, lines in page:
+                    held = orjson.loads(ids)
+                    if wanted.isdisjoint(held):
+                        continue
+                    at = orjson.loads(lines)
+                    for k, cid in enumerate(held):
+                        if cid in wanted:
+                            out[cid] = int(at[k])
+                            wanted.discard(cid)
+        return out
 
     def _explode(self, job_id: int, after: int = -1) -> int:
         """Turn the job's ranges holding seqs past `after` back into item rows, as the fast
@@ -1178,11 +1206,9 @@ class SQLLedger:
         asked = list(dict.fromkeys(custom_ids))
         stored = list(map(self._conn.text, asked))  # as the items hold them (_repeats)
         maybe = self._seen_ids(job_id, int(at[0])).maybe(stored)
-        return {
-            cid
-            for cid, as_stored, hit in zip(asked, stored, maybe, strict=True)
-            if hit and self._first_line(job_id, as_stored) is not None  # a hash hit, confirmed
-        }
+        hits = [c for c, hit in zip(stored, maybe, strict=True) if hit]
+        items = self._first_lines(job_id, hits)  # a hash hit, confirmed
+        return {cid for cid, as_stored in zip(asked, stored, strict=True) if as_stored in items}
 
     @_replayed()
     def items_page(self, job_id: int, from_seq: int, limit: int) -> list[ItemState]:

@@ -671,6 +671,10 @@ SELECT ids FROM ranges WHERE job_id = :job_id
 -- name: item_custom_ids(job_id)
 SELECT custom_id FROM items WHERE job_id = :job_id
 
+-- name: range_lines(job_id)
+-- Every range's ids and lines (SQLLedger._first_lines: the first lines of many ids at once).
+SELECT first_seq, ids, lines FROM ranges WHERE job_id = :job_id ORDER BY first_seq
+
 -- name: ranges_with_id(job_id, needle)
 -- The ranges whose ids may hold one (`needle`: the id as JSON; the caller checks exactly).
 SELECT first_seq, ids, lines FROM ranges WHERE job_id = :job_id AND instr(ids, :needle) > 0
