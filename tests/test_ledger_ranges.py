@@ -444,3 +444,41 @@ def test_an_input_read_twice_scans_the_ranges_once_a_batch_not_once_a_repeat(sto
     assert ledger.known_ids(job.id, ids[::2] + ["new"]) == set(ids[::2])
     assert len(scans) <= 3 * 2 + 2, scans[:5]
     assert ledger.counts(job.id).by_state == {"succeeded": 3000}
+
+
+def test_an_id_longer_than_a_postgresql_index_holds_fails_its_record_alone(store):
+    """PostgreSQL's unique index on the ids holds up to ~2,700 bytes an entry: a 9,000-byte
+    id made the whole batch's commit fail ("index row requires 9024 bytes"), and every run
+    after it again: one record sank the job. It is refused alone now, as an input error
+    naming its line; a range (no index) refuses it too, or turning that range into rows
+    later would fail. SQLite has no such limit and keeps it."""
+    import random
+    import string
+
+    rng = random.Random(1)
+    long = "".join(rng.choice(string.ascii_letters) for _ in range(9000))  # incompressible
+    ledger = store.open()
+    job = ledger.create_job("job", "h", FP)
+    pg = store.kind == "postgresql"
+    assert ledger.add_items(job.id, 0, rows_of(["a", long, "b"]), Cursor(3, 4, 0)) == [
+        True,
+        not pg,
+        True,
+    ]
+    ids = ["c", long + "x", "d"]
+    outcomes = [Outcome(3 + k, "succeeded", res(c), attempts=1) for k, c in enumerate(ids)]
+    rows = rows_of(ids, first_line=4)
+    assert ledger.add_items(job.id, 3, rows, Cursor(6, 7, 0), outcomes) == [True, not pg, True]
+    assert add_ranged(ledger, job.id, 6, ["e", long + "y", "f"]) == [True, not pg, True]
+    assert ledger.items_page(job.id, 0, 100)  # ranges into rows: nothing there to fail
+    want = {"pending": 2 + (not pg), "succeeded": 4 + 2 * (not pg)}
+    assert ledger.counts(job.id).by_state == want
+    messages = [f.message for f in ledger.iter_failures(job.id)]
+    if pg:
+        assert messages == [
+            f"line {n}: the id is 9,00{k} bytes long; a PostgreSQL ledger holds ids of"
+            " up to 2,600 bytes"
+            for n, k in ((2, 0), (5, 1), (8, 1))
+        ]
+    else:
+        assert messages == []

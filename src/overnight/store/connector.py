@@ -98,6 +98,8 @@ class Connector(Protocol):
     the same rows out (SQLite: the whole file; PostgreSQL: the rows, plus `lock_job`)."""
 
     url: str  # for messages, without a password
+    # The longest id (UTF-8 bytes) the database's unique index on ids holds; None: no limit.
+    max_id_bytes: int | None
 
     def names(self, prefix: str) -> list[str]: ...
     def execute(self, query: str, params: Params = ()) -> int: ...

@@ -24,7 +24,7 @@ import random
 import secrets
 import string
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 import orjson
@@ -689,7 +689,12 @@ class SQLLedger:
         fresh = set(map(_CUSTOM_ID, rows))
         seen = self._seen_ids(job_id, first_seq)
         args = None
-        if rows and len(fresh) == len(rows) and seen.isdisjoint(list(fresh)):
+        if (
+            rows
+            and len(fresh) == len(rows)
+            and seen.isdisjoint(list(fresh))
+            and not self._long_ids(fresh)  # refused one by one (_too_long), as by add_items
+        ):
             args = _range_args(job_id, first_seq, rows, results, now)
         if args is None:  # as add_items (its runs of plain records still become ranges)
             outcomes = [
@@ -731,14 +736,15 @@ class SQLLedger:
         """Rows whose id an earlier record has (of this batch or of the job): refused, the
         first one wins. Marks them not accepted; returns their rejects. Ids are compared as
         the database stores them (Connector.text): two ids it stores alike are one id, in
-        this process as in the next one that reads them back."""
+        this process as in the next one that reads them back. An id longer than the
+        database's index holds is refused too (that record alone, not its batch)."""
+        out = self._too_long(job_id, first_seq, rows, accepted)
         text = self._conn.text
         stored = [text(r[1]) if ok else None for r, ok in zip(rows, accepted, strict=True)]  # type: ignore[arg-type]
         maybe = self._seen_ids(job_id, first_seq).maybe(stored)  # type: ignore[arg-type]
         hits = [c for c, hit in zip(stored, maybe, strict=True) if hit and c is not None]
         earlier = self._first_lines(job_id, hits)  # type: ignore[arg-type]
         firsts: dict[str | None, int] = {}
-        out = []
         for i, r in enumerate(rows):
             if not accepted[i]:
                 continue
@@ -759,6 +765,43 @@ class SQLLedger:
                     f"line {r[0]}: duplicate id {r[1]!r} (first seen on line {line})",
                 )
             )
+        return out
+
+    def _long_ids(self, ids: Iterable[str]) -> bool:
+        """Whether any of `ids` is longer than the database's index on ids holds."""
+        limit = self._conn.max_id_bytes
+        if limit is None:
+            return False
+        ids = list(ids)
+        return max(map(len, ids), default=0) * 4 > limit and any(
+            len(c.encode()) > limit for c in ids
+        )
+
+    def _too_long(
+        self, job_id: int, first_seq: int, rows: list[Row], accepted: list[bool]
+    ) -> list[tuple[int, int, int, str | None, str]]:
+        """Rows whose id the database's index cannot hold: refused (an input error), and
+        marked not accepted; returns their rejects."""
+        limit = self._conn.max_id_bytes
+        if limit is None:
+            return []
+        if not self._long_ids([r[1] for r, ok in zip(rows, accepted, strict=True) if ok]):  # type: ignore[misc]
+            return []
+        out = []
+        for i, r in enumerate(rows):
+            size = len(r[1].encode()) if accepted[i] else 0  # type: ignore[union-attr]
+            if size > limit:
+                accepted[i] = False
+                out.append(
+                    (
+                        job_id,
+                        first_seq + i,
+                        r[0],
+                        r[1],
+                        f"line {r[0]}: the id is {size:,} bytes long; a PostgreSQL ledger"
+                        f" holds ids of up to {limit:,} bytes",
+                    )
+                )
         return out
 
     def _first_line(self, job_id: int, custom_id: str) -> int | None:

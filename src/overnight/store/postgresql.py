@@ -83,6 +83,10 @@ class _TextDumper(StrDumperUnknown):
 
 
 class PostgresConnector:
+    # A btree index entry holds at most ~2,700 bytes (a third of a page): a longer id made
+    # its whole batch's commit fail ("index row size ... exceeds btree maximum").
+    max_id_bytes = 2600
+
     def __init__(self, url: str) -> None:
         self.url = safe_url(url)
         self._dsn = url

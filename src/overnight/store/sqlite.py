@@ -68,6 +68,8 @@ def switch_to_wal(db: sqlite3.Connection, timeout: float) -> None:
 
 
 class SQLiteConnector:
+    max_id_bytes = None  # an index entry may be as long as the row
+
     def __init__(self, path: str | Path) -> None:
         path = Path(path)
         if path.is_dir():
