@@ -884,6 +884,19 @@ def test_parquet_export_of_mixed_output_types_explains_itself(tmp_path):
         job.run()
 
 
+def test_parquet_export_of_types_that_change_past_the_first_chunk_explains_itself(tmp_path):
+    """The first 10,000 rows set the columns' types; a struct in a later chunk (no cast from
+    it to int64) gets the same clear error, not an unexpected ArrowNotImplementedError."""
+    write_jsonl(tmp_path / "in.jsonl", records(10_005))
+    body = (
+        "def fn(records):\n    return [r['n'] if r['n'] < 10_000 else {'x': 1} for r in records]\n"
+    )
+    job = make_job(tmp_path, make_function(tmp_path, body), output={"path": "out.parquet"})
+    with pytest.raises(ValueError, match="do not share one type"):
+        job.run()
+    assert job.status().counts.by_state == {"succeeded": 10_005}  # the results are kept
+
+
 # -- a runner that died ----------------------------------------------------------------------
 # What a runner killed while computing (kill -9, a crash in the function, the OOM killer)
 # leaves in the ledger, made here by hand so that the next run is this test's own process:

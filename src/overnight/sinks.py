@@ -185,7 +185,9 @@ def _write_parquet(
                 writer = pq.ParquetWriter(path, table.schema)
             elif table.schema != writer.schema:
                 table = table.cast(writer.schema)
-        except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as exc:
+        # (A later chunk's types are cast to the first's: a cast arrow has no kernel for,
+        # struct to int say, is ArrowNotImplementedError.)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, ValueError) as exc:
             raise ExportError(
                 f"{final}: output rows do not share one type ({exc}); Parquet needs one type "
                 "per column: export to .jsonl instead (the results are safe in the ledger)"
