@@ -265,6 +265,18 @@ def test_commands_before_any_run_exit_2(tmp_path):
     assert not (tmp_path / "out.jsonl").exists()
 
 
+def test_a_mistyped_ledger_path_is_not_made_by_the_commands_that_read_it(tmp_path):
+    setup_job(tmp_path)
+    assert cli(tmp_path, "run", "job.toml").returncode == 0
+    typo = tmp_path / "stat" / "ledger.db"
+    for command in ("status", "failures", "retry", "export"):
+        proc = cli(tmp_path, command, "job.toml", "--ledger", str(typo))
+        assert proc.returncode == 2, command
+        assert f"has not been run yet (no ledger at {typo})" in proc.stderr, command
+    assert not typo.parent.exists()
+    assert cli(tmp_path, "status", "job.toml").returncode == 0  # the right one still reads
+
+
 def test_run_json_parses(tmp_path):
     setup_job(tmp_path)
     proc = cli(tmp_path, "run", "job.toml", "--json")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +25,16 @@ if TYPE_CHECKING:
 
 def _clock(ts: float) -> str:
     return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+@contextmanager
+def _ledger_of(job: Job) -> Iterator[Ledger]:
+    """The ledger of a job that has run, for a command that reads it: a SQLite file that is
+    not there is not made (a mistyped --ledger left an empty one behind, and its folders)."""
+    if job.state_path is not None and not job.state_path.exists():
+        raise UsageError(f"job {job.name!r} has not been run yet (no ledger at {job.ledger_name})")
+    with job.ledger() as ledger:
+        yield ledger
 
 
 def job_info(job: Job, ledger: Ledger) -> JobInfo:
@@ -95,7 +106,7 @@ def estimate(job: Job) -> Any:
 def status(job: Job) -> Report:
     """Counts, and whether the job is finished, who runs it, how fast, how long to go.
     The processing figures are the last run's own (those its report showed)."""
-    with job.ledger() as ledger:
+    with _ledger_of(job) as ledger:
         info = job_info(job, ledger)
         counts = ledger.counts(info.id)
         activity = _activity(job, ledger, info, counts)
@@ -174,7 +185,7 @@ def _activity(job: Job, ledger: Ledger, info: JobInfo, counts: Counts) -> Activi
 
 
 def failures(job: Job) -> list[Failure]:
-    with job.ledger() as ledger:
+    with _ledger_of(job) as ledger:
         return list(ledger.iter_failures(job_info(job, ledger).id))
 
 
@@ -184,7 +195,7 @@ def retry(job: Job, invalid: bool = False) -> RetryResult:
     Input lines that could not be read are not items and cannot be moved: fixing the
     line and running again is how they are retried (the run reads a changed input again)."""
     states = ("failed", "invalid") if invalid else ("failed",)
-    with job.ledger() as ledger:
+    with _ledger_of(job) as ledger:
         info = job_info(job, ledger)
         moved = ledger.retry(info.id, states)
         unread = ledger.counts(info.id).rejected
@@ -193,7 +204,7 @@ def retry(job: Job, invalid: bool = False) -> RetryResult:
 
 def export(job: Job) -> sinks.Exported:
     job._check_output()
-    with job.ledger() as ledger:
+    with _ledger_of(job) as ledger:
         info = job_info(job, ledger)
         return job.output.write(ledger, info.id)
 
