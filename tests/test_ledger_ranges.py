@@ -413,6 +413,31 @@ def test_an_export_while_another_process_turns_ranges_into_rows_has_every_record
     assert reader.add_items(job.id, 200, rows_of(["after"], 201), Cursor(201, 202, 0)) == [True]
 
 
+def test_counts_while_another_process_turns_ranges_into_rows_count_each_record_once(
+    store, monkeypatch
+):
+    """counts reads item rows, then ranges: the other process's items_page turns every range
+    into item rows between the two reads. Read in one snapshot, as exports are; before, the
+    count was 0 of 200."""
+    reader, writer = store.open(), store.open()
+    job = reader.create_job("job", "h", FP)
+    for k in range(40):
+        assert add_ranged(reader, job.id, 5 * k, [f"r{i}" for i in range(5 * k, 5 * k + 5)])
+    fetchall = reader._conn.fetchall
+
+    def between(name, *args):
+        rows = fetchall(name, *args)
+        if name == "count_states":
+            assert writer.items_page(job.id, 0, 10)
+        return rows
+
+    monkeypatch.setattr(reader._conn, "fetchall", between)
+    assert reader.counts(job.id).by_state == {"succeeded": 200}
+    assert ranged(writer, job.id) == 0  # the other process did turn them into rows
+    monkeypatch.undo()
+    assert reader.counts(job.id).by_state == {"succeeded": 200}
+
+
 def test_an_input_read_twice_scans_the_ranges_once_a_batch_not_once_a_repeat(store):
     """Each repeated id is confirmed, and its first line found, in the ledger's rows. Per
     repeat, that was a scan of every range of the job: an input file concatenated with itself

@@ -1099,11 +1099,15 @@ class SQLLedger:
     def counts(self, job_id: int) -> Counts:
         # One scan of the job's items, grouped by state, added up here (two scans, one for
         # the states and one for usage, took ~1 s at the end of a million-item run).
-        rows = self._conn.fetchall("count_states", _range(job_id))
-        ranged, first, last = self._conn.fetchone("count_ranges", (job_id,))  # type: ignore[misc]
+        # In one snapshot, as an export: another process turning ranges into item rows
+        # between the two reads made a count miss them, or count them twice.
+        with self._conn.snapshot():
+            rows = self._conn.fetchall("count_states", _range(job_id))
+            got = self._conn.fetchone("count_ranges", (job_id,))
+            rejected = self._conn.fetchone("count_rejects", (job_id,))[0]  # type: ignore[index]
+        ranged, first, last = got  # type: ignore[misc]
         if ranged:
             rows.append(("succeeded", int(ranged), first, last, 0, 0, 0.0, 0.0))
-        rejected = self._conn.fetchone("count_rejects", (job_id,))[0]  # type: ignore[index]
         states: dict[str, int] = {}
         for r in rows:
             states[r[0]] = states.get(r[0], 0) + r[1]
