@@ -28,6 +28,7 @@ from typing import Any
 
 import orjson
 import sqlalchemy as sa
+from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import URL
 
 from .records import Cursor, Row
@@ -133,6 +134,30 @@ def _without_semicolons(query: str) -> str:
     return query
 
 
+def _unique(table: sa.Table, name: str) -> bool:
+    """Whether the column alone is the table's primary key or a unique index: then no two of
+    its values are equal under its collation either."""
+    if [c.name for c in table.primary_key.columns] == [name]:
+        return True
+    return any(ix.unique and [c.name for c in ix.columns] == [name] for ix in table.indexes)
+
+
+def _exact(column: Any, backend: str) -> Any:
+    """A text id as the keyset must order and compare it: by its exact characters. Under
+    MariaDB/MySQL's default collations (case- and accent-insensitive, trailing spaces ignored)
+    or SQLite's NOCASE, "B" and "b " are equal: a page ending on "B" went on from `id > 'B'`
+    and never read "b ". An id the table keeps unique cannot have such twins, and keeps its
+    index (see _unique)."""
+    if backend in ("mysql", "mariadb"):
+        # Its characters' UTF-8 bytes, whatever the column's character set: compared with
+        # the bound id, which is sent as UTF-8 text (type_coerce: bound as text, not bytes).
+        text = sa.cast(column, mysql.CHAR(charset="utf8mb4"))
+        return sa.type_coerce(sa.cast(text, mysql.BINARY()), sa.String)
+    if backend == "sqlite":
+        return column.collate("BINARY")
+    return column
+
+
 @dataclass
 class SqlSource:
     url: URL
@@ -144,6 +169,8 @@ class SqlSource:
     # of the record, or every write would make every row look changed to the next run.
     exclude: frozenset[str] = frozenset()
     _shape: tuple[Any, ...] | None = field(default=None, repr=False)
+    # What the keyset orders and compares on (see _exact): the id column, or its exact bytes.
+    _key: Any = field(default=None, repr=False)
 
     @classmethod
     def from_spec(
@@ -178,6 +205,7 @@ class SqlSource:
             columns = {c.name: c for c in table.columns}
             source: Any = table
             kinds = {n: python_type(c) for n, c in columns.items()}
+            unique = _unique(table, self.id)
         else:
             # On its own line (a line comment last), and no bind parameters: a colon is
             # the query's own (`'10 :30'`, `::text`).
@@ -194,6 +222,7 @@ class SqlSource:
             columns = {n: sa.column(n) for n in names}
             source = sa.text(sub)
             kinds = {}
+            unique = False
         for key, name in (("id", self.id), ("changed_since", self.changed_since)):
             if name is not None and name not in columns:
                 shown = ", ".join(repr(n) for n in names[:12]) + (
@@ -205,6 +234,9 @@ class SqlSource:
         if self.query is not None:
             kinds = self._query_kinds(conn, source, columns)
         selected = [columns[n] for n in names if n not in self.exclude or n == self.id]
+        self._key = columns[self.id]
+        if not unique and kinds.get(self.id) is str:
+            self._key = _exact(columns[self.id], self.url.get_backend_name())
         self._shape = (source, selected, columns, kinds)
         return self._shape
 
@@ -267,9 +299,10 @@ class SqlSource:
             last_json = state.get("after", _MISSING)
             if "nulls" not in state:
                 while True:
-                    query = base.where(id_col.is_not(None)).order_by(id_col).limit(chunk)
+                    key_col = self._key
+                    query = base.where(id_col.is_not(None)).order_by(key_col).limit(chunk)
                     if after is not _MISSING:
-                        query = query.where(id_col > after)
+                        query = query.where(key_col > after)
                     page = self._fetch(conn, query)
                     if not page:
                         break
