@@ -809,3 +809,42 @@ def test_text_ids_equal_under_a_case_insensitive_collation_are_each_read_once(
         read += [r.custom_id for r in page]
         cursor = Cursor(len(read), len(read) + 1, 0, page[-1].key)
     assert sorted(read) == sorted(ids)
+
+
+def test_a_duplicate_id_across_two_pages_fails_as_a_duplicate_not_vanishes(
+    sqlite: Db, tmp_path: Path
+) -> None:
+    """A query whose id is not unique: the copy of id 2000 on the next page (a page is 2,000
+    rows) was skipped by `id > 2000` without a word, where a copy within one page fails as a
+    duplicate. Both copies are read, and the second fails alone with its row number."""
+    sqlite.execute("CREATE TABLE src (id INTEGER, n INTEGER)")
+    rows = [{"id": i, "n": i} for i in range(1, 2001)]
+    rows += [{"id": 2000, "n": -1}, {"id": 2001, "n": 2001}]
+    sqlite.execute("INSERT INTO src VALUES (:id, :n)", rows)
+    source = SqlSource(
+        parse_url(sqlite.url, tmp_path, "[source] url"), "id", None, "SELECT * FROM src"
+    )
+    for chunk in (1, 2, 2000):
+        read = [r.custom_id for rows in source.read(Cursor(), chunk) for r in rows]
+        assert read[-3:] == ["2000", "2000", "2001"] and len(read) == 2002, chunk
+    # Cut after the first copy of 2000 and resumed: the second is read, the first not again.
+    first = [r for rows in source.read(Cursor(), 2000) for r in rows][1999]
+    resumed = [
+        r.custom_id for rows in source.read(Cursor(2000, 2001, 0, first.key), 5) for r in rows
+    ]
+    assert resumed == ["2000", "2001"]
+
+    fn, log = logging_function(tmp_path)
+    job = job_for(
+        sqlite,
+        tmp_path,
+        fn,
+        source={"table": None, "query": "SELECT * FROM src"},
+        output={"columns": {"doubled": "output"}},
+    )
+    report = job.run()
+    assert report.exit_code == 3 and report.counts["succeeded"] == 2001
+    (failure,) = job.failures()
+    assert failure.line == 2001 and "duplicate id '2000'" in failure.message
+    assert set(calls(log)) == {str(i) for i in range(1, 2002)}
+

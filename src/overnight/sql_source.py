@@ -297,13 +297,28 @@ class SqlSource:
             base = self._since(base, columns, kinds, since)
             after = _unplain(state["after"], kinds.get(self.id)) if "after" in state else _MISSING
             last_json = state.get("after", _MISSING)
+            # Rows whose id is `after` read so far: the next page starts at `id >= after` and
+            # leaves them out, so a duplicate id that straddles two pages is read (and failed
+            # as a duplicate) as it is within one, not skipped. None: an older cursor (`>`).
+            same = state.get("same", None if "after" in state else 0)
             if "nulls" not in state:
                 while True:
                     key_col = self._key
-                    query = base.where(id_col.is_not(None)).order_by(key_col).limit(chunk)
-                    if after is not _MISSING:
+                    query = base.where(id_col.is_not(None)).order_by(key_col)
+                    limit = chunk
+                    if after is not _MISSING and same is None:
                         query = query.where(key_col > after)
-                    page = self._fetch(conn, query)
+                    elif after is not _MISSING:
+                        query = query.where(key_col >= after)
+                        limit += same
+                    page = self._fetch(conn, query.limit(limit))
+                    full = len(page) == limit
+                    skip = 0
+                    while skip < len(page) and skip < (same or 0) and after is not _MISSING:
+                        if encode({"v": page[skip][self.id]})[1]["v"] != last_json:
+                            break  # (one of them was deleted meanwhile)
+                        skip += 1
+                    page = page[skip:]
                     if not page:
                         break
                     rows = []
@@ -312,8 +327,10 @@ class SqlSource:
                         payload, record = encode(values)
                         total += int.from_bytes(blake2b(payload, digest_size=16).digest(), "big")
                         value = record[self.id]
+                        same = same + 1 if value == last_json and same is not None else 1
                         last_json = value
-                        key = dumps({"after": value, "h": f"{total % _SUM:x}"}).decode()
+                        key = dumps({"after": value, "same": same, "h": f"{total % _SUM:x}"})
+                        key = key.decode()
                         if value == "":
                             rows.append(
                                 Row(
@@ -331,7 +348,7 @@ class SqlSource:
                             rows.append(Row(records, cid, payload, record, None, 0, key))
                     after = values[self.id]
                     yield rows
-                    if len(page) < chunk:
+                    if not full:
                         break
             # Rows without an id, last: each an input error with its row number.
             nulls = state.get("nulls", 0)
