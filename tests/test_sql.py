@@ -848,3 +848,25 @@ def test_a_duplicate_id_across_two_pages_fails_as_a_duplicate_not_vanishes(
     assert failure.line == 2001 and "duplicate id '2000'" in failure.message
     assert set(calls(log)) == {str(i) for i in range(1, 2002)}
 
+
+def test_ids_that_differ_only_in_trailing_spaces_are_two_rows_in_a_mariadb_results_table(
+    maria: Db, tmp_path: Path
+) -> None:
+    """utf8mb4_bin pads with spaces: "7" and "7 " were one key, and the table refused the
+    second id's row (the run exit 2 over one record). The id column is NO PAD."""
+    (tmp_path / "in.jsonl").write_text(
+        '{"id": "7", "n": 1}\n{"id": "7 ", "n": 2}\n{"id": "x\\t", "n": 3}\n{"id": "x", "n": 4}\n'
+    )
+    fn, _ = logging_function(tmp_path)
+    job = job_for(
+        maria,
+        tmp_path,
+        fn,
+        source={"path": "in.jsonl", "url": None, "table": None},
+        output={"columns": None},
+    )
+    assert job.run().exit_code == 0
+    assert maria.rows("results", "id", "output") == {"7": 2, "7 ": 4, "x\t": 6, "x": 8}
+    dispose_all()
+    assert job.run().exit_code == 0  # the rerun's upsert and delete keep them all
+    assert maria.rows("results", "id", "output") == {"7": 2, "7 ": 4, "x\t": 6, "x": 8}

@@ -37,7 +37,10 @@ from .store import Ledger
 log = logging.getLogger(__name__)
 
 BATCH = 1000
-_BINARY = "utf8mb4_bin"  # MySQL and MariaDB: text compared byte by byte
+# MySQL and MariaDB: text compared byte by byte, trailing spaces included (NO PAD): under
+# utf8mb4_bin "7" and "7 " are one key, and the second id's row was refused (or overwrote the
+# first's). The first of these the server has (utf8mb4_bin: an old MySQL's only choice).
+_BINARY = ("utf8mb4_nopad_bin", "utf8mb4_0900_bin", "utf8mb4_bin")
 
 
 # Upsert mode: the column naming the job that wrote a row, so that a job deletes only its own
@@ -128,7 +131,7 @@ class SqlSink:
 
     # -- column types -------------------------------------------------------------------
 
-    def _type(self, value: Any, is_id: bool = False) -> Any:
+    def _type(self, value: Any, is_id: bool = False, collation: str = _BINARY[-1]) -> Any:
         mysql = self.dialect in ("mysql", "mariadb")
         if isinstance(value, bool):
             return sa.Boolean()
@@ -148,7 +151,7 @@ class SqlSink:
             return postgresql.JSONB() if self.dialect == "postgresql" else sa.JSON()
         if is_id and mysql:
             # MySQL keys need a length; ids compare as written ("aB" is not "Ab").
-            return sa.String(255, collation=_BINARY)
+            return sa.String(255, collation=collation)
         return sa.Text()
 
     def _types(self, sample: list[Any]) -> Any:
@@ -166,6 +169,24 @@ class SqlSink:
             return postgresql.JSONB() if self.dialect == "postgresql" else sa.JSON()
         return sa.Text()
 
+    def _binary(self, conn: sa.Connection) -> str:
+        """The binary NO PAD collation this MySQL or MariaDB server has (see _BINARY)."""
+        if self.dialect not in ("mysql", "mariadb"):
+            return _BINARY[-1]
+        try:
+            found = set(
+                conn.execute(
+                    sa.text(
+                        "SELECT collation_name FROM information_schema.collations"
+                        " WHERE collation_name IN :names"
+                    ).bindparams(sa.bindparam("names", expanding=True)),
+                    {"names": list(_BINARY)},
+                ).scalars()
+            )
+        finally:
+            conn.rollback()
+        return next((c for c in _BINARY if c in found), _BINARY[-1])
+
     def _create(
         self, conn: sa.Connection, mapping: dict[str, str], head: list[tuple[Any, dict, set]]
     ) -> sa.Table:
@@ -174,7 +195,7 @@ class SqlSink:
         cols = [
             sa.Column(
                 self.id_name,
-                self._type(first[0] if first else "", True),
+                self._type(first[0] if first else "", True, self._binary(conn)),
                 primary_key=True,
                 autoincrement=False,
             )
