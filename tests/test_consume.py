@@ -19,6 +19,7 @@ import orjson
 import pytest
 from queue_helpers import (  # noqa: F401 - fixtures
     RedisStreams,
+    Sqs,
     broker,
     calls,
     moto_endpoint,
@@ -442,5 +443,43 @@ def test_a_consumer_whose_connection_the_broker_closes_connects_again(tmp_path: 
         assert not thread.is_alive()
         assert sorted(by_id(b.results()), key=int) == [str(i) for i in range(200)]
         assert Counter(calls(tmp_path)).most_common(1)[0][1] == 1
+    finally:
+        b.close()
+
+
+def test_a_result_over_the_sqs_queues_largest_message_does_not_sink_the_others(
+    tmp_path: Path, moto_endpoint: str
+) -> None:
+    """SQS refuses a message over the queue's MaximumMessageSize, and with it the whole
+    SendMessageBatch: the consumer died on every start at that record, publishing nothing
+    after it (nor the 3 before it in its batch). It goes as its id and state with an error."""
+    b = Sqs(moto_endpoint)
+    try:
+        b._sqs.set_queue_attributes(QueueUrl=b._out, Attributes={"MaximumMessageSize": "1024"})
+        job = write_job(tmp_path, b.source(), b.output(), {"flush_size": 20})
+        text = {3: "x" * 2000, 5: "y" * 900}
+        b.publish([orjson.dumps({"id": i, "text": text.get(i, f"t{i}")}) for i in range(12)])
+        report = consume(job, idle_exit=1.0)
+        assert (report.received, report.added) == (12, 12)
+        got: list[dict[str, Any]] = []
+        while True:
+            part = b._sqs.receive_message(QueueUrl=b._out, MaxNumberOfMessages=10)
+            if not part.get("Messages"):
+                break
+            got += [orjson.loads(m["Body"]) for m in part["Messages"]]
+            b._sqs.delete_message_batch(
+                QueueUrl=b._out,
+                Entries=[
+                    {"Id": str(k), "ReceiptHandle": m["ReceiptHandle"]}
+                    for k, m in enumerate(part["Messages"])
+                ],
+            )
+        results = by_id(got)
+        assert sorted(results, key=int) == [str(i) for i in range(12)]
+        assert results["3"]["state"] == "succeeded"
+        assert results["3"]["error_class"] == "result_too_large" and "output" not in results["3"]
+        assert results["5"]["output"] == "Y" * 900  # under the size: as it is
+        assert results["7"]["output"] == "T7"
+        assert consume(job, idle_exit=0.5).received == 0  # and it starts again cleanly
     finally:
         b.close()
