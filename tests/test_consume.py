@@ -483,3 +483,28 @@ def test_a_result_over_the_sqs_queues_largest_message_does_not_sink_the_others(
         assert consume(job, idle_exit=0.5).received == 0  # and it starts again cleanly
     finally:
         b.close()
+
+
+def test_a_redis_stream_deleted_while_consuming_is_made_again(
+    tmp_path: Path, redis_broker: RedisStreams
+) -> None:
+    """The stream (and its group) gone under a running consumer (deleted, or a Redis
+    restarted without its data): XREADGROUP answered NOGROUP and the consumer died, and what
+    producers wrote to the stream afterwards waited for someone to start it again."""
+    b = redis_broker
+    job_file = write_job(tmp_path, b.source(), b.output(), {"flush_size": 5, "flush_wait": 0.2})
+    consumer = Consumer(Job.from_file(job_file))
+    thread = in_thread(consumer)
+    try:
+        b.publish(records(range(5)))
+        wait_for(lambda: (c := counts(job_file)) is not None and c["succeeded"] == 5)
+        b._r.delete(b.inbox)
+        time.sleep(1.5)  # the consumer reads the missing stream meanwhile
+        assert thread.is_alive()
+        b.publish(records(range(5, 10)))
+        wait_for(lambda: counts(job_file)["succeeded"] == 10)
+    finally:
+        consumer.stop.set()
+        thread.join(30)
+    assert sorted(by_id(b.results()), key=int) == [str(i) for i in range(10)]
+    assert sorted(calls(tmp_path), key=int) == [str(i) for i in range(10)]

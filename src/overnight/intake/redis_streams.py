@@ -81,6 +81,13 @@ class RedisReceiver:
             return self._entries(got)
         except redis.exceptions.ConnectionError as exc:
             raise BrokerLost(str(exc)) from exc
+        except redis.exceptions.ResponseError as exc:
+            # The stream (and its group) went: deleted (UNBLOCKED, while a read waited on
+            # it), or a Redis restarted without its data (NOGROUP). Connecting again makes
+            # them again, and reads what comes next.
+            if not str(exc).startswith(("NOGROUP", "UNBLOCKED")):
+                raise
+            raise BrokerLost(str(exc)) from exc
 
     def ack(self, deliveries: list[Delivery]) -> None:
         if not deliveries:
