@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 import pytest
 from queue_helpers import (  # noqa: F401 - fixtures
+    Rabbit,
     RedisStreams,
     Sqs,
     broker,
@@ -508,3 +509,31 @@ def test_a_redis_stream_deleted_while_consuming_is_made_again(
         thread.join(30)
     assert sorted(by_id(b.results()), key=int) == [str(i) for i in range(10)]
     assert sorted(calls(tmp_path), key=int) == [str(i) for i in range(10)]
+
+
+def test_a_rabbitmq_queue_deleted_while_consuming_is_declared_again(tmp_path: Path) -> None:
+    """The broker cancels the consumer of a deleted queue: pika's consume generator ended
+    (StopIteration) and the consumer died with it (exit 1). It connects again, declares the
+    queue, and consumes what producers send to it next."""
+    b = Rabbit()
+    try:
+        run = {"flush_size": 5, "flush_wait": 0.2}
+        job_file = write_job(tmp_path, b.source(), b.output(), run)
+        consumer = Consumer(Job.from_file(job_file))
+        thread = in_thread(consumer)
+        try:
+            b.publish(records(range(5)))
+            wait_for(lambda: (c := counts(job_file)) is not None and c["succeeded"] == 5)
+            b._ch.queue_delete(b.inbox)
+            time.sleep(1.5)  # the consumer is told meanwhile
+            assert thread.is_alive()
+            b._ch.queue_declare(b.inbox, durable=True)  # the producer's side
+            b.publish(records(range(5, 10)))
+            wait_for(lambda: counts(job_file)["succeeded"] == 10)
+        finally:
+            consumer.stop.set()
+            thread.join(30)
+        assert sorted(by_id(b.results()), key=int) == [str(i) for i in range(10)]
+        assert sorted(calls(tmp_path), key=int) == [str(i) for i in range(10)]
+    finally:
+        b.close()

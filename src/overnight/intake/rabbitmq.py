@@ -63,6 +63,10 @@ class RabbitReceiver:
                 out.append(Delivery(body, method.delivery_tag))
         except _LOST as exc:
             raise BrokerLost(str(exc) or type(exc).__name__) from exc
+        except StopIteration:
+            # The broker cancelled this consumer: its queue was deleted (or the node holding
+            # it went). Connecting again declares it again and consumes what comes next.
+            raise BrokerLost(f"the broker cancelled the consumer of {self.queue!r}") from None
         return out
 
     def ack(self, deliveries: list[Delivery]) -> None:
