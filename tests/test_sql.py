@@ -870,3 +870,40 @@ def test_ids_that_differ_only_in_trailing_spaces_are_two_rows_in_a_mariadb_resul
     dispose_all()
     assert job.run().exit_code == 0  # the rerun's upsert and delete keep them all
     assert maria.rows("results", "id", "output") == {"7": 2, "7 ": 4, "x\t": 6, "x": 8}
+
+
+def test_a_long_id_or_a_long_message_does_not_empty_the_mariadb_errors_table(
+    maria: Db, tmp_path: Path
+) -> None:
+    """The errors table's id was VARCHAR(255) and its message TEXT (64 KiB) on MariaDB: a
+    failure with a 300-character id, or a 70,000-character message, was refused, and the one
+    transaction left the table without any failure (and the run exited 2)."""
+    long_id = "k" * 300
+    (tmp_path / "in.jsonl").write_text(
+        '{"id": "a", "n": 1}\n{"id": "b", "n": 2}\n'
+        f'{{"id": "{long_id}", "n": 3}}\n{{"id": "c", "n": 4}}\n'
+    )
+    name = f"longerr_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(
+        "def fn(records):\n"
+        "    if records[0]['n'] == 2:\n"
+        "        raise ValueError('x' * 70000)\n"
+        "    if records[0]['n'] == 3:\n"
+        "        raise ValueError('a long id')\n"
+        "    return [r['n'] for r in records]\n"
+    )
+    job = job_for(
+        maria,
+        tmp_path,
+        f"{name}:fn",
+        source={"path": "in.jsonl", "url": None, "table": None},
+        output={"columns": None, "errors_table": maria.name("errors")},
+        run={"batch_size": 1},
+    )
+    assert job.run().exit_code == 3
+    with maria.engine.connect() as conn:
+        got = conn.execute(
+            sa.text(f"SELECT id, CHAR_LENGTH(message) FROM {maria.name('errors')} ORDER BY id")
+        ).all()
+    assert [tuple(r) for r in got] == [("b", 70000), (long_id, len("a long id"))]
+    assert maria.rows("results", "id", "output") == {"a": 1, "c": 4}

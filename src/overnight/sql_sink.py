@@ -27,6 +27,7 @@ import numpy as np
 import orjson
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects.mysql import MEDIUMTEXT
 from sqlalchemy.engine import URL
 
 from . import results
@@ -492,15 +493,19 @@ class SqlSink:
         """Replace the errors table's rows with the job's failures, in one transaction."""
         assert self.errors_table is not None
         mysql = self.dialect in ("mysql", "mariadb")
+        # MySQL's VARCHAR(255) and TEXT (64 KiB) refused an id past 255 characters or a
+        # longer message, and with that one row the whole table stayed empty: MEDIUMTEXT
+        # (16 MiB) there. The table has no key: nothing needs a length.
+        long_text = sa.Text().with_variant(MEDIUMTEXT(), "mysql", "mariadb")
         schema, name = split_table(self.errors_table)
         table = sa.Table(
             name,
             sa.MetaData(),
-            sa.Column("id", sa.String(255) if mysql else sa.Text()),
+            sa.Column("id", long_text),
             sa.Column("line", sa.BigInteger()),
             sa.Column("state", sa.String(32)),
             sa.Column("error_class", sa.String(255) if mysql else sa.Text()),
-            sa.Column("message", sa.Text()),
+            sa.Column("message", long_text),
             sa.Column("attempts", sa.Integer()),
             schema=schema,
         )
