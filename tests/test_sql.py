@@ -907,3 +907,24 @@ def test_a_long_id_or_a_long_message_does_not_empty_the_mariadb_errors_table(
         ).all()
     assert [tuple(r) for r in got] == [("b", 70000), (long_id, len("a long id"))]
     assert maria.rows("results", "id", "output") == {"a": 1, "c": 4}
+
+
+def test_an_output_past_64_kib_fits_the_mariadb_results_table_it_creates(
+    maria: Db, tmp_path: Path
+) -> None:
+    """A text column the sink created was TEXT, 64 KiB on MariaDB: a 70,000-character output
+    was refused at every export (the run exit 2, the row never written)."""
+    (tmp_path / "in.jsonl").write_text('{"id": "a", "n": 1}\n{"id": "b", "n": 2}\n')
+    name = f"bigout_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(
+        "def fn(records):\n    return ['x' * (70000 if r['n'] == 2 else 5) for r in records]\n"
+    )
+    job = job_for(
+        maria,
+        tmp_path,
+        f"{name}:fn",
+        source={"path": "in.jsonl", "url": None, "table": None},
+        output={"columns": None},
+    )
+    assert job.run().exit_code == 0
+    assert maria.rows("results", "id", "output") == {"a": "x" * 5, "b": "x" * 70000}

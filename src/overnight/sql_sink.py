@@ -153,7 +153,7 @@ class SqlSink:
         if is_id and mysql:
             # MySQL keys need a length; ids compare as written ("aB" is not "Ab").
             return sa.String(255, collation=collation)
-        return sa.Text()
+        return self._text()
 
     def _types(self, sample: list[Any]) -> Any:
         """The column type for a field's values in the first rows: one that holds them all
@@ -168,7 +168,12 @@ class SqlSink:
             return sa.Float()
         if names <= {sa.JSON, postgresql.JSONB, postgresql.ARRAY}:
             return postgresql.JSONB() if self.dialect == "postgresql" else sa.JSON()
-        return sa.Text()
+        return self._text()
+
+    def _text(self) -> Any:
+        """A text column: MySQL's TEXT holds 64 KiB, and a longer output was refused at every
+        export (the run exit 2); MEDIUMTEXT holds 16 MiB."""
+        return MEDIUMTEXT() if self.dialect in ("mysql", "mariadb") else sa.Text()
 
     def _binary(self, conn: sa.Connection) -> str:
         """The binary NO PAD collation this MySQL or MariaDB server has (see _BINARY)."""
