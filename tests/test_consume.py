@@ -5,6 +5,8 @@ never makes the consumer hold more than `prefetch` unacknowledged messages."""
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import subprocess
 import sys
 import threading
@@ -30,6 +32,7 @@ from queue_helpers import (  # noqa: F401 - fixtures
 
 from overnight.errors import JobFileError
 from overnight.intake import Consumer
+from overnight.intake import consumer as consumer_module
 from overnight.intake.window import Window
 from overnight.job import Job
 from overnight.spec import parse_spec
@@ -537,3 +540,85 @@ def test_a_rabbitmq_queue_deleted_while_consuming_is_declared_again(tmp_path: Pa
         assert sorted(calls(tmp_path), key=int) == [str(i) for i in range(10)]
     finally:
         b.close()
+
+
+class Proxy:
+    """A TCP proxy on loopback to a real broker, whose connections the test cuts (the
+    broker "down") and lets through again."""
+
+    def __init__(self, port: int) -> None:
+        self.target, self.open, self.conns = port, True, []
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            if not self.open:
+                client.close()
+                continue
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            self.conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, a: socket.socket, b: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := a.recv(65536):
+                b.sendall(data)
+        for s in (a, b):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        self.open = False
+        for s in self.conns:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.cut()
+        self.server.close()
+
+
+def test_a_results_queue_down_while_consuming_keeps_the_consumer_collecting(
+    tmp_path: Path, redis_broker: RedisStreams, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The results broker gone mid-stream (its connection cut, new ones refused): the consumer
+    died (exit 2 on a refused connection; pika's own StreamLostError, exit 1, when cut while
+    publishing) though its input was fine. It goes on collecting and computing, and publishes
+    what waits once the results queue is back; every record has one result."""
+    monkeypatch.setattr(consumer_module, "REPUBLISH", 0.5, raising=False)
+    b, rabbit, proxy = redis_broker, Rabbit(), Proxy(5672)
+    try:
+        url = f"amqp://guest:guest@127.0.0.1:{proxy.port}/%2F"
+        out = {"queue": url, "queue_name": rabbit.outbox}
+        job_file = write_job(tmp_path, b.source(), out, {"flush_size": 5, "flush_wait": 0.2})
+        consumer = Consumer(Job.from_file(job_file))
+        thread = in_thread(consumer)
+        try:
+            b.publish(records(range(5)))
+            first: list[dict[str, Any]] = []
+            wait_for(lambda: first.extend(rabbit.results()) or len(first) == 5)
+            proxy.cut()
+            b.publish(records(range(5, 10)))
+            wait_for(lambda: counts(job_file)["succeeded"] == 10)
+            time.sleep(1.5)  # tries to publish, refused
+            assert thread.is_alive()
+            proxy.open = True  # the results queue is back
+            b.publish(records(range(10, 12)))
+            wait_for(lambda: counts(job_file)["succeeded"] == 12)
+            time.sleep(1.5)
+        finally:
+            consumer.stop.set()
+            thread.join(30)
+        got = by_id(first + rabbit.results())
+        assert sorted(got, key=int) == [str(i) for i in range(12)]
+        assert sorted(calls(tmp_path), key=int) == [str(i) for i in range(12)]
+    finally:
+        proxy.close()
+        rabbit.close()

@@ -44,6 +44,12 @@ class BrokerLost(Exception):
     """The connection to the broker broke while consuming: connect again."""
 
 
+class ResultsUnpublished(UsageError):
+    """The results queue could not be reached or took no message: the results stay in the
+    ledger, past the published mark, for the next export (`overnight consume` tries again
+    while it collects)."""
+
+
 def unreachable(url: str, exc: BaseException) -> UsageError:
     return UsageError(f"cannot reach the queue at {safe_url(url)}: {exc or type(exc).__name__}")
 
