@@ -928,3 +928,25 @@ def test_an_output_past_64_kib_fits_the_mariadb_results_table_it_creates(
     )
     assert job.run().exit_code == 0
     assert maria.rows("results", "id", "output") == {"a": "x" * 5, "b": "x" * 70000}
+
+
+def test_changed_since_reads_new_rows_whose_column_is_null(sqlite: Db, tmp_path: Path) -> None:
+    """An `updated_at` left NULL until a row is first updated: a row inserted after the first
+    run with the column NULL is never past the mark, and was never read nor computed (the
+    first run reads such rows). New rows with a NULL column are read; those the job already
+    has are not computed again."""
+    make_source(sqlite, 5, updated=True)
+    fn, log = logging_function(tmp_path)
+    job = job_for(sqlite, tmp_path, fn, source={"changed_since": "updated_at"})
+    assert job.run().exit_code == 0 and len(calls(log)) == 5
+    sqlite.execute("UPDATE src SET updated_at = NULL WHERE id = 5")  # the mark cannot tell
+    insert_rows(sqlite, "src", range(6, 8))
+    sqlite.execute("UPDATE src SET updated_at = NULL WHERE id > 5")
+    report = job.run()
+    assert report.exit_code == 0 and sorted(calls(log)) == ["6", "7"]
+    assert sorted(sqlite.rows("results", "id", "doubled")) == [1, 2, 3, 4, 5, 6, 7]
+    report = job.run()  # nothing new: nothing computed
+    assert report.exit_code == 0 and calls(log) == []
+    sqlite.execute("DELETE FROM src WHERE id = 6")
+    assert job.run().exit_code == 0 and calls(log) == []
+    assert sorted(sqlite.rows("results", "id", "doubled")) == [1, 2, 3, 4, 5, 7]

@@ -278,10 +278,14 @@ class SqlSource:
     ) -> sa.Select:
         if since is _MISSING or self.changed_since is None:
             return query
-        if since is None:  # the table had no value at all last time: every row is new
-            return query.where(columns[self.changed_since].is_not(None))
+        # A row whose column is NULL (an `updated_at` set on a row's first update only) is
+        # never past a mark: it is read each time, and the run computes only the ones it does
+        # not have (opening.py), or a row inserted so was never read at all.
+        col = columns[self.changed_since]
+        if since is None:  # the table had no value at all last time: every row
+            return query
         kind = kinds.get(self.changed_since)
-        return query.where(columns[self.changed_since] > _unplain(since, kind))
+        return query.where(sa.or_(col > _unplain(since, kind), col.is_(None)))
 
     def read(
         self, start: Cursor = Cursor(), chunk: int = 2000, since: Any = _MISSING
