@@ -91,6 +91,18 @@ def error_of(data: dict[str, Any]) -> str:
             {"queue": AMQP["queue"], "queue_name": "r", "path": "o.jsonl"},
             "set `queue` (a results queue) or `path`, not both",
         ),
+        (  # its results would come back as redeliveries, be acknowledged and dropped
+            AMQP,
+            {},
+            {"queue": AMQP["queue"] + "/", "queue_name": "in"},
+            "[output] queue: 'in' is the job's [source] queue; results go to another queue",
+        ),
+        (
+            {"queue": "redis://127.0.0.1:6379/0", "stream": "s", "id": "id"},
+            {},
+            {"queue": "redis://127.0.0.1:6379/0", "stream": "s"},
+            "[output] queue: 's' is the job's [source] queue",
+        ),
     ],
 )
 def test_a_bad_queue_key_is_one_message_naming_it(
