@@ -30,7 +30,7 @@ from queue_helpers import (  # noqa: F401 - fixtures
     write_job,
 )
 
-from overnight.errors import JobFileError
+from overnight.errors import JobFileError, UsageError
 from overnight.intake import Consumer
 from overnight.intake import consumer as consumer_module
 from overnight.intake.window import Window
@@ -634,3 +634,17 @@ def test_a_results_queue_down_while_consuming_keeps_the_consumer_collecting(
     finally:
         proxy.close()
         rabbit.close()
+
+
+def test_a_redis_stream_key_of_another_type_is_exit_2_naming_it(
+    tmp_path: Path, redis_broker: RedisStreams
+) -> None:
+    """`[source] stream` naming a key that holds a string: Redis's WRONGTYPE came out as an
+    'unexpected error' (exit 1); it is the job's mistake, exit 2 naming the key."""
+    b = redis_broker
+    b._r.set(b.inbox, "not a stream")
+    job = write_job(tmp_path, b.source(), {})
+    with pytest.raises(UsageError) as info:
+        consume(job, idle_exit=0.5)
+    assert info.value.exit_code == 2
+    assert f"[source] stream: {b.inbox!r}" in str(info.value) and "WRONGTYPE" in str(info.value)

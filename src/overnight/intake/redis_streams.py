@@ -18,7 +18,9 @@ import orjson
 import redis
 import redis.exceptions
 
+from ..errors import UsageError
 from .base import BrokerLost, Delivery, unreachable
+from .urls import safe_url
 
 CLAIM_IDLE_MS = 60_000
 
@@ -48,7 +50,9 @@ class RedisReceiver:
             self._r.xgroup_create(stream, group, id="0", mkstream=True)
         except redis.exceptions.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
-                raise
+                # WRONGTYPE: the key holds a string, a list... (a "[source] stream" mistyped).
+                self._r.close()
+                raise UsageError(f"[source] stream: {stream!r} at {safe_url(url)}: {exc}") from None
         self._phase = "own"  # own pending entries, then others' idle ones, then new ones
 
     def _entries(self, got: Any) -> list[Delivery]:
