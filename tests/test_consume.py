@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -19,6 +20,7 @@ from typing import Any
 
 import orjson
 import pytest
+import sqlalchemy as sa
 from queue_helpers import (  # noqa: F401 - fixtures
     Rabbit,
     RedisStreams,
@@ -648,3 +650,34 @@ def test_a_redis_stream_key_of_another_type_is_exit_2_naming_it(
         consume(job, idle_exit=0.5)
     assert info.value.exit_code == 2
     assert f"[source] stream: {b.inbox!r}" in str(info.value) and "WRONGTYPE" in str(info.value)
+
+
+def test_a_row_the_results_table_refuses_does_not_stop_the_consumer(
+    tmp_path: Path, redis_broker: RedisStreams
+) -> None:
+    """A results table keyed by bigint and a message whose id is "x7": the table refused
+    that row, and the consumer stopped (exit 2) at that flush and at every start after it,
+    before receiving anything: one record left every later message waiting. The refused row
+    is a warning; the next messages are processed and written."""
+    b = redis_broker
+    schema = f"ov_{uuid.uuid4().hex[:10]}"
+    engine = sa.create_engine("postgresql+psycopg://127.0.0.1:5432/test")
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
+        conn.execute(sa.text(f"CREATE TABLE {schema}.results (id bigint PRIMARY KEY, output text)"))
+    try:
+        out = {"url": "postgresql://127.0.0.1:5432/test", "table": f"{schema}.results"}
+        job = write_job(tmp_path, b.source(), out, {"flush_size": 2, "flush_wait": 0.2})
+        b.publish([orjson.dumps({"id": 7, "text": "a"}), orjson.dumps({"id": "x7", "text": "b"})])
+        assert consume(job, idle_exit=1.0).added == 2
+        b.publish([orjson.dumps({"id": 8, "text": "c"})])
+        assert consume(job, idle_exit=1.0).added == 1
+        with engine.connect() as conn:
+            rows = conn.execute(sa.text(f"SELECT id, output FROM {schema}.results")).all()
+        assert sorted(tuple(r) for r in rows) == [(7, "A"), (8, "C")]
+        assert sorted(calls(tmp_path)) == ["7", "8", "x7"]
+    finally:
+        b.close()
+        with engine.begin() as conn:
+            conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
+        engine.dispose()

@@ -44,6 +44,10 @@ BATCH = 1000
 _BINARY = ("utf8mb4_nopad_bin", "utf8mb4_0900_bin", "utf8mb4_bin")
 
 
+class RowsRefused(SqlError):
+    """The table refused some rows and took the others (see outputs.ExportRefused)."""
+
+
 # Upsert mode: the column naming the job that wrote a row, so that a job deletes only its own
 # rows that are no longer results (two jobs may share one results table).
 JOB_COLUMN = "overnight_job"
@@ -418,7 +422,7 @@ class SqlSink:
                 if refused:
                     params, message = refused[0]
                     ident = params.get("_overnight_id", params.get(self.id_name))
-                    raise SqlError(
+                    raise RowsRefused(
                         f"[output] table: {self.where} refused {len(refused)} row(s), the"
                         f" others were written: id {ident}: {message}. The results are kept in"
                         " the ledger: once the table or the results are fixed, `overnight"

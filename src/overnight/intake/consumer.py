@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from ..errors import UsageError
+from ..errors import ExportRefused, UsageError
 from ..job import Job
 from ..records import Cursor
 from ..store import ConcurrentIngest, Ledger
@@ -150,6 +150,8 @@ class Consumer:
             self._republish = None
         except ResultsUnpublished as exc:
             self._unpublished(exc)
+        except ExportRefused as exc:  # rows a table refused: the next flush tries again
+            log.warning("%s", exc)
 
     def _unpublished(self, exc: ResultsUnpublished) -> None:
         log.warning("%s; trying again in %.0f s", exc, REPUBLISH)
@@ -160,6 +162,13 @@ class Consumer:
             report = self.job.run(stop=self.stop)
         except ResultsUnpublished as exc:  # computed and committed: published later
             self._unpublished(exc)
+            return
+        except ExportRefused as exc:
+            # A table refused some results (the others written): they stay in the ledger,
+            # and the next flush writes them again. Stopping here stopped the consumer at
+            # every start, on one record, with every message after it left waiting.
+            log.warning("%s", exc)
+            self.report.flushes += not first
             return
         self._republish = None
         if not first:
