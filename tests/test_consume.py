@@ -681,3 +681,36 @@ def test_a_row_the_results_table_refuses_does_not_stop_the_consumer(
         with engine.begin() as conn:
             conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
         engine.dispose()
+
+
+def test_an_sqs_queue_deleted_while_consuming_is_exit_2_naming_it(
+    tmp_path: Path, moto_endpoint: str
+) -> None:
+    """SQS answering NonExistentQueue (the queue deleted under a running consumer), or any
+    ClientError, came out of the receive as botocore's own error: an 'unexpected error',
+    exit 1. It is a lost broker: connecting again finds no queue, exit 2 naming it."""
+    b = Sqs(moto_endpoint)
+    try:
+        job_file = write_job(tmp_path, b.source(), b.output(), {"flush_size": 3})
+        consumer = Consumer(Job.from_file(job_file))
+        failed: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                consumer.run()
+            except BaseException as exc:
+                failed.append(exc)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        b.publish(records(range(3)))
+        wait_for(lambda: (c := counts(job_file)) is not None and c["succeeded"] == 3)
+        b._sqs.delete_queue(QueueUrl=b._in)
+        thread.join(60)
+        assert not thread.is_alive()
+        (error,) = failed
+        assert isinstance(error, UsageError) and error.exit_code == 2, repr(error)
+        assert "cannot reach the queue" in str(error) and "NonExistentQueue" in str(error)
+    finally:
+        b._sqs.create_queue(QueueName=b.inbox)  # for close()
+        b.close()

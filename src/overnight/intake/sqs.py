@@ -21,7 +21,14 @@ from .base import BrokerLost, Delivery, unreachable
 from .urls import sqs_endpoint
 
 LARGEST = 262_144  # SQS's own largest message, where the queue's attribute cannot be read
-_LOST = (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectionClosedError)
+# A connection refused, timed out or cut, and what SQS answers with an error (the queue
+# deleted, throttled): a lost broker, connected again (or exit 2 naming the queue), not
+# botocore's own error out of `overnight consume` (exit 1).
+_LOST = (
+    botocore.exceptions.ConnectionError,
+    botocore.exceptions.HTTPClientError,
+    botocore.exceptions.ClientError,
+)
 
 
 def _client(url: str, queue_name: str) -> tuple[Any, str]:
