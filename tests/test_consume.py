@@ -714,3 +714,18 @@ def test_an_sqs_queue_deleted_while_consuming_is_exit_2_naming_it(
     finally:
         b._sqs.create_queue(QueueName=b.inbox)  # for close()
         b.close()
+
+
+def test_a_redis_socket_timeout_shorter_than_the_wait_is_not_fatal(
+    tmp_path: Path, redis_broker: RedisStreams
+) -> None:
+    """`?socket_timeout=0.5` in the Redis URL and a blocking read that waits 1 s for a
+    message: redis-py's TimeoutError (not a ConnectionError) came out of the receive as an
+    'unexpected error', exit 1, whenever the stream was idle. It is a lost connection."""
+    b = redis_broker
+    source = {**b.source(), "queue": b.source()["queue"] + "?socket_timeout=0.5"}
+    job = write_job(tmp_path, source, b.output(), {"flush_size": 3})
+    b.publish(records(range(3)))
+    report = consume(job, idle_exit=2.5)
+    assert report.added == 3
+    assert sorted(by_id(b.results()), key=int) == ["0", "1", "2"]
