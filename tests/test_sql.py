@@ -950,3 +950,25 @@ def test_changed_since_reads_new_rows_whose_column_is_null(sqlite: Db, tmp_path:
     sqlite.execute("DELETE FROM src WHERE id = 6")
     assert job.run().exit_code == 0 and calls(log) == []
     assert sorted(sqlite.rows("results", "id", "doubled")) == [1, 2, 3, 4, 5, 7]
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "pg"])
+def test_an_errors_table_naming_the_results_or_the_source_table_empties_neither(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """The errors table's rows are replaced at each export (DELETE, then the failures): an
+    `errors_table` naming the results table, or the source table, emptied it, exit 0."""
+    db: Db = request.getfixturevalue(kind)
+    make_source(db, 5)
+    fn, _ = logging_function(tmp_path)
+    assert job_for(db, tmp_path, fn).run().exit_code == 0
+    for target in ("results", "src"):
+        job = job_for(db, tmp_path, fn, output={"errors_table": db.name(target)})
+        with pytest.raises(UsageError) as info:
+            job.run()
+        assert info.value.exit_code == 2 and "[output] errors_table" in str(info.value)
+    assert len(db.rows("src", "id", "n")) == 5
+    assert len(db.rows("results", "id", "doubled")) == 5
+    # A new errors table, then the same one again: made, and its rows replaced.
+    job = job_for(db, tmp_path, fn, output={"errors_table": db.name("errors")})
+    assert job.run().exit_code == 0 and job.run().exit_code == 0

@@ -32,7 +32,17 @@ from sqlalchemy.engine import URL
 
 from . import results
 from .sql_source import _unplain
-from .sqldb import SqlError, connect, parse_url, python_type, reflect, safe_url, scrub, split_table
+from .sqldb import (
+    SqlError,
+    connect,
+    parse_url,
+    python_type,
+    reflect,
+    safe_url,
+    same_table,
+    scrub,
+    split_table,
+)
 from .store import Ledger
 
 log = logging.getLogger(__name__)
@@ -47,6 +57,8 @@ _BINARY = ("utf8mb4_nopad_bin", "utf8mb4_0900_bin", "utf8mb4_bin")
 class RowsRefused(SqlError):
     """The table refused some rows and took the others (see outputs.ExportRefused)."""
 
+
+_ERRORS_COLUMNS = ("id", "line", "state", "error_class", "message", "attempts")
 
 # Upsert mode: the column naming the job that wrote a row, so that a job deletes only its own
 # rows that are no longer results (two jobs may share one results table).
@@ -91,6 +103,27 @@ class SqlSink:
         with connect(self.url, "[output] url") as conn:
             if self.mode == "update":
                 self._existing(conn)
+            if self.errors_table is not None:
+                if same_table(self.url, self.table, self.url, self.errors_table):
+                    raise SqlError(
+                        f"[output] errors_table: {self.errors_table} is the results table;"
+                        " name another"
+                    )
+                self._check_errors_table(conn, missing_ok=True)
+
+    def _check_errors_table(self, conn: sa.Connection, missing_ok: bool = False) -> None:
+        """Its rows are replaced at each export: a table of other columns (the results table,
+        the source table, any other) is not one to empty. Naming one emptied it, exit 0."""
+        found = reflect(conn, self.errors_table or "", "[output] errors_table", self.url)
+        if found is None and missing_ok:
+            return
+        names = sorted(c.name for c in found.columns) if found is not None else []
+        if names != sorted(_ERRORS_COLUMNS):
+            raise SqlError(
+                f"[output] errors_table: {self.errors_table} at {safe_url(self.url)} is not an"
+                f" errors table (its columns: {', '.join(names[:12])}); its rows would be"
+                " replaced: name a new table"
+            )
 
     def _existing(self, conn: sa.Connection) -> sa.Table:
         table = reflect(conn, self.table, "[output] table", self.url)
@@ -540,6 +573,7 @@ class SqlSink:
                     # Another worker exporting at the same moment may have made it first.
                     if reflect(conn, self.errors_table, "[output] errors_table", self.url) is None:
                         raise
+                self._check_errors_table(conn)
                 with conn.begin():
                     if self.dialect == "postgresql":  # two exports at once: one after the other
                         quoted = conn.dialect.identifier_preparer.format_table(table)
