@@ -972,3 +972,23 @@ def test_an_errors_table_naming_the_results_or_the_source_table_empties_neither(
     # A new errors table, then the same one again: made, and its rows replaced.
     job = job_for(db, tmp_path, fn, output={"errors_table": db.name("errors")})
     assert job.run().exit_code == 0 and job.run().exit_code == 0
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "pg"])
+def test_upsert_into_the_source_table_is_exit_2_not_a_delete_of_its_rows(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """mode = "upsert" deletes the rows of ids without a good result: with the source table as
+    the output, a record that failed (n = 99 here) had its source row deleted, and the
+    columns it added made every record "changed" (computed again) on the next run."""
+    db: Db = request.getfixturevalue(kind)
+    make_source(db, 5)
+    db.execute(f"UPDATE {db.name('src')} SET n = 99 WHERE id = 3")
+    fn, log = logging_function(tmp_path, fail=99)
+    job = job_for(
+        db, tmp_path, fn, output={"table": db.name("src"), "columns": {"doubled": "output"}}
+    )
+    with pytest.raises(UsageError) as info:
+        job.run()
+    assert info.value.exit_code == 2 and "is the [source] table" in str(info.value)
+    assert sorted(db.rows("src", "id", "n")) == [1, 2, 3, 4, 5] and calls(log) == []
