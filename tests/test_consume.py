@@ -729,3 +729,14 @@ def test_a_redis_socket_timeout_shorter_than_the_wait_is_not_fatal(
     report = consume(job, idle_exit=2.5)
     assert report.added == 3
     assert sorted(by_id(b.results()), key=int) == ["0", "1", "2"]
+
+
+def test_a_rabbitmq_queue_the_broker_refuses_is_exit_2_naming_it(tmp_path: Path) -> None:
+    """A reserved `amq.` queue name: the broker's 403 came out as pika's ChannelClosedByBroker,
+    an 'unexpected error' (exit 1); it is the job file's queue_name, exit 2."""
+    source = {"queue": "amqp://guest:guest@127.0.0.1:5672/%2F", "queue_name": "amq.overnight"}
+    job = write_job(tmp_path, source, {})
+    with pytest.raises(UsageError) as info:
+        consume(job, idle_exit=0.5)
+    assert info.value.exit_code == 2
+    assert "[source] queue_name: the broker refused 'amq.overnight'" in str(info.value)
