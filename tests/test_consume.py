@@ -5,10 +5,13 @@ never makes the consumer hold more than `prefetch` unacknowledged messages."""
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -17,8 +20,11 @@ from typing import Any
 
 import orjson
 import pytest
+import sqlalchemy as sa
 from queue_helpers import (  # noqa: F401 - fixtures
+    Rabbit,
     RedisStreams,
+    Sqs,
     broker,
     calls,
     moto_endpoint,
@@ -26,8 +32,9 @@ from queue_helpers import (  # noqa: F401 - fixtures
     write_job,
 )
 
-from overnight.errors import JobFileError
+from overnight.errors import JobFileError, UsageError
 from overnight.intake import Consumer
+from overnight.intake import consumer as consumer_module
 from overnight.intake.window import Window
 from overnight.job import Job
 from overnight.spec import parse_spec
@@ -85,6 +92,18 @@ def error_of(data: dict[str, Any]) -> str:
             {},
             {"queue": AMQP["queue"], "queue_name": "r", "path": "o.jsonl"},
             "set `queue` (a results queue) or `path`, not both",
+        ),
+        (  # its results would come back as redeliveries, be acknowledged and dropped
+            AMQP,
+            {},
+            {"queue": AMQP["queue"] + "/", "queue_name": "in"},
+            "[output] queue: 'in' is the job's [source] queue; results go to another queue",
+        ),
+        (
+            {"queue": "redis://127.0.0.1:6379/0", "stream": "s", "id": "id"},
+            {},
+            {"queue": "redis://127.0.0.1:6379/0", "stream": "s"},
+            "[output] queue: 's' is the job's [source] queue",
         ),
     ],
 )
@@ -444,3 +463,280 @@ def test_a_consumer_whose_connection_the_broker_closes_connects_again(tmp_path: 
         assert Counter(calls(tmp_path)).most_common(1)[0][1] == 1
     finally:
         b.close()
+
+
+def test_a_result_over_the_sqs_queues_largest_message_does_not_sink_the_others(
+    tmp_path: Path, moto_endpoint: str
+) -> None:
+    """SQS refuses a message over the queue's MaximumMessageSize, and with it the whole
+    SendMessageBatch: the consumer died on every start at that record, publishing nothing
+    after it (nor the 3 before it in its batch). It goes as its id and state with an error."""
+    b = Sqs(moto_endpoint)
+    try:
+        b._sqs.set_queue_attributes(QueueUrl=b._out, Attributes={"MaximumMessageSize": "1024"})
+        job = write_job(tmp_path, b.source(), b.output(), {"flush_size": 20})
+        text = {3: "x" * 2000, 5: "y" * 900}
+        b.publish([orjson.dumps({"id": i, "text": text.get(i, f"t{i}")}) for i in range(12)])
+        report = consume(job, idle_exit=1.0)
+        assert (report.received, report.added) == (12, 12)
+        got: list[dict[str, Any]] = []
+        while True:
+            part = b._sqs.receive_message(QueueUrl=b._out, MaxNumberOfMessages=10)
+            if not part.get("Messages"):
+                break
+            got += [orjson.loads(m["Body"]) for m in part["Messages"]]
+            b._sqs.delete_message_batch(
+                QueueUrl=b._out,
+                Entries=[
+                    {"Id": str(k), "ReceiptHandle": m["ReceiptHandle"]}
+                    for k, m in enumerate(part["Messages"])
+                ],
+            )
+        results = by_id(got)
+        assert sorted(results, key=int) == [str(i) for i in range(12)]
+        assert results["3"]["state"] == "succeeded"
+        assert results["3"]["error_class"] == "result_too_large" and "output" not in results["3"]
+        assert results["5"]["output"] == "Y" * 900  # under the size: as it is
+        assert results["7"]["output"] == "T7"
+        assert consume(job, idle_exit=0.5).received == 0  # and it starts again cleanly
+    finally:
+        b.close()
+
+
+def test_a_redis_stream_deleted_while_consuming_is_made_again(
+    tmp_path: Path, redis_broker: RedisStreams
+) -> None:
+    """The stream (and its group) gone under a running consumer (deleted, or a Redis
+    restarted without its data): XREADGROUP answered NOGROUP and the consumer died, and what
+    producers wrote to the stream afterwards waited for someone to start it again."""
+    b = redis_broker
+    job_file = write_job(tmp_path, b.source(), b.output(), {"flush_size": 5, "flush_wait": 0.2})
+    consumer = Consumer(Job.from_file(job_file))
+    thread = in_thread(consumer)
+    try:
+        b.publish(records(range(5)))
+        wait_for(lambda: (c := counts(job_file)) is not None and c["succeeded"] == 5)
+        b._r.delete(b.inbox)
+        time.sleep(1.5)  # the consumer reads the missing stream meanwhile
+        assert thread.is_alive()
+        b.publish(records(range(5, 10)))
+        wait_for(lambda: counts(job_file)["succeeded"] == 10)
+    finally:
+        consumer.stop.set()
+        thread.join(30)
+    assert sorted(by_id(b.results()), key=int) == [str(i) for i in range(10)]
+    assert sorted(calls(tmp_path), key=int) == [str(i) for i in range(10)]
+
+
+def test_a_rabbitmq_queue_deleted_while_consuming_is_declared_again(tmp_path: Path) -> None:
+    """The broker cancels the consumer of a deleted queue: pika's consume generator ended
+    (StopIteration) and the consumer died with it (exit 1). It connects again, declares the
+    queue, and consumes what producers send to it next."""
+    b = Rabbit()
+    try:
+        run = {"flush_size": 5, "flush_wait": 0.2}
+        job_file = write_job(tmp_path, b.source(), b.output(), run)
+        consumer = Consumer(Job.from_file(job_file))
+        thread = in_thread(consumer)
+        try:
+            b.publish(records(range(5)))
+            wait_for(lambda: (c := counts(job_file)) is not None and c["succeeded"] == 5)
+            b._ch.queue_delete(b.inbox)
+            time.sleep(1.5)  # the consumer is told meanwhile
+            assert thread.is_alive()
+            b._ch.queue_declare(b.inbox, durable=True)  # the producer's side
+            b.publish(records(range(5, 10)))
+            wait_for(lambda: counts(job_file)["succeeded"] == 10)
+        finally:
+            consumer.stop.set()
+            thread.join(30)
+        assert sorted(by_id(b.results()), key=int) == [str(i) for i in range(10)]
+        assert sorted(calls(tmp_path), key=int) == [str(i) for i in range(10)]
+    finally:
+        b.close()
+
+
+class Proxy:
+    """A TCP proxy on loopback to a real broker, whose connections the test cuts (the
+    broker "down") and lets through again."""
+
+    def __init__(self, port: int) -> None:
+        self.target, self.open, self.conns = port, True, []
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            if not self.open:
+                client.close()
+                continue
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            self.conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, a: socket.socket, b: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := a.recv(65536):
+                b.sendall(data)
+        for s in (a, b):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        self.open = False
+        for s in self.conns:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.cut()
+        self.server.close()
+
+
+def test_a_results_queue_down_while_consuming_keeps_the_consumer_collecting(
+    tmp_path: Path, redis_broker: RedisStreams, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The results broker gone mid-stream (its connection cut, new ones refused): the consumer
+    died (exit 2 on a refused connection; pika's own StreamLostError, exit 1, when cut while
+    publishing) though its input was fine. It goes on collecting and computing, and publishes
+    what waits once the results queue is back; every record has one result."""
+    monkeypatch.setattr(consumer_module, "REPUBLISH", 0.5, raising=False)
+    b, rabbit, proxy = redis_broker, Rabbit(), Proxy(5672)
+    try:
+        url = f"amqp://guest:guest@127.0.0.1:{proxy.port}/%2F"
+        out = {"queue": url, "queue_name": rabbit.outbox}
+        job_file = write_job(tmp_path, b.source(), out, {"flush_size": 5, "flush_wait": 0.2})
+        consumer = Consumer(Job.from_file(job_file))
+        thread = in_thread(consumer)
+        try:
+            b.publish(records(range(5)))
+            first: list[dict[str, Any]] = []
+            wait_for(lambda: first.extend(rabbit.results()) or len(first) == 5)
+            proxy.cut()
+            b.publish(records(range(5, 10)))
+            wait_for(lambda: counts(job_file)["succeeded"] == 10)
+            time.sleep(1.5)  # tries to publish, refused
+            assert thread.is_alive()
+            proxy.open = True  # the results queue is back
+            b.publish(records(range(10, 12)))
+            wait_for(lambda: counts(job_file)["succeeded"] == 12)
+            time.sleep(1.5)
+        finally:
+            consumer.stop.set()
+            thread.join(30)
+        got = by_id(first + rabbit.results())
+        assert sorted(got, key=int) == [str(i) for i in range(12)]
+        assert sorted(calls(tmp_path), key=int) == [str(i) for i in range(12)]
+    finally:
+        proxy.close()
+        rabbit.close()
+
+
+def test_a_redis_stream_key_of_another_type_is_exit_2_naming_it(
+    tmp_path: Path, redis_broker: RedisStreams
+) -> None:
+    """`[source] stream` naming a key that holds a string: Redis's WRONGTYPE came out as an
+    'unexpected error' (exit 1); it is the job's mistake, exit 2 naming the key."""
+    b = redis_broker
+    b._r.set(b.inbox, "not a stream")
+    job = write_job(tmp_path, b.source(), {})
+    with pytest.raises(UsageError) as info:
+        consume(job, idle_exit=0.5)
+    assert info.value.exit_code == 2
+    assert f"[source] stream: {b.inbox!r}" in str(info.value) and "WRONGTYPE" in str(info.value)
+
+
+def test_a_row_the_results_table_refuses_does_not_stop_the_consumer(
+    tmp_path: Path, redis_broker: RedisStreams
+) -> None:
+    """A results table keyed by bigint and a message whose id is "x7": the table refused
+    that row, and the consumer stopped (exit 2) at that flush and at every start after it,
+    before receiving anything: one record left every later message waiting. The refused row
+    is a warning; the next messages are processed and written."""
+    b = redis_broker
+    schema = f"ov_{uuid.uuid4().hex[:10]}"
+    engine = sa.create_engine("postgresql+psycopg://127.0.0.1:5432/test")
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
+        conn.execute(sa.text(f"CREATE TABLE {schema}.results (id bigint PRIMARY KEY, output text)"))
+    try:
+        out = {"url": "postgresql://127.0.0.1:5432/test", "table": f"{schema}.results"}
+        job = write_job(tmp_path, b.source(), out, {"flush_size": 2, "flush_wait": 0.2})
+        b.publish([orjson.dumps({"id": 7, "text": "a"}), orjson.dumps({"id": "x7", "text": "b"})])
+        assert consume(job, idle_exit=1.0).added == 2
+        b.publish([orjson.dumps({"id": 8, "text": "c"})])
+        assert consume(job, idle_exit=1.0).added == 1
+        with engine.connect() as conn:
+            rows = conn.execute(sa.text(f"SELECT id, output FROM {schema}.results")).all()
+        assert sorted(tuple(r) for r in rows) == [(7, "A"), (8, "C")]
+        assert sorted(calls(tmp_path)) == ["7", "8", "x7"]
+    finally:
+        b.close()
+        with engine.begin() as conn:
+            conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
+        engine.dispose()
+
+
+def test_an_sqs_queue_deleted_while_consuming_is_exit_2_naming_it(
+    tmp_path: Path, moto_endpoint: str
+) -> None:
+    """SQS answering NonExistentQueue (the queue deleted under a running consumer), or any
+    ClientError, came out of the receive as botocore's own error: an 'unexpected error',
+    exit 1. It is a lost broker: connecting again finds no queue, exit 2 naming it."""
+    b = Sqs(moto_endpoint)
+    try:
+        job_file = write_job(tmp_path, b.source(), b.output(), {"flush_size": 3})
+        consumer = Consumer(Job.from_file(job_file))
+        failed: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                consumer.run()
+            except BaseException as exc:
+                failed.append(exc)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        b.publish(records(range(3)))
+        wait_for(lambda: (c := counts(job_file)) is not None and c["succeeded"] == 3)
+        b._sqs.delete_queue(QueueUrl=b._in)
+        thread.join(60)
+        assert not thread.is_alive()
+        (error,) = failed
+        assert isinstance(error, UsageError) and error.exit_code == 2, repr(error)
+        assert "cannot reach the queue" in str(error) and "NonExistentQueue" in str(error)
+    finally:
+        b._sqs.create_queue(QueueName=b.inbox)  # for close()
+        b.close()
+
+
+def test_a_redis_socket_timeout_shorter_than_the_wait_is_not_fatal(
+    tmp_path: Path, redis_broker: RedisStreams
+) -> None:
+    """`?socket_timeout=0.5` in the Redis URL and a blocking read that waits 1 s for a
+    message: redis-py's TimeoutError (not a ConnectionError) came out of the receive as an
+    'unexpected error', exit 1, whenever the stream was idle. It is a lost connection."""
+    b = redis_broker
+    source = {**b.source(), "queue": b.source()["queue"] + "?socket_timeout=0.5"}
+    job = write_job(tmp_path, source, b.output(), {"flush_size": 3})
+    b.publish(records(range(3)))
+    report = consume(job, idle_exit=2.5)
+    assert report.added == 3
+    assert sorted(by_id(b.results()), key=int) == ["0", "1", "2"]
+
+
+def test_a_rabbitmq_queue_the_broker_refuses_is_exit_2_naming_it(tmp_path: Path) -> None:
+    """A reserved `amq.` queue name: the broker's 403 came out as pika's ChannelClosedByBroker,
+    an 'unexpected error' (exit 1); it is the job file's queue_name, exit 2."""
+    source = {"queue": "amqp://guest:guest@127.0.0.1:5672/%2F", "queue_name": "amq.overnight"}
+    job = write_job(tmp_path, source, {})
+    with pytest.raises(UsageError) as info:
+        consume(job, idle_exit=0.5)
+    assert info.value.exit_code == 2
+    assert "[source] queue_name: the broker refused 'amq.overnight'" in str(info.value)

@@ -777,3 +777,218 @@ def test_update_mode_into_the_source_table_named_another_way_computes_nothing_ag
     dispose_all()
     assert job.run().exit_code == 0
     assert calls(log) == []
+
+
+@pytest.mark.parametrize("kind", ["maria", "sqlite"])
+def test_text_ids_equal_under_a_case_insensitive_collation_are_each_read_once(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """MariaDB's default collation (and SQLite's NOCASE) holds "B", "b " and "b" equal: a
+    page that ended on "B" went on from `id > 'B'` and never read "b " nor "b" (lost without
+    a word). The keyset orders a text id that the table does not keep unique by its exact
+    characters."""
+    db: Db = request.getfixturevalue(kind)
+    collate = "" if kind == "maria" else " COLLATE NOCASE"
+    db.execute(f"CREATE TABLE {db.name('src')} (id VARCHAR(20){collate}, n INTEGER)")
+    db.execute(f"CREATE INDEX {db.name('src_id')} ON {db.name('src')} (id)")
+    ids = ["a", "B", "b ", "b", "c", "C2", "é", "E", "e"]
+    db.execute(
+        f"INSERT INTO {db.name('src')} VALUES (:id, :n)",
+        [{"id": i, "n": n} for n, i in enumerate(ids)],
+    )
+    source = SqlSource(parse_url(db.url, tmp_path, "[source] url"), "id", db.name("src"))
+    for chunk in (1, 2, 3, 100):
+        read = [r.custom_id for rows in source.read(Cursor(), chunk) for r in rows]
+        assert sorted(read) == sorted(ids), chunk
+    # A read cut after each page and resumed from its cursor reads each row once too.
+    read, cursor = [], Cursor()
+    while True:
+        page = next(source.read(cursor, 2), [])
+        if not page:
+            break
+        read += [r.custom_id for r in page]
+        cursor = Cursor(len(read), len(read) + 1, 0, page[-1].key)
+    assert sorted(read) == sorted(ids)
+
+
+def test_a_duplicate_id_across_two_pages_fails_as_a_duplicate_not_vanishes(
+    sqlite: Db, tmp_path: Path
+) -> None:
+    """A query whose id is not unique: the copy of id 2000 on the next page (a page is 2,000
+    rows) was skipped by `id > 2000` without a word, where a copy within one page fails as a
+    duplicate. Both copies are read, and the second fails alone with its row number."""
+    sqlite.execute("CREATE TABLE src (id INTEGER, n INTEGER)")
+    rows = [{"id": i, "n": i} for i in range(1, 2001)]
+    rows += [{"id": 2000, "n": -1}, {"id": 2001, "n": 2001}]
+    sqlite.execute("INSERT INTO src VALUES (:id, :n)", rows)
+    source = SqlSource(
+        parse_url(sqlite.url, tmp_path, "[source] url"), "id", None, "SELECT * FROM src"
+    )
+    for chunk in (1, 2, 2000):
+        read = [r.custom_id for rows in source.read(Cursor(), chunk) for r in rows]
+        assert read[-3:] == ["2000", "2000", "2001"] and len(read) == 2002, chunk
+    # Cut after the first copy of 2000 and resumed: the second is read, the first not again.
+    first = [r for rows in source.read(Cursor(), 2000) for r in rows][1999]
+    resumed = [
+        r.custom_id for rows in source.read(Cursor(2000, 2001, 0, first.key), 5) for r in rows
+    ]
+    assert resumed == ["2000", "2001"]
+
+    fn, log = logging_function(tmp_path)
+    job = job_for(
+        sqlite,
+        tmp_path,
+        fn,
+        source={"table": None, "query": "SELECT * FROM src"},
+        output={"columns": {"doubled": "output"}},
+    )
+    report = job.run()
+    assert report.exit_code == 3 and report.counts["succeeded"] == 2001
+    (failure,) = job.failures()
+    assert failure.line == 2001 and "duplicate id '2000'" in failure.message
+    assert set(calls(log)) == {str(i) for i in range(1, 2002)}
+
+
+def test_ids_that_differ_only_in_trailing_spaces_are_two_rows_in_a_mariadb_results_table(
+    maria: Db, tmp_path: Path
+) -> None:
+    """utf8mb4_bin pads with spaces: "7" and "7 " were one key, and the table refused the
+    second id's row (the run exit 2 over one record). The id column is NO PAD."""
+    (tmp_path / "in.jsonl").write_text(
+        '{"id": "7", "n": 1}\n{"id": "7 ", "n": 2}\n{"id": "x\\t", "n": 3}\n{"id": "x", "n": 4}\n'
+    )
+    fn, _ = logging_function(tmp_path)
+    job = job_for(
+        maria,
+        tmp_path,
+        fn,
+        source={"path": "in.jsonl", "url": None, "table": None},
+        output={"columns": None},
+    )
+    assert job.run().exit_code == 0
+    assert maria.rows("results", "id", "output") == {"7": 2, "7 ": 4, "x\t": 6, "x": 8}
+    dispose_all()
+    assert job.run().exit_code == 0  # the rerun's upsert and delete keep them all
+    assert maria.rows("results", "id", "output") == {"7": 2, "7 ": 4, "x\t": 6, "x": 8}
+
+
+def test_a_long_id_or_a_long_message_does_not_empty_the_mariadb_errors_table(
+    maria: Db, tmp_path: Path
+) -> None:
+    """The errors table's id was VARCHAR(255) and its message TEXT (64 KiB) on MariaDB: a
+    failure with a 300-character id, or a 70,000-character message, was refused, and the one
+    transaction left the table without any failure (and the run exited 2)."""
+    long_id = "k" * 300
+    (tmp_path / "in.jsonl").write_text(
+        '{"id": "a", "n": 1}\n{"id": "b", "n": 2}\n'
+        f'{{"id": "{long_id}", "n": 3}}\n{{"id": "c", "n": 4}}\n'
+    )
+    name = f"longerr_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(
+        "def fn(records):\n"
+        "    if records[0]['n'] == 2:\n"
+        "        raise ValueError('x' * 70000)\n"
+        "    if records[0]['n'] == 3:\n"
+        "        raise ValueError('a long id')\n"
+        "    return [r['n'] for r in records]\n"
+    )
+    job = job_for(
+        maria,
+        tmp_path,
+        f"{name}:fn",
+        source={"path": "in.jsonl", "url": None, "table": None},
+        output={"columns": None, "errors_table": maria.name("errors")},
+        run={"batch_size": 1},
+    )
+    assert job.run().exit_code == 3
+    with maria.engine.connect() as conn:
+        got = conn.execute(
+            sa.text(f"SELECT id, CHAR_LENGTH(message) FROM {maria.name('errors')} ORDER BY id")
+        ).all()
+    assert [tuple(r) for r in got] == [("b", 70000), (long_id, len("a long id"))]
+    assert maria.rows("results", "id", "output") == {"a": 1, "c": 4}
+
+
+def test_an_output_past_64_kib_fits_the_mariadb_results_table_it_creates(
+    maria: Db, tmp_path: Path
+) -> None:
+    """A text column the sink created was TEXT, 64 KiB on MariaDB: a 70,000-character output
+    was refused at every export (the run exit 2, the row never written)."""
+    (tmp_path / "in.jsonl").write_text('{"id": "a", "n": 1}\n{"id": "b", "n": 2}\n')
+    name = f"bigout_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(
+        "def fn(records):\n    return ['x' * (70000 if r['n'] == 2 else 5) for r in records]\n"
+    )
+    job = job_for(
+        maria,
+        tmp_path,
+        f"{name}:fn",
+        source={"path": "in.jsonl", "url": None, "table": None},
+        output={"columns": None},
+    )
+    assert job.run().exit_code == 0
+    assert maria.rows("results", "id", "output") == {"a": "x" * 5, "b": "x" * 70000}
+
+
+def test_changed_since_reads_new_rows_whose_column_is_null(sqlite: Db, tmp_path: Path) -> None:
+    """An `updated_at` left NULL until a row is first updated: a row inserted after the first
+    run with the column NULL is never past the mark, and was never read nor computed (the
+    first run reads such rows). New rows with a NULL column are read; those the job already
+    has are not computed again."""
+    make_source(sqlite, 5, updated=True)
+    fn, log = logging_function(tmp_path)
+    job = job_for(sqlite, tmp_path, fn, source={"changed_since": "updated_at"})
+    assert job.run().exit_code == 0 and len(calls(log)) == 5
+    sqlite.execute("UPDATE src SET updated_at = NULL WHERE id = 5")  # the mark cannot tell
+    insert_rows(sqlite, "src", range(6, 8))
+    sqlite.execute("UPDATE src SET updated_at = NULL WHERE id > 5")
+    report = job.run()
+    assert report.exit_code == 0 and sorted(calls(log)) == ["6", "7"]
+    assert sorted(sqlite.rows("results", "id", "doubled")) == [1, 2, 3, 4, 5, 6, 7]
+    report = job.run()  # nothing new: nothing computed
+    assert report.exit_code == 0 and calls(log) == []
+    sqlite.execute("DELETE FROM src WHERE id = 6")
+    assert job.run().exit_code == 0 and calls(log) == []
+    assert sorted(sqlite.rows("results", "id", "doubled")) == [1, 2, 3, 4, 5, 7]
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "pg"])
+def test_an_errors_table_naming_the_results_or_the_source_table_empties_neither(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """The errors table's rows are replaced at each export (DELETE, then the failures): an
+    `errors_table` naming the results table, or the source table, emptied it, exit 0."""
+    db: Db = request.getfixturevalue(kind)
+    make_source(db, 5)
+    fn, _ = logging_function(tmp_path)
+    assert job_for(db, tmp_path, fn).run().exit_code == 0
+    for target in ("results", "src"):
+        job = job_for(db, tmp_path, fn, output={"errors_table": db.name(target)})
+        with pytest.raises(UsageError) as info:
+            job.run()
+        assert info.value.exit_code == 2 and "[output] errors_table" in str(info.value)
+    assert len(db.rows("src", "id", "n")) == 5
+    assert len(db.rows("results", "id", "doubled")) == 5
+    # A new errors table, then the same one again: made, and its rows replaced.
+    job = job_for(db, tmp_path, fn, output={"errors_table": db.name("errors")})
+    assert job.run().exit_code == 0 and job.run().exit_code == 0
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "pg"])
+def test_upsert_into_the_source_table_is_exit_2_not_a_delete_of_its_rows(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """mode = "upsert" deletes the rows of ids without a good result: with the source table as
+    the output, a record that failed (n = 99 here) had its source row deleted, and the
+    columns it added made every record "changed" (computed again) on the next run."""
+    db: Db = request.getfixturevalue(kind)
+    make_source(db, 5)
+    db.execute(f"UPDATE {db.name('src')} SET n = 99 WHERE id = 3")
+    fn, log = logging_function(tmp_path, fail=99)
+    job = job_for(
+        db, tmp_path, fn, output={"table": db.name("src"), "columns": {"doubled": "output"}}
+    )
+    with pytest.raises(UsageError) as info:
+        job.run()
+    assert info.value.exit_code == 2 and "is the [source] table" in str(info.value)
+    assert sorted(db.rows("src", "id", "n")) == [1, 2, 3, 4, 5] and calls(log) == []

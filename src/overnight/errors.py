@@ -22,6 +22,11 @@ class UsageError(OvernightError):
     exit_code = 2
 
 
+class ExportRefused(UsageError):
+    """The output took some results and not others (a table refused rows, a results queue
+    was down): they are computed and kept in the ledger, for the next export."""
+
+
 class JobFileError(UsageError):
     """A job file that cannot be read or does not validate; the message names file and key."""
 

@@ -245,6 +245,23 @@ class SqlInput:
                 # A query: any table of the same database may be the one it reads.
                 if same_table(url, src.table or out.table, sink.url, out.table):
                     exclude = frozenset(out.columns)
+            elif out.url is not None and out.mode == "upsert" and src.table is not None:
+                from .sqldb import SqlError, same_table
+
+                sink = self._sql(lambda: SqlSink.from_spec(out, self.base_dir, self.id_name))
+                url = self._sql(lambda: SqlSource.from_spec(src, self.base_dir).url)
+                if same_table(url, src.table, sink.url, out.table):
+                    # An upsert deletes the rows of ids that have no good result (a failed
+                    # record's, a deleted one's): into the source table, that deleted the
+                    # user's rows; and its columns, read back, made every record "changed".
+                    def refuse() -> None:
+                        raise SqlError(
+                            f"[output] table: {out.table} is the [source] table; mode ="
+                            ' "upsert" would delete its rows whose record fails: write into'
+                            ' it with mode = "update" and `columns`, or name another table'
+                        )
+
+                    self._sql(refuse)
             self._source = self._sql(lambda: SqlSource.from_spec(src, self.base_dir, exclude))
         return self._source
 

@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import orjson
+
 from . import inputs, sources
 from .claim import RunHandle, busy, describe
 from .errors import InputChangedError, option
@@ -23,6 +25,17 @@ if TYPE_CHECKING:
     from .job import Job
 
 log = logging.getLogger(__name__)
+
+
+def _mark_of(row: sources.Row, column: str | None) -> object:
+    """A row's `changed_since` value (None: NULL, or not a record)."""
+    record = row.record
+    if record is None:
+        try:
+            record = orjson.loads(row.payload or b"null")
+        except orjson.JSONDecodeError:
+            return None
+    return record.get(column) if isinstance(record, dict) and column else None
 
 
 def origin_of(job: Job) -> str | None:
@@ -247,6 +260,7 @@ class Opening:
         if not info.ingest_done or counts.open or counts["cancelled"]:
             return info
         changed_n = since.count()
+        mark = job.spec.source.changed_since
         changed: dict[str, sources.Row] = {}
         bad: list[sources.Row] = []
         if changed_n:
@@ -256,9 +270,15 @@ class Opening:
             for rows in since.read(sources.CHUNK):
                 for row in rows:
                     if row.custom_id is None:
-                        bad.append(row)
+                        if _mark_of(row, mark) is not None:
+                            bad.append(row)
                     else:
                         changed[row.custom_id] = row
+            # A row whose column is NULL says nothing of a change: only a new one (an id the
+            # job does not have) is read, or each run would read it again as changed.
+            unmarked = [cid for cid, row in changed.items() if _mark_of(row, mark) is None]
+            for cid in ledger.known_ids(info.id, unmarked) if unmarked else ():
+                del changed[cid]
         read = len(changed) + len(bad)
         new_ids = len(changed) - len(ledger.known_ids(info.id, list(changed)))
         held = counts.total - counts.rejected  # one item per id

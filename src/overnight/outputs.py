@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from . import sinks
-from .errors import UsageError
+from .errors import ExportRefused, UsageError
 from .spec import JobSpec
 from .store import Ledger
 
@@ -144,10 +144,13 @@ class SqlOutput:
 
     def _sql(self, call: Callable[[], Any]) -> Any:
         """A database's SqlError (exit 2, naming the key) with the job file in front."""
+        from .sql_sink import RowsRefused
         from .sqldb import SqlError
 
         try:
             return call()
+        except RowsRefused as exc:  # the others written: not the job file's mistake
+            raise ExportRefused(f"{self.origin}: {exc}") from None
         except SqlError as exc:
             raise _usage(self.origin, str(exc)) from None
 

@@ -464,6 +464,19 @@ class JobSpec(_Section):
                 raise ValueError(f"backend = {backend!r} needs [model] name (the model id)")
             if self.task.examples:
                 raise ValueError("[task] examples apply to backend = 'local' only")
+        src, out = self.source, self.output
+        if (
+            src.queue is not None
+            and out.queue is not None
+            and src.queue.rstrip("/") == out.queue.rstrip("/")
+            and (src.queue_name or src.stream) == (out.queue_name or out.stream)
+        ):
+            # The consumer would take each result back as a message whose id it has (a
+            # redelivery), acknowledge it and drop it: results lost on RabbitMQ and SQS.
+            raise ValueError(
+                f"[output] queue: {out.queue_name or out.stream!r} is the job's [source] queue;"
+                " results go to another queue"
+            )
         if self.source.queue is None:
             for key in ("flush_size", "flush_wait", "window"):
                 if key in self.run.model_fields_set:

@@ -27,18 +27,38 @@ import numpy as np
 import orjson
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects.mysql import MEDIUMTEXT
 from sqlalchemy.engine import URL
 
 from . import results
 from .sql_source import _unplain
-from .sqldb import SqlError, connect, parse_url, python_type, reflect, safe_url, scrub, split_table
+from .sqldb import (
+    SqlError,
+    connect,
+    parse_url,
+    python_type,
+    reflect,
+    safe_url,
+    same_table,
+    scrub,
+    split_table,
+)
 from .store import Ledger
 
 log = logging.getLogger(__name__)
 
 BATCH = 1000
-_BINARY = "utf8mb4_bin"  # MySQL and MariaDB: text compared byte by byte
+# MySQL and MariaDB: text compared byte by byte, trailing spaces included (NO PAD): under
+# utf8mb4_bin "7" and "7 " are one key, and the second id's row was refused (or overwrote the
+# first's). The first of these the server has (utf8mb4_bin: an old MySQL's only choice).
+_BINARY = ("utf8mb4_nopad_bin", "utf8mb4_0900_bin", "utf8mb4_bin")
 
+
+class RowsRefused(SqlError):
+    """The table refused some rows and took the others (see outputs.ExportRefused)."""
+
+
+_ERRORS_COLUMNS = ("id", "line", "state", "error_class", "message", "attempts")
 
 # Upsert mode: the column naming the job that wrote a row, so that a job deletes only its own
 # rows that are no longer results (two jobs may share one results table).
@@ -83,6 +103,27 @@ class SqlSink:
         with connect(self.url, "[output] url") as conn:
             if self.mode == "update":
                 self._existing(conn)
+            if self.errors_table is not None:
+                if same_table(self.url, self.table, self.url, self.errors_table):
+                    raise SqlError(
+                        f"[output] errors_table: {self.errors_table} is the results table;"
+                        " name another"
+                    )
+                self._check_errors_table(conn, missing_ok=True)
+
+    def _check_errors_table(self, conn: sa.Connection, missing_ok: bool = False) -> None:
+        """Its rows are replaced at each export: a table of other columns (the results table,
+        the source table, any other) is not one to empty. Naming one emptied it, exit 0."""
+        found = reflect(conn, self.errors_table or "", "[output] errors_table", self.url)
+        if found is None and missing_ok:
+            return
+        names = sorted(c.name for c in found.columns) if found is not None else []
+        if names != sorted(_ERRORS_COLUMNS):
+            raise SqlError(
+                f"[output] errors_table: {self.errors_table} at {safe_url(self.url)} is not an"
+                f" errors table (its columns: {', '.join(names[:12])}); its rows would be"
+                " replaced: name a new table"
+            )
 
     def _existing(self, conn: sa.Connection) -> sa.Table:
         table = reflect(conn, self.table, "[output] table", self.url)
@@ -128,7 +169,7 @@ class SqlSink:
 
     # -- column types -------------------------------------------------------------------
 
-    def _type(self, value: Any, is_id: bool = False) -> Any:
+    def _type(self, value: Any, is_id: bool = False, collation: str = _BINARY[-1]) -> Any:
         mysql = self.dialect in ("mysql", "mariadb")
         if isinstance(value, bool):
             return sa.Boolean()
@@ -148,8 +189,8 @@ class SqlSink:
             return postgresql.JSONB() if self.dialect == "postgresql" else sa.JSON()
         if is_id and mysql:
             # MySQL keys need a length; ids compare as written ("aB" is not "Ab").
-            return sa.String(255, collation=_BINARY)
-        return sa.Text()
+            return sa.String(255, collation=collation)
+        return self._text()
 
     def _types(self, sample: list[Any]) -> Any:
         """The column type for a field's values in the first rows: one that holds them all
@@ -164,7 +205,30 @@ class SqlSink:
             return sa.Float()
         if names <= {sa.JSON, postgresql.JSONB, postgresql.ARRAY}:
             return postgresql.JSONB() if self.dialect == "postgresql" else sa.JSON()
-        return sa.Text()
+        return self._text()
+
+    def _text(self) -> Any:
+        """A text column: MySQL's TEXT holds 64 KiB, and a longer output was refused at every
+        export (the run exit 2); MEDIUMTEXT holds 16 MiB."""
+        return MEDIUMTEXT() if self.dialect in ("mysql", "mariadb") else sa.Text()
+
+    def _binary(self, conn: sa.Connection) -> str:
+        """The binary NO PAD collation this MySQL or MariaDB server has (see _BINARY)."""
+        if self.dialect not in ("mysql", "mariadb"):
+            return _BINARY[-1]
+        try:
+            found = set(
+                conn.execute(
+                    sa.text(
+                        "SELECT collation_name FROM information_schema.collations"
+                        " WHERE collation_name IN :names"
+                    ).bindparams(sa.bindparam("names", expanding=True)),
+                    {"names": list(_BINARY)},
+                ).scalars()
+            )
+        finally:
+            conn.rollback()
+        return next((c for c in _BINARY if c in found), _BINARY[-1])
 
     def _create(
         self, conn: sa.Connection, mapping: dict[str, str], head: list[tuple[Any, dict, set]]
@@ -174,7 +238,7 @@ class SqlSink:
         cols = [
             sa.Column(
                 self.id_name,
-                self._type(first[0] if first else "", True),
+                self._type(first[0] if first else "", True, self._binary(conn)),
                 primary_key=True,
                 autoincrement=False,
             )
@@ -391,7 +455,7 @@ class SqlSink:
                 if refused:
                     params, message = refused[0]
                     ident = params.get("_overnight_id", params.get(self.id_name))
-                    raise SqlError(
+                    raise RowsRefused(
                         f"[output] table: {self.where} refused {len(refused)} row(s), the"
                         f" others were written: id {ident}: {message}. The results are kept in"
                         " the ledger: once the table or the results are fixed, `overnight"
@@ -471,15 +535,19 @@ class SqlSink:
         """Replace the errors table's rows with the job's failures, in one transaction."""
         assert self.errors_table is not None
         mysql = self.dialect in ("mysql", "mariadb")
+        # MySQL's VARCHAR(255) and TEXT (64 KiB) refused an id past 255 characters or a
+        # longer message, and with that one row the whole table stayed empty: MEDIUMTEXT
+        # (16 MiB) there. The table has no key: nothing needs a length.
+        long_text = sa.Text().with_variant(MEDIUMTEXT(), "mysql", "mariadb")
         schema, name = split_table(self.errors_table)
         table = sa.Table(
             name,
             sa.MetaData(),
-            sa.Column("id", sa.String(255) if mysql else sa.Text()),
+            sa.Column("id", long_text),
             sa.Column("line", sa.BigInteger()),
             sa.Column("state", sa.String(32)),
             sa.Column("error_class", sa.String(255) if mysql else sa.Text()),
-            sa.Column("message", sa.Text()),
+            sa.Column("message", long_text),
             sa.Column("attempts", sa.Integer()),
             schema=schema,
         )
@@ -505,6 +573,7 @@ class SqlSink:
                     # Another worker exporting at the same moment may have made it first.
                     if reflect(conn, self.errors_table, "[output] errors_table", self.url) is None:
                         raise
+                self._check_errors_table(conn)
                 with conn.begin():
                     if self.dialect == "postgresql":  # two exports at once: one after the other
                         quoted = conn.dialect.identifier_preparer.format_table(table)

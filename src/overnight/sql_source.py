@@ -28,6 +28,7 @@ from typing import Any
 
 import orjson
 import sqlalchemy as sa
+from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import URL
 
 from .records import Cursor, Row
@@ -133,6 +134,30 @@ def _without_semicolons(query: str) -> str:
     return query
 
 
+def _unique(table: sa.Table, name: str) -> bool:
+    """Whether the column alone is the table's primary key or a unique index: then no two of
+    its values are equal under its collation either."""
+    if [c.name for c in table.primary_key.columns] == [name]:
+        return True
+    return any(ix.unique and [c.name for c in ix.columns] == [name] for ix in table.indexes)
+
+
+def _exact(column: Any, backend: str) -> Any:
+    """A text id as the keyset must order and compare it: by its exact characters. Under
+    MariaDB/MySQL's default collations (case- and accent-insensitive, trailing spaces ignored)
+    or SQLite's NOCASE, "B" and "b " are equal: a page ending on "B" went on from `id > 'B'`
+    and never read "b ". An id the table keeps unique cannot have such twins, and keeps its
+    index (see _unique)."""
+    if backend in ("mysql", "mariadb"):
+        # Its characters' UTF-8 bytes, whatever the column's character set: compared with
+        # the bound id, which is sent as UTF-8 text (type_coerce: bound as text, not bytes).
+        text = sa.cast(column, mysql.CHAR(charset="utf8mb4"))
+        return sa.type_coerce(sa.cast(text, mysql.BINARY()), sa.String)
+    if backend == "sqlite":
+        return column.collate("BINARY")
+    return column
+
+
 @dataclass
 class SqlSource:
     url: URL
@@ -144,6 +169,8 @@ class SqlSource:
     # of the record, or every write would make every row look changed to the next run.
     exclude: frozenset[str] = frozenset()
     _shape: tuple[Any, ...] | None = field(default=None, repr=False)
+    # What the keyset orders and compares on (see _exact): the id column, or its exact bytes.
+    _key: Any = field(default=None, repr=False)
 
     @classmethod
     def from_spec(
@@ -178,6 +205,7 @@ class SqlSource:
             columns = {c.name: c for c in table.columns}
             source: Any = table
             kinds = {n: python_type(c) for n, c in columns.items()}
+            unique = _unique(table, self.id)
         else:
             # On its own line (a line comment last), and no bind parameters: a colon is
             # the query's own (`'10 :30'`, `::text`).
@@ -194,6 +222,7 @@ class SqlSource:
             columns = {n: sa.column(n) for n in names}
             source = sa.text(sub)
             kinds = {}
+            unique = False
         for key, name in (("id", self.id), ("changed_since", self.changed_since)):
             if name is not None and name not in columns:
                 shown = ", ".join(repr(n) for n in names[:12]) + (
@@ -205,6 +234,9 @@ class SqlSource:
         if self.query is not None:
             kinds = self._query_kinds(conn, source, columns)
         selected = [columns[n] for n in names if n not in self.exclude or n == self.id]
+        self._key = columns[self.id]
+        if not unique and kinds.get(self.id) is str:
+            self._key = _exact(columns[self.id], self.url.get_backend_name())
         self._shape = (source, selected, columns, kinds)
         return self._shape
 
@@ -246,10 +278,14 @@ class SqlSource:
     ) -> sa.Select:
         if since is _MISSING or self.changed_since is None:
             return query
-        if since is None:  # the table had no value at all last time: every row is new
-            return query.where(columns[self.changed_since].is_not(None))
+        # A row whose column is NULL (an `updated_at` set on a row's first update only) is
+        # never past a mark: it is read each time, and the run computes only the ones it does
+        # not have (opening.py), or a row inserted so was never read at all.
+        col = columns[self.changed_since]
+        if since is None:  # the table had no value at all last time: every row
+            return query
         kind = kinds.get(self.changed_since)
-        return query.where(columns[self.changed_since] > _unplain(since, kind))
+        return query.where(sa.or_(col > _unplain(since, kind), col.is_(None)))
 
     def read(
         self, start: Cursor = Cursor(), chunk: int = 2000, since: Any = _MISSING
@@ -265,12 +301,28 @@ class SqlSource:
             base = self._since(base, columns, kinds, since)
             after = _unplain(state["after"], kinds.get(self.id)) if "after" in state else _MISSING
             last_json = state.get("after", _MISSING)
+            # Rows whose id is `after` read so far: the next page starts at `id >= after` and
+            # leaves them out, so a duplicate id that straddles two pages is read (and failed
+            # as a duplicate) as it is within one, not skipped. None: an older cursor (`>`).
+            same = state.get("same", None if "after" in state else 0)
             if "nulls" not in state:
                 while True:
-                    query = base.where(id_col.is_not(None)).order_by(id_col).limit(chunk)
-                    if after is not _MISSING:
-                        query = query.where(id_col > after)
-                    page = self._fetch(conn, query)
+                    key_col = self._key
+                    query = base.where(id_col.is_not(None)).order_by(key_col)
+                    limit = chunk
+                    if after is not _MISSING and same is None:
+                        query = query.where(key_col > after)
+                    elif after is not _MISSING:
+                        query = query.where(key_col >= after)
+                        limit += same
+                    page = self._fetch(conn, query.limit(limit))
+                    full = len(page) == limit
+                    skip = 0
+                    while skip < len(page) and skip < (same or 0) and after is not _MISSING:
+                        if encode({"v": page[skip][self.id]})[1]["v"] != last_json:
+                            break  # (one of them was deleted meanwhile)
+                        skip += 1
+                    page = page[skip:]
                     if not page:
                         break
                     rows = []
@@ -279,8 +331,10 @@ class SqlSource:
                         payload, record = encode(values)
                         total += int.from_bytes(blake2b(payload, digest_size=16).digest(), "big")
                         value = record[self.id]
+                        same = same + 1 if value == last_json and same is not None else 1
                         last_json = value
-                        key = dumps({"after": value, "h": f"{total % _SUM:x}"}).decode()
+                        key = dumps({"after": value, "same": same, "h": f"{total % _SUM:x}"})
+                        key = key.decode()
                         if value == "":
                             rows.append(
                                 Row(
@@ -298,7 +352,7 @@ class SqlSource:
                             rows.append(Row(records, cid, payload, record, None, 0, key))
                     after = values[self.id]
                     yield rows
-                    if len(page) < chunk:
+                    if not full:
                         break
             # Rows without an id, last: each an input error with its row number.
             nulls = state.get("nulls", 0)

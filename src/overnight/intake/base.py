@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple, Protocol
 
-from ..errors import UsageError
+from ..errors import ExportRefused, UsageError
 from ..spec import OutputSpec, SourceSpec
 from .urls import broker_of, safe_url
 
@@ -42,6 +42,12 @@ class Publisher(Protocol):
 
 class BrokerLost(Exception):
     """The connection to the broker broke while consuming: connect again."""
+
+
+class ResultsUnpublished(ExportRefused):
+    """The results queue could not be reached or took no message: the results stay in the
+    ledger, past the published mark, for the next export (`overnight consume` tries again
+    while it collects)."""
 
 
 def unreachable(url: str, exc: BaseException) -> UsageError:

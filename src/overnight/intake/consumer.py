@@ -32,11 +32,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from ..errors import UsageError
+from ..errors import ExportRefused, UsageError
 from ..job import Job
 from ..records import Cursor
 from ..store import ConcurrentIngest, Ledger
-from .base import BrokerLost, Delivery, Receiver, open_receiver
+from .base import BrokerLost, Delivery, Receiver, ResultsUnpublished, open_receiver
 from .kinds import rows_of
 from .window import Window
 
@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 POLL = 0.2  # seconds a receive waits before the schedule is looked at again ...
 IDLE_POLL = 1.0  # ... or, with nothing waiting, a long poll (SQS: one request a second)
 RECONNECTS = 10  # lost broker connections in a row the consumer lives through
+REPUBLISH = 5.0  # seconds between tries to publish results a results queue did not take
 
 
 @dataclass
@@ -76,6 +77,9 @@ class Consumer:
             )
         self.window = Window.parse(spec.run.window) if spec.run.window else None
         self._receiver: Receiver | None = None
+        # When to try again to publish results the results queue did not take (down, or
+        # its connection lost): the consumer goes on collecting meanwhile.
+        self._republish: float | None = None
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -88,6 +92,8 @@ class Consumer:
             last_seen = time.monotonic()
             try:
                 while not self.stop.is_set():
+                    if self._republish is not None and time.monotonic() >= self._republish:
+                        self._export()
                     now = self.clock()
                     due = oldest is not None and (
                         waiting >= run.flush_size or now - oldest >= run.flush_wait
@@ -118,7 +124,9 @@ class Consumer:
             finally:
                 if self._receiver is not None:
                     self._receiver.close()
-            if self.stop.is_set():  # a flush cut short by the stop leaves results to publish
+            if self.stop.is_set() or self._republish is not None:
+                # A flush cut short by the stop leaves results to publish; results the
+                # queue did not take get a last try (its error, exit 2, if it fails again).
                 self.job.export()
         return self.report
 
@@ -133,11 +141,36 @@ class Consumer:
         if info is None or self._open(self.clock()):
             self._flush(first=True)
             return 0
-        self.job.export()  # publish results a crash left unpublished; compute nothing
+        self._export()  # publish results a crash left unpublished; compute nothing
         return ledger.counts(info.id)["pending"]
 
+    def _export(self) -> None:
+        try:
+            self.job.export()
+            self._republish = None
+        except ResultsUnpublished as exc:
+            self._unpublished(exc)
+        except ExportRefused as exc:  # rows a table refused: the next flush tries again
+            log.warning("%s", exc)
+
+    def _unpublished(self, exc: ResultsUnpublished) -> None:
+        log.warning("%s; trying again in %.0f s", exc, REPUBLISH)
+        self._republish = time.monotonic() + REPUBLISH
+
     def _flush(self, first: bool = False) -> None:
-        report = self.job.run(stop=self.stop)
+        try:
+            report = self.job.run(stop=self.stop)
+        except ResultsUnpublished as exc:  # computed and committed: published later
+            self._unpublished(exc)
+            return
+        except ExportRefused as exc:
+            # A table refused some results (the others written): they stay in the ledger,
+            # and the next flush writes them again. Stopping here stopped the consumer at
+            # every start, on one record, with every message after it left waiting.
+            log.warning("%s", exc)
+            self.report.flushes += not first
+            return
+        self._republish = None
         if not first:
             self.report.flushes += 1
         c = report.counts

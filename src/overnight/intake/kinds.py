@@ -25,6 +25,7 @@ from typing import Any
 import orjson
 
 from .. import results, sinks
+from ..errors import UsageError
 from ..records import Cursor, Fingerprint, Row
 from ..spec import JobSpec
 from ..store import ConcurrentIngest, ItemState, Ledger
@@ -149,9 +150,12 @@ def publish_new(ledger: Ledger, name: str, job_id: int, spec: JobSpec, id_name: 
                 done.append(item)
             if not done:
                 break
-            if publisher is None:
-                publisher = open_publisher(spec.output)
-            publisher.publish([result_message(it, id_name) for it in done])
+            try:
+                if publisher is None:
+                    publisher = open_publisher(spec.output)
+                publisher.publish([result_message(it, id_name) for it in done])
+            except Exception as exc:  # the broker's own errors, past a connection made
+                raise _unpublished(spec, exc) from None
             mark = done[-1].seq + 1
             _move_mark(ledger, name, job_id, mark)
             sent += len(done)
@@ -161,6 +165,20 @@ def publish_new(ledger: Ledger, name: str, job_id: int, spec: JobSpec, id_name: 
         if publisher is not None:
             publisher.close()
     return sent
+
+
+def _unpublished(spec: JobSpec, exc: Exception) -> Exception:
+    from .base import ResultsUnpublished
+
+    if isinstance(exc, ResultsUnpublished):
+        return exc
+    out = spec.output
+    where = _where(out.queue or "", out.queue_name or out.stream)
+    detail = str(exc) if isinstance(exc, UsageError) else f"{type(exc).__name__}: {exc}"
+    return ResultsUnpublished(
+        f"[output] queue: cannot publish results to {where} ({detail}); they are kept in"
+        " the ledger and published by the next export"
+    )
 
 
 def _move_mark(ledger: Ledger, name: str, job_id: int, mark: int) -> None:

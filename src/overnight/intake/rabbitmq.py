@@ -14,6 +14,7 @@ from typing import Any
 import pika
 import pika.exceptions
 
+from ..errors import UsageError
 from .base import BrokerLost, Delivery, unreachable
 
 _LOST = (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError)
@@ -29,16 +30,22 @@ def _connect(url: str, name: str) -> Any:
         raise unreachable(url, exc) from None
 
 
-def _declare(conn: Any, queue: str) -> Any:
-    """A channel on which `queue` exists (declared durable if it did not)."""
+def _declare(conn: Any, queue: str, key: str) -> Any:
+    """A channel on which `queue` exists (declared durable if it did not). A queue the broker
+    refuses (a reserved `amq.` name, no permission: 403) is the job's `key`, exit 2, not
+    pika's own error (exit 1)."""
     channel = conn.channel()
     try:
-        channel.queue_declare(queue, passive=True)
+        try:
+            channel.queue_declare(queue, passive=True)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            if exc.reply_code != 404:
+                raise
+            channel = conn.channel()
+            channel.queue_declare(queue, durable=True)
     except pika.exceptions.ChannelClosedByBroker as exc:
-        if exc.reply_code != 404:
-            raise
-        channel = conn.channel()
-        channel.queue_declare(queue, durable=True)
+        conn.close()
+        raise UsageError(f"{key}: the broker refused {queue!r}: {exc.reply_text}") from None
     return channel
 
 
@@ -46,7 +53,7 @@ class RabbitReceiver:
     def __init__(self, url: str, queue: str, prefetch: int) -> None:
         self.url, self.queue = url, queue
         self._conn = _connect(url, f"overnight consume {queue}")
-        self._channel = _declare(self._conn, queue)
+        self._channel = _declare(self._conn, queue, "[source] queue_name")
         self._channel.basic_qos(prefetch_count=prefetch)
         self._messages: Iterator[Any] = self._channel.consume(queue, inactivity_timeout=0.05)
 
@@ -63,6 +70,10 @@ class RabbitReceiver:
                 out.append(Delivery(body, method.delivery_tag))
         except _LOST as exc:
             raise BrokerLost(str(exc) or type(exc).__name__) from exc
+        except StopIteration:
+            # The broker cancelled this consumer: its queue was deleted (or the node holding
+            # it went). Connecting again declares it again and consumes what comes next.
+            raise BrokerLost(f"the broker cancelled the consumer of {self.queue!r}") from None
         return out
 
     def ack(self, deliveries: list[Delivery]) -> None:
@@ -85,7 +96,7 @@ class RabbitPublisher:
     def __init__(self, url: str, queue: str) -> None:
         self.queue = queue
         self._conn = _connect(url, f"overnight results {queue}")
-        self._channel = _declare(self._conn, queue)
+        self._channel = _declare(self._conn, queue, "[output] queue_name")
         self._channel.tx_select()
         self._props = pika.BasicProperties(content_type="application/json", delivery_mode=2)
 

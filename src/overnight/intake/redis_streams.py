@@ -18,9 +18,14 @@ import orjson
 import redis
 import redis.exceptions
 
+from ..errors import UsageError
 from .base import BrokerLost, Delivery, unreachable
+from .urls import safe_url
 
 CLAIM_IDLE_MS = 60_000
+# A TimeoutError is not a ConnectionError in redis-py: a `?socket_timeout=` shorter than a
+# blocking read's wait raised it whenever the stream was idle (exit 1).
+_LOST = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 
 def _connect(url: str) -> Any:
@@ -48,8 +53,14 @@ class RedisReceiver:
             self._r.xgroup_create(stream, group, id="0", mkstream=True)
         except redis.exceptions.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
-                raise
+                # WRONGTYPE: the key holds a string, a list... (a "[source] stream" mistyped).
+                self._r.close()
+                raise UsageError(f"[source] stream: {stream!r} at {safe_url(url)}: {exc}") from None
         self._phase = "own"  # own pending entries, then others' idle ones, then new ones
+        # A blocking read waits less than the URL's `socket_timeout`, if any: longer, and
+        # redis-py gives up on the socket while Redis is still rightly waiting.
+        limit = self._r.connection_pool.connection_kwargs.get("socket_timeout")
+        self._block_limit = float(limit) * 0.8 if limit else None
 
     def _entries(self, got: Any) -> list[Delivery]:
         entries = got[0][1] if got else []
@@ -76,10 +87,17 @@ class RedisReceiver:
                 self.consumer,
                 {self.stream: ">"},
                 count=limit,
-                block=max(1, int(timeout * 1000)),
+                block=max(1, int(min(timeout, self._block_limit or timeout) * 1000)),
             )
             return self._entries(got)
-        except redis.exceptions.ConnectionError as exc:
+        except _LOST as exc:
+            raise BrokerLost(str(exc)) from exc
+        except redis.exceptions.ResponseError as exc:
+            # The stream (and its group) went: deleted (UNBLOCKED, while a read waited on
+            # it), or a Redis restarted without its data (NOGROUP). Connecting again makes
+            # them again, and reads what comes next.
+            if not str(exc).startswith(("NOGROUP", "UNBLOCKED")):
+                raise
             raise BrokerLost(str(exc)) from exc
 
     def ack(self, deliveries: list[Delivery]) -> None:
@@ -87,7 +105,7 @@ class RedisReceiver:
             return
         try:
             self._r.xack(self.stream, self.group, *[d.tag for d in deliveries])
-        except redis.exceptions.ConnectionError as exc:
+        except _LOST as exc:
             raise BrokerLost(str(exc)) from exc
 
     def close(self) -> None:

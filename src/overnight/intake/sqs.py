@@ -2,7 +2,10 @@
 `queue_name`. Received messages stay invisible to others for the queue's visibility timeout;
 the consumer deletes them (its acknowledgement) once their records are in the ledger. It asks
 for at most `limit` at a time (10 per call, long polling) and deletes them before it asks
-again. Results are sent with SendMessageBatch."""
+again. Results are sent with SendMessageBatch, at most 10 and the queue's largest message
+size (`MaximumMessageSize`) to a call: a result over that size goes as its id and state with
+`error_class = "result_too_large"` (the result stays in the ledger), or
+SQS would refuse it, and with it every result after, at every start."""
 
 from __future__ import annotations
 
@@ -12,11 +15,20 @@ from typing import Any
 
 import boto3
 import botocore.exceptions
+import orjson
 
 from .base import BrokerLost, Delivery, unreachable
 from .urls import sqs_endpoint
 
-_LOST = (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectionClosedError)
+LARGEST = 262_144  # SQS's own largest message, where the queue's attribute cannot be read
+# A connection refused, timed out or cut, and what SQS answers with an error (the queue
+# deleted, throttled): a lost broker, connected again (or exit 2 naming the queue), not
+# botocore's own error out of `overnight consume` (exit 1).
+_LOST = (
+    botocore.exceptions.ConnectionError,
+    botocore.exceptions.HTTPClientError,
+    botocore.exceptions.ClientError,
+)
 
 
 def _client(url: str, queue_name: str) -> tuple[Any, str]:
@@ -72,17 +84,50 @@ class SqsReceiver:
 class SqsPublisher:
     def __init__(self, url: str, queue_name: str) -> None:
         self._sqs, self.queue_url = _client(url, queue_name)
+        try:
+            got = self._sqs.get_queue_attributes(
+                QueueUrl=self.queue_url, AttributeNames=["MaximumMessageSize"]
+            )
+            self.largest = int(got["Attributes"]["MaximumMessageSize"])
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, KeyError):
+            self.largest = LARGEST
 
     def publish(self, bodies: list[bytes]) -> None:
-        for i in range(0, len(bodies), 10):
-            part = bodies[i : i + 10]
-            got = self._sqs.send_message_batch(
-                QueueUrl=self.queue_url,
-                Entries=[{"Id": str(k), "MessageBody": b.decode()} for k, b in enumerate(part)],
-            )
-            if got.get("Failed"):
-                first = got["Failed"][0]
-                raise RuntimeError(f"SQS refused a result message: {first.get('Message')}")
+        part: list[bytes] = []
+        size = 0
+        for body in bodies:
+            if len(body) > self.largest:
+                body = _too_large(body, self.largest)
+            if part and (len(part) == 10 or size + len(body) > self.largest):
+                self._send(part)
+                part, size = [], 0
+            part.append(body)
+            size += len(body)
+        if part:
+            self._send(part)
+
+    def _send(self, part: list[bytes]) -> None:
+        got = self._sqs.send_message_batch(
+            QueueUrl=self.queue_url,
+            Entries=[{"Id": str(k), "MessageBody": b.decode()} for k, b in enumerate(part)],
+        )
+        if got.get("Failed"):
+            first = got["Failed"][0]
+            raise RuntimeError(f"SQS refused a result message: {first.get('Message')}")
 
     def close(self) -> None:
         self._sqs.close()
+
+
+def _too_large(body: bytes, largest: int) -> bytes:
+    """A result message over the queue's largest size: its id (its first field, see
+    kinds.result_message) and state, and why the rest is not there."""
+    head = orjson.loads(body)
+    kept = dict(list(head.items())[:1])
+    kept["state"] = head.get("state")
+    kept["error_class"] = "result_too_large"
+    kept["error"] = (
+        f"the result message ({len(body):,} bytes) is over the queue's largest ({largest:,}"
+        " bytes); the result is kept in the job's ledger"
+    )
+    return orjson.dumps(kept)
