@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from job_helpers import calls, slow_python_job, start, wait_for_calls
 
+from overnight.store import open_ledger
+
 pytestmark = pytest.mark.slow
 
 
@@ -101,7 +103,9 @@ def test_a_read_only_ledger_is_exit_2_before_anything_runs(tmp_path: Path) -> No
     job = make_job(tmp_path, n=20)
     assert overnight(tmp_path, "status", str(job)).wait(timeout=60) == 2  # not run yet
     ledger = tmp_path / ".overnight" / "ledger.db"
-    assert ledger.exists()
+    assert not ledger.exists()  # status does not make one
+    ledger.parent.mkdir()
+    open_ledger(str(ledger)).close()  # a ledger with no job in it
     for extra in (tmp_path / ".overnight").glob("ledger.db-*"):
         extra.unlink()
     with read_only(ledger):
