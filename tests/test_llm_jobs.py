@@ -418,3 +418,26 @@ def test_estimate_needs_no_key_and_sends_nothing(
     assert est.cost_batch == pytest.approx(est.cost_realtime / 2)
     assert sum(fake.stats.requests.values()) == 0
     assert any("batch API" in line for line in est.lines())
+
+
+def test_a_repeated_id_is_refused_before_it_is_sent(tmp_path: Path, fake: FakeProvider) -> None:
+    """A record whose id an earlier one has is refused as a repeat; it used to be sent, paid
+    for, and its answer thrown away at the commit. Repeats of a committed item (the ledger's
+    ids) and of an earlier record in the same window alike."""
+    recs = [{"id": f"r{i}", "text": f"text {i}"} for i in range(120)]
+    recs += [
+        {"id": "r5", "text": "another text for r5"},  # line 121: r5 committed long before
+        {"id": "r200", "text": "new"},
+        {"id": "r200", "text": "new again"},  # line 123: its twin one line up
+    ]
+    (tmp_path / "in.jsonl").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in recs))
+    report = llm_job(tmp_path, "openai", fake.openai_url).run()
+    assert report.counts["succeeded"] == 121
+    assert fake.stats.requests["/v1/chat/completions"] == 121  # no request for a repeat
+    errors = read_jsonl(tmp_path / "job.out.errors.jsonl")
+    assert [e["message"] for e in errors] == [
+        "line 121: duplicate id 'r5' (first seen on line 6)",
+        "line 123: duplicate id 'r200' (first seen on line 122)",
+    ]
+    out = {r["id"]: r for r in read_jsonl(tmp_path / "job.out.jsonl")}
+    assert len(out) == 121 and "another" not in str(out["r5"])

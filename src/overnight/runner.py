@@ -290,6 +290,10 @@ class _GroupCommit:
     def discard(self) -> None:
         self._rows, self._outcomes, self._results = [], [], []
 
+    def ids(self) -> set[str]:
+        """The ids of the records buffered (computed, not committed yet)."""
+        return {r[1] for r in self._rows if r[4] is None}
+
     def flush(self) -> None:
         if self._rows:
             rows, outcomes, results = self._rows, self._outcomes, self._results
@@ -405,7 +409,10 @@ class Runner:
                         self._drop_suspects(seq + len(window))
                         seq += len(window)
                         continue
-                    pending.add(seq, window, *self._attempt_fresh(seq, window))
+                    repeats = (
+                        self._repeats(seq, window, pending) if self.meter is not None else set()
+                    )
+                    pending.add(seq, window, *self._attempt_fresh(seq, window, repeats))
                     seq += len(window)
                     self.sizer.observe(len(window), time.perf_counter() - t0)
             pending.flush()
@@ -426,11 +433,31 @@ class Runner:
         self.progress.ingest_done = True
         self.on_progress(self.progress)
 
+    def _repeats(self, seq: int, window: list[Row], pending: _GroupCommit) -> set[int]:
+        """The seqs of the window's records whose id an earlier record has (an item of the
+        job, a record computed but not committed yet, or one before it in the window): they
+        are not computed, and their commit refuses them as repeats, naming the first line.
+        For models that are metered (paid, or an LLM's tokens): computing them first paid
+        for answers that were thrown away. (A cheap function computes them; the commit's
+        check is the one that counts, and this one would cost its hot path.)"""
+        readable = [(k, r[1]) for k, r in enumerate(window) if r[4] is None]
+        earlier = self.ledger.repeats_seen(self.job.id, [cid for _, cid in readable])
+        earlier.update(pending.ids())
+        out = set()
+        for k, cid in readable:
+            if cid in earlier:
+                out.add(seq + k)
+            else:
+                earlier.add(cid)
+        return out
+
     def _attempt_fresh(
-        self, seq: int, window: list[Row]
+        self, seq: int, window: list[Row], repeats: set[int]
     ) -> tuple[list[Outcome] | None, list[bytes] | None]:
         """A window of fresh records computed: the outcomes of those that could be read, or,
         when every record was read and succeeded on the hot path, their result rows alone.
+        `repeats` (seqs) are not computed: each gets a pending outcome, which the commit
+        drops as it refuses the repeat (were the first one gone, it would be leased).
 
         The hot path of a run: a python function or a local model in its worker process
         (`runs_task`), every record readable, nothing to validate or meter. The records go
@@ -438,6 +465,20 @@ class Runner:
         record (a Work is built only when a call fails and its batch is split)."""
         self._load()
         plain = self._runs_task and self.validate is None and self.meter is None
+        if repeats:
+            works = [
+                _tuple(Work, (seq + k, r.line, 0, r.record, r.payload))
+                for k, r in enumerate(window)
+                if r.error is None and seq + k not in repeats
+            ]
+            if works and self.count_starts:
+                self.ledger.mark_inflight(self.job.id, self.owner, seq, seq + len(window) - 1)
+            got = {o.seq: o for o in (self._attempt(works) if works else [])}
+            return [
+                got.get(seq + k) or Outcome(seq + k, "pending")
+                for k, r in enumerate(window)
+                if r.error is None
+            ], None
         if not plain or not all(r[4] is None for r in window):
             works = [
                 _tuple(Work, (seq + k, r.line, 0, r.record, r.payload))

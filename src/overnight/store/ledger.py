@@ -1258,6 +1258,24 @@ class SQLLedger:
         return {cid for cid, as_stored in zip(asked, stored, strict=True) if as_stored in items}
 
     @_replayed()
+    def repeats_seen(self, job_id: int, custom_ids: list[str]) -> set[str]:
+        """Which of `custom_ids` are items of the job as far as this process's ingest knows
+        (the ids it keeps, hits confirmed in the rows), with no query when none is a hit: the
+        runner leaves such a repeat uncomputed; add_items, which refuses it, has the last
+        word (after another ingester wrote, this may not know all)."""
+        got = self._seen.get(job_id)
+        if got is None:
+            return set()
+        stored = list(map(self._conn.text, custom_ids))
+        hits = [c for c, hit in zip(stored, got[1].maybe(stored), strict=True) if hit]
+        if not hits:
+            return set()
+        items = self._first_lines(job_id, hits)
+        return {
+            cid for cid, as_stored in zip(custom_ids, stored, strict=True) if as_stored in items
+        }
+
+    @_replayed()
     def items_page(self, job_id: int, from_seq: int, limit: int) -> list[ItemState]:
         """Items from `from_seq` on, in input order, whatever their state (ranges from there on
         become item rows first)."""
