@@ -1251,11 +1251,19 @@ class SQLLedger:
         # The ids of every item so far (add_items and add_succeeded keep it): read again only
         # when another process moved the cursor since.
         asked = list(dict.fromkeys(custom_ids))
-        stored = list(map(self._conn.text, asked))  # as the items hold them (_repeats)
-        maybe = self._seen_ids(job_id, int(at[0])).maybe(stored)
-        hits = [c for c, hit in zip(stored, maybe, strict=True) if hit]
-        items = self._first_lines(job_id, hits)  # a hash hit, confirmed
-        return {cid for cid, as_stored in zip(asked, stored, strict=True) if as_stored in items}
+        return self._confirmed(job_id, self._seen_ids(job_id, int(at[0])), asked)
+
+    def _confirmed(self, job_id: int, seen: IdHashes, custom_ids: list[str]) -> set[str]:
+        """Which of `custom_ids` are items of the job: `seen`'s hash hits, confirmed in the
+        rows, compared as the items hold them (_repeats)."""
+        stored = list(map(self._conn.text, custom_ids))
+        hits = [c for c, hit in zip(stored, seen.maybe(stored), strict=True) if hit]
+        if not hits:
+            return set()
+        items = self._first_lines(job_id, hits)
+        return {
+            cid for cid, as_stored in zip(custom_ids, stored, strict=True) if as_stored in items
+        }
 
     @_replayed()
     def repeats_seen(self, job_id: int, custom_ids: list[str]) -> set[str]:
@@ -1264,16 +1272,7 @@ class SQLLedger:
         runner leaves such a repeat uncomputed; add_items, which refuses it, has the last
         word (after another ingester wrote, this may not know all)."""
         got = self._seen.get(job_id)
-        if got is None:
-            return set()
-        stored = list(map(self._conn.text, custom_ids))
-        hits = [c for c, hit in zip(stored, got[1].maybe(stored), strict=True) if hit]
-        if not hits:
-            return set()
-        items = self._first_lines(job_id, hits)
-        return {
-            cid for cid, as_stored in zip(custom_ids, stored, strict=True) if as_stored in items
-        }
+        return set() if got is None else self._confirmed(job_id, got[1], custom_ids)
 
     @_replayed()
     def items_page(self, job_id: int, from_seq: int, limit: int) -> list[ItemState]:
